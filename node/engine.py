@@ -1,0 +1,173 @@
+"""A model run as in-process stages, and the token loop that generates with it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from node.errors import RinginferError
+from node.kv_cache import KVCache
+from node.sampling import SamplingParams, sample
+from node.weights import Checkpoint, Progress, load_stage
+
+CPU = torch.device("cpu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# forward(token ids [1, T], positions [T]) -> logits of the last position [vocab]
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` prefers CUDA, then MPS, then the CPU; a named device must be present."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    kind = name.split(":")[0]
+    if kind not in available:
+        raise RinginferError(f"unknown device '{name}' (use auto, cpu, cuda or mps)")
+    if not available[kind]:
+        raise RinginferError(f"device '{name}' is not available on this machine")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on the CPU, bfloat16 on CUDA, float16 on MPS."""
+    if name == "auto":
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    if name not in DTYPES:
+        raise RinginferError(f"unknown dtype '{name}' (use {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def split_bounds(n_layers: int, splits: Sequence[int]) -> list[tuple[int, int]]:
+    """Layer ranges for stages cut at `splits` (strictly increasing, inside 1..n_layers-1)."""
+    bounds = [0, *splits, n_layers]
+    if any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise RinginferError(
+            f"split points must increase strictly within 1..{n_layers - 1}, got "
+            f"{','.join(map(str, splits))}"
+        )
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+class LocalPipeline:
+    """Stages of one model chained in this process: the ring without the network."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        splits: Sequence[int] = (),
+        device: torch.device = CPU,
+        dtype: torch.dtype = torch.float32,
+        progress: Callable[[int, int], Progress] | None = None,
+    ) -> None:
+        self.ckpt, self.device, self.dtype = ckpt, device, dtype
+        ranges = split_bounds(ckpt.n_layers, splits)
+        self.stages = [
+            load_stage(ckpt, a, b, device, dtype, progress(a, b) if progress else None)
+            for a, b in ranges
+        ]
+
+    @property
+    def context_length(self) -> int:
+        return self.ckpt.config.max_seq_len
+
+    def new_caches(self, capacity: int) -> list[KVCache]:
+        return [s.new_cache(1, capacity, self.dtype, self.device) for s in self.stages]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        caches: list[KVCache],
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        x = x.to(self.device)
+        for stage, cache in zip(self.stages, caches, strict=True):
+            x = stage(x, positions, cache, last_only)
+        return x
+
+    def session(self, capacity: int) -> Forward:
+        """A forward function bound to fresh caches: what one request decodes with."""
+        caches = self.new_caches(capacity)
+
+        @torch.inference_mode()
+        def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.forward(ids, positions, caches, last_only=True)[0, -1]
+
+        return forward
+
+
+def fit_request(prompt_tokens: int, max_tokens: int, context: int) -> tuple[int, int]:
+    """(KV capacity, tokens to generate) for a request, within the model's context.
+
+    The last generated token is never fed back, so `max_tokens` needs one position less.
+    A prompt that leaves no room to generate is refused before any compute.
+    """
+    if prompt_tokens == 0:
+        raise RinginferError("the prompt is empty")
+    if prompt_tokens >= context:
+        raise RinginferError(
+            f"the prompt is {prompt_tokens} tokens; the model's context holds {context}"
+        )
+    capacity = min(prompt_tokens + max_tokens - 1, context)
+    return capacity, capacity - prompt_tokens + 1
+
+
+@dataclass
+class Timings:
+    started: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)
+
+    def mark(self) -> None:
+        self.token_times.append(time.perf_counter())
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.started if self.token_times else 0.0
+
+    @property
+    def tpot_s(self) -> float:
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1.0 / self.tpot_s if self.tpot_s else 0.0
+
+
+def generate(
+    forward: Forward,
+    prompt: list[int],
+    max_tokens: int,
+    params: SamplingParams,
+    stop_ids: frozenset[int],
+    timings: Timings | None = None,
+) -> Iterator[int]:
+    """Yield generated token ids: the prompt is sent once, then one position per step.
+
+    A stop token is yielded (as transformers' generate returns it) and ends the loop.
+    """
+    generator = params.generator()
+    ids = torch.tensor([prompt])
+    positions = torch.arange(len(prompt))
+    for _ in range(max_tokens):
+        token = sample(forward(ids, positions), params, generator)
+        if timings:
+            timings.mark()
+        yield token
+        if token in stop_ids:
+            return
+        ids = torch.tensor([[token]])
+        positions = positions[-1:] + 1

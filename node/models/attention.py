@@ -1,0 +1,36 @@
+"""Causal attention over a KV cache, shared by every architecture."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(
+    start: int, count: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean [count, start+count] mask (True = may attend), or None when none is needed.
+
+    Queries sit at positions start..start+count-1 and see keys 0..their own position, and
+    no further back than `window` positions where the model has a sliding window.
+    """
+    length = start + count
+    if count == 1 and (window is None or length <= window):
+        return None
+    q_pos = torch.arange(start, length, device=device)[:, None]
+    k_pos = torch.arange(length, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """q [B, H, T, D] against k, v [B, Hkv, L, D]; grouped-query heads share their kv head."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

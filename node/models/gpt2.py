@@ -1,0 +1,152 @@
+"""GPT-2 family: learned positions, LayerNorm, GELU (tanh), Conv1D checkpoints."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.errors import RinginferError
+from node.kv_cache import KVCache
+from node.models.attention import attend, causal_mask
+from node.models.stage import Stage
+
+HF_MODEL_TYPES = ("gpt2",)
+GGUF_ARCHITECTURES: tuple[str, ...] = ()
+# Conv1D stores [in, out]; we keep nn.Linear's [out, in].
+_CONV1D = re.compile(r".*\.(c_attn|c_proj|c_fc)\.weight$")
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    hidden_dim: int
+    norm_eps: float
+    max_seq_len: int
+    tie_embeddings: bool = True
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> GPT2Config:
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if d.get(flag):
+                raise RinginferError(f"unsupported GPT-2 option '{flag}'")
+        if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise RinginferError(f"unsupported activation '{d['activation_function']}'")
+        dim = d["n_embd"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            dim=dim,
+            n_layers=d["n_layer"],
+            n_heads=d["n_head"],
+            hidden_dim=d.get("n_inner") or 4 * dim,
+            norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            max_seq_len=d.get("n_positions", 1024),
+            tie_embeddings=d.get("tie_word_embeddings", True),
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.c_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        k, v = cache.update(layer, start, k, v)
+        y = attend(q, k, v, mask)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.dim, cfg.hidden_dim)
+        self.c_proj = nn.Linear(cfg.hidden_dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache, layer: int, start: int, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, start, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Stage(Stage):
+    """Blocks [start, end) of GPT-2; token + position embeddings first, ln_f + head last."""
+
+    def __init__(self, cfg: GPT2Config, start: int, end: int) -> None:
+        super().__init__()
+        self.cfg, self.start, self.end = cfg, start, end
+        self.is_first, self.is_last = start == 0, end == cfg.n_layers
+        if self.is_first:
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(end - start))
+        if self.is_last:
+            self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def checkpoint_name(self, key: str) -> str:
+        m = re.match(r"h\.(\d+)\.(.*)", key)
+        if m:
+            return f"transformer.h.{self.start + int(m[1])}.{m[2]}"
+        if key == "lm_head.weight":
+            return "transformer.wte.weight" if self.cfg.tie_embeddings else key
+        return f"transformer.{key}"
+
+    def from_checkpoint_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t() if _CONV1D.match(hf_name) else tensor
+
+    def new_cache(
+        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> KVCache:
+        cfg = self.cfg
+        return KVCache(len(self.h), batch, cfg.n_heads, cfg.head_dim, capacity, dtype, device)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
+        start, count = int(positions[0]), int(positions.shape[0])
+        cache.check_room(start, count)
+        if self.is_first:
+            x = self.wte(x) + self.wpe(positions.to(x.device))
+        mask = causal_mask(start, count, None, x.device)
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i, start, mask)
+        cache.advance(start, count)
+        if not self.is_last:
+            return x
+        return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))

@@ -1,0 +1,316 @@
+"""Llama family: Llama 2/3/3.1+, Mistral, Qwen2, SmolLM2 (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.errors import RinginferError
+from node.kv_cache import KVCache
+from node.models.attention import attend, causal_mask
+from node.models.stage import Stage
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    head_dim: int
+    norm_eps: float
+    max_seq_len: int
+    rope_theta: float
+    rope_type: str = "default"  # default | linear | llama3 | freq_factors
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    rope_freq_factors: tuple[float, ...] | None = None  # GGUF's rope_freqs tensor (llama3)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+        window = d.get("sliding_window")
+        if d["model_type"] == "qwen2" and not d.get("use_sliding_window", False):
+            window = None
+        return cls(
+            vocab_size=d["vocab_size"],
+            dim=dim,
+            n_layers=d["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            hidden_dim=d["intermediate_size"],
+            head_dim=d.get("head_dim") or dim // n_heads,
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+            rope_type=rope_type,
+            rope_factor=rope.get("factor", 1.0),
+            rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+            rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+            rope_original_max_len=rope.get("original_max_position_embeddings", 8192),
+            qkv_bias=d["model_type"] == "qwen2" or d.get("attention_bias", False),
+            o_bias=d.get("attention_bias", False),
+            sliding_window=window,
+            tie_embeddings=d.get("tie_word_embeddings", False),
+        )
+
+    @classmethod
+    def from_gguf(
+        cls, meta: dict[str, Any], tensor_names: set[str], freq_factors: tuple[float, ...] | None
+    ) -> LlamaConfig:
+        arch = meta["general.architecture"]
+
+        def key(name: str, default: Any = None) -> Any:
+            return meta.get(f"{arch}.{name}", default)
+
+        dim, n_heads = key("embedding_length"), key("attention.head_count")
+        scaling = key("rope.scaling.type", "none")
+        rope_type = "default"
+        if freq_factors is not None:
+            rope_type = "freq_factors"
+        elif scaling == "linear":
+            rope_type = "linear"
+        elif scaling not in ("none", None):
+            raise RinginferError(f"unsupported RoPE scaling '{scaling}' in GGUF file")
+        return cls(
+            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+            dim=dim,
+            n_layers=key("block_count"),
+            n_heads=n_heads,
+            n_kv_heads=key("attention.head_count_kv") or n_heads,
+            hidden_dim=key("feed_forward_length"),
+            head_dim=key("attention.key_length") or dim // n_heads,
+            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
+            max_seq_len=key("context_length", 2048),
+            rope_theta=key("rope.freq_base", 10000.0),
+            rope_type=rope_type,
+            rope_factor=key("rope.scaling.factor", key("rope.scale_linear", 1.0)),
+            rope_freq_factors=freq_factors,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            o_bias="blk.0.attn_output.bias" in tensor_names,
+            tie_embeddings="output.weight" not in tensor_names,
+        )
+
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies, including the context-extension scalings we support."""
+        # Explicit CPU: stages are built under the meta device, and these are not loaded weights.
+        exponent = torch.arange(0, self.head_dim, 2, device="cpu").float() / self.head_dim
+        inv_freq = 1.0 / (self.rope_theta**exponent)
+        if self.rope_type == "default":
+            return inv_freq
+        if self.rope_type == "linear":
+            return inv_freq / self.rope_factor
+        if self.rope_type == "freq_factors":
+            return inv_freq / torch.tensor(self.rope_freq_factors, device="cpu")
+        if self.rope_type == "llama3":
+            low_wavelen = self.rope_original_max_len / self.rope_low_freq_factor
+            high_wavelen = self.rope_original_max_len / self.rope_high_freq_factor
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > low_wavelen, inv_freq / self.rope_factor, inv_freq)
+            smooth = (self.rope_original_max_len / wavelen - self.rope_low_freq_factor) / (
+                self.rope_high_freq_factor - self.rope_low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.rope_factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        raise RinginferError(f"unsupported RoPE scaling '{self.rope_type}'")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE in the Hugging Face layout (first half / second half of each head)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        k, v = cache.update(layer, start, k, v)
+        y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, layer, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaStage(Stage):
+    """Layers [start, end) of a Llama-family model, plus embedding / head at the ends."""
+
+    def __init__(self, cfg: LlamaConfig, start: int, end: int) -> None:
+        super().__init__()
+        self.cfg, self.start, self.end = cfg, start, end
+        self.is_first, self.is_last = start == 0, end == cfg.n_layers
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(end - start))
+        if self.is_last:
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.inv_freq = cfg.inv_freq()
+
+    def to_device(self, device: torch.device) -> None:
+        self.inv_freq = self.inv_freq.to(device)
+
+    def checkpoint_name(self, key: str) -> str:
+        """The Hugging Face checkpoint name of one of our parameters."""
+        m = re.match(r"layers\.(\d+)\.(.*)", key)
+        if m:
+            return f"model.layers.{self.start + int(m[1])}.{m[2]}"
+        if key == "lm_head.weight" and self.cfg.tie_embeddings:
+            return "model.embed_tokens.weight"
+        return key if key.startswith("lm_head.") else f"model.{key}"
+
+    def new_cache(
+        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> KVCache:
+        c = self.cfg
+        return KVCache(len(self.layers), batch, c.n_kv_heads, c.head_dim, capacity, dtype, device)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
+        """Token ids [B, T] (first stage) or hidden [B, T, D] -> hidden, or logits (last)."""
+        start, count = int(positions[0]), int(positions.shape[0])
+        cache.check_room(start, count)
+        h = self.embed_tokens(x) if self.is_first else x
+        freqs = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        rope = (emb.cos().to(h.dtype), emb.sin().to(h.dtype))
+        mask = causal_mask(start, count, self.cfg.sliding_window, h.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, cache, i, start, mask)
+        cache.advance(start, count)
+        if not self.is_last:
+            return h
+        return self.lm_head(self.norm(h[:, -1:] if last_only else h))
+
+
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's tensor name for a Hugging Face checkpoint name."""
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", hf_name)
+    if m:
+        return f"blk.{m[1]}.{_GGUF_LAYER_NAMES[m[2]]}"
+    return _GGUF_NAMES[hf_name]
+
+
+def from_gguf_layout(
+    hf_name: str, tensor: torch.Tensor, cfg: LlamaConfig, arch: str
+) -> torch.Tensor:
+    """Undo the row permutation llama.cpp's converter applies to Q and K for its RoPE kernel.
+
+    Only the `llama` architecture is permuted; qwen2 uses the NeoX (HF) layout as stored.
+    """
+    if arch != "llama":
+        return tensor
+    if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
+        heads = cfg.n_heads
+    elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
+        heads = cfg.n_kv_heads
+    else:
+        return tensor
+    rest = tensor.shape[1:]
+    return tensor.reshape(heads, cfg.head_dim // 2, 2, *rest).transpose(1, 2).reshape(tensor.shape)

@@ -1,0 +1,232 @@
+"""Tokenizers from a model's own files: HF tokenizer.json, GGUF metadata, or GPT-2's tiktoken."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from node.errors import RinginferError
+
+# Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre`, as llama.cpp applies them in order.
+_GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_PAT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_PRE = {
+    "default": [_GPT2_PAT],
+    "gpt-2": [_GPT2_PAT],
+    "smollm": [r"\p{N}", _GPT2_PAT],
+    "llama-bpe": [_LLAMA3_PAT],
+    "llama3": [_LLAMA3_PAT],
+    "qwen2": [_LLAMA3_PAT.replace(r"\p{N}{1,3}", r"\p{N}")],
+}
+# End-of-turn tokens that stop generation wherever a vocabulary has them (GGUF files often
+# name only one end token, and not always the one the chat template ends turns with).
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>")
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+
+
+class Tokenizer:
+    """Text <-> token ids, the ids that end a reply, and the model's chat template."""
+
+    def __init__(
+        self,
+        encode: Callable[[str, bool], list[int]],
+        decode: Callable[[list[int]], str],
+        vocab: dict[str, int],
+        stop_ids: Iterable[int],
+        chat_template: str | None,
+        bos: str | None = None,
+        eos: str | None = None,
+    ) -> None:
+        self._encode, self._decode = encode, decode
+        self.stop_ids = frozenset(stop_ids) | {vocab[t] for t in _END_OF_TURN if t in vocab}
+        self.chat_template, self.bos, self.eos = chat_template, bos, eos
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        return self._encode(text, add_special)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(ids)
+
+    def encode_chat(self, user_message: str) -> list[int]:
+        """The chat template applied to one user turn, ready for the assistant's reply."""
+        if not self.chat_template:
+            raise RinginferError("this model has no chat template; drop --chat")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda v, **kw: json.dumps(v, ensure_ascii=False, **kw)
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=[{"role": "user", "content": user_message}],
+                add_generation_prompt=True,
+                bos_token=self.bos or "",
+                eos_token=self.eos or "",
+            )
+        except TemplateError as e:
+            raise RinginferError(f"the model's chat template failed: {e}") from None
+        # Templates write their own BOS, as transformers' apply_chat_template assumes.
+        return self.encode(text, add_special=False)
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, config: dict[str, Any]) -> Tokenizer:
+        if config.get("model_type") == "gpt2":
+            return cls.gpt2()
+        from tokenizers import Tokenizer as HFTokenizer
+
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise RinginferError(f"no tokenizer.json in {path}")
+        try:
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            raise RinginferError(f"cannot read {file}: {e}") from None
+        tcfg = _json_or_empty(path / "tokenizer_config.json")
+        gen = _json_or_empty(path / "generation_config.json")
+        template = tcfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t["name"] == "default"), None)
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        stop = set()
+        for source in (config.get("eos_token_id"), gen.get("eos_token_id")):
+            stop |= set(source if isinstance(source, list) else [source] if source else [])
+        eos = _token_text(tcfg.get("eos_token"))
+        if eos is not None and tok.token_to_id(eos) is not None:
+            stop.add(tok.token_to_id(eos))
+        return cls(
+            lambda text, special: tok.encode(text, add_special_tokens=special).ids,
+            lambda ids: tok.decode(ids, skip_special_tokens=False),
+            tok.get_vocab(),
+            stop,
+            template,
+            _token_text(tcfg.get("bos_token")),
+            eos,
+        )
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], path: Path) -> Tokenizer:
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+        if kind == "gpt2" and pre in _GGUF_PRE:
+            tok = _bpe_from_gguf(meta, _GGUF_PRE[pre])
+        else:  # SentencePiece vocabularies and rarer pre-tokenizers: transformers' converter
+            tok = _convert_with_transformers(path)
+        bos_id = meta.get("tokenizer.ggml.bos_token_id")
+        eos_id = meta.get("tokenizer.ggml.eos_token_id")
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos_id is not None
+        stop = {i for i in (eos_id, meta.get("tokenizer.ggml.eot_token_id")) if i is not None}
+
+        def encode(text: str, special: bool) -> list[int]:
+            ids = tok.encode(text, add_special_tokens=False).ids
+            return [bos_id, *ids] if special and add_bos else ids
+
+        return cls(
+            encode,
+            lambda ids: tok.decode(ids, skip_special_tokens=False),
+            {t: i for i, t in enumerate(tokens)},
+            stop,
+            meta.get("tokenizer.chat_template"),
+            tokens[bos_id] if bos_id is not None else None,
+            tokens[eos_id] if eos_id is not None else None,
+        )
+
+    @classmethod
+    def gpt2(cls) -> Tokenizer:
+        """GPT-2's BPE through tiktoken, with ranks from the local `openai-whisper` package."""
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        ranks_file = _gpt2_ranks_file()
+        if ranks_file is None:
+            enc = tiktoken.get_encoding("gpt2")  # downloads once when online, then cached
+        else:
+            enc = tiktoken.Encoding(
+                name="gpt2",
+                pat_str=r50k_pat_str,
+                mergeable_ranks=load_tiktoken_bpe(str(ranks_file)),
+                special_tokens={"<|endoftext|>": 50256},
+            )
+        return cls(
+            lambda text, special: enc.encode(text, allowed_special="all"),
+            lambda ids: enc.decode(ids),
+            {"<|endoftext|>": 50256},
+            {50256},
+            None,
+            "<|endoftext|>",
+            "<|endoftext|>",
+        )
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces, holding back split UTF-8 bytes."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+
+def _bpe_from_gguf(meta: dict[str, Any], patterns: list[str]) -> Any:
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=patterns == [_LLAMA3_PAT]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type", [])
+    special = [tokens[i] for i, t in enumerate(types) if t in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok
+
+
+def _convert_with_transformers(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).backend_tokenizer
+    except Exception as e:  # converter errors are of many kinds; all mean "unsupported"
+        raise RinginferError(f"cannot build a tokenizer from {path}: {e}") from None
+
+
+def _gpt2_ranks_file() -> Path | None:
+    try:
+        files = importlib.metadata.files("openai-whisper") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return next((Path(str(f.locate())) for f in files if str(f).endswith("gpt2.tiktoken")), None)
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        raise RinginferError(f"{path} is not valid JSON ({e})") from None
+
+
+def _token_text(token: Any) -> str | None:
+    """tokenizer_config writes special tokens as strings or as AddedToken dicts."""
+    return token.get("content") if isinstance(token, dict) else token

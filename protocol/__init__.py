@@ -1,0 +1,1 @@
+"""Versioned wire messages and their validation (arrives with the ring issue)."""
