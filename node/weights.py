@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -238,21 +239,28 @@ def load_stage(
     if not 0 <= start < end <= ckpt.n_layers:
         raise RinginferError(f"layer range {start}:{end} is outside 0:{ckpt.n_layers}")
     with torch.device("meta"):
-        stage = ckpt.family.stage_cls(ckpt.config, start, end)
+        stage = ckpt.family.stage_cls(ckpt.config, start, end, device.type)
     expected = stage.state_dict()
-    loaded: dict[str, torch.Tensor] = {}  # by checkpoint name: tied weights load once
+    names = {key: stage.checkpoint_names(key) for key in expected}
+    uses = Counter(n for parts in names.values() for n in parts)
+    loaded: dict[str, torch.Tensor] = {}  # checkpoint tensors still needed by a later key
     tensors = {}
     for i, (key, meta) in enumerate(expected.items()):
-        name = stage.checkpoint_name(key)
-        if name not in loaded:
-            t = stage.from_checkpoint_layout(name, ckpt.tensor(name))
-            loaded[name] = t.to(device=device, dtype=dtype).contiguous()
-        if loaded[name].shape != meta.shape:
+        parts = []
+        for name in names[key]:
+            if name not in loaded:
+                loaded[name] = stage.from_checkpoint_layout(name, ckpt.tensor(name)).to(dtype)
+            parts.append(loaded[name])
+            uses[name] -= 1
+            if not uses[name]:
+                del loaded[name]
+        tensor = stage.arrange(key, parts).to(device).contiguous()
+        if tensor.shape != meta.shape:
             raise RinginferError(
-                f"tensor '{name}' has shape {tuple(loaded[name].shape)}, the config implies "
+                f"tensor '{names[key][0]}' has shape {tuple(tensor.shape)}, the config implies "
                 f"{tuple(meta.shape)}"
             )
-        tensors[key] = loaded[name]
+        tensors[key] = tensor
         if progress:
             progress(i + 1, len(expected))
     stage.load_state_dict(tensors, assign=True, strict=True)

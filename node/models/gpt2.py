@@ -13,6 +13,7 @@ from torch import nn
 from node.errors import RinginferError
 from node.kv_cache import KVCache
 from node.models.attention import attend, causal_mask
+from node.models.linear import Linear
 from node.models.stage import Stage
 
 HF_MODEL_TYPES = ("gpt2",)
@@ -57,11 +58,11 @@ class GPT2Config:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPT2Config) -> None:
+    def __init__(self, cfg: GPT2Config, device_type: str) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.c_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.c_attn = Linear(cfg.dim, 3 * cfg.dim, True, device_type)
+        self.c_proj = Linear(cfg.dim, cfg.dim, True, device_type)
 
     def forward(
         self,
@@ -80,22 +81,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPT2Config) -> None:
+    def __init__(self, cfg: GPT2Config, device_type: str) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(cfg.dim, cfg.hidden_dim)
-        self.c_proj = nn.Linear(cfg.hidden_dim, cfg.dim)
+        self.c_fc = Linear(cfg.dim, cfg.hidden_dim, True, device_type)
+        self.c_proj = Linear(cfg.hidden_dim, cfg.dim, True, device_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPT2Config) -> None:
+    def __init__(self, cfg: GPT2Config, device_type: str) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, device_type)
         self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, device_type)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache, layer: int, start: int, mask: torch.Tensor | None
@@ -107,25 +108,25 @@ class Block(nn.Module):
 class GPT2Stage(Stage):
     """Blocks [start, end) of GPT-2; token + position embeddings first, ln_f + head last."""
 
-    def __init__(self, cfg: GPT2Config, start: int, end: int) -> None:
+    def __init__(self, cfg: GPT2Config, start: int, end: int, device_type: str = "cpu") -> None:
         super().__init__()
         self.cfg, self.start, self.end = cfg, start, end
         self.is_first, self.is_last = start == 0, end == cfg.n_layers
         if self.is_first:
             self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(end - start))
+        self.h = nn.ModuleList(Block(cfg, device_type) for _ in range(end - start))
         if self.is_last:
             self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.dim, cfg.vocab_size, False, device_type)
 
-    def checkpoint_name(self, key: str) -> str:
+    def checkpoint_names(self, key: str) -> list[str]:
         m = re.match(r"h\.(\d+)\.(.*)", key)
         if m:
-            return f"transformer.h.{self.start + int(m[1])}.{m[2]}"
+            return [f"transformer.h.{self.start + int(m[1])}.{m[2]}"]
         if key == "lm_head.weight":
-            return "transformer.wte.weight" if self.cfg.tie_embeddings else key
-        return f"transformer.{key}"
+            return ["transformer.wte.weight" if self.cfg.tie_embeddings else key]
+        return [f"transformer.{key}"]
 
     def from_checkpoint_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.t() if _CONV1D.match(hf_name) else tensor

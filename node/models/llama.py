@@ -14,6 +14,7 @@ from torch import nn
 from node.errors import RinginferError
 from node.kv_cache import KVCache
 from node.models.attention import attend, causal_mask
+from node.models.linear import Linear
 from node.models.stage import Stage
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -142,27 +143,37 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if x.dtype == torch.float32:  # one fused kernel, bitwise equal to the form below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Normalised in float32, scaled in the model's dtype: as the reference implementation.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE in the Hugging Face layout (first half / second half of each head)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [T, head_dim] for `rotate` (Hugging Face half-split layout)."""
+    freqs = positions.to(inv_freq.device, torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: x*cos + rotate_half(x)*sin, where rotate_half(x) = (-x2, x1).
+
+    Rolling x by half a head gives (x2, x1); the sign lives in `signed_sin`, which saves the
+    negation and concatenation per call (bitwise the same result).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, device_type: str) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.window = cfg.sliding_window
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.qkv_proj = Linear(cfg.dim, q_size + 2 * kv_size, cfg.qkv_bias, device_type)
+        self.o_proj = Linear(q_size, cfg.dim, cfg.o_bias, device_type)
 
     def forward(
         self,
@@ -174,33 +185,33 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        heads = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        qk = rotate(heads[:, : self.n_heads + self.n_kv_heads], *rope)  # q and k in one go
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
+        v = heads[:, self.n_heads + self.n_kv_heads :]
         k, v = cache.update(layer, start, k, v)
         y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, device_type: str) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_up_proj = Linear(cfg.dim, 2 * cfg.hidden_dim, False, device_type)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, False, device_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, device_type: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, device_type)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, device_type)
 
     def forward(
         self,
@@ -218,29 +229,29 @@ class Block(nn.Module):
 class LlamaStage(Stage):
     """Layers [start, end) of a Llama-family model, plus embedding / head at the ends."""
 
-    def __init__(self, cfg: LlamaConfig, start: int, end: int) -> None:
+    def __init__(self, cfg: LlamaConfig, start: int, end: int, device_type: str = "cpu") -> None:
         super().__init__()
         self.cfg, self.start, self.end = cfg, start, end
         self.is_first, self.is_last = start == 0, end == cfg.n_layers
         if self.is_first:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(end - start))
+        self.layers = nn.ModuleList(Block(cfg, device_type) for _ in range(end - start))
         if self.is_last:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.dim, cfg.vocab_size, False, device_type)
         self.inv_freq = cfg.inv_freq()
 
     def to_device(self, device: torch.device) -> None:
         self.inv_freq = self.inv_freq.to(device)
 
-    def checkpoint_name(self, key: str) -> str:
-        """The Hugging Face checkpoint name of one of our parameters."""
-        m = re.match(r"layers\.(\d+)\.(.*)", key)
+    def checkpoint_names(self, key: str) -> list[str]:
+        m = re.match(r"layers\.(\d+)\.(.*)\.(weight|bias)$", key)
         if m:
-            return f"model.layers.{self.start + int(m[1])}.{m[2]}"
-        if key == "lm_head.weight" and self.cfg.tie_embeddings:
-            return "model.embed_tokens.weight"
-        return key if key.startswith("lm_head.") else f"model.{key}"
+            prefix = f"model.layers.{self.start + int(m[1])}."
+            return [f"{prefix}{part}.{m[3]}" for part in _FUSED.get(m[2], (m[2],))]
+        if key == "lm_head.weight":
+            return ["model.embed_tokens.weight" if self.cfg.tie_embeddings else key]
+        return [f"model.{key}"]
 
     def new_cache(
         self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
@@ -255,9 +266,7 @@ class LlamaStage(Stage):
         start, count = int(positions[0]), int(positions.shape[0])
         cache.check_room(start, count)
         h = self.embed_tokens(x) if self.is_first else x
-        freqs = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        rope = (emb.cos().to(h.dtype), emb.sin().to(h.dtype))
+        rope = rope_tables(self.inv_freq, positions, h.dtype)
         mask = causal_mask(start, count, self.cfg.sliding_window, h.device)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache, i, start, mask)
@@ -267,6 +276,11 @@ class LlamaStage(Stage):
         return self.lm_head(self.norm(h[:, -1:] if last_only else h))
 
 
+# Our fused projections and the checkpoint tensors they concatenate (one matmul, not three).
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 _GGUF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",

@@ -1,0 +1,165 @@
+"""Single-process engine against transformers' generate on the default model (CPU).
+
+Each measurement runs in its own process, so neither side inherits the other's caches or
+allocator state. Writes bench/results/engine.json. Usage: python bench/engine_bench.py
+[--tokens 128] [--threads N] [--dtype float32] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from node.engine import DTYPES, LocalPipeline, Timings, generate  # noqa: E402
+from node.sampling import SamplingParams  # noqa: E402
+from node.weights import load_stage, open_checkpoint  # noqa: E402
+
+PROMPT = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle. "
+    "The story should have a beginning, a middle and an end, and it should be told in the "
+    "first person, with vivid details about the sea, the weather and the keeper's daily routine."
+)
+
+
+def ours(tokens: int, dtype: torch.dtype) -> dict:
+    ckpt = open_checkpoint(None)
+    prompt = ckpt.tokenizer().encode(PROMPT)
+    pipeline = LocalPipeline(ckpt, (), torch.device("cpu"), dtype)
+    runs = []
+    for _ in range(2):  # the first run warms up allocator and kernels
+        timings = Timings()
+        forward = pipeline.session(len(prompt) + tokens)
+        out = list(generate(forward, prompt, tokens, SamplingParams(), frozenset(), timings))
+        runs.append((timings, out))
+    timings, out = runs[-1]
+    return _result(len(prompt), timings, out)
+
+
+def transformers_generate(tokens: int, dtype: torch.dtype) -> dict:
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    ckpt = open_checkpoint(None)
+    prompt = ckpt.tokenizer().encode(PROMPT)
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt.path.parent, gguf_file=ckpt.path.name, dtype=dtype
+    ).eval()
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.timings, self.prompt_seen, self.out = Timings(), False, []
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:  # generate() first hands the streamer the prompt
+                self.prompt_seen = True
+                return
+            self.timings.mark()
+            self.out.append(int(value.reshape(-1)[0]))
+
+        def end(self) -> None:
+            pass
+
+    ids = torch.tensor([prompt])
+    for _ in range(2):
+        clock = Clock()
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                streamer=clock,
+            )
+    return _result(len(prompt), clock.timings, clock.out)
+
+
+def stage_rss(start: int, end: int) -> dict:
+    ckpt = open_checkpoint(None)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    load_stage(ckpt, start, end, torch.device("cpu"), torch.float32)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"layers": [start, end], "peak_rss_mib": peak / 1024, "before_load_mib": before / 1024}
+
+
+def _result(prompt_tokens: int, timings: Timings, out: list[int]) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": len(out),
+        "ttft_s": timings.ttft_s,
+        "prefill_tokens_per_s": prompt_tokens / timings.ttft_s,
+        "tpot_s": timings.tpot_s,
+        "decode_tokens_per_s": timings.decode_tokens_per_s,
+        "tokens": out,
+    }
+
+
+MEASURES = {"ours": ours, "transformers": transformers_generate}
+
+
+def _child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if args.child == "rss":
+        start, end = map(int, args.layers.split(":"))
+        print(json.dumps(stage_rss(start, end)))
+    else:
+        print(json.dumps(MEASURES[args.child](args.tokens, DTYPES[args.dtype])))
+
+
+def _run_child(args: argparse.Namespace, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    cmd += ["--dtype", args.dtype, *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
+    parser.add_argument("--child", choices=[*MEASURES, "rss"], help=argparse.SUPPRESS)
+    parser.add_argument("--layers", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+
+    n_layers = open_checkpoint(None).n_layers
+    results = {name: _run_child(args, "--child", name) for name in MEASURES}
+    third = _run_child(args, "--child", "rss", "--layers", f"0:{n_layers // 3}")
+    whole = _run_child(args, "--child", "rss", "--layers", f"0:{n_layers}")
+    o, t = results["ours"], results["transformers"]
+    report = {
+        "benchmark": "single-process engine vs transformers generate, greedy",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "new_tokens": args.tokens,
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "ours": {k: v for k, v in o.items() if k != "tokens"},
+        "transformers": {k: v for k, v in t.items() if k != "tokens"},
+        "decode_speedup": o["decode_tokens_per_s"] / t["decode_tokens_per_s"],
+        "prefill_speedup": o["prefill_tokens_per_s"] / t["prefill_tokens_per_s"],
+        "same_greedy_tokens": o["tokens"] == t["tokens"],
+        "target_decode_speedup": 1.5,
+        "stage_peak_rss_mib": {"one_third": third, "whole": whole},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
