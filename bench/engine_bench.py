@@ -33,7 +33,7 @@ PROMPT = (
 
 def ours(tokens: int, dtype: torch.dtype) -> dict:
     ckpt = open_checkpoint(None)
-    prompt = ckpt.tokenizer().encode(PROMPT)
+    prompt = ckpt.tokenizer().encode_chat(PROMPT)
     pipeline = LocalPipeline(ckpt, (), torch.device("cpu"), dtype)
     runs = []
     for _ in range(2):  # the first run warms up allocator and kernels
@@ -50,10 +50,13 @@ def transformers_generate(tokens: int, dtype: torch.dtype) -> dict:
     from transformers.generation.streamers import BaseStreamer
 
     ckpt = open_checkpoint(None)
-    prompt = ckpt.tokenizer().encode(PROMPT)
+    prompt = ckpt.tokenizer().encode_chat(PROMPT)
     model = AutoModelForCausalLM.from_pretrained(
         ckpt.path.parent, gguf_file=ckpt.path.name, dtype=dtype
     ).eval()
+    # Both sides run the full length without stopping at EOS (ours: no stop ids). Not
+    # min_new_tokens: that masks EOS logits and so changes which tokens greedy picks.
+    model.generation_config.eos_token_id = None
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
@@ -77,7 +80,7 @@ def transformers_generate(tokens: int, dtype: torch.dtype) -> dict:
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=tokens,
-                min_new_tokens=tokens,
+                pad_token_id=0,
                 do_sample=False,
                 streamer=clock,
             )

@@ -59,8 +59,8 @@ class HFCheckpoint(Checkpoint):
             self.config = self.family.config_cls.from_hf(self.raw_config)
         except KeyError as e:
             raise RinginferError(f"{path / 'config.json'} lacks the field {e}") from None
-        self.files = self._weight_files()
         self._open: dict[str, Any] = {}
+        self.files = self._weight_files()
 
     def _weight_files(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"

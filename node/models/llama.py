@@ -49,9 +49,13 @@ class LlamaConfig:
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         dim, n_heads = d["hidden_size"], d["num_attention_heads"]
-        window = d.get("sliding_window")
-        if d["model_type"] == "qwen2" and not d.get("use_sliding_window", False):
-            window = None
+        for unsupported in ("mlp_bias", "use_sliding_window"):
+            if d.get(unsupported):
+                raise RinginferError(f"unsupported {d['model_type']} option '{unsupported}'")
+        if d.get("hidden_act", "silu") != "silu":
+            raise RinginferError(f"unsupported activation '{d['hidden_act']}'")
+        # Qwen2 writes a sliding_window it only uses with use_sliding_window (refused above).
+        window = d.get("sliding_window") if d["model_type"] == "mistral" else None
         return cls(
             vocab_size=d["vocab_size"],
             dim=dim,

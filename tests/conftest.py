@@ -1,0 +1,100 @@
+"""Tiny random models saved as real Hugging Face directories, and how to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, max_position_embeddings=64)
+
+# name -> (transformers config class name, kwargs). Each exercises a different code path.
+FAMILIES = {
+    "llama": (
+        "LlamaConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "llama3": (
+        "LlamaConfig",
+        dict(
+            TINY,
+            vocab_size=320,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, sliding_window=6),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            TINY,
+            vocab_size=320,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(vocab_size=50257, n_embd=64, n_layer=4, n_head=4, n_positions=64),
+    ),
+}
+
+
+def make_model(name: str, path: Path, seed: int = 0, **overrides: object) -> Path:
+    import transformers
+
+    cls_name, kwargs = FAMILIES[name]
+    config = getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init is tiny; widen it so layers matter for the logits
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: make_model(name, root / name) for name in FAMILIES}
+
+
+def hf_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # generate() then runs to max_new_tokens, as our engine with no stop ids does. Not
+    # min_new_tokens: that masks EOS logits and so changes which tokens greedy picks.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )

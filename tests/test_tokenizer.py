@@ -1,0 +1,78 @@
+"""Tokenizers from each source against transformers or published ids, chat templates, streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from node.tokenizer import TextStream, Tokenizer
+from node.weights import open_checkpoint
+from tests.conftest import hf_model, make_model, run_cli
+
+TEXTS = ["Hello world", "Numbers 12345, 3.14!\n\n\tok", "naïve café 日本語 🤖", "it's <|im_end|>"]
+
+
+def test_gpt2_tiktoken_gives_the_published_ids():
+    tok = Tokenizer.gpt2()
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode("<|endoftext|>") == [50256]
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+    assert 50256 in tok.stop_ids
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(tmp_path_factory) -> Path:  # noqa: ANN001
+    """A tiny random Llama with SmolLM2's tokenizer saved by transformers as tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    ckpt = open_checkpoint(None)
+    dst = make_model("llama", tmp_path_factory.mktemp("tok") / "llama", vocab_size=49152)
+    hf_tok = AutoTokenizer.from_pretrained(ckpt.path.parent, gguf_file=ckpt.path.name)
+    hf_tok.save_pretrained(dst)
+    return dst
+
+
+def test_hf_directory_tokenizer_equals_transformers(llama_with_tokenizer):  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(llama_with_tokenizer)
+    ours = open_checkpoint(str(llama_with_tokenizer)).tokenizer()
+    for text in TEXTS:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = ours.encode_chat("What is 2+2?")
+    assert ours.decode(ids) == text
+    assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    assert theirs.convert_tokens_to_ids("<|im_end|>") in ours.stop_ids
+
+
+def test_hf_directory_model_through_cli_equals_transformers(llama_with_tokenizer):  # noqa: ANN001
+    import json
+
+    from transformers import AutoTokenizer
+
+    prompt = "The quick brown fox"
+    ids = torch.tensor([AutoTokenizer.from_pretrained(llama_with_tokenizer)(prompt)["input_ids"]])
+    with torch.inference_mode():
+        expected = hf_model(llama_with_tokenizer).generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False
+        )[0, ids.shape[1] :].tolist()
+    proc = run_cli("generate", "--local", "--json", prompt, "--model", str(llama_with_tokenizer),
+                   "--split", "2", "--max-tokens", "10")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    stop = next((i for i, t in enumerate(expected) if t in (0, 2)), None)  # our stop ids
+    assert out["tokens"] == expected[: None if stop is None else stop + 1]
+
+
+def test_text_stream_never_splits_a_character():
+    tok = Tokenizer.gpt2()
+    text = "Emoji 🤖🚀 and accents éà, then 日本語."
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in tok.encode(text)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
