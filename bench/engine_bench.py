@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -87,12 +86,24 @@ def transformers_generate(tokens: int, dtype: torch.dtype) -> dict:
     return _result(len(prompt), clock.timings, clock.out)
 
 
+def _status_kib(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split(field + ":")[1].split()[0])
+
+
 def stage_rss(start: int, end: int) -> dict:
+    """Peak RSS of loading a stage (Linux /proc), from the moment the checkpoint is open."""
     ckpt = open_checkpoint(None)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    load_stage(ckpt, start, end, torch.device("cpu"), torch.float32)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"layers": [start, end], "peak_rss_mib": peak / 1024, "before_load_mib": before / 1024}
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    before = _status_kib("VmRSS")
+    stage = load_stage(ckpt, start, end, torch.device("cpu"), torch.float32)
+    sum(float(p.sum()) for p in stage.parameters())  # page in any file-mapped weights
+    return {
+        "layers": [start, end],
+        "rss_before_load_mib": before / 1024,
+        "peak_rss_mib": _status_kib("VmHWM") / 1024,
+        "load_peak_growth_mib": (_status_kib("VmHWM") - before) / 1024,
+    }
 
 
 def _result(prompt_tokens: int, timings: Timings, out: list[int]) -> dict:

@@ -146,7 +146,10 @@ class GGUFCheckpoint(Checkpoint):
         gguf_name = llama.gguf_name(hf_name)
         if gguf_name not in self.tensors:
             raise RinginferError(f"{self.path} has no tensor '{gguf_name}'")
-        t = torch.tensor(self._array(gguf_name))
+        arr = self._array(gguf_name)
+        # Quantized tensors dequantize into a fresh array; F32 ones are views of the read-only
+        # file mapping and are copied, so torch never writes through to the file.
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         return llama.from_gguf_layout(hf_name, t, self.config, self.arch)
 
     def tokenizer(self) -> Tokenizer:

@@ -10,15 +10,21 @@ import pytest
 
 from tests.conftest import make_model
 
+# Peak RSS from /proc, reset once the checkpoint is open, so it counts the load alone
+# (ru_maxrss would also hold the pytest parent's peak, inherited over exec).
 MEASURE = """
-import json, resource, sys, torch
+import json, sys, torch
 from node.weights import load_stage, open_checkpoint
+def kib(field):
+    status = open("/proc/self/status").read()
+    return int(status.split(field + ":")[1].split()[0])
 ckpt = open_checkpoint(sys.argv[1] or None)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+before = kib("VmRSS")
 start, end = (int(x) for x in sys.argv[2].split(":"))
 stage = load_stage(ckpt, start, end, torch.device("cpu"), torch.float32)
 sum(float(p.sum()) for p in stage.parameters())  # page in weights that may be file-mapped
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before))
+print(json.dumps(kib("VmHWM") - before))
 """
 
 
@@ -33,8 +39,17 @@ def peak_growth_kib(model: str, layers: str) -> int:
 def wide_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """12 layers of ~17 MB each: big enough to stand out from allocator noise."""
     path = tmp_path_factory.mktemp("wide") / "llama"
-    return str(make_model("llama", path, hidden_size=512, intermediate_size=2048,
-                          num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8))
+    return str(
+        make_model(
+            "llama",
+            path,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+        )
+    )
 
 
 @pytest.mark.parametrize("model,third,whole", [("wide", "4:8", "0:12"), ("", "10:20", "0:30")])

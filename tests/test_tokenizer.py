@@ -58,11 +58,25 @@ def test_hf_directory_model_through_cli_equals_transformers(llama_with_tokenizer
     prompt = "The quick brown fox"
     ids = torch.tensor([AutoTokenizer.from_pretrained(llama_with_tokenizer)(prompt)["input_ids"]])
     with torch.inference_mode():
-        expected = hf_model(llama_with_tokenizer).generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False
-        )[0, ids.shape[1] :].tolist()
-    proc = run_cli("generate", "--local", "--json", prompt, "--model", str(llama_with_tokenizer),
-                   "--split", "2", "--max-tokens", "10")
+        expected = (
+            hf_model(llama_with_tokenizer)
+            .generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)[
+                0, ids.shape[1] :
+            ]
+            .tolist()
+        )
+    proc = run_cli(
+        "generate",
+        "--local",
+        "--json",
+        prompt,
+        "--model",
+        str(llama_with_tokenizer),
+        "--split",
+        "2",
+        "--max-tokens",
+        "10",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     stop = next((i for i, t in enumerate(expected) if t in (0, 2)), None)  # our stop ids
