@@ -1,8 +1,9 @@
-"""Single-process engine against transformers' generate on the default model (CPU).
+"""Single-process engine against transformers' generate (default: SmolLM2 on the CPU).
 
 Each measurement runs in its own process, so neither side inherits the other's caches or
-allocator state. Writes bench/results/engine.json. Usage: python bench/engine_bench.py
-[--tokens 128] [--threads N] [--dtype float32] [--out PATH]
+allocator state; the two sides alternate `--repeats` times and each keeps its median run.
+Writes bench/results/engine.json (or --out). Usage: python bench/engine_bench.py
+[--tokens 128] [--threads N] [--dtype float32] [--device cpu] [--model PATH] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from node.engine import DTYPES, LocalPipeline, Timings, generate  # noqa: E402
+from node.errors import RinginferError  # noqa: E402
 from node.sampling import SamplingParams  # noqa: E402
-from node.weights import load_stage, open_checkpoint  # noqa: E402
+from node.weights import Checkpoint, load_stage, open_checkpoint  # noqa: E402
 
 PROMPT = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle. "
@@ -30,32 +33,48 @@ PROMPT = (
 )
 
 
-def ours(tokens: int, dtype: torch.dtype) -> dict:
-    ckpt = open_checkpoint(None)
-    prompt = ckpt.tokenizer().encode_chat(PROMPT)
-    pipeline = LocalPipeline(ckpt, (), torch.device("cpu"), dtype)
-    runs = []
+def _prompt(ckpt: Checkpoint) -> list[int]:
+    try:
+        tok = ckpt.tokenizer()
+    except RinginferError:  # a random-weight model without tokenizer files
+        return [(7 * i) % ckpt.config.vocab_size for i in range(1, 56)]
+    return tok.encode_chat(PROMPT) if tok.chat_template else tok.encode(PROMPT)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours(model: str | None, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+    ckpt = open_checkpoint(model)
+    prompt = _prompt(ckpt)
+    pipeline = LocalPipeline(ckpt, (), device, dtype)
     for _ in range(2):  # the first run warms up allocator and kernels
         timings = Timings()
         forward = pipeline.session(len(prompt) + tokens)
         out = list(generate(forward, prompt, tokens, SamplingParams(), frozenset(), timings))
-        runs.append((timings, out))
-    timings, out = runs[-1]
     return _result(len(prompt), timings, out)
 
 
-def transformers_generate(tokens: int, dtype: torch.dtype) -> dict:
+def transformers_generate(
+    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype
+) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    ckpt = open_checkpoint(None)
-    prompt = ckpt.tokenizer().encode_chat(PROMPT)
-    model = AutoModelForCausalLM.from_pretrained(
-        ckpt.path.parent, gguf_file=ckpt.path.name, dtype=dtype
-    ).eval()
+    ckpt = open_checkpoint(model)
+    prompt = _prompt(ckpt)
+    if ckpt.path.suffix == ".gguf":
+        hf = AutoModelForCausalLM.from_pretrained(
+            ckpt.path.parent, gguf_file=ckpt.path.name, dtype=dtype
+        )
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype)
+    hf = hf.to(device).eval()
     # Both sides run the full length without stopping at EOS (ours: no stop ids). Not
     # min_new_tokens: that masks EOS logits and so changes which tokens greedy picks.
-    model.generation_config.eos_token_id = None
+    hf.generation_config.eos_token_id = None
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
@@ -65,17 +84,19 @@ def transformers_generate(tokens: int, dtype: torch.dtype) -> dict:
             if not self.prompt_seen:  # generate() first hands the streamer the prompt
                 self.prompt_seen = True
                 return
+            self.out.append(int(value.reshape(-1)[0]))  # .item() syncs the device
             self.timings.mark()
-            self.out.append(int(value.reshape(-1)[0]))
 
         def end(self) -> None:
             pass
 
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=device)
     for _ in range(2):
         clock = Clock()
+        _sync(device)
+        clock.timings = Timings()
         with torch.inference_mode():
-            model.generate(
+            hf.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=tokens,
@@ -86,14 +107,9 @@ def transformers_generate(tokens: int, dtype: torch.dtype) -> dict:
     return _result(len(prompt), clock.timings, clock.out)
 
 
-def _status_kib(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(status.split(field + ":")[1].split()[0])
-
-
-def stage_rss(start: int, end: int) -> dict:
+def stage_rss(model: str | None, start: int, end: int) -> dict:
     """Peak RSS of loading a stage (Linux /proc), from the moment the checkpoint is open."""
-    ckpt = open_checkpoint(None)
+    ckpt = open_checkpoint(model)
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     before = _status_kib("VmRSS")
     stage = load_stage(ckpt, start, end, torch.device("cpu"), torch.float32)
@@ -104,6 +120,11 @@ def stage_rss(start: int, end: int) -> dict:
         "peak_rss_mib": _status_kib("VmHWM") / 1024,
         "load_peak_growth_mib": (_status_kib("VmHWM") - before) / 1024,
     }
+
+
+def _status_kib(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split(field + ":")[1].split()[0])
 
 
 def _result(prompt_tokens: int, timings: Timings, out: list[int]) -> dict:
@@ -121,20 +142,28 @@ def _result(prompt_tokens: int, timings: Timings, out: list[int]) -> dict:
 MEASURES = {"ours": ours, "transformers": transformers_generate}
 
 
-def _child(args: argparse.Namespace) -> None:
+def _child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if args.child == "rss":
         start, end = map(int, args.layers.split(":"))
-        print(json.dumps(stage_rss(start, end)))
-    else:
-        print(json.dumps(MEASURES[args.child](args.tokens, DTYPES[args.dtype])))
+        return stage_rss(args.model, start, end)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    return MEASURES[args.child](args.model, args.tokens, device, dtype)
 
 
 def _run_child(args: argparse.Namespace, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--tokens", str(args.tokens), "--threads", str(args.threads)]
-    cmd += ["--dtype", args.dtype, *extra]
+    cmd += ["--dtype", args.dtype, "--device", args.device, *extra]
+    if args.model:
+        cmd += ["--model", args.model]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _median_run(runs: list[dict]) -> dict:
+    tpot = statistics.median(r["tpot_s"] for r in runs)
+    best = min(runs, key=lambda r: abs(r["tpot_s"] - tpot))
+    return {**best, "tpot_s_all_runs": [r["tpot_s"] for r in runs]}
 
 
 def main() -> None:
@@ -142,33 +171,47 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
     parser.add_argument("--child", choices=[*MEASURES, "rss"], help=argparse.SUPPRESS)
     parser.add_argument("--layers", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args)
+        print(json.dumps(_child(args)))
         return
 
-    n_layers = open_checkpoint(None).n_layers
-    results = {name: _run_child(args, "--child", name) for name in MEASURES}
-    third = _run_child(args, "--child", "rss", "--layers", f"0:{n_layers // 3}")
-    whole = _run_child(args, "--child", "rss", "--layers", f"0:{n_layers}")
-    o, t = results["ours"], results["transformers"]
+    runs: dict[str, list[dict]] = {name: [] for name in MEASURES}
+    for _ in range(args.repeats):
+        for name in MEASURES:
+            runs[name].append(_run_child(args, "--child", name))
+    o, t = _median_run(runs["ours"]), _median_run(runs["transformers"])
+    n_layers = open_checkpoint(args.model).n_layers
+    third = f"{n_layers // 3}:{2 * n_layers // 3}"
     report = {
-        "benchmark": "single-process engine vs transformers generate, greedy",
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+        "benchmark": "single-process engine vs transformers generate, greedy, median run",
+        "model": args.model or "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+        "device": args.device,
         "dtype": args.dtype,
         "threads": args.threads,
         "new_tokens": args.tokens,
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "repeats": args.repeats,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "torch": torch.__version__,
+        },
         "ours": {k: v for k, v in o.items() if k != "tokens"},
         "transformers": {k: v for k, v in t.items() if k != "tokens"},
         "decode_speedup": o["decode_tokens_per_s"] / t["decode_tokens_per_s"],
         "prefill_speedup": o["prefill_tokens_per_s"] / t["prefill_tokens_per_s"],
         "same_greedy_tokens": o["tokens"] == t["tokens"],
         "target_decode_speedup": 1.5,
-        "stage_peak_rss_mib": {"one_third": third, "whole": whole},
+        "stage_peak_rss_mib": {
+            "middle_third": _run_child(args, "--child", "rss", "--layers", third),
+            "whole": _run_child(args, "--child", "rss", "--layers", f"0:{n_layers}"),
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
