@@ -1,7 +1,8 @@
 """Single-process engine against transformers' generate (default: SmolLM2 on the CPU).
 
 Each measurement runs in its own process, so neither side inherits the other's caches or
-allocator state; the two sides alternate `--repeats` times and each keeps its median run.
+allocator state; the two sides alternate `--repeats` processes of 3 runs each (the first a
+warm-up), and each timing is the median over all measured runs.
 Writes bench/results/engine.json (or --out). Usage: python bench/engine_bench.py
 [--tokens 128] [--threads N] [--dtype float32] [--device cpu] [--model PATH] [--repeats 3]
 """
@@ -50,11 +51,13 @@ def ours(model: str | None, tokens: int, device: torch.device, dtype: torch.dtyp
     ckpt = open_checkpoint(model)
     prompt = _prompt(ckpt)
     pipeline = LocalPipeline(ckpt, (), device, dtype)
-    for _ in range(2):  # the first run warms up allocator and kernels
+    runs = []
+    for _ in range(RUNS_PER_PROCESS):
         timings = Timings()
         forward = pipeline.session(len(prompt) + tokens)
         out = list(generate(forward, prompt, tokens, SamplingParams(), frozenset(), timings))
-    return _result(len(prompt), timings, out)
+        runs.append(_result(len(prompt), timings, out))
+    return runs[1:]  # the first run warms up allocator and kernels
 
 
 def transformers_generate(
@@ -91,7 +94,8 @@ def transformers_generate(
             pass
 
     ids = torch.tensor([prompt], device=device)
-    for _ in range(2):
+    runs = []
+    for _ in range(RUNS_PER_PROCESS):
         clock = Clock()
         _sync(device)
         clock.timings = Timings()
@@ -104,7 +108,8 @@ def transformers_generate(
                 do_sample=False,
                 streamer=clock,
             )
-    return _result(len(prompt), clock.timings, clock.out)
+        runs.append(_result(len(prompt), clock.timings, clock.out))
+    return runs[1:]
 
 
 def stage_rss(model: str | None, start: int, end: int) -> dict:
@@ -140,9 +145,10 @@ def _result(prompt_tokens: int, timings: Timings, out: list[int]) -> dict:
 
 
 MEASURES = {"ours": ours, "transformers": transformers_generate}
+RUNS_PER_PROCESS = 3
 
 
-def _child(args: argparse.Namespace) -> dict:
+def _child(args: argparse.Namespace) -> dict | list[dict]:
     torch.set_num_threads(args.threads)
     if args.child == "rss":
         start, end = map(int, args.layers.split(":"))
@@ -151,7 +157,7 @@ def _child(args: argparse.Namespace) -> dict:
     return MEASURES[args.child](args.model, args.tokens, device, dtype)
 
 
-def _run_child(args: argparse.Namespace, *extra: str) -> dict:
+def _run_child(args: argparse.Namespace, *extra: str) -> dict | list[dict]:
     cmd = [sys.executable, __file__, "--tokens", str(args.tokens), "--threads", str(args.threads)]
     cmd += ["--dtype", args.dtype, "--device", args.device, *extra]
     if args.model:
@@ -160,10 +166,13 @@ def _run_child(args: argparse.Namespace, *extra: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _median_run(runs: list[dict]) -> dict:
-    tpot = statistics.median(r["tpot_s"] for r in runs)
-    best = min(runs, key=lambda r: abs(r["tpot_s"] - tpot))
-    return {**best, "tpot_s_all_runs": [r["tpot_s"] for r in runs]}
+def _medians(runs: list[dict]) -> dict:
+    """Each timing's median over all runs; tokens must agree across runs."""
+    assert all(r["tokens"] == runs[0]["tokens"] for r in runs), "runs generated different tokens"
+    timing_keys = ("ttft_s", "prefill_tokens_per_s", "tpot_s", "decode_tokens_per_s")
+    out = {k: v for k, v in runs[0].items() if k not in timing_keys}
+    out |= {k: statistics.median(r[k] for r in runs) for k in timing_keys}
+    return out | {"tpot_s_all_runs": [round(r["tpot_s"], 5) for r in runs]}
 
 
 def main() -> None:
@@ -185,18 +194,18 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in MEASURES}
     for _ in range(args.repeats):
         for name in MEASURES:
-            runs[name].append(_run_child(args, "--child", name))
-    o, t = _median_run(runs["ours"]), _median_run(runs["transformers"])
+            runs[name] += _run_child(args, "--child", name)
+    o, t = _medians(runs["ours"]), _medians(runs["transformers"])
     n_layers = open_checkpoint(args.model).n_layers
     third = f"{n_layers // 3}:{2 * n_layers // 3}"
     report = {
-        "benchmark": "single-process engine vs transformers generate, greedy, median run",
+        "benchmark": "single-process engine vs transformers generate, greedy, medians",
         "model": args.model or "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
         "device": args.device,
         "dtype": args.dtype,
         "threads": args.threads,
         "new_tokens": args.tokens,
-        "repeats": args.repeats,
+        "runs_each": args.repeats * (RUNS_PER_PROCESS - 1),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
