@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from node.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every layer of one forward pass shares: the cache, where it writes, the mask,
+    and (for RoPE models) the rotation tables of these positions."""
+
+    cache: KVCache
+    start: int
+    mask: torch.Tensor | None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def causal_mask(

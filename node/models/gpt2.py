@@ -12,7 +12,7 @@ from torch import nn
 
 from node.errors import RinginferError
 from node.kv_cache import KVCache
-from node.models.attention import attend, causal_mask
+from node.models.attention import Step, attend, causal_mask
 from node.models.linear import Linear
 from node.models.stage import Stage
 
@@ -56,6 +56,10 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_heads
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPT2Config, device_type: str) -> None:
@@ -64,19 +68,11 @@ class Attention(nn.Module):
         self.c_attn = Linear(cfg.dim, 3 * cfg.dim, True, device_type)
         self.c_proj = Linear(cfg.dim, cfg.dim, True, device_type)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: KVCache,
-        layer: int,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
-        k, v = cache.update(layer, start, k, v)
-        y = attend(q, k, v, mask)
+        q, k, v = self.c_attn(x).view(b, t, -1, self.head_dim).transpose(1, 2).chunk(3, dim=1)
+        k, v = step.cache.update(layer, step.start, k, v)
+        y = attend(q, k, v, step.mask)
         return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -98,10 +94,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg, device_type)
 
-    def forward(
-        self, x: torch.Tensor, cache: KVCache, layer: int, start: int, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, start, mask)
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), step, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -109,9 +103,7 @@ class GPT2Stage(Stage):
     """Blocks [start, end) of GPT-2; token + position embeddings first, ln_f + head last."""
 
     def __init__(self, cfg: GPT2Config, start: int, end: int, device_type: str = "cpu") -> None:
-        super().__init__()
-        self.cfg, self.start, self.end = cfg, start, end
-        self.is_first, self.is_last = start == 0, end == cfg.n_layers
+        super().__init__(cfg, start, end)
         if self.is_first:
             self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim)
@@ -131,23 +123,15 @@ class GPT2Stage(Stage):
     def from_checkpoint_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.t() if _CONV1D.match(hf_name) else tensor
 
-    def new_cache(
-        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
-    ) -> KVCache:
-        cfg = self.cfg
-        return KVCache(len(self.h), batch, cfg.n_heads, cfg.head_dim, capacity, dtype, device)
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False
+    def layers_forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int
     ) -> torch.Tensor:
-        start, count = int(positions[0]), int(positions.shape[0])
-        cache.check_room(start, count)
         if self.is_first:
             x = self.wte(x) + self.wpe(positions.to(x.device))
-        mask = causal_mask(start, count, None, x.device)
+        step = Step(cache, start, causal_mask(start, len(positions), None, x.device))
         for i, block in enumerate(self.h):
-            x = block(x, cache, i, start, mask)
-        cache.advance(start, count)
-        if not self.is_last:
-            return x
-        return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
+            x = block(x, step, i)
+        return x
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(h))

@@ -13,7 +13,7 @@ from torch import nn
 
 from node.errors import RinginferError
 from node.kv_cache import KVCache
-from node.models.attention import attend, causal_mask
+from node.models.attention import Step, attend, causal_mask
 from node.models.linear import Linear
 from node.models.stage import Stage
 
@@ -179,22 +179,14 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.dim, q_size + 2 * kv_size, cfg.qkv_bias, device_type)
         self.o_proj = Linear(q_size, cfg.dim, cfg.o_bias, device_type)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
-        layer: int,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         heads = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        qk = rotate(heads[:, : self.n_heads + self.n_kv_heads], *rope)  # q and k in one go
+        qk = rotate(heads[:, : self.n_heads + self.n_kv_heads], *step.rope)  # q, k in one go
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
         v = heads[:, self.n_heads + self.n_kv_heads :]
-        k, v = cache.update(layer, start, k, v)
-        y = attend(q, k, v, mask)
+        k, v = step.cache.update(layer, step.start, k, v)
+        y = attend(q, k, v, step.mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -217,16 +209,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, device_type)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
-        layer: int,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, layer, start, mask)
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -234,9 +218,7 @@ class LlamaStage(Stage):
     """Layers [start, end) of a Llama-family model, plus embedding / head at the ends."""
 
     def __init__(self, cfg: LlamaConfig, start: int, end: int, device_type: str = "cpu") -> None:
-        super().__init__()
-        self.cfg, self.start, self.end = cfg, start, end
-        self.is_first, self.is_last = start == 0, end == cfg.n_layers
+        super().__init__(cfg, start, end)
         if self.is_first:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, device_type) for _ in range(end - start))
@@ -257,27 +239,18 @@ class LlamaStage(Stage):
             return ["model.embed_tokens.weight" if self.cfg.tie_embeddings else key]
         return [f"model.{key}"]
 
-    def new_cache(
-        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
-    ) -> KVCache:
-        c = self.cfg
-        return KVCache(len(self.layers), batch, c.n_kv_heads, c.head_dim, capacity, dtype, device)
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False
+    def layers_forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int
     ) -> torch.Tensor:
-        """Token ids [B, T] (first stage) or hidden [B, T, D] -> hidden, or logits (last)."""
-        start, count = int(positions[0]), int(positions.shape[0])
-        cache.check_room(start, count)
         h = self.embed_tokens(x) if self.is_first else x
-        rope = rope_tables(self.inv_freq, positions, h.dtype)
-        mask = causal_mask(start, count, self.cfg.sliding_window, h.device)
+        mask = causal_mask(start, len(positions), self.cfg.sliding_window, h.device)
+        step = Step(cache, start, mask, rope_tables(self.inv_freq, positions, h.dtype))
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, cache, i, start, mask)
-        cache.advance(start, count)
-        if not self.is_last:
-            return h
-        return self.lm_head(self.norm(h[:, -1:] if last_only else h))
+            h = layer(h, step, i)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
 
 
 # Our fused projections and the checkpoint tensors they concatenate (one matmul, not three).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -20,10 +22,38 @@ class Stage(nn.Module):
     checkpoint tensors it is made of with `checkpoint_names`.
     """
 
-    start: int
-    end: int
-    is_first: bool
-    is_last: bool
+    def __init__(self, cfg: Any, start: int, end: int) -> None:
+        super().__init__()
+        self.cfg, self.start, self.end = cfg, start, end
+        self.is_first, self.is_last = start == 0, end == cfg.n_layers
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
+        start, count = int(positions[0]), int(positions.shape[0])
+        cache.check_room(start, count)
+        h = self.layers_forward(x, positions, cache, start)
+        cache.advance(start, count)
+        if not self.is_last:
+            return h
+        return self.head(h[:, -1:] if last_only else h)
+
+    def layers_forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int
+    ) -> torch.Tensor:
+        """Embedding (first stage) and the owned layers, writing keys/values at `start`."""
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (last stage)."""
+        raise NotImplementedError
+
+    def new_cache(
+        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> KVCache:
+        c = self.cfg
+        n_layers = self.end - self.start
+        return KVCache(n_layers, batch, c.n_kv_heads, c.head_dim, capacity, dtype, device)
 
     def checkpoint_names(self, key: str) -> list[str]:
         """The Hugging Face checkpoint tensors one of our parameters is made of, in order."""
@@ -43,8 +73,3 @@ class Stage(nn.Module):
 
     def to_device(self, device: torch.device) -> None:
         """Move tensors that are derived from the config rather than loaded (none by default)."""
-
-    def new_cache(
-        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
-    ) -> KVCache:
-        raise NotImplementedError
