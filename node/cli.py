@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from node import __version__
@@ -63,27 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class LoadProgress:
-    """Shows tensor loading: a live counter on a terminal, start and end lines otherwise."""
+class Status:
+    """Progress on stderr: live lines on a terminal, only outcomes otherwise (logs, pipes)."""
 
-    def __init__(self, model: str) -> None:
-        self.model, self.tty = model, sys.stderr.isatty()
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
 
-    def __call__(self, start: int, end: int) -> Progress:
-        began = time.perf_counter()
-        label = f"loading {self.model} layers {start}-{end}"
-        if not self.tty:
-            print(f"{label} ...", file=sys.stderr, flush=True)
+    def live(self, text: str) -> None:
+        if self.tty:
+            print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)
 
-        def update(done: int, total: int) -> None:
-            if self.tty:
-                print(f"\r{label}: {done}/{total} tensors", end="", file=sys.stderr, flush=True)
-            if done == total:
-                took = time.perf_counter() - began
-                head = "" if self.tty else f"{label}: {total} tensors"
-                print(f"{head} in {took:.1f}s", file=sys.stderr, flush=True)
+    def line(self, text: str) -> None:
+        print(f"\r\x1b[K{text}" if self.tty else text, file=sys.stderr, flush=True)
 
-        return update
+    def loading(self, model: str) -> Callable[[int, int], Progress]:
+        """A per-stage callback factory for `LocalPipeline`: tensors loaded so far."""
+
+        def for_stage(start: int, end: int) -> Progress:
+            began = time.perf_counter()
+            label = f"{model} layers {start}-{end}"
+
+            def update(done: int, total: int) -> None:
+                self.live(f"loading {label}: {done}/{total} tensors")
+                if done == total:
+                    took = time.perf_counter() - began
+                    self.line(f"loaded {label} ({total} tensors) in {took:.1f}s")
+
+            return update
+
+        return for_stage
+
+
+STATUS = Status()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -103,11 +114,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    STATUS.live(f"opening {args.model or 'the default model'} ...")
     ckpt = open_checkpoint(args.model)
     tokenizer = ckpt.tokenizer()
     prompt = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
     capacity, max_tokens = fit_request(len(prompt), args.max_tokens, ckpt.config.max_seq_len)
-    pipeline = LocalPipeline(ckpt, args.split, device, dtype, LoadProgress(ckpt.name))
+    pipeline = LocalPipeline(ckpt, args.split, device, dtype, STATUS.loading(ckpt.name))
 
     timings = Timings()
     stream = TextStream(tokenizer)
@@ -146,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return {"generate": cmd_generate}[args.command](args)
     except RinginferError as e:
-        print(f"ringinfer: error: {e}", file=sys.stderr)
+        STATUS.line(f"ringinfer: error: {e}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -155,10 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("RINGINFER_DEBUG"):
             raise
-        print(
+        STATUS.line(
             f"ringinfer: internal error: {type(e).__name__}: {e} "
-            "(set RINGINFER_DEBUG=1 for a traceback)",
-            file=sys.stderr,
+            "(set RINGINFER_DEBUG=1 for a traceback)"
         )
         return 1
 

@@ -34,6 +34,26 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's `rope_freqs` for llama3 scaling (divisors of each frequency)."""
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low = rope["original_max_position_embeddings"] / rope["low_freq_factor"]
+    high = rope["original_max_position_embeddings"] / rope["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high:
+            factors.append(1.0)
+        elif wavelen > low:
+            factors.append(rope["factor"])
+        else:
+            smooth = (
+                rope["original_max_position_embeddings"] / wavelen - rope["low_freq_factor"]
+            ) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     import gguf
 
@@ -54,9 +74,14 @@ def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
     w.add_token_types([1] * cfg.vocab_size)
     w.add_token_merges([])
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "llama3":  # llama.cpp stores llama3 scaling as a tensor
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, cfg.head_dim))
     qtype = gguf.GGMLQuantizationType[quant]
     for name, tensor in model.state_dict().items():
         arr = tensor.numpy().astype(np.float32)
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp writes no output.weight for tied embeddings
         if name == "model.embed_tokens.weight":
             gname = "token_embd.weight"
         elif name == "model.norm.weight":
@@ -103,6 +128,17 @@ def test_gguf_load_equals_transformers_load(tiny_models, tmp_path, quant):  # no
         with torch.inference_mode():
             original = hf_model(tiny_models["llama"])(torch.tensor([PROMPT])).logits
         torch.testing.assert_close(got, original, atol=1e-4, rtol=0)
+
+
+def test_gguf_llama3_rope_and_tied_head_equal_the_hf_model(tiny_models, tmp_path):  # noqa: ANN001
+    path = write_gguf(tiny_models["llama3"], tmp_path / "llama3.gguf", "F32")
+    ckpt = open_checkpoint(str(path))
+    assert ckpt.config.rope_type == "freq_factors" and ckpt.config.tie_embeddings
+    with torch.inference_mode():
+        expected = hf_model(tiny_models["llama3"])(torch.tensor([PROMPT])).logits
+        pipeline = LocalPipeline(ckpt, (2,))
+        got = pipeline.forward(torch.tensor([PROMPT]), torch.arange(12), pipeline.new_caches(12))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 TEXTS = [
