@@ -8,11 +8,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from node import __version__
 from node.errors import RinginferError
-from node.weights import Progress
+
+if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
+    from node.weights import Progress
 
 EXIT_USAGE = 2
 
@@ -154,8 +156,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return EXIT_USAGE
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         return {"generate": cmd_generate}[args.command](args)
     except RinginferError as e:
         STATUS.line(f"ringinfer: error: {e}")

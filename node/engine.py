@@ -79,10 +79,6 @@ class LocalPipeline:
             for a, b in ranges
         ]
 
-    @property
-    def context_length(self) -> int:
-        return self.ckpt.config.max_seq_len
-
     def new_caches(self, capacity: int) -> list[KVCache]:
         return [s.new_cache(1, capacity, self.dtype, self.device) for s in self.stages]
 

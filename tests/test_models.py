@@ -34,7 +34,7 @@ def test_logits_match_transformers_at_every_split(tiny_models, family):  # noqa:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_tokens_match_transformers_generate(tiny_models, family):  # noqa: ANN001
+def test_greedy_tokens_match_transformers_generate_at_every_split(tiny_models, family):  # noqa: ANN001
     path = tiny_models[family]
     model = hf_model(path)
     ids = torch.tensor([PROMPT])
@@ -46,10 +46,11 @@ def test_greedy_tokens_match_transformers_generate(tiny_models, family):  # noqa
             do_sample=False,
         )
     expected = out[0, len(PROMPT) :].tolist()
-    pipeline = LocalPipeline(open_checkpoint(str(path)), (2,))
-    forward = pipeline.session(len(PROMPT) + 20)
-    got = list(generate(forward, PROMPT, 20, SamplingParams(), frozenset()))
-    assert got == expected
+    ckpt = open_checkpoint(str(path))
+    for splits in [(), *[(s,) for s in range(1, ckpt.n_layers)]]:
+        forward = LocalPipeline(ckpt, splits).session(len(PROMPT) + 20)
+        got = list(generate(forward, PROMPT, 20, SamplingParams(), frozenset()))
+        assert got == expected, f"splits {splits}"
 
 
 def test_sliding_window_is_exercised(tiny_models):  # noqa: ANN001
