@@ -59,7 +59,8 @@ def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
 
     model = hf_model(hf_dir)
     cfg = model.config
-    w = gguf.GGUFWriter(out, "llama")
+    arch = cfg.model_type  # llama or qwen2: llama.cpp permutes Q/K rows for llama only
+    w = gguf.GGUFWriter(out, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -68,7 +69,8 @@ def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
@@ -76,7 +78,7 @@ def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     w.add_token_merges([])
     rope = cfg.rope_parameters
     if rope.get("rope_type") == "llama3":  # llama.cpp stores llama3 scaling as a tensor
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, cfg.head_dim))
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
     qtype = gguf.GGMLQuantizationType[quant]
     for name, tensor in model.state_dict().items():
         arr = tensor.numpy().astype(np.float32)
@@ -92,9 +94,9 @@ def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
             module, kind = rest.rsplit(".", 1)
             gname = f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
-            if module.endswith("q_proj"):
+            if arch == "llama" and module.endswith("q_proj"):
                 arr = llama_cpp_permute(arr, cfg.num_attention_heads)
-            if module.endswith("k_proj"):
+            if arch == "llama" and module.endswith("k_proj"):
                 arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
         if arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
@@ -107,11 +109,11 @@ def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("quant", ["F32", "Q8_0"])
-def test_gguf_load_equals_transformers_load(tiny_models, tmp_path, quant):  # noqa: ANN001
+@pytest.mark.parametrize("family,quant", [("llama", "F32"), ("llama", "Q8_0"), ("qwen2", "Q8_0")])
+def test_gguf_load_equals_transformers_load(tiny_models, tmp_path, family, quant):  # noqa: ANN001
     from transformers import AutoModelForCausalLM
 
-    path = write_gguf(tiny_models["llama"], tmp_path / f"tiny-{quant}.gguf", quant)
+    path = write_gguf(tiny_models[family], tmp_path / f"{family}-{quant}.gguf", quant)
     theirs = AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file=path.name, dtype=torch.float32
     ).eval()
@@ -126,7 +128,7 @@ def test_gguf_load_equals_transformers_load(tiny_models, tmp_path, quant):  # no
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     if quant == "F32":  # unquantized, it is also the original HF model
         with torch.inference_mode():
-            original = hf_model(tiny_models["llama"])(torch.tensor([PROMPT])).logits
+            original = hf_model(tiny_models[family])(torch.tensor([PROMPT])).logits
         torch.testing.assert_close(got, original, atol=1e-4, rtol=0)
 
 
