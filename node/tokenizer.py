@@ -170,18 +170,26 @@ class Tokenizer:
 
 
 class TextStream:
-    """Turns a growing list of token ids into text pieces, holding back split UTF-8 bytes."""
+    """Turns a growing list of token ids into text pieces, holding back split UTF-8 bytes.
+
+    Each step decodes only a short window: the tokens since the last piece plus the ones
+    before it, as context for tokenizers whose text depends on neighbours (leading spaces
+    in SentencePiece), so a long generation costs linear, not quadratic, time.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix_offset = self.read_offset = 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
+        text = decode(self.ids[self.prefix_offset :])
+        if text.endswith("\ufffd") or len(text) <= len(prefix):
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix) :]
 
 
 def _bpe_from_gguf(meta: dict[str, Any], patterns: list[str]) -> Any:

@@ -83,10 +83,11 @@ def test_hf_directory_model_through_cli_equals_transformers(llama_with_tokenizer
     assert out["tokens"] == expected[: None if stop is None else stop + 1]
 
 
-def test_text_stream_never_splits_a_character():
-    tok = Tokenizer.gpt2()
-    text = "Emoji 🤖🚀 and accents éà, then 日本語."
+@pytest.mark.parametrize("source", ["gpt2", "gguf"])
+def test_text_stream_never_splits_a_character(source):  # noqa: ANN001
+    tok = Tokenizer.gpt2() if source == "gpt2" else open_checkpoint(None).tokenizer()
+    text = "Emoji 🤖🚀 and accents éà, then 日本語.\n\n  Indented  twice, numbers 1234."
     stream = TextStream(tok)
-    pieces = [stream.push(t) for t in tok.encode(text)]
+    pieces = [stream.push(t) for t in tok.encode(text, add_special=False)]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
