@@ -257,15 +257,22 @@ def load_stage(
             uses[name] -= 1
             if not uses[name]:
                 del loaded[name]
-        tensor = stage.arrange(key, parts).to(device).contiguous()
-        if tensor.shape != meta.shape:
-            raise RinginferError(
-                f"tensor '{names[key][0]}' has shape {tuple(tensor.shape)}, the config implies "
-                f"{tuple(meta.shape)}"
-            )
-        tensors[key] = tensor
+        tensors[key] = _fit(stage, key, parts, meta).to(device).contiguous()
         if progress:
             progress(i + 1, len(expected))
     stage.load_state_dict(tensors, assign=True, strict=True)
     stage.to_device(device)
     return stage.eval().requires_grad_(False)
+
+
+def _fit(stage: Stage, key: str, parts: list[torch.Tensor], meta: torch.Tensor) -> torch.Tensor:
+    """Our parameter `key` from its checkpoint tensors, or a clear error if they do not fit."""
+    fits = sum(p.numel() for p in parts) == meta.numel()
+    tensor = stage.arrange(key, parts) if fits else None
+    if tensor is None or tensor.shape != meta.shape:
+        shapes = " + ".join(str(tuple(p.shape)) for p in parts)
+        raise RinginferError(
+            f"checkpoint tensor '{stage.checkpoint_names(key)[0]}' has shape {shapes}, which "
+            "does not fit the model's config"
+        )
+    return tensor

@@ -130,12 +130,23 @@ def _truncated_weights(tmp: Path, tiny_models: dict) -> Path:  # noqa: ANN001
     return dst
 
 
+def _config_disagrees(tmp: Path, tiny_models: dict) -> Path:  # noqa: ANN001
+    import shutil
+
+    dst = tmp / "disagrees"
+    shutil.copytree(tiny_models["gpt2"], dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "n_inner": 128}))
+    return dst
+
+
 BAD_MODELS = {
     "missing path": (lambda tmp, m: tmp / "nope.gguf", "does not exist"),
     "corrupt gguf": (lambda tmp, m: _corrupt_gguf(tmp), "not a readable GGUF"),
     "bad config": (lambda tmp, m: _bad_config(tmp), "not valid JSON"),
     "unsupported architecture": (lambda tmp, m: _bert(tmp), "unsupported architecture 'bert'"),
     "truncated weights": (_truncated_weights, "cannot read"),
+    "config disagrees with weights": (_config_disagrees, "does not fit the model's config"),
     "no tokenizer": (lambda tmp, m: m["llama"], "no tokenizer.json"),
     "hub id offline": (lambda tmp, m: "someone/not-cached-model", "not in the local Hugging Face"),
 }
