@@ -8,6 +8,8 @@ from torch import nn
 
 # Below this many weights a layer is not worth splitting across threads.
 _MIN_BLOCKED_WEIGHTS = 1 << 20
+# Up to this many input rows, blocks run as one batched matmul (see Linear._blocked).
+_BATCHED_MAX_ROWS = 16
 
 
 def layout(in_features: int, out_features: int, device_type: str) -> tuple[bool, int]:
@@ -61,7 +63,18 @@ class Linear(nn.Module):
                 return F.linear(x, self.weight, self.bias)
             y = x @ self.weight
         else:
-            rows = x.reshape(1, -1, self.in_features).expand(self.blocks, -1, -1)
-            w = self.weight if self.input_major else self.weight.transpose(1, 2)
-            y = torch.bmm(rows, w).transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+            y = self._blocked(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
+
+    def _blocked(self, rows: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.input_major else self.weight.transpose(1, 2)  # [blocks, in, n]
+        if rows.shape[0] <= _BATCHED_MAX_ROWS:  # decoding: one batched matmul, all cores
+            y = torch.bmm(rows.expand(self.blocks, -1, -1), w)
+            return y.transpose(0, 1).reshape(rows.shape[0], self.out_features)
+        # Prefill: each block's matmul already uses every core; write it in place rather
+        # than interleave the blocks' outputs afterwards (a copy as large as the output).
+        y = rows.new_empty(rows.shape[0], self.out_features)
+        n = self.out_features // self.blocks
+        for b in range(self.blocks):
+            torch.mm(rows, w[b], out=y[:, b * n : (b + 1) * n])
+        return y
