@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,21 +61,26 @@ def ours(model: str | None, tokens: int, device: torch.device, dtype: torch.dtyp
     return runs[1:]  # the first run warms up allocator and kernels
 
 
-def transformers_generate(
-    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype
-) -> dict:
+def _hf_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
 
-    ckpt = open_checkpoint(model)
-    prompt = _prompt(ckpt)
     if ckpt.path.suffix == ".gguf":
         hf = AutoModelForCausalLM.from_pretrained(
             ckpt.path.parent, gguf_file=ckpt.path.name, dtype=dtype
         )
     else:
         hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype)
-    hf = hf.to(device).eval()
+    return hf.to(device).eval()
+
+
+def transformers_generate(
+    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype
+) -> dict:
+    from transformers.generation.streamers import BaseStreamer
+
+    ckpt = open_checkpoint(model)
+    prompt = _prompt(ckpt)
+    hf = _hf_model(ckpt, device, dtype)
     # Both sides run the full length without stopping at EOS (ours: no stop ids). Not
     # min_new_tokens: that masks EOS logits and so changes which tokens greedy picks.
     hf.generation_config.eos_token_id = None
@@ -112,6 +118,40 @@ def transformers_generate(
     return runs[1:]
 
 
+def prefill_side_by_side(
+    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype
+) -> dict:
+    """Prefill alone, both engines in one process, alternating: the machine's drift (a shared
+    CPU's speed moves by a fifth over tens of seconds) hits both sides alike."""
+    ckpt = open_checkpoint(model)
+    pipeline = LocalPipeline(ckpt, (), device, dtype)
+    hf = _hf_model(ckpt, device, dtype)
+    short = _prompt(ckpt)
+    long = (short * (1 + 1000 // len(short)))[:1000]
+    out = {}
+    for prompt in (short, long):
+        ids, positions = torch.tensor([prompt], device=device), torch.arange(len(prompt))
+        times: dict[str, list[float]] = {"ours": [], "transformers": []}
+        with torch.inference_mode():
+            for _ in range(PREFILL_REPEATS):
+                start = time.perf_counter()
+                caches = pipeline.new_caches(len(prompt))
+                pipeline.forward(ids, positions, caches, last_only=True)
+                _sync(device)
+                times["ours"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                hf(ids, logits_to_keep=1)
+                _sync(device)
+                times["transformers"].append(time.perf_counter() - start)
+        medians = {k: statistics.median(v[1:]) for k, v in times.items()}  # first: warm-up
+        out[f"{len(prompt)}_tokens"] = {
+            "ours_s": medians["ours"],
+            "transformers_s": medians["transformers"],
+            "speedup": medians["transformers"] / medians["ours"],
+        }
+    return out
+
+
 def stage_rss(model: str | None, start: int, end: int) -> dict:
     """Peak RSS of loading a stage (Linux /proc), from the moment the checkpoint is open."""
     ckpt = open_checkpoint(model)
@@ -146,6 +186,7 @@ def _result(prompt_tokens: int, timings: Timings, out: list[int]) -> dict:
 
 MEASURES = {"ours": ours, "transformers": transformers_generate}
 RUNS_PER_PROCESS = 3
+PREFILL_REPEATS = 8
 
 
 def _child(args: argparse.Namespace) -> dict | list[dict]:
@@ -154,7 +195,8 @@ def _child(args: argparse.Namespace) -> dict | list[dict]:
         start, end = map(int, args.layers.split(":"))
         return stage_rss(args.model, start, end)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    return MEASURES[args.child](args.model, args.tokens, device, dtype)
+    measure = prefill_side_by_side if args.child == "prefill" else MEASURES[args.child]
+    return measure(args.model, args.tokens, device, dtype)
 
 
 def _run_child(args: argparse.Namespace, *extra: str) -> dict | list[dict]:
@@ -184,7 +226,7 @@ def main() -> None:
     parser.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
-    parser.add_argument("--child", choices=[*MEASURES, "rss"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=[*MEASURES, "rss", "prefill"], help=argparse.SUPPRESS)
     parser.add_argument("--layers", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -216,6 +258,7 @@ def main() -> None:
         "decode_speedup": o["decode_tokens_per_s"] / t["decode_tokens_per_s"],
         "prefill_speedup": o["prefill_tokens_per_s"] / t["prefill_tokens_per_s"],
         "same_greedy_tokens": o["tokens"] == t["tokens"],
+        "prefill_side_by_side": _run_child(args, "--child", "prefill"),
         "target_decode_speedup": 1.5,
         "stage_peak_rss_mib": {
             "middle_third": _run_child(args, "--child", "rss", "--layers", third),
