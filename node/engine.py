@@ -36,9 +36,14 @@ def pick_device(name: str) -> torch.device:
     kind = name.split(":")[0]
     if kind not in available:
         raise RinginferError(f"unknown device '{name}' (use auto, cpu, cuda or mps)")
-    if not available[kind]:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RinginferError(f"malformed device '{name}' (use cpu, cuda, cuda:N or mps)") from None
+    count = torch.cuda.device_count() if kind == "cuda" else 1
+    if not available[kind] or (device.index or 0) >= count:
         raise RinginferError(f"device '{name}' is not available on this machine")
-    return torch.device(name)
+    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -123,6 +128,8 @@ def fit_request(prompt_tokens: int, max_tokens: int, context: int) -> tuple[int,
 
 @dataclass
 class Timings:
+    """When a request started and when each of its tokens came: TTFT and TPOT."""
+
     started: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)
 
@@ -160,7 +167,7 @@ def generate(
     positions = torch.arange(len(prompt))
     for _ in range(max_tokens):
         token = sample(forward(ids, positions), params, generator)
-        if timings:
+        if timings is not None:
             timings.mark()
         yield token
         if token in stop_ids:

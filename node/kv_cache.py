@@ -26,8 +26,10 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: only written positions are ever read, and untouched pages of a long
+        # context cost no resident memory until the request reaches them.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
 
@@ -52,6 +54,3 @@ class KVCache:
     def advance(self, start: int, count: int) -> None:
         """Record that positions [start, start+count) are now written in every layer."""
         self.length = start + count
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
