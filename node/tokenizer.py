@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import RinginferError
+from node.json_file import read_json
 
 # Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre`, as llama.cpp applies them in order.
 _GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -91,8 +92,8 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise RinginferError(f"cannot read {file}: {e}") from None
-        tcfg = _json_or_empty(path / "tokenizer_config.json")
-        gen = _json_or_empty(path / "generation_config.json")
+        tcfg = read_json(path / "tokenizer_config.json", missing_ok=True)
+        gen = read_json(path / "generation_config.json", missing_ok=True)
         template = tcfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t["name"] == "default"), None)
@@ -226,13 +227,6 @@ def _gpt2_ranks_file() -> Path | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     return next((Path(str(f.locate())) for f in files if str(f).endswith("gpt2.tiktoken")), None)
-
-
-def _json_or_empty(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError) as e:
-        raise RinginferError(f"{path} is not valid JSON ({e})") from None
 
 
 def _token_text(token: Any) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import re
 from collections import Counter
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from node.errors import RinginferError
+from node.json_file import read_json
 from node.models import LLAMA, Family, family_for_hf, llama
 from node.models.stage import Stage
 from node.tokenizer import Tokenizer
@@ -53,7 +53,7 @@ class HFCheckpoint(Checkpoint):
 
     def __init__(self, path: Path, name: str) -> None:
         self.path, self.name = path, name
-        self.raw_config = _read_json(path / "config.json")
+        self.raw_config = read_json(path / "config.json")
         self.family = family_for_hf(self.raw_config)
         try:
             self.config = self.family.config_cls.from_hf(self.raw_config)
@@ -65,7 +65,7 @@ class HFCheckpoint(Checkpoint):
     def _weight_files(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            return dict(_read_json(index).get("weight_map", {}))
+            return dict(read_json(index).get("weight_map", {}))
         single = self.path / "model.safetensors"
         if not single.exists():
             raise RinginferError(
@@ -154,15 +154,6 @@ class GGUFCheckpoint(Checkpoint):
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(self.meta, self.path)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RinginferError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RinginferError(f"{path} is not valid JSON ({e})") from None
 
 
 def default_model_path() -> Path:
