@@ -118,9 +118,10 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], path: Path) -> Tokenizer:
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        vocab = {t: i for i, t in enumerate(tokens)}
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
         if kind == "gpt2" and pre in _GGUF_PRE:
-            tok = _bpe_from_gguf(meta, _GGUF_PRE[pre])
+            tok = _bpe_from_gguf(meta, vocab, _GGUF_PRE[pre])
         else:  # SentencePiece vocabularies and rarer pre-tokenizers: transformers' converter
             tok = _convert_with_transformers(path)
         bos_id = meta.get("tokenizer.ggml.bos_token_id")
@@ -135,7 +136,7 @@ class Tokenizer:
         return cls(
             encode,
             lambda ids: tok.decode(ids, skip_special_tokens=False),
-            {t: i for i, t in enumerate(tokens)},
+            vocab,
             stop,
             meta.get("tokenizer.chat_template"),
             tokens[bos_id] if bos_id is not None else None,
@@ -193,13 +194,12 @@ class TextStream:
         return text[len(prefix) :]
 
 
-def _bpe_from_gguf(meta: dict[str, Any], patterns: list[str]) -> Any:
+def _bpe_from_gguf(meta: dict[str, Any], vocab: dict[str, int], patterns: list[str]) -> Any:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    vocab = {t: i for i, t in enumerate(tokens)}
     tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=patterns == [_LLAMA3_PAT]))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]

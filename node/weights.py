@@ -7,7 +7,6 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +109,7 @@ class GGUFCheckpoint(Checkpoint):
         except Exception as e:  # the reader raises ValueError, struct errors, OSError...
             raise RinginferError(f"{path} is not a readable GGUF file ({e})") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self.meta = _gguf_metadata(self.reader)
         self.arch = self.meta.get("general.architecture")
         if self.arch not in llama.GGUF_ARCHITECTURES:
             raise RinginferError(
@@ -124,16 +124,6 @@ class GGUFCheckpoint(Checkpoint):
             self.config = llama.LlamaConfig.from_gguf(self.meta, set(self.tensors), factors)
         except (KeyError, TypeError) as e:
             raise RinginferError(f"{path} lacks GGUF metadata {e}") from None
-
-    @cached_property
-    def meta(self) -> dict[str, Any]:
-        out = {}
-        for key, field in self.reader.fields.items():
-            try:
-                out[key] = field.contents()
-            except Exception:  # a value type this gguf release cannot decode: not one we use
-                continue
-        return out
 
     def _array(self, gguf_name: str) -> np.ndarray:
         from gguf.quants import dequantize
@@ -154,6 +144,16 @@ class GGUFCheckpoint(Checkpoint):
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(self.meta, self.path)
+
+
+def _gguf_metadata(reader: Any) -> dict[str, Any]:
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # a value type this gguf release cannot decode: not one we use
+            continue
+    return out
 
 
 def default_model_path() -> Path:
