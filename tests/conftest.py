@@ -90,6 +90,17 @@ def hf_model(path: Path) -> torch.nn.Module:
     return model
 
 
+def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy `generate`: the oracle for our token loop."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+        )
+    return out[0, len(prompt) :].tolist()
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "node.cli", *args],

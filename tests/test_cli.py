@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import hf_model, run_cli
+from tests.conftest import hf_greedy, hf_model, run_cli
 
 
 def generate_json(*args: str) -> dict:
@@ -33,15 +32,7 @@ def test_default_model_greedy_equals_transformers():
     ckpt = open_checkpoint(None)
     prompt = "The capital of France is"
     model = AutoModelForCausalLM.from_pretrained(ckpt.path.parent, gguf_file=ckpt.path.name)
-    ids = torch.tensor([ckpt.tokenizer().encode(prompt)])
-    with torch.inference_mode():
-        expected = (
-            model.eval()
-            .generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)[
-                0, ids.shape[1] :
-            ]
-            .tolist()
-        )
+    expected = hf_greedy(model.eval(), ckpt.tokenizer().encode(prompt), 24)
     out = generate_json(prompt, "--max-tokens", "24", "--split", "10,20")
     assert out["tokens"] == expected
 
@@ -67,18 +58,7 @@ def test_split_gpt2_equals_transformers(tiny_models, split):  # noqa: ANN001
 
     path = tiny_models["gpt2"]
     prompt = "Once upon a time"
-    ids = torch.tensor([Tokenizer.gpt2().encode(prompt)])
-    with torch.inference_mode():
-        expected = (
-            hf_model(path)
-            .generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=16,
-                do_sample=False,
-            )[0, ids.shape[1] :]
-            .tolist()
-        )
+    expected = hf_greedy(hf_model(path), Tokenizer.gpt2().encode(prompt), 16)
     out = generate_json(prompt, "--model", str(path), "--split", split, "--max-tokens", "16")
     assert out["tokens"] == expected
 

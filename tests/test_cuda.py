@@ -8,7 +8,7 @@ import torch
 from node.engine import LocalPipeline, generate
 from node.sampling import SamplingParams
 from node.weights import open_checkpoint
-from tests.conftest import FAMILIES, hf_model
+from tests.conftest import FAMILIES, hf_greedy, hf_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 PROMPT = [3, 17, 101, 5, 42, 250, 7, 9, 61, 88, 13, 200]
@@ -23,9 +23,7 @@ def test_cuda_logits_and_greedy_match_transformers(tiny_models, family, dtype): 
     ids = torch.tensor([PROMPT], device=CUDA)
     with torch.inference_mode():
         expected = theirs(ids).logits.float()
-        expected_tokens = theirs.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
-        )[0, len(PROMPT) :].tolist()
+    expected_tokens = hf_greedy(theirs, PROMPT, 12)
     pipeline = LocalPipeline(open_checkpoint(str(path)), (1, 3), CUDA, dtype)
     with torch.inference_mode():
         got = pipeline.forward(ids, torch.arange(len(PROMPT)), pipeline.new_caches(12))

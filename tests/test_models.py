@@ -8,7 +8,7 @@ import torch
 from node.engine import LocalPipeline, generate
 from node.sampling import SamplingParams
 from node.weights import open_checkpoint
-from tests.conftest import FAMILIES, hf_model
+from tests.conftest import FAMILIES, hf_greedy, hf_model
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7, 9, 61, 88, 13, 200]
 ATOL = 1e-4
@@ -36,16 +36,7 @@ def test_logits_match_transformers_at_every_split(tiny_models, family):  # noqa:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_match_transformers_generate_at_every_split(tiny_models, family):  # noqa: ANN001
     path = tiny_models[family]
-    model = hf_model(path)
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=20,
-            do_sample=False,
-        )
-    expected = out[0, len(PROMPT) :].tolist()
+    expected = hf_greedy(hf_model(path), PROMPT, 20)
     ckpt = open_checkpoint(str(path))
     for splits in [(), *[(s,) for s in range(1, ckpt.n_layers)]]:
         forward = LocalPipeline(ckpt, splits).session(len(PROMPT) + 20)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from node.tokenizer import TextStream, Tokenizer
 from node.weights import open_checkpoint
-from tests.conftest import hf_model, make_model, run_cli
+from tests.conftest import hf_greedy, hf_model, make_model, run_cli
 
 TEXTS = ["Hello world", "Numbers 12345, 3.14!\n\n\tok", "naïve café 日本語 🤖", "it's <|im_end|>"]
 
@@ -56,15 +55,8 @@ def test_hf_directory_model_through_cli_equals_transformers(llama_with_tokenizer
     from transformers import AutoTokenizer
 
     prompt = "The quick brown fox"
-    ids = torch.tensor([AutoTokenizer.from_pretrained(llama_with_tokenizer)(prompt)["input_ids"]])
-    with torch.inference_mode():
-        expected = (
-            hf_model(llama_with_tokenizer)
-            .generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)[
-                0, ids.shape[1] :
-            ]
-            .tolist()
-        )
+    ids = AutoTokenizer.from_pretrained(llama_with_tokenizer)(prompt)["input_ids"]
+    expected = hf_greedy(hf_model(llama_with_tokenizer), ids, 10)
     proc = run_cli(
         "generate",
         "--local",
