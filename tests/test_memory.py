@@ -5,34 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_model
 
-# Peak RSS from /proc, reset once the checkpoint is open, so it counts the load alone
-# (ru_maxrss would also hold the pytest parent's peak, inherited over exec).
-MEASURE = """
-import json, sys, torch
-from node.weights import load_stage, open_checkpoint
-def kib(field):
-    status = open("/proc/self/status").read()
-    return int(status.split(field + ":")[1].split()[0])
-ckpt = open_checkpoint(sys.argv[1] or None)
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-before = kib("VmRSS")
-start, end = (int(x) for x in sys.argv[2].split(":"))
-stage = load_stage(ckpt, start, end, torch.device("cpu"), torch.float32)
-sum(float(p.sum()) for p in stage.parameters())  # page in weights that may be file-mapped
-print(json.dumps(kib("VmHWM") - before))
-"""
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "engine_bench.py"
 
 
 def peak_growth_kib(model: str, layers: str) -> int:
+    """The benchmark's own measurement, in a fresh process: peak RSS growth while loading."""
+    cmd = [sys.executable, str(BENCH), "--child", "rss", "--layers", layers]
     out = subprocess.run(
-        [sys.executable, "-c", MEASURE, model, layers], capture_output=True, text=True, check=True
+        cmd + (["--model", model] if model else []), capture_output=True, text=True, check=True
     )
-    return json.loads(out.stdout)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["load_peak_growth_mib"] * 1024)
 
 
 @pytest.fixture(scope="module")
