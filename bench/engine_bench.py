@@ -55,8 +55,8 @@ def ours(model: str | None, tokens: int, device: torch.device, dtype: torch.dtyp
     runs = []
     for _ in range(RUNS_PER_PROCESS):
         timings = Timings()
-        forward = pipeline.session(len(prompt) + tokens)
-        out = list(generate(forward, prompt, tokens, SamplingParams(), frozenset(), timings))
+        step = pipeline.session(len(prompt) + tokens, SamplingParams())
+        out = list(generate(step, prompt, tokens, SamplingParams(), frozenset(), timings))
         runs.append(_result(len(prompt), timings, out))
     return runs[1:]  # the first run warms up allocator and kernels
 

@@ -127,8 +127,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stream = TextStream(tokenizer)
     tokens: list[int] = []
     pieces: list[str] = []
-    forward = pipeline.session(capacity)
-    for token in generate(forward, prompt, max_tokens, params, tokenizer.stop_ids, timings):
+    step = pipeline.session(capacity, params)
+    for token in generate(step, prompt, max_tokens, params, tokenizer.stop_ids, timings):
         tokens.append(token)
         if token in tokenizer.stop_ids:
             break

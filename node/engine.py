@@ -10,14 +10,14 @@ import torch
 
 from node.errors import RinginferError
 from node.kv_cache import KVCache
-from node.sampling import SamplingParams, sample
+from node.sampling import Candidates, SamplingParams, candidates, pick
 from node.weights import Checkpoint, Progress, load_stage
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# forward(token ids [1, T], positions [T]) -> logits of the last position [vocab]
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# step(token ids [1, T], positions [T]) -> what to sample the next token from
+Step = Callable[[torch.Tensor, torch.Tensor], Candidates]
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,15 +99,15 @@ class LocalPipeline:
             x = stage(x, positions, cache, last_only)
         return x
 
-    def session(self, capacity: int) -> Forward:
-        """A forward function bound to fresh caches: what one request decodes with."""
+    def session(self, capacity: int, params: SamplingParams) -> Step:
+        """A step function bound to fresh caches: what one request decodes with."""
         caches = self.new_caches(capacity)
 
         @torch.inference_mode()
-        def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return self.forward(ids, positions, caches, last_only=True)[0, -1]
+        def step(ids: torch.Tensor, positions: torch.Tensor) -> Candidates:
+            return candidates(self.forward(ids, positions, caches, last_only=True)[0, -1], params)
 
-        return forward
+        return step
 
 
 def fit_request(prompt_tokens: int, max_tokens: int, context: int) -> tuple[int, int]:
@@ -150,27 +150,49 @@ class Timings:
         return 1.0 / self.tpot_s if self.tpot_s else 0.0
 
 
+class TokenLoop:
+    """The requester's side of generation, shared by the local engine and the ring.
+
+    `ids` / `positions` are what to feed next: the whole prompt once, then one position per
+    step. `take` samples a token from what came back; a stop token is taken (as transformers'
+    generate returns it) and ends the loop.
+    """
+
+    def __init__(
+        self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: frozenset[int]
+    ) -> None:
+        self.params, self.stop_ids, self.max_tokens = params, stop_ids, max_tokens
+        self.generator = params.generator()
+        self.ids = torch.tensor([prompt])
+        self.positions = torch.arange(len(prompt))
+        self.tokens: list[int] = []
+        self.done = False
+
+    def take(self, cands: Candidates) -> int:
+        token = pick(cands, self.params, self.generator)
+        self.tokens.append(token)
+        self.done = token in self.stop_ids or len(self.tokens) >= self.max_tokens
+        self.ids = torch.tensor([[token]])
+        self.positions = self.positions[-1:] + 1
+        return token
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.tokens and self.tokens[-1] in self.stop_ids else "length"
+
+
 def generate(
-    forward: Forward,
+    step: Step,
     prompt: list[int],
     max_tokens: int,
     params: SamplingParams,
     stop_ids: frozenset[int],
     timings: Timings | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids: the prompt is sent once, then one position per step.
-
-    A stop token is yielded (as transformers' generate returns it) and ends the loop.
-    """
-    generator = params.generator()
-    ids = torch.tensor([prompt])
-    positions = torch.arange(len(prompt))
-    for _ in range(max_tokens):
-        token = sample(forward(ids, positions), params, generator)
+    """Yield generated token ids, each as soon as it is sampled."""
+    loop = TokenLoop(prompt, max_tokens, params, stop_ids)
+    while not loop.done:
+        token = loop.take(step(loop.ids, loop.positions))
         if timings is not None:
             timings.mark()
         yield token
-        if token in stop_ids:
-            return
-        ids = torch.tensor([[token]])
-        positions = positions[-1:] + 1

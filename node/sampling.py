@@ -40,25 +40,50 @@ class SamplingParams:
         return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """The next token id from one position's logits [vocab].
+@dataclass(frozen=True)
+class Candidates:
+    """What the last stage hands back to sample from: scaled logits of the tokens still in
+    the running (`ids`, or the whole vocabulary in order when `ids` is None)."""
 
-    Greedy takes the argmax. Otherwise the logits are divided by the temperature, cut to the
+    logits: torch.Tensor  # float32 [n]
+    ids: torch.Tensor | None = None  # int64 [n]
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams) -> Candidates:
+    """Cut one position's logits [vocab] to the tokens `params` can still draw.
+
+    Greedy keeps the argmax. Otherwise the logits are divided by the temperature, cut to the
     top-k, then to the smallest set whose probability reaches top-p (always keeping the most
-    likely token), and one token is drawn with `generator`.
+    likely token). Deterministic: it runs on the last stage, and only the survivors travel.
     """
     logits = logits.float().cpu()
     if params.greedy:
-        return int(torch.argmax(logits))
+        best = torch.argmax(logits)
+        return Candidates(logits[best].reshape(1), best.reshape(1))
     logits = logits / params.temperature
+    if not params.top_k and params.top_p >= 1.0:
+        return Candidates(logits)
     if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, ids = torch.topk(logits, params.top_k)
+    else:
+        values, ids = torch.sort(logits, descending=True)
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
-        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = torch.softmax(values, dim=-1)
+        keep = int(((probs.cumsum(dim=-1) - probs) < params.top_p).sum())
+        values, ids = values[:keep], ids[:keep]
+    return Candidates(values, ids)
+
+
+def pick(cands: Candidates, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Draw the next token id from candidates: where the requester's random stream lives."""
+    if cands.logits.numel() == 1 or params.greedy:
+        index = int(torch.argmax(cands.logits))
+    else:
+        probs = torch.softmax(cands.logits, dim=-1)
+        index = int(torch.multinomial(probs, 1, generator=generator))
+    return index if cands.ids is None else int(cands.ids[index])
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The next token id from one position's logits [vocab]: `candidates`, then `pick`."""
+    return pick(candidates(logits, params), params, generator)

@@ -31,5 +31,6 @@ def test_cuda_logits_and_greedy_match_transformers(tiny_models, family, dtype): 
     tolerance = 1e-3 if dtype == torch.float32 else 0.03 * expected.abs().max().item()
     torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=0)
     if dtype == torch.float32:  # half-precision greedy paths may part at near-ties
-        tokens = list(generate(pipeline.session(24), PROMPT, 12, SamplingParams(), frozenset()))
+        greedy = SamplingParams()
+        tokens = list(generate(pipeline.session(24, greedy), PROMPT, 12, greedy, frozenset()))
         assert tokens == expected_tokens

@@ -39,8 +39,8 @@ def test_greedy_tokens_match_transformers_generate_at_every_split(tiny_models, f
     expected = hf_greedy(hf_model(path), PROMPT, 20)
     ckpt = open_checkpoint(str(path))
     for splits in [(), *[(s,) for s in range(1, ckpt.n_layers)]]:
-        forward = LocalPipeline(ckpt, splits).session(len(PROMPT) + 20)
-        got = list(generate(forward, PROMPT, 20, SamplingParams(), frozenset()))
+        step = LocalPipeline(ckpt, splits).session(len(PROMPT) + 20, SamplingParams())
+        got = list(generate(step, PROMPT, 20, SamplingParams(), frozenset()))
         assert got == expected, f"splits {splits}"
 
 
