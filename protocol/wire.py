@@ -1,0 +1,246 @@
+"""ringinfer's wire format: one JSON header frame, then one raw frame per tensor. No pickle.
+
+The header says what the message is (type, protocol version, request id, plan epoch, step,
+positions) and what each tensor frame holds (dtype, shape); `decode` checks all of it against
+the frames before anything else looks at them. The codec is pure: sockets live elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the codec needs torch only to turn frames into tensors
+    import torch
+
+VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 4
+MAX_DIMS = 4
+DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
+ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Kind(str, Enum):
+    """Message types. Peers: membership, plans and the ring; clients: generate and status."""
+
+    HELLO = "hello"  # peer -> peer, every heartbeat: who I am, what I know
+    BYE = "bye"  # peer -> peers: leaving cleanly
+    PLAN = "plan"  # coordinator -> members: a plan and the phase it is in
+    PLAN_ACK = "plan_ack"  # member -> coordinator: phase reached
+    FORWARD = "forward"  # into a stage: token ids or hidden states
+    RESULT = "result"  # last stage -> requester: sampling candidates
+    END = "end"  # requester -> stages: free the request's caches
+    ERROR = "error"  # anyone -> anyone: what went wrong, for which request
+    GENERATE = "generate"  # client -> daemon
+    ACCEPTED = "accepted"  # daemon -> client: request id and plan
+    TOKEN = "token"  # daemon -> client: one token and its text
+    DONE = "done"  # daemon -> client: the result object
+    STATUS = "status"  # client -> daemon
+    STATUS_REPLY = "status_reply"  # daemon -> client
+
+
+# Body fields each type must carry, with their JSON types. Extra fields are allowed, so a
+# newer peer may add some without a version bump; missing or mistyped ones are refused.
+_INT = (int,)
+_STR = (str,)
+_DICT = (dict,)
+_LIST = (list,)
+_NUM = (int, float)
+BODY_FIELDS: dict[Kind, dict[str, tuple[type, ...]]] = {
+    Kind.HELLO: {
+        "id": _STR,
+        "name": _STR,
+        "port": _INT,
+        "model": _STR,
+        "fingerprint": _STR,
+        "memory": _INT,
+        "state": _STR,
+        "members": _LIST,
+    },
+    Kind.BYE: {"id": _STR},
+    Kind.PLAN: {"plan": _DICT, "phase": _STR},
+    Kind.PLAN_ACK: {"id": _STR, "phase": _STR},
+    Kind.FORWARD: {"requester": _STR},
+    Kind.RESULT: {},
+    Kind.END: {},
+    Kind.ERROR: {"code": _STR, "message": _STR},
+    Kind.GENERATE: {"prompt": _STR, "max_tokens": _INT, "sampling": _DICT},
+    Kind.ACCEPTED: {"plan": _LIST, "prompt_tokens": _INT},
+    Kind.TOKEN: {"token": _INT, "text": _STR},
+    Kind.DONE: {"result": _DICT},
+    Kind.STATUS: {},
+    Kind.STATUS_REPLY: {"status": _DICT},
+}
+
+
+class ProtocolError(Exception):
+    """A message that must not be used; `code` is machine-readable, the text is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return ITEM_SIZES[self.dtype] * math.prod(self.shape)
+
+
+@dataclass
+class Message:
+    kind: Kind
+    req: str = ""
+    epoch: int = 0
+    step: int = 0
+    start: int = 0  # first position the tensors cover
+    count: int = 0  # positions they cover
+    body: dict[str, Any] = field(default_factory=dict)
+    specs: list[TensorSpec] = field(default_factory=list)
+    frames: list[bytes] = field(default_factory=list)
+
+    def tensor(self, i: int = 0) -> torch.Tensor:
+        import torch
+
+        spec = self.specs[i]
+        dtype = getattr(torch, spec.dtype)
+        if not spec.nbytes:
+            return torch.empty(spec.shape, dtype=dtype)
+        data = bytearray(self.frames[i])  # writable and owned, as torch.frombuffer wants
+        return torch.frombuffer(data, dtype=dtype).reshape(spec.shape)
+
+
+def message(kind: Kind, tensors: tuple[torch.Tensor, ...] = (), **fields: Any) -> Message:
+    """A message carrying `tensors` as raw frames (contiguous, little-endian as in memory)."""
+    import torch
+
+    msg = Message(kind, **fields)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in ITEM_SIZES:
+            raise ValueError(f"dtype {dtype} does not go on the wire")
+        msg.specs.append(TensorSpec(dtype, tuple(t.shape)))
+        msg.frames.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return msg
+
+
+def encode(msg: Message) -> list[bytes]:
+    header = {
+        "v": VERSION,
+        "type": msg.kind.value,
+        "req": msg.req,
+        "epoch": msg.epoch,
+        "step": msg.step,
+        "pos": [msg.start, msg.count],
+        "tensors": [{"dtype": s.dtype, "shape": list(s.shape)} for s in msg.specs],
+        "body": msg.body,
+    }
+    return [json.dumps(header, separators=(",", ":")).encode(), *msg.frames]
+
+
+def _int(value: Any, what: str, low: int = 0) -> int:
+    if type(value) is not int or value < low:
+        raise ProtocolError("malformed", f"{what} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def decode(frames: list[bytes], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Message:
+    """A validated message from ZeroMQ frames, or ProtocolError saying what is wrong."""
+    if not frames or len(frames) > 1 + MAX_TENSORS:
+        raise ProtocolError(
+            "malformed", f"expected 1 to {1 + MAX_TENSORS} frames, got {len(frames)}"
+        )
+    if len(frames[0]) > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            "too-large", f"header of {len(frames[0])} bytes (limit {MAX_HEADER_BYTES})"
+        )
+    try:
+        header = json.loads(frames[0])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProtocolError("malformed", "the header frame is not JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("malformed", "the header is not a JSON object")
+    version = header.get("v")
+    if version != VERSION:
+        raise ProtocolError(
+            "version", f"protocol version {version!r} received; this node speaks {VERSION}"
+        )
+    try:
+        kind = Kind(header.get("type"))
+    except ValueError:
+        raise ProtocolError(
+            "unknown-type", f"unknown message type {header.get('type')!r}"
+        ) from None
+    req = header.get("req", "")
+    if not isinstance(req, str) or len(req) > 64:
+        raise ProtocolError("malformed", "request id must be a string of at most 64 characters")
+    pos = header.get("pos", [0, 0])
+    if not isinstance(pos, list) or len(pos) != 2:
+        raise ProtocolError("malformed", "pos must be [start, count]")
+    body = header.get("body", {})
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", "body must be a JSON object")
+    for name, types in BODY_FIELDS[kind].items():
+        if type(body.get(name)) not in types:
+            raise ProtocolError(
+                "bad-body", f"{kind.value} needs '{name}' of type {types[0].__name__}"
+            )
+    specs = _specs(header.get("tensors", []), frames[1:], max_tensor_bytes)
+    return Message(
+        kind,
+        req=req,
+        epoch=_int(header.get("epoch", 0), "epoch"),
+        step=_int(header.get("step", 0), "step"),
+        start=_int(pos[0], "pos start"),
+        count=_int(pos[1], "pos count"),
+        body=body,
+        specs=specs,
+        frames=list(frames[1:]),
+    )
+
+
+def _specs(raw: Any, frames: list[bytes], max_bytes: int) -> list[TensorSpec]:
+    if not isinstance(raw, list) or len(raw) != len(frames):
+        raise ProtocolError(
+            "bad-tensor", f"header describes {_len(raw)} tensors, {len(frames)} sent"
+        )
+    specs = []
+    for i, (item, frame) in enumerate(zip(raw, frames, strict=True)):
+        if not isinstance(item, dict) or item.get("dtype") not in ITEM_SIZES:
+            raise ProtocolError(
+                "bad-tensor", f"tensor {i}: dtype must be one of {list(ITEM_SIZES)}"
+            )
+        shape = item.get("shape")
+        if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS:
+            raise ProtocolError("bad-tensor", f"tensor {i}: shape must list 1 to {MAX_DIMS} sizes")
+        spec = TensorSpec(item["dtype"], tuple(_int(d, f"tensor {i} size") for d in shape))
+        if spec.nbytes > max_bytes:
+            raise ProtocolError(
+                "too-large", f"tensor {i} of {spec.nbytes} bytes (limit {max_bytes})"
+            )
+        if len(frame) != spec.nbytes:
+            raise ProtocolError(
+                "bad-tensor",
+                f"tensor {i}: {spec.dtype}{list(spec.shape)} needs {spec.nbytes} bytes, "
+                f"frame has {len(frame)}",
+            )
+        specs.append(spec)
+    return specs
+
+
+def _len(value: Any) -> int | str:
+    return len(value) if isinstance(value, list) else "no"
+
+
+def error(code: str, text: str, req: str = "", epoch: int = 0) -> Message:
+    return Message(Kind.ERROR, req=req, epoch=epoch, body={"code": code, "message": text})
