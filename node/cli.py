@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from node import __version__
+from node.client import DEFAULT_PORT, Client, parse_address
 from node.errors import RinginferError
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
@@ -42,26 +46,78 @@ def _positive(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    """Bytes from 512M, 2G, 1.5T or a plain number."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 4G, got '{text}'")
+    return int(value)
+
+
+def _layers(text: str) -> tuple[int, int]:
+    start, _, end = text.partition(":")
+    if not (start.isdigit() and end.isdigit() and int(start) < int(end)):
+        raise argparse.ArgumentTypeError(f"expected START:END with START < END, got '{text}'")
+    return int(start), int(end)
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=_positive, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF directory, .gguf file or hub id (default: SmolLM2)")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", help="auto (default), float32, bfloat16 or float16")
+    parser.add_argument("--threads", type=_positive, help="CPU threads for torch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ringinfer", description="Run one LLM across machines on a LAN.")
     parser.add_argument("--version", action="version", version=f"ringinfer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    node_help = f"daemon to talk to (default 127.0.0.1:{DEFAULT_PORT})"
 
     gen = commands.add_parser("generate", help="generate a continuation of PROMPT")
     gen.add_argument("prompt")
+    gen.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
     gen.add_argument("--local", action="store_true", help="run in this process, no daemon")
-    gen.add_argument("--model", help="HF directory, .gguf file or hub id (default: SmolLM2)")
-    gen.add_argument("--split", type=_split_points, default=[], help="stage cuts, e.g. 10,20")
-    gen.add_argument("--max-tokens", type=_positive, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = no limit")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    gen.add_argument("--threads", type=_positive, help="CPU threads for torch")
+    gen.add_argument("--split", type=_split_points, help="with --local: stage cuts, e.g. 10,20")
+    _sampling_flags(gen)
+    _engine_flags(gen)
+    gen.add_argument("--wait", type=float, default=600, help="seconds to wait for a live plan")
+    gen.add_argument("--timeout", type=float, default=300, help="seconds to wait for a token")
+
+    daemon = commands.add_parser("daemon", help="serve a slice of the model to the cluster")
+    daemon.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    daemon.add_argument("--port", type=_positive, default=DEFAULT_PORT)
+    daemon.add_argument("--name", default=socket.gethostname(), help="shown in status")
+    daemon.add_argument("--peer", action="append", default=[], help="HOST:PORT of a member")
+    _engine_flags(daemon)
+    daemon.add_argument("--data-dir", type=Path, help="node id and state (default ~/.ringinfer)")
+    daemon.add_argument("--layers", type=_layers, help="pin this node's layers, START:END")
+    daemon.add_argument(
+        "--wire-dtype", default="auto", help="activations between stages: auto, float32, "
+        "float16, bfloat16 (auto: float16, or bfloat16 when computing in bfloat16)",
+    )  # fmt: skip
+    daemon.add_argument("--max-memory", type=_size, help="memory to offer for weights, e.g. 4G")
+    daemon.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
+
+    status = commands.add_parser("status", help="the cluster as one daemon sees it")
+    status.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--wait", type=float, default=0, help="seconds to wait for a live plan")
     return parser
 
 
@@ -99,29 +155,45 @@ class Status:
 STATUS = Status()
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    if not args.local:
-        raise RinginferError(
-            "generating through a daemon is not available in this version; pass --local"
-        )
+def _engine(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(device, dtype) from the engine flags, with torch threads set."""
     import torch
 
-    from node.engine import LocalPipeline, Timings, fit_request, generate, pick_device, pick_dtype
+    from node.engine import pick_device, pick_dtype
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device or "auto")
+    return device, pick_dtype(args.dtype or "auto", device)
+
+
+def _print_result(args: argparse.Namespace, result: dict) -> None:
+    if args.json:
+        print(json.dumps(result))
+    else:
+        sys.stdout.write("\n")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return generate_local(args) if args.local else generate_remote(args)
+
+
+def generate_local(args: argparse.Namespace) -> int:
+
+    from node.engine import LocalPipeline, Timings, fit_request, generate
     from node.sampling import SamplingParams
     from node.tokenizer import TextStream
     from node.weights import open_checkpoint
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device, dtype = _engine(args)
     STATUS.live(f"opening {args.model or 'the default model'} ...")
     ckpt = open_checkpoint(args.model)
     tokenizer = ckpt.tokenizer()
     prompt = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
     capacity, max_tokens = fit_request(len(prompt), args.max_tokens, ckpt.config.max_seq_len)
-    pipeline = LocalPipeline(ckpt, args.split, device, dtype, STATUS.loading(ckpt.name))
+    splits = args.split or []
+    pipeline = LocalPipeline(ckpt, splits, device, dtype, STATUS.loading(ckpt.name))
 
     timings = Timings()
     stream = TextStream(tokenizer)
@@ -138,21 +210,144 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     text = "".join(pieces)
-    if args.json:
-        result = {
-            "text": text,
-            "tokens": tokens,
-            "prompt_tokens": len(prompt),
-            "model": ckpt.name,
-            "finish_reason": "stop" if tokens and tokens[-1] in tokenizer.stop_ids else "length",
-            "ttft_s": round(timings.ttft_s, 6),
-            "tpot_s": round(timings.tpot_s, 6),
-            "decode_tokens_per_s": round(timings.decode_tokens_per_s, 3),
-        }
-        print(json.dumps(result))
-    else:
-        sys.stdout.write("\n")
+    result = {
+        "text": text,
+        "tokens": tokens,
+        "prompt_tokens": len(prompt),
+        "model": ckpt.name,
+        "finish_reason": "stop" if tokens and tokens[-1] in tokenizer.stop_ids else "length",
+        "ttft_s": round(timings.ttft_s, 6),
+        "tpot_s": round(timings.tpot_s, 6),
+        "decode_tokens_per_s": round(timings.decode_tokens_per_s, 3),
+    }
+    _print_result(args, result)
     return 0
+
+
+LOCAL_ONLY = ("model", "split", "device", "dtype", "threads")
+
+
+def generate_remote(args: argparse.Namespace) -> int:
+    """Through a daemon: it tokenizes, drives the ring and streams tokens back."""
+    given = [f"--{f}" for f in LOCAL_ONLY if getattr(args, f) is not None]
+    if given:
+        raise RinginferError(
+            f"{', '.join(given)} apply to --local; daemons run the model and devices they were "
+            "started with (see `ringinfer daemon --help`)"
+        )
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    from node.sampling import SamplingParams
+
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # one-line errors here
+    with Client(parse_address(args.node)) as client:
+        _wait_for_plan(client, args.wait)
+        replies = client.generate(
+            args.timeout, prompt=args.prompt, max_tokens=args.max_tokens, sampling=sampling,
+            chat=args.chat,
+        )  # fmt: skip
+        for msg in replies:
+            if msg.kind.value == "token" and not args.json:
+                sys.stdout.write(msg.body["text"])
+                sys.stdout.flush()
+            elif msg.kind.value == "done":
+                _print_result(args, msg.body["result"])
+    return 0
+
+
+def _wait_for_plan(client: Client, wait_s: float) -> dict:
+    """The daemon's status once its plan is live, showing who is loading meanwhile."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        status = client.status()
+        if status["live"]:
+            STATUS.live("")
+            return status
+        states = ", ".join(f"{n['name']} {n['state']}" for n in status["nodes"])
+        if time.monotonic() >= deadline:
+            why = status["plan_error"] or f"nodes: {states}"
+            raise RinginferError(f"the cluster has no live plan after {wait_s:.0f}s ({why})")
+        STATUS.live(f"waiting for the cluster's plan: {states}")
+        time.sleep(0.3)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(parse_address(args.node)) as client:
+        status = _wait_for_plan(client, args.wait) if args.wait else client.status()
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    plan = f"plan epoch {status['epoch']}" if status["live"] else "no live plan"
+    if status["plan_error"]:
+        plan += f" ({status['plan_error']})"
+    print(f"model {status['model']} · {plan} · {status['stats']['requests_in_flight']} "
+          "request(s) in flight here")  # fmt: skip
+    rows = [("NAME", "ID", "ADDRESS", "LAYERS", "STATE", "REQUESTS")]
+    for n in status["nodes"]:
+        layers = f"{n['layers'][0]}-{n['layers'][1]}" if n["layers"] else "-"
+        here = " *" if n["id"] == status["node"] else ""
+        row = (n["name"] + here, n["id"], n["address"], layers, n["state"], str(n["requests"]))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    # Idle daemons must not spin OpenMP threads on cores the next stage needs.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import asyncio
+
+    from node import data_dir
+    from node.daemon import Daemon, DaemonConfig
+    from node.engine import available_memory
+    from node.weights import open_checkpoint
+    from protocol.wire import ACTIVATION_DTYPES
+
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )  # fmt: skip
+    node_id, lock = data_dir.claim(args.data_dir or data_dir.DEFAULT)
+    device, dtype = _engine(args)
+    wire = args.wire_dtype
+    if wire == "auto":
+        wire = "bfloat16" if str(dtype) == "torch.bfloat16" else "float16"
+    if wire not in ACTIVATION_DTYPES:
+        raise RinginferError(
+            f"unknown wire dtype '{wire}' (use auto, {', '.join(ACTIVATION_DTYPES)})"
+        )
+    peers = [_resolve(parse_address(p)) for p in args.peer]
+    logging.info("opening %s ...", args.model or "the default model")
+    ckpt = open_checkpoint(args.model)
+    tokenizer = ckpt.tokenizer()
+    config = DaemonConfig(
+        host=args.host, port=args.port, name=args.name, peers=peers, device=device, dtype=dtype,
+        wire_dtype=wire, memory=args.max_memory or available_memory(device), pin=args.layers,
+        request_timeout_s=args.request_timeout, threads=args.threads,
+    )  # fmt: skip
+    if args.layers and args.layers[1] > ckpt.n_layers:
+        raise RinginferError(
+            f"--layers {args.layers[0]}:{args.layers[1]} is outside 0:{ckpt.n_layers}"
+        )
+
+    async def serve() -> None:
+        await Daemon(config, node_id, ckpt, tokenizer).run()
+
+    asyncio.run(serve())
+    lock.close()
+    return 0
+
+
+def _resolve(address: str) -> str:
+    """HOST:PORT with HOST as an IP address, so one peer is never two links."""
+    host, _, port = address.rpartition(":")
+    try:
+        return f"{socket.gethostbyname(host)}:{port}"
+    except OSError:
+        raise RinginferError(f"cannot resolve peer host '{host}'") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
-        return {"generate": cmd_generate}[args.command](args)
+        commands = {"generate": cmd_generate, "daemon": cmd_daemon, "status": cmd_status}
+        return commands[args.command](args)
     except RinginferError as e:
         STATUS.line(f"ringinfer: error: {e}")
         return EXIT_USAGE

@@ -1,0 +1,70 @@
+"""Talking to a daemon from the command line: requests, streamed replies, one-line errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import zmq
+
+from node.errors import RinginferError
+from protocol.wire import Kind, Message, ProtocolError, decode, encode, message
+
+DEFAULT_PORT = 7710
+
+
+class Client:
+    """A DEALER connected to one daemon. Replies that are errors raise RinginferError."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://{address}")
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, kind: Kind, **body: object) -> None:
+        self.sock.send_multipart(encode(message(kind, body=dict(body))))
+
+    def receive(self, timeout_s: float, waiting_for: str) -> Message:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise RinginferError(
+                f"no answer from the daemon at {self.address} for {timeout_s:.0f}s while waiting "
+                f"for {waiting_for} (is `ringinfer daemon` running there?)"
+            )
+        try:
+            msg = decode(self.sock.recv_multipart())
+        except ProtocolError as e:
+            raise RinginferError(f"the daemon at {self.address} sent a bad reply: {e}") from None
+        if msg.kind == Kind.ERROR:
+            raise RinginferError(f"{msg.body['message']} [{msg.body['code']}]")
+        return msg
+
+    def status(self, timeout_s: float = 5.0) -> dict:
+        self.send(Kind.STATUS)
+        return self.receive(timeout_s, "its status").body["status"]
+
+    def generate(self, timeout_s: float, **body: object) -> Iterator[Message]:
+        """ACCEPTED, then TOKENs, then DONE; `timeout_s` bounds each wait."""
+        self.send(Kind.GENERATE, **body)
+        while True:
+            msg = self.receive(timeout_s, "the next token")
+            yield msg
+            if msg.kind == Kind.DONE:
+                return
+
+
+def parse_address(text: str) -> str:
+    """HOST:PORT, or HOST alone for the default port."""
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", str(DEFAULT_PORT))
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RinginferError(f"expected HOST:PORT, got '{text}'")
+    return f"{host}:{port}"

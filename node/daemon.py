@@ -1,0 +1,812 @@
+"""`ringinfer daemon`: the asyncio process that serves a slice of the model and the clients.
+
+One ROUTER socket takes everything in (peers' DEALERs and local clients); one DEALER per
+peer sends out. Decisions live in pure modules (planner, sampling, wire codec); this file
+moves messages between them, and runs model compute on one worker thread so the event loop
+keeps answering status, heartbeats and new connections during a long prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+import zmq.asyncio
+
+from node import __version__
+from node.engine import Timings, TokenLoop, fit_request
+from node.errors import RinginferError
+from node.membership import Member, Members
+from node.planner import NodeSpec, Plan, make_plan
+from node.sampling import Candidates, SamplingParams
+from node.shard import Shard, model_shape
+from node.tokenizer import TextStream, Tokenizer
+from node.weights import Checkpoint
+from protocol.wire import (
+    Kind,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    error,
+    message,
+)
+
+log = logging.getLogger("ringinfer")
+
+HARD_MAX_MESSAGE = 1 << 30  # ZeroMQ drops the connection above this; below, we answer errors
+
+
+@dataclass
+class DaemonConfig:
+    host: str
+    port: int
+    name: str
+    peers: list[str]
+    device: torch.device
+    dtype: torch.dtype
+    wire_dtype: str  # activations between stages: float32, float16 or bfloat16
+    memory: int  # bytes offered to weights
+    pin: tuple[int, int] | None = None
+    heartbeat_s: float = 1.0
+    dead_after_s: float = 6.0
+    request_timeout_s: float = 120.0
+    plan_wait_s: float = 600.0
+    threads: int | None = None
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ClientGone(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    """A generation this node is the requester of."""
+
+    id: str
+    client: bytes  # ROUTER identity of the client
+    plan: Plan | None = None  # set once it runs on the ring
+    task: asyncio.Task | None = None
+    result: asyncio.Future | None = None  # the pending step's candidates
+    step: int = 0
+
+
+@dataclass
+class Stats:
+    errors: Counter = field(default_factory=Counter)
+    bytes_sent: Counter = field(default_factory=Counter)
+    messages_sent: Counter = field(default_factory=Counter)
+    compute_s: float = 0.0
+    steps: int = 0
+
+
+class Daemon:
+    def __init__(
+        self, cfg: DaemonConfig, node_id: str, ckpt: Checkpoint, tokenizer: Tokenizer
+    ) -> None:
+        self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
+        self.shape = model_shape(ckpt, cfg.dtype)
+        c = ckpt.config
+        self.fingerprint = f"{ckpt.name}|{c.n_layers}|{c.dim}|{c.vocab_size}"
+        self.max_tensor_bytes = max(c.max_seq_len * c.dim * 4, c.vocab_size * 12, 1 << 20)
+        self.members = Members()
+        self.stats = Stats()
+        self.ctx = zmq.asyncio.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+        self.router.setsockopt(zmq.LINGER, 0)
+        try:
+            self.router.bind(f"tcp://{cfg.host}:{cfg.port}")
+        except zmq.ZMQError as e:
+            self.ctx.destroy(linger=0)
+            raise RinginferError(
+                f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror} "
+                "(another daemon there? pass --port)"
+            ) from None
+        self.links: dict[str, zmq.asyncio.Socket] = {}
+        self.link_tasks: list[asyncio.Task] = []
+        self.compute = ThreadPoolExecutor(1, "compute", initializer=self._compute_thread_init)
+        self.shard: Shard | None = None
+        self.plan: Plan | None = None  # the live plan
+        self.live = asyncio.Event()
+        self.pending: Plan | None = None  # a proposal being prepared or loaded
+        self.seen_epoch = 0
+        self.plan_error = ""
+        self.planned_members: frozenset[tuple[str, Any]] = frozenset()
+        self.acks: dict[tuple[int, str], set[str]] = {}
+        self.ack_event = asyncio.Event()
+        self.replan = asyncio.Event()
+        self.requests: dict[str, Request] = {}
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.loading = ""
+        self.stopping = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.boot = uuid.uuid4().hex[:8]  # tells peers this process restarted
+        wildcard = cfg.host in ("0.0.0.0", "", "*")
+        self.address = f"{primary_address() if wildcard else cfg.host}:{cfg.port}"
+        self.handlers = {
+            Kind.HELLO: self.on_hello,
+            Kind.BYE: self.on_bye,
+            Kind.PLAN: self.on_plan,
+            Kind.PLAN_ACK: self.on_plan_ack,
+            Kind.FORWARD: self.on_forward,
+            Kind.RESULT: self.on_result,
+            Kind.END: self.on_end,
+            Kind.ERROR: self.on_error,
+            Kind.GENERATE: self.on_generate,
+            Kind.STATUS: self.on_status,
+        }
+
+    def _compute_thread_init(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        log.info(
+            "node %s (%s) listening on %s:%d, model %s, %d layers, %.0f MiB offered",
+            self.id, self.cfg.name, self.cfg.host, self.cfg.port, self.ckpt.name,
+            self.ckpt.n_layers, self.cfg.memory / 2**20,
+        )  # fmt: skip
+        background = [
+            self._spawn(self._receive(self.router, from_router=True)),
+            self._spawn(self._heartbeat()),
+            self._spawn(self._plan_loop()),
+            self._spawn(self._expire_requests()),
+        ]
+        self.replan.set()
+        await self.stopping.wait()
+        log.info("stopping: %d open request(s) get an error", len(self.requests))
+        for req in list(self.requests.values()):
+            if req.task:
+                req.task.cancel()
+        await asyncio.gather(
+            *(r.task for r in list(self.requests.values()) if r.task), return_exceptions=True
+        )
+        for m in self.members:
+            self._send_to(m.address, message(Kind.BYE, body={"id": self.id}))
+        await asyncio.sleep(0.1)  # let the BYEs and errors leave
+        for task in [*background, *self.link_tasks, *self.tasks]:
+            task.cancel()
+        await asyncio.gather(*background, *self.link_tasks, *self.tasks, return_exceptions=True)
+        self.compute.shutdown(wait=True, cancel_futures=True)
+        self.ctx.destroy(linger=0)
+        log.info("stopped")
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # ---------------------------------------------------------------- sockets
+
+    def _link(self, address: str) -> zmq.asyncio.Socket:
+        sock = self.links.get(address)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 200)
+            sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+            sock.connect(f"tcp://{address}")
+            self.links[address] = sock
+            # Replies on a link are errors about what we sent (a version mismatch, say).
+            self.link_tasks.append(asyncio.ensure_future(self._receive(sock, from_router=False)))
+        return sock
+
+    def _send_to(self, address: str, msg: Message) -> None:
+        frames = encode(msg)
+        try:
+            self._link(address).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            log.warning("could not send %s to %s: %s", msg.kind.value, address, e.strerror)
+            return
+        self.stats.messages_sent[msg.kind.value] += 1
+        self.stats.bytes_sent[msg.kind.value] += sum(len(f) for f in frames)
+
+    def _send_node(self, node_id: str, msg: Message) -> None:
+        """To a member by id; to ourselves without a socket."""
+        if node_id == self.id:
+            self._spawn(self._dispatch(b"", encode(msg), "self"))
+            return
+        member = self.members.by_id.get(node_id)
+        if member is None:
+            raise RequestFailed("node-gone", f"node {node_id} is no longer a member")
+        self._send_to(member.address, msg)
+
+    async def _reply(self, identity: bytes, msg: Message) -> None:
+        if not identity:
+            return
+        frames = encode(msg)
+        try:
+            await self.router.send_multipart([identity, *frames], copy=False)
+        except zmq.ZMQError as e:
+            if e.errno == errno.EHOSTUNREACH:
+                raise ClientGone from None
+            raise
+        self.stats.messages_sent[msg.kind.value] += 1
+        self.stats.bytes_sent[msg.kind.value] += sum(len(f) for f in frames)
+
+    async def _receive(self, sock: zmq.asyncio.Socket, from_router: bool) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            if from_router:
+                identity, frames = frames[0].bytes, frames[1:]
+            else:
+                identity = b""
+            try:
+                host = frames[0].get("Peer-Address") if frames else ""
+            except zmq.ZMQError:
+                host = ""
+            # Each message is its own task: a FORWARD waits for compute, and the socket must
+            # keep being read meanwhile (status, heartbeats, other requests).
+            self._spawn(self._dispatch(identity, [f.bytes for f in frames], host))
+
+    async def _dispatch(self, identity: bytes, frames: list[bytes], host: str) -> None:
+        """Decode, validate and handle one message; a bad one gets an error reply, never a crash."""
+        msg: Message | None = None
+        try:
+            msg = decode(frames, self.max_tensor_bytes)
+            handler = self.handlers.get(msg.kind)
+            if handler is None:
+                raise ProtocolError(
+                    "unexpected", f"{msg.kind.value} is sent by daemons, not to them"
+                )
+            await handler(identity, msg, host)
+        except ProtocolError as e:
+            self.stats.errors[e.code] += 1
+            what = msg.kind.value if msg else "frame"
+            log.warning("refused %s from %s: %s: %s", what, host or "self", e.code, e)
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await self._reply(identity, error(e.code, str(e), msg.req if msg else ""))
+            if msg and msg.kind == Kind.FORWARD:
+                self._fail_upstream(msg, e.code, str(e))
+        except ClientGone:
+            pass
+        except Exception as e:  # a bug must not take the daemon down with everyone's requests
+            self.stats.errors["internal"] += 1
+            log.exception("internal error handling %s", msg.kind.value if msg else "frame")
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await self._reply(identity, error("internal", f"{type(e).__name__}: {e}"))
+
+    # ---------------------------------------------------------------- membership
+
+    def _hello(self) -> Message:
+        pin = list(self.cfg.pin) if self.cfg.pin else None
+        members = [{"id": m.id, "address": m.address} for m in self.members]
+        body = {
+            "id": self.id, "name": self.cfg.name, "port": self.cfg.port,
+            "model": self.ckpt.name, "fingerprint": self.fingerprint, "memory": self.cfg.memory,
+            "state": self.state(), "members": members, "pin": pin,
+            "epoch": self.plan.epoch if self.plan else 0,
+            "requests": len(self.shard.requests) if self.shard else 0, "version": __version__,
+            "boot": self.boot,
+        }  # fmt: skip
+        return message(Kind.HELLO, body=body)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            hello = self._hello()
+            targets = {m.address for m in self.members} | set(self.cfg.peers)
+            for address in targets - {self.address}:
+                self._send_to(address, hello)
+            for m in self.members.expired(self.cfg.dead_after_s):
+                self._lost(m, f"silent for over {self.cfg.dead_after_s:.0f}s")
+            await asyncio.sleep(self.cfg.heartbeat_s)
+
+    async def on_hello(self, identity: bytes, msg: Message, host: str) -> None:
+        body = msg.body
+        if body["id"] == self.id:
+            return  # our own --peer address
+        if not host:
+            raise ProtocolError("malformed", "HELLO over a connection without an address")
+        member = Member.from_hello(body, host)
+        if self.members.update(member):
+            log.info(
+                "member %s (%s) at %s: %s", member.name, member.id, member.address, member.state
+            )
+            if member.fingerprint != self.fingerprint:
+                log.warning(
+                    "%s runs model %s, not ours: left out of plans", member.name, member.model
+                )
+            self._send_to(member.address, self._hello())
+            self.planned_members = (
+                frozenset()
+            )  # even the same ids: a restarted node lost its layers
+            self.replan.set()
+        known = {m.address for m in self.members} | {self.address}
+        for item in body["members"][:256]:
+            if not isinstance(item, dict) or not isinstance(item.get("address"), str):
+                continue
+            if item.get("id") != self.id and item["address"] not in known:
+                self._send_to(item["address"], self._hello())
+
+    async def on_bye(self, identity: bytes, msg: Message, host: str) -> None:
+        member = self.members.by_id.get(msg.body["id"])
+        if member:
+            self._lost(member, "left")
+
+    def _lost(self, member: Member, why: str) -> None:
+        self.members.remove(member.id)
+        log.info("member %s (%s) %s", member.name, member.id, why)
+        for req in list(self.requests.values()):
+            if member.id in req.plan.nodes and req.result and not req.result.done():
+                req.result.set_exception(
+                    RequestFailed("node-gone", f"node {member.name} {why} during the request")
+                )
+        if self.shard:
+            for rid, entry in list(self.shard.requests.items()):
+                if entry.requester == member.id:
+                    self.shard.close(rid)
+                    log.info("freed request %s: its requester %s", rid, why)
+        self.replan.set()
+
+    # ---------------------------------------------------------------- plans
+
+    def state(self) -> str:
+        if self.loading:
+            return self.loading
+        if self.pending:
+            return "replanning"
+        if self.plan is None:
+            return "waiting for a plan" if not self.plan_error else "no plan"
+        return "ready" if self.plan.stage_of(self.id) else "idle"
+
+    def _is_coordinator(self) -> bool:
+        return all(self.id < m.id for m in self.members.same_model(self.fingerprint))
+
+    def _candidates(self) -> list[NodeSpec]:
+        me = NodeSpec(self.id, self.cfg.memory, self.cfg.pin)
+        others = [
+            NodeSpec(m.id, m.memory, m.pin) for m in self.members.same_model(self.fingerprint)
+        ]
+        return [me, *others]
+
+    async def _plan_loop(self) -> None:
+        """On the coordinator (smallest id): a new plan epoch whenever membership changes."""
+        while True:
+            await self.replan.wait()
+            await asyncio.sleep(0.3)  # joins come in bursts: plan once for all of them
+            self.replan.clear()
+            if not self._is_coordinator():
+                continue
+            nodes = self._candidates()
+            key = frozenset((n.id, n.pin) for n in nodes)
+            if key == self.planned_members:
+                continue  # planned already (or failed: wait for the membership to change)
+            epoch = max([self.seen_epoch, *(m.epoch for m in self.members)]) + 1
+            try:
+                plan = make_plan(self.ckpt.name, epoch, self.shape, nodes)
+            except RinginferError as e:
+                if str(e) != self.plan_error:
+                    log.error("cannot plan: %s", e)
+                self.plan_error = str(e)
+                continue
+            self.plan_error = ""
+            self.planned_members = key
+            self._spawn(self._propose(plan, key))
+
+    async def _propose(self, plan: Plan, key: frozenset) -> None:
+        """Prepare (requesters drain), load, live: nobody swaps layers under a request."""
+        members = [n.id for n in self._candidates()]
+        ranges = ", ".join(f"{self._name(s.node)} {s.start}-{s.end}" for s in plan.stages)
+        log.info("proposing plan epoch %d: %s", plan.epoch, ranges)
+        for phase in ("prepare", "load"):
+            for node in members:
+                self._send_plan(node, plan, phase)
+            if not await self._acked(plan.epoch, phase, members):
+                log.info("plan epoch %d abandoned during %s %s", plan.epoch, phase, self.plan_error)
+                if self.planned_members == key and not self.acks.get((plan.epoch, "failed")):
+                    self.planned_members = frozenset()  # a member left: plan again
+                    self.replan.set()
+                return
+        for node in members:
+            self._send_plan(node, plan, "live")
+
+    def _send_plan(self, node: str, plan: Plan, phase: str) -> None:
+        body = {"plan": plan.to_json(), "phase": phase, "from": self.id}
+        with contextlib.suppress(RequestFailed):
+            self._send_node(node, message(Kind.PLAN, epoch=plan.epoch, body=body))
+
+    async def _acked(self, epoch: int, phase: str, members: list[str]) -> bool:
+        while True:
+            got = self.acks.get((epoch, phase), set())
+            if got >= set(members):
+                return True
+            gone = [n for n in members if n != self.id and n not in self.members.by_id]
+            failed = self.acks.get((epoch, "failed"))
+            if gone or failed or self.seen_epoch > epoch or self.stopping.is_set():
+                return False
+            self.ack_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ack_event.wait(), 1.0)
+
+    async def on_plan(self, identity: bytes, msg: Message, host: str) -> None:
+        try:
+            plan = Plan.from_json(msg.body["plan"], self.ckpt.n_layers)
+        except RinginferError as e:
+            raise ProtocolError("bad-plan", str(e)) from None
+        phase, source = msg.body["phase"], str(msg.body.get("from", ""))
+        if plan.epoch < self.seen_epoch or (plan.epoch == self.seen_epoch and phase == "prepare"):
+            return  # superseded
+        if phase == "prepare":
+            self.seen_epoch, self.pending = plan.epoch, plan
+            self.live.clear()
+            self._spawn(self._prepare(plan, source))
+        elif phase == "load" and self.pending and self.pending.epoch == plan.epoch:
+            self._spawn(self._load(plan, source))
+        elif phase == "live" and self.pending and self.pending.epoch == plan.epoch:
+            self.plan, self.pending = plan, None
+            self.live.set()
+            mine = plan.stage_of(self.id)
+            role = f"layers {mine.start}-{mine.end}" if mine else "no layers"
+            log.info("plan epoch %d live: %s", plan.epoch, role)
+
+    async def _prepare(self, plan: Plan, source: str) -> None:
+        if self.requests:
+            log.info(
+                "plan epoch %d waits for %d request(s) to finish", plan.epoch, len(self.requests)
+            )
+        await self.drained.wait()
+        if self.pending is plan:
+            self._ack(source, plan.epoch, "prepare")
+
+    async def _load(self, plan: Plan, source: str) -> None:
+        self.plan = None
+        mine = plan.stage_of(self.id)
+        have = (self.shard.start, self.shard.end) if self.shard else None
+        if mine is None:
+            self.shard = None
+        elif have != (mine.start, mine.end):
+            self.shard = None
+            label = f"layers {mine.start}-{mine.end}"
+            began, last = time.monotonic(), [0.0]
+
+            def progress(done: int, total: int) -> None:
+                self.loading = f"loading {100 * done // total}%"
+                if time.monotonic() - last[0] > 1.0 or done == total:
+                    last[0] = time.monotonic()
+                    log.info("loading %s: %d/%d tensors", label, done, total)
+
+            cfg = self.cfg
+            try:
+                self.shard = await asyncio.get_running_loop().run_in_executor(
+                    self.compute,
+                    lambda: Shard(self.ckpt, mine.start, mine.end, cfg.device, cfg.dtype, progress),
+                )
+            except Exception as e:
+                log.error("could not load %s: %s", label, e)
+                self._ack(source, plan.epoch, "failed", f"{self.cfg.name} could not load: {e}")
+                return
+            finally:
+                self.loading = ""
+            log.info("loaded %s in %.1fs", label, time.monotonic() - began)
+        if self.pending and self.pending.epoch == plan.epoch:
+            self._ack(source, plan.epoch, "load")
+
+    def _ack(self, coordinator: str, epoch: int, phase: str, why: str = "") -> None:
+        body = {"id": self.id, "phase": phase, "error": why}
+        with contextlib.suppress(RequestFailed):
+            self._send_node(coordinator, message(Kind.PLAN_ACK, epoch=epoch, body=body))
+
+    async def on_plan_ack(self, identity: bytes, msg: Message, host: str) -> None:
+        self.acks.setdefault((msg.epoch, msg.body["phase"]), set()).add(msg.body["id"])
+        if msg.body["phase"] == "failed":
+            self.plan_error = str(msg.body.get("error", ""))[:500]
+        self.ack_event.set()
+
+    def _name(self, node_id: str) -> str:
+        if node_id == self.id:
+            return self.cfg.name
+        member = self.members.by_id.get(node_id)
+        return member.name if member else node_id
+
+    # ---------------------------------------------------------------- stage side
+
+    async def on_forward(self, identity: bytes, msg: Message, host: str) -> None:
+        plan, shard = self.plan, self.shard
+        if plan is None or msg.epoch != plan.epoch:
+            live = plan.epoch if plan else "none"
+            raise ProtocolError("wrong-epoch", f"epoch {msg.epoch} is not the live plan ({live})")
+        if shard is None or len(msg.specs) != 1:
+            raise ProtocolError("not-a-stage", "this node holds no layers in the live plan")
+        x = msg.tensor()
+        opened = False
+        if msg.step == 0:
+            self._open(shard, msg)
+            opened = True
+        try:
+            shard.check_input(msg.req, msg.start, msg.count, x)
+            began = time.perf_counter()
+            out = await asyncio.get_running_loop().run_in_executor(
+                self.compute, shard.forward, msg.req, msg.start, x
+            )
+        except ProtocolError:
+            if opened:
+                shard.close(msg.req)
+            raise
+        self.stats.compute_s += time.perf_counter() - began
+        self.stats.steps += 1
+        requester = msg.body["requester"]
+        if isinstance(out, Candidates):
+            tensors = (out.logits,) if out.ids is None else (out.logits, out.ids)
+            reply = message(Kind.RESULT, tensors, req=msg.req, epoch=msg.epoch, step=msg.step)
+            self._send_or_fail(requester, reply, msg)
+            return
+        wire = getattr(torch, self.cfg.wire_dtype)
+        sent = out.to(wire)
+        if wire != out.dtype and not bool(torch.isfinite(sent).all()):
+            sent = out.float()  # out of float16's range: this step goes at full precision
+        nxt = plan.next_node(self.id)
+        forward = message(
+            Kind.FORWARD, (sent,), req=msg.req, epoch=msg.epoch, step=msg.step,
+            start=msg.start, count=msg.count, body=msg.body,
+        )  # fmt: skip
+        self._send_or_fail(nxt, forward, msg)
+
+    def _open(self, shard: Shard, msg: Message) -> None:
+        body = msg.body
+        capacity, sampling = body.get("capacity"), body.get("sampling")
+        if type(capacity) is not int or not isinstance(sampling, dict):
+            raise ProtocolError("bad-body", "a request's first step needs capacity and sampling")
+        try:
+            params = SamplingParams(
+                float(sampling.get("temperature", 0.0)),
+                int(sampling.get("top_k", 0)),
+                float(sampling.get("top_p", 1.0)),
+            )
+        except (RinginferError, TypeError, ValueError) as e:
+            raise ProtocolError("bad-body", f"sampling: {e}") from None
+        shard.open(msg.req, capacity, body["requester"], params, msg.epoch)
+
+    def _send_or_fail(self, node: str | None, out: Message, msg: Message) -> None:
+        try:
+            if node is None:
+                raise RequestFailed("node-gone", "the plan has no next stage")
+            self._send_node(node, out)
+        except RequestFailed as e:
+            self._fail_upstream(msg, e.code, str(e))
+
+    def _fail_upstream(self, msg: Message, code: str, text: str) -> None:
+        """Tell the request's requester its request failed here (it may be us)."""
+        requester = msg.body.get("requester")
+        if isinstance(requester, str) and (requester == self.id or requester in self.members.by_id):
+            err = error(code, f"{self.cfg.name}: {text}", msg.req, msg.epoch)
+            with contextlib.suppress(RequestFailed):
+                self._send_node(requester, err)
+        if self.shard:
+            self.shard.close(msg.req)
+
+    async def on_end(self, identity: bytes, msg: Message, host: str) -> None:
+        if self.shard and self.shard.close(msg.req):
+            log.debug("request %s finished: cache freed", msg.req)
+
+    async def _expire_requests(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.cfg.request_timeout_s / 2))
+            if self.shard:
+                for rid in self.shard.expired(self.cfg.request_timeout_s):
+                    self.shard.close(rid)
+                    log.info(
+                        "request %s idle for %.0fs: cache freed", rid, self.cfg.request_timeout_s
+                    )
+
+    # ---------------------------------------------------------------- requester side
+
+    async def on_generate(self, identity: bytes, msg: Message, host: str) -> None:
+        if self.stopping.is_set():
+            raise ProtocolError("stopping", "this daemon is shutting down")
+        body = msg.body
+        s = body["sampling"]
+        try:
+            params = SamplingParams(
+                float(s.get("temperature", 0.0)), int(s.get("top_k", 0)),
+                float(s.get("top_p", 1.0)), s.get("seed") if type(s.get("seed")) is int else None,
+            )  # fmt: skip
+            text = body["prompt"]
+            prompt = (
+                self.tokenizer.encode_chat(text)
+                if body.get("chat")
+                else self.tokenizer.encode(text)
+            )
+            capacity, max_tokens = fit_request(
+                len(prompt), max(1, body["max_tokens"]), self.ckpt.config.max_seq_len
+            )
+        except (RinginferError, TypeError, ValueError) as e:
+            raise ProtocolError("bad-request", str(e)) from None
+        req = Request(uuid.uuid4().hex[:16], identity)
+        self.requests[req.id] = req
+        req.task = asyncio.current_task()
+        try:
+            await self._generate(req, prompt, capacity, max_tokens, params)
+        except ClientGone:
+            log.info("request %s: client went away, cancelled", req.id)
+        except RequestFailed as e:
+            log.warning("request %s failed: %s", req.id, e)
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await self._reply(identity, error(e.code, str(e), req.id))
+        except asyncio.CancelledError:
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await self._reply(
+                    identity, error("stopping", "the daemon is shutting down", req.id)
+                )
+        finally:
+            for node in req.plan.nodes if req.plan else ():
+                with contextlib.suppress(RequestFailed):
+                    self._send_node(node, message(Kind.END, req=req.id, epoch=req.plan.epoch))
+            del self.requests[req.id]
+            if not any(r.plan for r in self.requests.values()):
+                self.drained.set()
+
+    async def _generate(
+        self,
+        req: Request,
+        prompt: list[int],
+        capacity: int,
+        max_tokens: int,
+        params: SamplingParams,
+    ) -> None:
+        timings = Timings()
+        while self.plan is None or self.pending:
+            log.info("request %s waits for the plan", req.id)
+            try:
+                await asyncio.wait_for(self.live.wait(), self.cfg.plan_wait_s)
+            except TimeoutError:
+                why = self.plan_error or "no live plan"
+                raise RequestFailed("no-plan", f"{why} after {self.cfg.plan_wait_s:.0f}s") from None
+        req.plan = self.plan  # from here on a new plan waits for this request
+        self.drained.clear()
+        plan_json = [
+            {"node": s.node, "name": self._name(s.node), "start": s.start, "end": s.end}
+            for s in req.plan.stages
+        ]
+        await self._reply(
+            req.client,
+            message(
+                Kind.ACCEPTED, req=req.id, body={"plan": plan_json, "prompt_tokens": len(prompt)}
+            ),
+        )
+        sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+        loop = TokenLoop(prompt, max_tokens, params, self.tokenizer.stop_ids)
+        stream = TextStream(self.tokenizer)
+        pieces = []
+        while not loop.done:
+            body: dict[str, Any] = {"requester": self.id}
+            if req.step == 0:
+                body.update(capacity=capacity, sampling=sampling)
+            positions = loop.positions
+            forward = message(
+                Kind.FORWARD, (loop.ids,), req=req.id, epoch=req.plan.epoch, step=req.step,
+                start=int(positions[0]), count=len(positions), body=body,
+            )  # fmt: skip
+            req.result = asyncio.get_running_loop().create_future()
+            self._send_node(req.plan.nodes[0], forward)
+            try:
+                cands = await asyncio.wait_for(req.result, self.cfg.request_timeout_s)
+            except TimeoutError:
+                raise RequestFailed(
+                    "timeout", f"no answer from the ring in {self.cfg.request_timeout_s:.0f}s"
+                ) from None
+            token = loop.take(cands)
+            timings.mark()
+            req.step += 1
+            piece = "" if token in self.tokenizer.stop_ids else stream.push(token)
+            pieces.append(piece)
+            await self._reply(
+                req.client, message(Kind.TOKEN, req=req.id, body={"token": token, "text": piece})
+            )
+        result = {
+            "text": "".join(pieces),
+            "tokens": loop.tokens,
+            "prompt_tokens": len(prompt),
+            "model": self.ckpt.name,
+            "finish_reason": loop.finish_reason,
+            "ttft_s": round(timings.ttft_s, 6),
+            "tpot_s": round(timings.tpot_s, 6),
+            "decode_tokens_per_s": round(timings.decode_tokens_per_s, 3),
+            "plan": plan_json,
+        }
+        await self._reply(req.client, message(Kind.DONE, req=req.id, body={"result": result}))
+
+    async def on_result(self, identity: bytes, msg: Message, host: str) -> None:
+        req = self.requests.get(msg.req)
+        if req is None or req.result is None or req.result.done() or msg.step != req.step:
+            raise ProtocolError(
+                "unknown-request", f"no step {msg.step} of request {msg.req} waits here"
+            )
+        vocab = self.ckpt.config.vocab_size
+        specs = msg.specs
+        ok = 1 <= len(specs) <= 2 and specs[0].dtype == "float32" and len(specs[0].shape) == 1
+        n = specs[0].shape[0] if ok else 0
+        if len(specs) == 2:
+            ok = ok and specs[1].dtype == "int64" and specs[1].shape == (n,)
+        if not ok or not 0 < n <= vocab or (len(specs) == 1 and n != vocab):
+            raise ProtocolError("bad-tensor", "a result is float32 logits [n] and int64 ids [n]")
+        ids = msg.tensor(1) if len(specs) == 2 else None
+        if ids is not None and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            raise ProtocolError("bad-tensor", "candidate ids outside the vocabulary")
+        req.result.set_result(Candidates(msg.tensor(0), ids))
+
+    async def on_error(self, identity: bytes, msg: Message, host: str) -> None:
+        code, text = msg.body["code"], msg.body["message"]
+        req = self.requests.get(msg.req)
+        if req and req.result and not req.result.done():
+            req.result.set_exception(RequestFailed(code, text))
+            return
+        if code == "version":
+            log.error("a peer at %s refused us: %s", host or "?", text)
+        else:
+            log.info("error from %s: %s: %s", host or "self", code, text)
+
+    # ---------------------------------------------------------------- status
+
+    async def on_status(self, identity: bytes, msg: Message, host: str) -> None:
+        await self._reply(identity, message(Kind.STATUS_REPLY, body={"status": self.status()}))
+
+    def status(self) -> dict[str, Any]:
+        plan = self.plan
+        nodes = []
+        me = {
+            "id": self.id, "name": self.cfg.name, "address": self.address,
+            "state": self.state(), "memory": self.cfg.memory,
+            "requests": len(self.shard.requests) if self.shard else 0,
+        }  # fmt: skip
+        members = [
+            {"id": m.id, "name": m.name, "address": m.address, "state": m.state,
+             "memory": m.memory, "requests": m.requests}
+            for m in self.members
+        ]  # fmt: skip
+        for node in sorted([me, *members], key=lambda n: n["id"]):
+            stage = plan.stage_of(node["id"]) if plan else None
+            nodes.append({**node, "layers": [stage.start, stage.end] if stage else None})
+        stats = self.stats
+        return {
+            "epoch": plan.epoch if plan else 0,
+            "model": self.ckpt.name,
+            "live": plan is not None,
+            "plan_error": self.plan_error,
+            "node": self.id,
+            "nodes": nodes,
+            "stats": {
+                "requests_in_flight": len(self.requests),
+                "cached_requests": me["requests"],
+                "errors": dict(stats.errors),
+                "bytes_sent": dict(stats.bytes_sent),
+                "messages_sent": dict(stats.messages_sent),
+                "compute_s": round(stats.compute_s, 6),
+                "steps": stats.steps,
+            },
+        }
+
+
+def primary_address() -> str:
+    """The address peers on the LAN most likely reach us at (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
