@@ -260,7 +260,13 @@ def _wait_for_plan(client: Client, wait_s: float) -> dict:
     """The daemon's status once its plan is live, showing who is loading meanwhile."""
     deadline = time.monotonic() + wait_s
     while True:
-        status = client.status()
+        try:
+            status = client.status(timeout_s=min(5.0, max(0.5, deadline - time.monotonic())))
+        except RinginferError:
+            if time.monotonic() >= deadline:
+                raise
+            STATUS.live(f"waiting for the daemon at {client.address} to answer")
+            continue
         if status["live"]:
             STATUS.live("")
             return status

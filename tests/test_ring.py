@@ -1,0 +1,177 @@
+"""Three daemons as real processes on loopback against `generate --local`, the oracle."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import zmq
+from conftest import run_cli
+from daemons import Cluster
+
+from protocol.wire import VERSION, Kind, encode, message
+
+PROMPTS = ["The capital of France is", "Once upon a time"]
+TOKENS = 24
+
+
+def local(prompt: str, *args: str) -> list[int]:
+    proc = run_cli("generate", "--local", "--json", prompt, "--max-tokens", str(TOKENS), *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["tokens"]
+
+
+def remote(node: str, prompt: str, *args: str) -> dict:
+    proc = run_cli("generate", "--node", node, "--json", prompt, "--max-tokens", str(TOKENS), *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    c = Cluster(tmp_path_factory.mktemp("ring"), 3, [])
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, list[int]]:
+    return {p: local(p) for p in PROMPTS}
+
+
+def test_status_shows_one_plan_over_three_nodes(cluster):  # noqa: ANN001
+    status = cluster.nodes[2].status()
+    assert status["live"] and status["model"] == "SmolLM2-135M-Instruct"
+    nodes = status["nodes"]
+    assert {n["name"] for n in nodes} == {"node1", "node2", "node3"}
+    assert {n["address"] for n in nodes} == {d.address for d in cluster.nodes}
+    layers = sorted(n["layers"] for n in nodes)
+    assert layers == [[0, 10], [10, 20], [20, 30]]
+    assert all(n["state"] == "ready" and len(n["id"]) == 16 for n in nodes)
+    assert status["node"] == next(n["id"] for n in nodes if n["name"] == "node3")
+
+
+def test_every_node_generates_what_local_generates(cluster, expected):  # noqa: ANN001
+    for d in cluster.nodes:
+        out = remote(d.address, PROMPTS[0])
+        assert out["tokens"] == expected[PROMPTS[0]], d.name
+        assert [s["start"] for s in out["plan"]] == [0, 10, 20]
+    plain = run_cli("generate", "--node", cluster.nodes[0].address, PROMPTS[0],
+                    "--max-tokens", str(TOKENS))  # fmt: skip
+    assert plain.stdout == out["text"] + "\n"
+
+
+def test_two_prompts_from_two_nodes_at_once(cluster, expected):  # noqa: ANN001
+    results: dict[str, dict] = {}
+
+    def run(node: str, prompt: str) -> None:
+        results[prompt] = remote(node, prompt)
+
+    threads = [
+        threading.Thread(target=run, args=(cluster.nodes[i].address, p))
+        for i, p in zip((0, 2), PROMPTS, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in PROMPTS:
+        assert results[p]["tokens"] == expected[p]
+
+
+def test_a_killed_client_frees_every_stage(cluster):  # noqa: ANN001
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", cluster.nodes[1].address,
+           "Tell me a long story", "--max-tokens", "400"]  # fmt: skip
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert client.stdout.read(20)  # streaming has begun
+    held = [d.status()["stats"]["cached_requests"] for d in cluster.nodes]
+    assert held == [1, 1, 1]
+    client.kill()
+    client.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = [d.status()["stats"] for d in cluster.nodes]
+        if all(s["cached_requests"] == 0 and s["requests_in_flight"] == 0 for s in stats):
+            break
+        time.sleep(0.2)
+    assert all(s["cached_requests"] == 0 and s["requests_in_flight"] == 0 for s in stats), stats
+    assert "client went away" in cluster.nodes[1].text()
+
+
+def raw_exchange(address: str, frames: list[bytes]) -> dict:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{address}")
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(5000), "no reply"
+        header = json.loads(sock.recv_multipart()[0])
+        assert header["type"] == "error"
+        return header["body"]
+    finally:
+        ctx.destroy(linger=0)
+
+
+def frames(tensor: bytes = b"", **fields: object) -> list[bytes]:
+    """A FORWARD to the second stage (hidden size 576), with `fields` overriding the header."""
+    header = {
+        "v": VERSION, "type": "forward", "req": "x1", "epoch": 1, "step": 0, "pos": [0, 1],
+        "body": {"requester": "nobody", "capacity": 8, "sampling": {}},
+        "tensors": [{"dtype": "float16", "shape": [1, 1, 576]}],
+    }  # fmt: skip
+    return [json.dumps({**header, **fields}).encode(), tensor]
+
+
+def test_bad_frames_get_errors_and_the_daemon_still_serves(cluster, expected):  # noqa: ANN001
+    status = cluster.nodes[0].status()
+    middle = next(n["address"] for n in status["nodes"] if n["layers"] == [10, 20])
+    target = next(d for d in cluster.nodes if d.address == middle)
+    epoch = status["epoch"]
+    hidden = bytes(576 * 2)
+    bad_request = {"prompt": "hi", "max_tokens": 4, "sampling": {"temperature": -1}}
+    cases = [
+        ([b"\x00\x01garbage"], "malformed"),
+        (frames(hidden, v=VERSION + 1), "version"),
+        (frames(hidden, type="shutdown"), "unknown-type"),
+        (frames(hidden[:-2], epoch=epoch), "bad-tensor"),  # truncated
+        (frames(bytes(64 << 20), tensors=[{"dtype": "float32", "shape": [16 << 20]}]), "too-large"),
+        (frames(hidden, epoch=epoch + 100), "wrong-epoch"),
+        (frames(hidden, epoch=epoch, step=3), "unknown-request"),
+        (
+            frames(bytes(14), epoch=epoch, tensors=[{"dtype": "float16", "shape": [1, 1, 7]}]),
+            "bad-tensor",
+        ),  # fmt: skip
+        (frames(hidden, epoch=epoch, pos=[5, 1]), "bad-positions"),
+        (encode(message(Kind.TOKEN, body={"token": 1, "text": "x"})), "unexpected"),
+        (encode(message(Kind.GENERATE, body=bad_request)), "bad-request"),
+    ]
+    for case, code in cases:
+        assert raw_exchange(target.address, case)["code"] == code, code
+    status = target.status()
+    assert sum(status["stats"]["errors"].values()) >= len(cases)
+    assert status["stats"]["cached_requests"] == 0
+    assert f"protocol version {VERSION + 1} received; this node speaks {VERSION}" in target.text()
+    assert remote(target.address, PROMPTS[0])["tokens"] == expected[PROMPTS[0]]
+
+
+def test_stopped_node_gives_a_new_epoch_that_still_generates(cluster, expected):  # noqa: ANN001
+    before = cluster.nodes[0].status()["epoch"]
+    # a generation running while a stage stops gets one clear error line
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", cluster.nodes[0].address,
+           "Tell me a long story", "--max-tokens", "400"]  # fmt: skip
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert client.stdout.read(10)
+    assert cluster.nodes[2].stop(signal.SIGTERM) == 0
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 2 and err.count("\n") == 1 and "node3" in err, err
+    assert "stopped" in cluster.nodes[2].text()
+    status = cluster.wait_live(2)
+    assert status["epoch"] > before
+    assert sorted(n["layers"] for n in status["nodes"]) == [[0, 15], [15, 30]]
+    assert remote(cluster.nodes[1].address, PROMPTS[1])["tokens"] == expected[PROMPTS[1]]
