@@ -307,7 +307,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     import asyncio
 
     from node import data_dir
-    from node.daemon import Daemon, DaemonConfig
+    from node.daemon import Daemon, DaemonConfig, listen
     from node.engine import available_memory
     from node.weights import open_checkpoint
     from protocol.wire import ACTIVATION_DTYPES
@@ -317,6 +317,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )  # fmt: skip
     node_id, lock = data_dir.claim(args.data_dir or data_dir.DEFAULT)
+    listener = listen(args.host, args.port)  # a taken port fails now, not after the model
     device, dtype = _engine(args)
     wire = args.wire_dtype
     if wire == "auto":
@@ -326,9 +327,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             f"unknown wire dtype '{wire}' (use auto, {', '.join(ACTIVATION_DTYPES)})"
         )
     peers = [_resolve(parse_address(p)) for p in args.peer]
-    logging.info("opening %s ...", args.model or "the default model")
+    STATUS.live(f"opening {args.model or 'the default model'} ...")
+    began = time.perf_counter()
     ckpt = open_checkpoint(args.model)
     tokenizer = ckpt.tokenizer()
+    STATUS.live("")
+    logging.info("opened %s in %.1fs", ckpt.path, time.perf_counter() - began)
     config = DaemonConfig(
         host=args.host, port=args.port, name=args.name, peers=peers, device=device, dtype=dtype,
         wire_dtype=wire, memory=args.max_memory or available_memory(device), pin=args.layers,
@@ -340,7 +344,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         )
 
     async def serve() -> None:
-        await Daemon(config, node_id, ckpt, tokenizer).run()
+        await Daemon(config, node_id, ckpt, tokenizer, listener).run()
 
     asyncio.run(serve())
     lock.close()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import time
@@ -100,7 +101,12 @@ class Stats:
 
 class Daemon:
     def __init__(
-        self, cfg: DaemonConfig, node_id: str, ckpt: Checkpoint, tokenizer: Tokenizer
+        self,
+        cfg: DaemonConfig,
+        node_id: str,
+        ckpt: Checkpoint,
+        tokenizer: Tokenizer,
+        listener: tuple[zmq.asyncio.Context, zmq.asyncio.Socket],
     ) -> None:
         self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
         self.shape = model_shape(ckpt, cfg.dtype)
@@ -109,19 +115,7 @@ class Daemon:
         self.max_tensor_bytes = max(c.max_seq_len * c.dim * 4, c.vocab_size * 12, 1 << 20)
         self.members = Members()
         self.stats = Stats()
-        self.ctx = zmq.asyncio.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
-        self.router.setsockopt(zmq.LINGER, 0)
-        try:
-            self.router.bind(f"tcp://{cfg.host}:{cfg.port}")
-        except zmq.ZMQError as e:
-            self.ctx.destroy(linger=0)
-            raise RinginferError(
-                f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror} "
-                "(another daemon there? pass --port)"
-            ) from None
+        self.ctx, self.router = listener
         self.links: dict[str, zmq.asyncio.Socket] = {}
         self.link_tasks: list[asyncio.Task] = []
         self.compute = ThreadPoolExecutor(1, "compute", initializer=self._compute_thread_init)
@@ -129,7 +123,8 @@ class Daemon:
         self.plan: Plan | None = None  # the live plan
         self.live = asyncio.Event()
         self.pending: Plan | None = None  # a proposal being prepared or loaded
-        self.seen_epoch = 0
+        self.seen_epoch = 0  # the newest proposal this node accepted
+        self.highest_epoch = 0  # the newest epoch this node heard of, as coordinator
         self.plan_error = ""
         self.planned_members: frozenset[tuple[str, Any]] = frozenset()
         self.acks: dict[tuple[int, str], set[str]] = {}
@@ -301,7 +296,7 @@ class Daemon:
             "id": self.id, "name": self.cfg.name, "port": self.cfg.port,
             "model": self.ckpt.name, "fingerprint": self.fingerprint, "memory": self.cfg.memory,
             "state": self.state(), "members": members, "pin": pin,
-            "epoch": self.plan.epoch if self.plan else 0,
+            "epoch": self.plan.epoch if self.plan else 0, "seen": self.seen_epoch,
             "requests": len(self.shard.requests) if self.shard else 0, "version": __version__,
             "boot": self.boot,
         }  # fmt: skip
@@ -397,7 +392,8 @@ class Daemon:
             key = frozenset((n.id, n.pin) for n in nodes)
             if key == self.planned_members:
                 continue  # planned already (or failed: wait for the membership to change)
-            epoch = max([self.seen_epoch, *(m.epoch for m in self.members)]) + 1
+            epoch = max([self.seen_epoch, self.highest_epoch, *(m.seen for m in self.members)]) + 1
+            self.highest_epoch = epoch
             try:
                 plan = make_plan(self.ckpt.name, epoch, self.shape, nodes)
             except RinginferError as e:
@@ -417,8 +413,9 @@ class Daemon:
         for phase in ("prepare", "load"):
             for node in members:
                 self._send_plan(node, plan, phase)
-            if not await self._acked(plan.epoch, phase, members):
-                log.info("plan epoch %d abandoned during %s %s", plan.epoch, phase, self.plan_error)
+            why = await self._acked(plan.epoch, phase, members)
+            if why:
+                log.info("plan epoch %d abandoned during %s: %s", plan.epoch, phase, why)
                 if self.planned_members == key and not self.acks.get((plan.epoch, "failed")):
                     self.planned_members = frozenset()  # a member left: plan again
                     self.replan.set()
@@ -431,15 +428,22 @@ class Daemon:
         with contextlib.suppress(RequestFailed):
             self._send_node(node, message(Kind.PLAN, epoch=plan.epoch, body=body))
 
-    async def _acked(self, epoch: int, phase: str, members: list[str]) -> bool:
+    async def _acked(self, epoch: int, phase: str, members: list[str]) -> str:
+        """'' once every member reached `phase`, else why the proposal is abandoned."""
         while True:
-            got = self.acks.get((epoch, phase), set())
-            if got >= set(members):
-                return True
-            gone = [n for n in members if n != self.id and n not in self.members.by_id]
-            failed = self.acks.get((epoch, "failed"))
-            if gone or failed or self.seen_epoch > epoch or self.stopping.is_set():
-                return False
+            if self.acks.get((epoch, phase), set()) >= set(members):
+                return ""
+            gone = [self._name(n) for n in members if n != self.id and n not in self.members.by_id]
+            reasons = {
+                f"{', '.join(gone)} left": gone,
+                f"a member failed: {self.plan_error}": self.acks.get((epoch, "failed")),
+                "a member had seen a newer epoch": self.acks.get((epoch, "stale")),
+                "superseded": self.seen_epoch > epoch or not self._is_coordinator(),
+                "stopping": self.stopping.is_set(),
+            }
+            for reason, happened in reasons.items():
+                if happened:
+                    return reason
             self.ack_event.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ack_event.wait(), 1.0)
@@ -450,7 +454,12 @@ class Daemon:
         except RinginferError as e:
             raise ProtocolError("bad-plan", str(e)) from None
         phase, source = msg.body["phase"], str(msg.body.get("from", ""))
-        if plan.epoch < self.seen_epoch or (plan.epoch == self.seen_epoch and phase == "prepare"):
+        if phase == "prepare" and plan.epoch <= self.seen_epoch:
+            # Another coordinator used this epoch (a race while members joined): tell this
+            # one to propose again above what we have seen.
+            self._ack(source, plan.epoch, "stale", seen=self.seen_epoch)
+            return
+        if plan.epoch < self.seen_epoch:
             return  # superseded
         if phase == "prepare":
             self.seen_epoch, self.pending = plan.epoch, plan
@@ -507,8 +516,8 @@ class Daemon:
         if self.pending and self.pending.epoch == plan.epoch:
             self._ack(source, plan.epoch, "load")
 
-    def _ack(self, coordinator: str, epoch: int, phase: str, why: str = "") -> None:
-        body = {"id": self.id, "phase": phase, "error": why}
+    def _ack(self, coordinator: str, epoch: int, phase: str, why: str = "", seen: int = 0) -> None:
+        body = {"id": self.id, "phase": phase, "error": why, "seen": seen}
         with contextlib.suppress(RequestFailed):
             self._send_node(coordinator, message(Kind.PLAN_ACK, epoch=epoch, body=body))
 
@@ -516,6 +525,9 @@ class Daemon:
         self.acks.setdefault((msg.epoch, msg.body["phase"]), set()).add(msg.body["id"])
         if msg.body["phase"] == "failed":
             self.plan_error = str(msg.body.get("error", ""))[:500]
+        seen = msg.body.get("seen")
+        if type(seen) is int and seen > self.highest_epoch:
+            self.highest_epoch = seen
         self.ack_event.set()
 
     def _name(self, node_id: str) -> str:
@@ -800,6 +812,24 @@ class Daemon:
                 "steps": stats.steps,
             },
         }
+
+
+def listen(host: str, port: int) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socket]:
+    """The daemon's ROUTER, bound before anything slow so a taken port fails at once."""
+    ctx = zmq.asyncio.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+    router.setsockopt(zmq.LINGER, 0)
+    try:
+        router.bind(f"tcp://{host}:{port}")
+    except zmq.ZMQError as e:
+        ctx.destroy(linger=0)
+        raise RinginferError(
+            f"cannot listen on {host}:{port}: {os.strerror(e.errno)} (another daemon there? "
+            "pass --port)"
+        ) from None
+    return ctx, router
 
 
 def primary_address() -> str:

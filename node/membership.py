@@ -22,6 +22,7 @@ class Member:
     state: str
     pin: tuple[int, int] | None = None
     epoch: int = 0  # its live plan epoch
+    seen: int = 0  # the newest plan epoch it accepted
     requests: int = 0  # requests open on its stage
     version: str = ""
     boot: str = ""  # changes when its process restarts
@@ -41,11 +42,17 @@ class Member:
             memory=body["memory"],
             state=body["state"][:64],
             pin=(pin[0], pin[1]) if pin_ok else None,
-            epoch=body.get("epoch", 0) if type(body.get("epoch")) is int else 0,
-            requests=body.get("requests", 0) if type(body.get("requests")) is int else 0,
+            epoch=_int(body, "epoch"),
+            seen=_int(body, "seen"),
+            requests=_int(body, "requests"),
             version=str(body.get("version", ""))[:32],
             boot=str(body.get("boot", ""))[:32],
         )
+
+
+def _int(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    return value if type(value) is int and value >= 0 else 0
 
 
 class Members:

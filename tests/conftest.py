@@ -79,6 +79,20 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: make_model(name, root / name) for name in FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def llama_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer saved by transformers as tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    from node.weights import open_checkpoint
+
+    ckpt = open_checkpoint(None)
+    dst = make_model("llama", tmp_path_factory.mktemp("tok") / "llama", vocab_size=49152)
+    hf_tok = AutoTokenizer.from_pretrained(ckpt.path.parent, gguf_file=ckpt.path.name)
+    hf_tok.save_pretrained(dst)
+    return dst
+
+
 def hf_model(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_cli
+from tests.conftest import run_cli
 
 
 def free_port() -> int:
@@ -71,6 +71,10 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while True:
             alive = [d for d in self.nodes if d.proc.poll() is None]
+            if not alive:
+                raise AssertionError(
+                    "every daemon exited:\n" + "\n".join(d.text() for d in self.nodes)
+                )
             statuses = []
             for d in alive:
                 proc = run_cli("status", "--node", d.address, "--json", "--wait", "60")

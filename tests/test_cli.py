@@ -1,13 +1,15 @@
-"""`ringinfer generate --local` end to end, as real processes, and its bad-input errors."""
+"""The command line as real processes: `generate --local` end to end, and one-line errors."""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import hf_greedy, hf_model, run_cli
+from tests.daemons import Daemon, free_port
 
 
 def generate_json(*args: str) -> dict:
@@ -163,8 +165,41 @@ def test_prompt_longer_than_context_is_refused_before_compute(tiny_models):  # n
     assert_one_line_error(proc, "context holds 64")
 
 
-def test_without_local_says_what_to_do():
-    assert_one_line_error(run_cli("generate", "hi"), "pass --local")
+def test_without_a_daemon_says_what_to_do():
+    address = f"127.0.0.1:{free_port()}"
+    proc = run_cli("generate", "hi", "--node", address, "--wait", "1")
+    assert_one_line_error(proc, f"no answer from the daemon at {address}")
+    assert "ringinfer daemon" in proc.stderr
+
+
+def test_engine_flags_without_local_are_refused():
+    assert_one_line_error(run_cli("generate", "hi", "--split", "3"), "--split apply to --local")
+
+
+def test_daemon_start_errors_are_one_line(tmp_path, tiny_models):  # noqa: ANN001
+    model = ["--model", str(tiny_models["gpt2"])]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = run_cli("daemon", "--host", "127.0.0.1", "--port", port, "--data-dir",
+                       str(tmp_path / "a"), *model)  # fmt: skip
+        assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}")
+    proc = run_cli("daemon", "--layers", "3:2", *model)
+    assert_one_line_error(proc, "START < END")
+    proc = run_cli("daemon", "--data-dir", str(tmp_path / "b"), "--model", str(tmp_path / "none"))
+    assert_one_line_error(proc, "none")
+
+
+def test_two_daemons_never_share_a_data_dir(tmp_path, tiny_models):  # noqa: ANN001
+    first = Daemon(tmp_path, "first", free_port(), ["--model", str(tiny_models["gpt2"])])
+    try:
+        first.status()  # up and holding its data dir
+        proc = run_cli("daemon", "--data-dir", str(tmp_path / "first"), "--port",
+                       str(free_port()), "--model", str(tiny_models["gpt2"]))  # fmt: skip
+        assert_one_line_error(proc, "another daemon is using data dir")
+    finally:
+        assert first.stop() == 0
 
 
 def assert_one_line_error(proc, fragment: str) -> None:  # noqa: ANN001

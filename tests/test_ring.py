@@ -11,10 +11,10 @@ import time
 
 import pytest
 import zmq
-from conftest import run_cli
-from daemons import Cluster
 
 from protocol.wire import VERSION, Kind, encode, message
+from tests.conftest import run_cli
+from tests.daemons import Cluster
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
 TOKENS = 24
@@ -175,3 +175,23 @@ def test_stopped_node_gives_a_new_epoch_that_still_generates(cluster, expected):
     assert status["epoch"] > before
     assert sorted(n["layers"] for n in status["nodes"]) == [[0, 15], [15, 30]]
     assert remote(cluster.nodes[1].address, PROMPTS[1])["tokens"] == expected[PROMPTS[1]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tiny_random_models_on_the_ring_equal_local(
+    tiny_models,
+    llama_with_tokenizer,
+    tmp_path,
+    family,  # noqa: ANN001
+):
+    model = str(llama_with_tokenizer if family == "llama" else tiny_models[family])
+    c = Cluster(tmp_path, 3, ["--model", model])
+    try:
+        layers = sorted(n["layers"] for n in c.nodes[0].status()["nodes"])
+        assert [b for a in layers for b in a] in ([0, 1, 1, 2, 2, 4], [0, 1, 1, 3, 3, 4],
+                                                  [0, 2, 2, 3, 3, 4])  # fmt: skip
+        for prompt in PROMPTS:
+            want = local(prompt, "--model", model)
+            assert remote(c.nodes[1].address, prompt)["tokens"] == want
+    finally:
+        c.stop()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from node.tokenizer import TextStream, Tokenizer
 from node.weights import open_checkpoint
-from tests.conftest import hf_greedy, hf_model, make_model, run_cli
+from tests.conftest import hf_greedy, hf_model, run_cli
 
 TEXTS = ["Hello world", "Numbers 12345, 3.14!\n\n\tok", "naïve café 日本語 🤖", "it's <|im_end|>"]
 
@@ -20,18 +18,6 @@ def test_gpt2_tiktoken_gives_the_published_ids():
     for text in TEXTS:
         assert tok.decode(tok.encode(text)) == text
     assert 50256 in tok.stop_ids
-
-
-@pytest.fixture(scope="module")
-def llama_with_tokenizer(tmp_path_factory) -> Path:  # noqa: ANN001
-    """A tiny random Llama with SmolLM2's tokenizer saved by transformers as tokenizer.json."""
-    from transformers import AutoTokenizer
-
-    ckpt = open_checkpoint(None)
-    dst = make_model("llama", tmp_path_factory.mktemp("tok") / "llama", vocab_size=49152)
-    hf_tok = AutoTokenizer.from_pretrained(ckpt.path.parent, gguf_file=ckpt.path.name)
-    hf_tok.save_pretrained(dst)
-    return dst
 
 
 def test_hf_directory_tokenizer_equals_transformers(llama_with_tokenizer):  # noqa: ANN001
