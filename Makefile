@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ringinfer generate --local --chat --max-tokens 48 "What is the capital of France?"
+	scripts/demo.sh $(BIN)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -95,8 +95,10 @@ class Stats:
     errors: Counter = field(default_factory=Counter)
     bytes_sent: Counter = field(default_factory=Counter)
     messages_sent: Counter = field(default_factory=Counter)
-    compute_s: float = 0.0
+    compute_s: float = 0.0  # stage compute, as the event loop waits for it
     steps: int = 0
+    decode_compute_s: float = 0.0  # the part spent on one-position steps
+    decode_steps: int = 0
 
 
 class Daemon:
@@ -560,8 +562,12 @@ class Daemon:
             if opened:
                 shard.close(msg.req)
             raise
-        self.stats.compute_s += time.perf_counter() - began
+        took = time.perf_counter() - began
+        self.stats.compute_s += took
         self.stats.steps += 1
+        if msg.count == 1:
+            self.stats.decode_compute_s += took
+            self.stats.decode_steps += 1
         requester = msg.body["requester"]
         if isinstance(out, Candidates):
             tensors = (out.logits,) if out.ids is None else (out.logits, out.ids)
@@ -810,6 +816,8 @@ class Daemon:
                 "messages_sent": dict(stats.messages_sent),
                 "compute_s": round(stats.compute_s, 6),
                 "steps": stats.steps,
+                "decode_compute_s": round(stats.decode_compute_s, 6),
+                "decode_steps": stats.decode_steps,
             },
         }
 

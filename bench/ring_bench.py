@@ -1,0 +1,180 @@
+"""Three daemons on loopback against `generate --local` (default: SmolLM2, greedy, 128 tokens).
+
+Both sides run as the user runs them: `ringinfer generate --local --json` and `ringinfer
+generate --node ... --json` against three `ringinfer daemon` processes on this machine. The
+two alternate `--repeats` times and each timing is the median. The daemons' own counters
+(status --json) give the bytes each sent and their compute time per decode step, hence the
+per-hop latency: (ring TPOT - sum of the stages' compute per decode step) / network hops.
+Writes bench/results/ring.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "node.cli"]
+PROMPT = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle. "
+    "The story should have a beginning, a middle and an end."
+)
+RING_KINDS = ("forward", "result", "end")  # what crosses the ring for a request
+
+
+def run(*args: str) -> dict:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args[:3])} failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster(root: Path, n: int, extra: list[str]) -> tuple[list[subprocess.Popen], list[str]]:
+    ports = [free_port() for _ in range(n)]
+    procs = []
+    for i, port in enumerate(ports):
+        cmd = [*CLI, "daemon", "--host", "127.0.0.1", "--port", str(port), "--name",
+               f"node{i + 1}", "--data-dir", str(root / f"node{i + 1}"), "--peer",
+               f"127.0.0.1:{ports[0]}", *extra]  # fmt: skip
+        log = open(root / f"node{i + 1}.log", "w")  # noqa: SIM115 - the daemon writes it
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    for a in addresses:
+        run("status", "--node", a, "--json", "--wait", "300")
+    while len({run("status", "--node", a, "--json")["epoch"] for a in addresses}) > 1:
+        time.sleep(0.5)
+    return procs, addresses
+
+
+def counters(addresses: list[str]) -> list[dict]:
+    return [run("status", "--node", a, "--json")["stats"] for a in addresses]
+
+
+def ring_run(addresses: list[str], common: list[str]) -> dict:
+    before = counters(addresses)
+    out = run("generate", "--node", addresses[-1], *common)
+    after = counters(addresses)
+    tokens = len(out["tokens"])
+    decode_steps = tokens - 1
+    ring_bytes = sum(
+        a["bytes_sent"].get(k, 0) - b["bytes_sent"].get(k, 0)
+        for a, b in zip(after, before, strict=True)
+        for k in RING_KINDS
+    )
+    hops = (
+        sum(
+            a["messages_sent"].get(k, 0) - b["messages_sent"].get(k, 0)
+            for a, b in zip(after, before, strict=True)
+            for k in ("forward", "result")
+        )
+        / tokens
+    )
+    stage_ms = [
+        1000 * (a["decode_compute_s"] - b["decode_compute_s"])
+        / max(1, a["decode_steps"] - b["decode_steps"])
+        for a, b in zip(after, before, strict=True)
+    ]  # fmt: skip
+    tpot_ms = 1000 * out["tpot_s"]
+    return {
+        "tokens": out["tokens"],
+        "ttft_ms": 1000 * out["ttft_s"],
+        "tpot_ms": tpot_ms,
+        "ring_bytes_per_token": ring_bytes / tokens,
+        "network_hops_per_token": hops,
+        "stage_decode_ms": stage_ms,
+        "per_hop_ms": (tpot_ms - sum(stage_ms)) / max(hops, 1),
+        "decode_steps": decode_steps,
+        "plan": out["plan"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--wire-dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ring.json")
+    args = parser.parse_args()
+    model = ["--model", args.model] if args.model else []
+    common = ["--json", "--max-tokens", str(args.tokens), PROMPT]
+    root = Path(tempfile.mkdtemp(prefix="ring-bench-"))
+    procs, addresses = start_cluster(root, 3, [*model, "--wire-dtype", args.wire_dtype])
+    try:
+        local_runs, ring_runs = [], []
+        run("generate", "--node", addresses[-1], "--json", "--max-tokens", "8", PROMPT)  # warm
+        for i in range(args.repeats):
+            local_runs.append(run("generate", "--local", *model, *common))
+            ring_runs.append(ring_run(addresses, common))
+            print(f"repeat {i + 1}: local {1000 * local_runs[-1]['tpot_s']:.1f} ms/token, "
+                  f"ring {ring_runs[-1]['tpot_ms']:.1f} ms/token", file=sys.stderr)  # fmt: skip
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+    def med(runs: list[dict], key: str, scale: float = 1.0) -> float:
+        return statistics.median(r[key] * scale for r in runs)
+
+    hidden_bytes = 2 * run_hidden(model)
+    stage_ms = [r["stage_decode_ms"] for r in ring_runs]
+    hops = 2  # stage-to-stage hops carrying hidden states in a three-stage ring
+    ring_bytes = med(ring_runs, "ring_bytes_per_token")
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}",
+        "model": local_runs[0]["model"],
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "wire_dtype": args.wire_dtype,
+        "plan": ring_runs[0]["plan"],
+        "local_tpot_ms": med(local_runs, "tpot_s", 1000),
+        "ring_tpot_ms": med(ring_runs, "tpot_ms"),
+        "tpot_ratio": med(ring_runs, "tpot_ms") / med(local_runs, "tpot_s", 1000),
+        "local_ttft_ms": med(local_runs, "ttft_s", 1000),
+        "ring_ttft_ms": med(ring_runs, "ttft_ms"),
+        "ttft_ratio": med(ring_runs, "ttft_ms") / med(local_runs, "ttft_s", 1000),
+        "per_hop_ms": med(ring_runs, "per_hop_ms"),
+        "network_hops_per_token": med(ring_runs, "network_hops_per_token"),
+        "stage_decode_ms": [statistics.median(s) for s in zip(*stage_ms, strict=True)],
+        "ring_bytes_per_token": ring_bytes,
+        "bytes_target": hops * hidden_bytes + 4096,
+        "same_greedy_tokens": all(r["tokens"] == local_runs[0]["tokens"] for r in ring_runs),
+        "runs": {"local": [{k: v for k, v in r.items() if k != "tokens"} for r in local_runs],
+                 "ring": [{k: v for k, v in r.items() if k != "tokens"} for r in ring_runs]},
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    keys = ("local_tpot_ms", "ring_tpot_ms", "tpot_ratio", "ttft_ratio", "per_hop_ms",
+            "ring_bytes_per_token", "bytes_target", "same_greedy_tokens")  # fmt: skip
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
+
+
+def run_hidden(model: list[str]) -> int:
+    """The model's hidden size, read the way the daemons read it."""
+    sys.path.insert(0, str(ROOT))
+    from node.weights import open_checkpoint
+
+    return open_checkpoint(model[1] if model else None).config.dim
+
+
+if __name__ == "__main__":
+    main()

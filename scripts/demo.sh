@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make demo`: three daemons on this machine run the default model together; show the
+# cluster's status, answer a question through the third one, then stop them.
+set -uo pipefail
+bin=${1:-.venv/bin}
+base=${RINGINFER_DEMO_PORT:-7711}
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  kill -TERM "${pids[@]}" 2>/dev/null
+  wait "${pids[@]}" 2>/dev/null
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+for i in 1 2 3; do
+  "$bin/ringinfer" daemon --host 127.0.0.1 --port $((base + i - 1)) --name "node$i" \
+    --data-dir "$dir/node$i" --peer "127.0.0.1:$base" >"$dir/node$i.log" 2>&1 &
+  pids+=($!)
+done
+echo "started node1..node3 on 127.0.0.1:$base-$((base + 2)); waiting for their plan"
+
+third="127.0.0.1:$((base + 2))"
+for _ in $(seq 300); do
+  for i in 1 2 3; do
+    if ! kill -0 "${pids[$((i - 1))]}" 2>/dev/null; then
+      echo "node$i exited:" >&2
+      tail -n 5 "$dir/node$i.log" >&2
+      exit 1
+    fi
+  done
+  if "$bin/ringinfer" status --node "$third" --wait 1 >/dev/null 2>&1; then
+    break
+  fi
+done
+
+"$bin/ringinfer" status --node "$third" --wait 5 || exit 1
+echo
+echo '$ ringinfer generate --node' "$third" '--chat "What is the capital of France?"'
+"$bin/ringinfer" generate --node "$third" --chat --max-tokens 48 "What is the capital of France?"
