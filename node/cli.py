@@ -302,8 +302,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    # Idle daemons must not spin OpenMP threads on cores the next stage needs.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads spin between the many small parallel regions of one step (sleeping
+    # there costs ~30% per token), but not for long after it: on a machine that runs
+    # several stages, an idle stage must not burn the cores the next one needs.
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     import asyncio
 
     from node import data_dir
