@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ring.json")
     args = parser.parse_args()
     model = ["--model", args.model] if args.model else []
-    common = ["--json", "--max-tokens", str(args.tokens), PROMPT]
+    common = ["--json", "--ignore-eos", "--max-tokens", str(args.tokens), PROMPT]
     root = Path(tempfile.mkdtemp(prefix="ring-bench-"))
     procs, addresses = start_cluster(root, 3, [*model, "--wire-dtype", args.wire_dtype])
     try:

@@ -73,6 +73,9 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="generate all --max-tokens (benchmarks)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
@@ -200,9 +203,10 @@ def generate_local(args: argparse.Namespace) -> int:
     tokens: list[int] = []
     pieces: list[str] = []
     step = pipeline.session(capacity, params)
-    for token in generate(step, prompt, max_tokens, params, tokenizer.stop_ids, timings):
+    stop_ids = frozenset() if args.ignore_eos else tokenizer.stop_ids
+    for token in generate(step, prompt, max_tokens, params, stop_ids, timings):
         tokens.append(token)
-        if token in tokenizer.stop_ids:
+        if token in stop_ids:
             break
         piece = stream.push(token)
         pieces.append(piece)
@@ -215,7 +219,7 @@ def generate_local(args: argparse.Namespace) -> int:
         "tokens": tokens,
         "prompt_tokens": len(prompt),
         "model": ckpt.name,
-        "finish_reason": "stop" if tokens and tokens[-1] in tokenizer.stop_ids else "length",
+        "finish_reason": "stop" if tokens and tokens[-1] in stop_ids else "length",
         "ttft_s": round(timings.ttft_s, 6),
         "tpot_s": round(timings.tpot_s, 6),
         "decode_tokens_per_s": round(timings.decode_tokens_per_s, 3),
@@ -245,7 +249,7 @@ def generate_remote(args: argparse.Namespace) -> int:
         _wait_for_plan(client, args.wait)
         replies = client.generate(
             args.timeout, prompt=args.prompt, max_tokens=args.max_tokens, sampling=sampling,
-            chat=args.chat,
+            chat=args.chat, ignore_eos=args.ignore_eos,
         )  # fmt: skip
         for msg in replies:
             if msg.kind.value == "token" and not args.json:

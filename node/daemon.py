@@ -84,6 +84,11 @@ class Request:
 
     id: str
     client: bytes  # ROUTER identity of the client
+    prompt: list[int]
+    capacity: int  # KV positions every stage allocates
+    max_tokens: int
+    params: SamplingParams
+    stop_ids: frozenset[int]
     plan: Plan | None = None  # set once it runs on the ring
     task: asyncio.Task | None = None
     result: asyncio.Future | None = None  # the pending step's candidates
@@ -655,11 +660,14 @@ class Daemon:
             )
         except (RinginferError, TypeError, ValueError) as e:
             raise ProtocolError("bad-request", str(e)) from None
-        req = Request(uuid.uuid4().hex[:16], identity)
+        stop_ids = frozenset() if body.get("ignore_eos") is True else self.tokenizer.stop_ids
+        req = Request(
+            uuid.uuid4().hex[:16], identity, prompt, capacity, max_tokens, params, stop_ids
+        )
         self.requests[req.id] = req
         req.task = asyncio.current_task()
         try:
-            await self._generate(req, prompt, capacity, max_tokens, params)
+            await self._generate(req)
         except ClientGone:
             log.info("request %s: client went away, cancelled", req.id)
         except RequestFailed as e:
@@ -679,14 +687,8 @@ class Daemon:
             if not any(r.plan for r in self.requests.values()):
                 self.drained.set()
 
-    async def _generate(
-        self,
-        req: Request,
-        prompt: list[int],
-        capacity: int,
-        max_tokens: int,
-        params: SamplingParams,
-    ) -> None:
+    async def _generate(self, req: Request) -> None:
+        prompt, params = req.prompt, req.params
         timings = Timings()
         while self.plan is None or self.pending:
             log.info("request %s waits for the plan", req.id)
@@ -708,13 +710,14 @@ class Daemon:
             ),
         )
         sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
-        loop = TokenLoop(prompt, max_tokens, params, self.tokenizer.stop_ids)
+        stop_ids = req.stop_ids
+        loop = TokenLoop(prompt, req.max_tokens, params, stop_ids)
         stream = TextStream(self.tokenizer)
         pieces = []
         while not loop.done:
             body: dict[str, Any] = {"requester": self.id}
             if req.step == 0:
-                body.update(capacity=capacity, sampling=sampling)
+                body.update(capacity=req.capacity, sampling=sampling)
             positions = loop.positions
             forward = message(
                 Kind.FORWARD, (loop.ids,), req=req.id, epoch=req.plan.epoch, step=req.step,
@@ -731,7 +734,7 @@ class Daemon:
             token = loop.take(cands)
             timings.mark()
             req.step += 1
-            piece = "" if token in self.tokenizer.stop_ids else stream.push(token)
+            piece = "" if token in stop_ids else stream.push(token)
             pieces.append(piece)
             await self._reply(
                 req.client, message(Kind.TOKEN, req=req.id, body={"token": token, "text": piece})
