@@ -111,17 +111,22 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--wire-dtype", default="auto")
+    for flag in ("--device", "--dtype", "--threads"):
+        parser.add_argument(flag, help="passed to the daemons and to --local alike")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ring.json")
     args = parser.parse_args()
-    model = ["--model", args.model] if args.model else []
+    engine = ["--model", args.model] if args.model else []
+    for flag in ("device", "dtype", "threads"):
+        if getattr(args, flag):
+            engine += [f"--{flag}", getattr(args, flag)]
     common = ["--json", "--ignore-eos", "--max-tokens", str(args.tokens), PROMPT]
     root = Path(tempfile.mkdtemp(prefix="ring-bench-"))
-    procs, addresses = start_cluster(root, 3, [*model, "--wire-dtype", args.wire_dtype])
+    procs, addresses = start_cluster(root, 3, [*engine, "--wire-dtype", args.wire_dtype])
     try:
         local_runs, ring_runs = [], []
         run("generate", "--node", addresses[-1], "--json", "--max-tokens", "8", PROMPT)  # warm
         for i in range(args.repeats):
-            local_runs.append(run("generate", "--local", *model, *common))
+            local_runs.append(run("generate", "--local", *engine, *common))
             ring_runs.append(ring_run(addresses, common))
             print(f"repeat {i + 1}: local {1000 * local_runs[-1]['tpot_s']:.1f} ms/token, "
                   f"ring {ring_runs[-1]['tpot_ms']:.1f} ms/token", file=sys.stderr)  # fmt: skip
@@ -135,7 +140,7 @@ def main() -> None:
     def med(runs: list[dict], key: str, scale: float = 1.0) -> float:
         return statistics.median(r[key] * scale for r in runs)
 
-    hidden_bytes = 2 * run_hidden(model)
+    hidden_bytes = 2 * run_hidden(engine)
     stage_ms = [r["stage_decode_ms"] for r in ring_runs]
     hops = 2  # stage-to-stage hops carrying hidden states in a three-stage ring
     ring_bytes = med(ring_runs, "ring_bytes_per_token")
@@ -168,12 +173,12 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in keys}, indent=2))
 
 
-def run_hidden(model: list[str]) -> int:
+def run_hidden(engine: list[str]) -> int:
     """The model's hidden size, read the way the daemons read it."""
     sys.path.insert(0, str(ROOT))
     from node.weights import open_checkpoint
 
-    return open_checkpoint(model[1] if model else None).config.dim
+    return open_checkpoint(engine[1] if engine[:1] == ["--model"] else None).config.dim
 
 
 if __name__ == "__main__":

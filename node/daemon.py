@@ -560,8 +560,8 @@ class Daemon:
         try:
             shard.check_input(msg.req, msg.start, msg.count, x)
             began = time.perf_counter()
-            out = await asyncio.get_running_loop().run_in_executor(
-                self.compute, shard.forward, msg.req, msg.start, x
+            node, out = await asyncio.get_running_loop().run_in_executor(
+                self.compute, self._step, shard, plan, msg, x
             )
         except ProtocolError:
             if opened:
@@ -573,22 +573,29 @@ class Daemon:
         if msg.count == 1:
             self.stats.decode_compute_s += took
             self.stats.decode_steps += 1
-        requester = msg.body["requester"]
+        self._send_or_fail(node, out, msg)
+
+    def _step(
+        self, shard: Shard, plan: Plan, msg: Message, x: torch.Tensor
+    ) -> tuple[str | None, Message]:
+        """On the compute thread: run the stage, and build what goes next and where.
+
+        The event loop then only sends: the wire conversion and tensor bytes are made here,
+        while the loop thread would otherwise wait for a core right after the compute.
+        """
+        out = shard.forward(msg.req, msg.start, x)
         if isinstance(out, Candidates):
             tensors = (out.logits,) if out.ids is None else (out.logits, out.ids)
             reply = message(Kind.RESULT, tensors, req=msg.req, epoch=msg.epoch, step=msg.step)
-            self._send_or_fail(requester, reply, msg)
-            return
-        wire = getattr(torch, self.cfg.wire_dtype)
-        sent = out.to(wire)
-        if wire != out.dtype and not bool(torch.isfinite(sent).all()):
+            return msg.body["requester"], reply
+        sent = out.to(getattr(torch, self.cfg.wire_dtype))
+        if sent.dtype != out.dtype and not bool(torch.isfinite(sent).all()):
             sent = out.float()  # out of float16's range: this step goes at full precision
-        nxt = plan.next_node(self.id)
         forward = message(
             Kind.FORWARD, (sent,), req=msg.req, epoch=msg.epoch, step=msg.step,
             start=msg.start, count=msg.count, body=msg.body,
         )  # fmt: skip
-        self._send_or_fail(nxt, forward, msg)
+        return plan.next_node(self.id), forward
 
     def _open(self, shard: Shard, msg: Message) -> None:
         body = msg.body
