@@ -18,6 +18,11 @@ from tests.daemons import Cluster
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
 TOKENS = 24
+SAMPLED = [  # top-k; top-p; temperature alone, which sends the whole vocabulary's logits
+    ("--temperature", "0.8", "--top-k", "40"),
+    ("--temperature", "1.0", "--top-p", "0.9"),
+    ("--temperature", "0.7"),
+]
 
 
 def local(prompt: str, *args: str) -> list[int]:
@@ -66,6 +71,26 @@ def test_every_node_generates_what_local_generates(cluster, expected):  # noqa: 
     assert plain.stdout == out["text"] + "\n"
 
 
+def test_status_answers_during_a_long_prefill(cluster):  # noqa: ANN001
+    nodes = cluster.nodes[0].status()["nodes"]
+    first_stage = next(n["address"] for n in nodes if n["layers"] == [0, 10])
+    prompt = "word " * 3000  # a prefill of seconds on each stage
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", cluster.nodes[2].address,
+           prompt, "--max-tokens", "2"]  # fmt: skip
+    client = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    slowest, busy = 0.0, 0
+    try:
+        while client.poll() is None:
+            began = time.monotonic()
+            busy += raw_status(first_stage)["stats"]["cached_requests"]
+            slowest = max(slowest, time.monotonic() - began)
+            time.sleep(0.05)
+    finally:
+        client.kill()
+    assert client.returncode == 0, client.stderr.read()
+    assert busy >= 5 and slowest < 0.5, (busy, slowest)
+
+
 def test_two_prompts_from_two_nodes_at_once(cluster, expected):  # noqa: ANN001
     results: dict[str, dict] = {}
 
@@ -101,6 +126,19 @@ def test_a_killed_client_frees_every_stage(cluster):  # noqa: ANN001
         time.sleep(0.2)
     assert all(s["cached_requests"] == 0 and s["requests_in_flight"] == 0 for s in stats), stats
     assert "client went away" in cluster.nodes[1].text()
+
+
+def raw_status(address: str) -> dict:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{address}")
+    try:
+        sock.send_multipart(encode(message(Kind.STATUS)))
+        assert sock.poll(5000), "no status reply"
+        return json.loads(sock.recv_multipart()[0])["body"]["status"]
+    finally:
+        ctx.destroy(linger=0)
 
 
 def raw_exchange(address: str, frames: list[bytes]) -> dict:
@@ -177,6 +215,20 @@ def test_stopped_node_gives_a_new_epoch_that_still_generates(cluster, expected):
     assert remote(cluster.nodes[1].address, PROMPTS[1])["tokens"] == expected[PROMPTS[1]]
 
 
+def test_stopping_a_requester_tells_its_client_and_the_rest_carry_on(cluster, expected):  # noqa: ANN001
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", cluster.nodes[0].address,
+           "Tell me a long story", "--max-tokens", "400"]  # fmt: skip
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert client.stdout.read(10)
+    assert cluster.nodes[0].stop(signal.SIGTERM) == 0
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 2 and err.count("\n") == 1 and "shutting down" in err, err
+    status = cluster.wait_live(1)
+    assert [n["layers"] for n in status["nodes"]] == [[0, 30]]
+    assert cluster.nodes[1].status()["stats"]["cached_requests"] == 0
+    assert remote(cluster.nodes[1].address, PROMPTS[0])["tokens"] == expected[PROMPTS[0]]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_tiny_random_models_on_the_ring_equal_local(
     tiny_models,
@@ -185,13 +237,24 @@ def test_tiny_random_models_on_the_ring_equal_local(
     family,  # noqa: ANN001
 ):
     model = str(llama_with_tokenizer if family == "llama" else tiny_models[family])
-    c = Cluster(tmp_path, 3, ["--model", model])
+    # GPT-2: the default float16 wire and a pinned third node. Llama: a float32 wire, which
+    # makes the ring bit-exact, so seeded sampling must draw the same tokens as --local.
+    pins = {2: ["--layers", "0:1"]} if family == "gpt2" else {}
+    wire = ["--wire-dtype", "float32"] if family == "llama" else []
+    c = Cluster(tmp_path, 3, ["--model", model, *wire], pins)
     try:
-        layers = sorted(n["layers"] for n in c.nodes[0].status()["nodes"])
+        nodes = c.nodes[0].status()["nodes"]
+        layers = sorted(n["layers"] for n in nodes)
         assert [b for a in layers for b in a] in ([0, 1, 1, 2, 2, 4], [0, 1, 1, 3, 3, 4],
                                                   [0, 2, 2, 3, 3, 4])  # fmt: skip
+        if pins:
+            assert next(n for n in nodes if n["name"] == "node3")["layers"] == [0, 1]
         for prompt in PROMPTS:
             want = local(prompt, "--model", model)
             assert remote(c.nodes[1].address, prompt)["tokens"] == want
+        for sampling in SAMPLED if wire else []:
+            args = (*sampling, "--seed", "5")
+            want = local(PROMPTS[1], "--model", model, *args)
+            assert remote(c.nodes[2].address, PROMPTS[1], *args)["tokens"] == want, sampling
     finally:
         c.stop()
