@@ -64,7 +64,13 @@ def start_cluster(root: Path, n: int, extra: list[str]) -> tuple[list[subprocess
 
 
 def counters(addresses: list[str]) -> list[dict]:
-    return [run("status", "--node", a, "--json")["stats"] for a in addresses]
+    """Each daemon's own counters, with its name."""
+    stats = []
+    for a in addresses:
+        status = run("status", "--node", a, "--json")
+        me = next(n for n in status["nodes"] if n["id"] == status["node"])
+        stats.append({**status["stats"], "name": me["name"]})
+    return stats
 
 
 def ring_run(addresses: list[str], common: list[str]) -> dict:
@@ -86,11 +92,15 @@ def ring_run(addresses: list[str], common: list[str]) -> dict:
         )
         / tokens
     )
-    stage_ms = [
-        1000 * (a["decode_compute_s"] - b["decode_compute_s"])
+    by_name = {
+        a["name"]: 1000 * (a["decode_compute_s"] - b["decode_compute_s"])
         / max(1, a["decode_steps"] - b["decode_steps"])
         for a, b in zip(after, before, strict=True)
-    ]  # fmt: skip
+    }  # fmt: skip
+    stage_ms = [
+        {"name": p["name"], "layers": [p["start"], p["end"]], "decode_ms": by_name[p["name"]]}
+        for p in out["plan"]
+    ]
     tpot_ms = 1000 * out["tpot_s"]
     return {
         "tokens": out["tokens"],
@@ -99,7 +109,7 @@ def ring_run(addresses: list[str], common: list[str]) -> dict:
         "ring_bytes_per_token": ring_bytes / tokens,
         "network_hops_per_token": hops,
         "stage_decode_ms": stage_ms,
-        "per_hop_ms": (tpot_ms - sum(stage_ms)) / max(hops, 1),
+        "per_hop_ms": (tpot_ms - sum(by_name.values())) / max(hops, 1),
         "decode_steps": decode_steps,
         "plan": out["plan"],
     }
@@ -159,7 +169,10 @@ def main() -> None:
         "ttft_ratio": med(ring_runs, "ttft_ms") / med(local_runs, "ttft_s", 1000),
         "per_hop_ms": med(ring_runs, "per_hop_ms"),
         "network_hops_per_token": med(ring_runs, "network_hops_per_token"),
-        "stage_decode_ms": [statistics.median(s) for s in zip(*stage_ms, strict=True)],
+        "stage_decode_ms": [
+            {**stages[0], "decode_ms": statistics.median(s["decode_ms"] for s in stages)}
+            for stages in zip(*stage_ms, strict=True)
+        ],
         "ring_bytes_per_token": ring_bytes,
         "bytes_target": hops * hidden_bytes + 4096,
         "same_greedy_tokens": all(r["tokens"] == local_runs[0]["tokens"] for r in ring_runs),
