@@ -325,6 +325,8 @@ class Daemon:
             return  # our own --peer address
         if not host:
             raise ProtocolError("malformed", "HELLO over a connection without an address")
+        if not 0 < body["port"] < 65536:
+            raise ProtocolError("bad-body", f"port {body['port']} is not a TCP port")
         member = Member.from_hello(body, host)
         if self.members.update(member):
             log.info(

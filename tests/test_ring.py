@@ -37,6 +37,26 @@ def remote(node: str, prompt: str, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def streaming(address: str) -> subprocess.Popen:
+    """A long generation through `address`, once its first tokens have arrived."""
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", address,
+           "Tell me a long story", "--max-tokens", "400", "--ignore-eos"]  # fmt: skip
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert client.stdout.read(10)
+    return client
+
+
+def stop_while_streaming(cluster: Cluster, requester: int, stopped: int) -> str:
+    """SIGTERM one daemon during a generation: it exits 0, the client gets one error line."""
+    client = streaming(cluster.nodes[requester].address)
+    assert cluster.nodes[stopped].stop(signal.SIGTERM) == 0
+    assert "stopped" in cluster.nodes[stopped].text()
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith("ringinfer: error: ") and "Traceback" not in err
+    return err
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     c = Cluster(tmp_path_factory.mktemp("ring"), 3, [])
@@ -110,10 +130,7 @@ def test_two_prompts_from_two_nodes_at_once(cluster, expected):  # noqa: ANN001
 
 
 def test_a_killed_client_frees_every_stage(cluster):  # noqa: ANN001
-    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", cluster.nodes[1].address,
-           "Tell me a long story", "--max-tokens", "400"]  # fmt: skip
-    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert client.stdout.read(20)  # streaming has begun
+    client = streaming(cluster.nodes[1].address)
     held = [d.status()["stats"]["cached_requests"] for d in cluster.nodes]
     assert held == [1, 1, 1]
     client.kill()
@@ -201,14 +218,7 @@ def test_bad_frames_get_errors_and_the_daemon_still_serves(cluster, expected):  
 def test_stopped_node_gives_a_new_epoch_that_still_generates(cluster, expected):  # noqa: ANN001
     before = cluster.nodes[0].status()["epoch"]
     # a generation running while a stage stops gets one clear error line
-    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", cluster.nodes[0].address,
-           "Tell me a long story", "--max-tokens", "400"]  # fmt: skip
-    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert client.stdout.read(10)
-    assert cluster.nodes[2].stop(signal.SIGTERM) == 0
-    _, err = client.communicate(timeout=60)
-    assert client.returncode == 2 and err.count("\n") == 1 and "node3" in err, err
-    assert "stopped" in cluster.nodes[2].text()
+    assert "node3" in stop_while_streaming(cluster, requester=0, stopped=2)
     status = cluster.wait_live(2)
     assert status["epoch"] > before
     assert sorted(n["layers"] for n in status["nodes"]) == [[0, 15], [15, 30]]
@@ -216,13 +226,7 @@ def test_stopped_node_gives_a_new_epoch_that_still_generates(cluster, expected):
 
 
 def test_stopping_a_requester_tells_its_client_and_the_rest_carry_on(cluster, expected):  # noqa: ANN001
-    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", cluster.nodes[0].address,
-           "Tell me a long story", "--max-tokens", "400"]  # fmt: skip
-    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert client.stdout.read(10)
-    assert cluster.nodes[0].stop(signal.SIGTERM) == 0
-    _, err = client.communicate(timeout=60)
-    assert client.returncode == 2 and err.count("\n") == 1 and "shutting down" in err, err
+    assert "shutting down" in stop_while_streaming(cluster, requester=0, stopped=0)
     status = cluster.wait_live(1)
     assert [n["layers"] for n in status["nodes"]] == [[0, 30]]
     assert cluster.nodes[1].status()["stats"]["cached_requests"] == 0
