@@ -261,16 +261,26 @@ def generate_remote(args: argparse.Namespace) -> int:
 
 
 def _wait_for_plan(client: Client, wait_s: float) -> dict:
-    """The daemon's status once its plan is live, showing who is loading meanwhile."""
-    deadline = time.monotonic() + wait_s
+    """The daemon's status once its plan is live, showing who is loading meanwhile.
+
+    A daemon that never answers is given up on after 20 s (one that is starting answers once
+    its model is open); one that answers is waited on for `wait_s`.
+    """
+    began = time.monotonic()
+    deadline, answered = began + wait_s, False
     while True:
+        give_up = deadline if answered else min(deadline, began + 20)
         try:
-            status = client.status(timeout_s=min(5.0, max(0.5, deadline - time.monotonic())))
+            status = client.status(timeout_s=min(5.0, max(0.5, give_up - time.monotonic())))
         except RinginferError:
-            if time.monotonic() >= deadline:
-                raise
+            if time.monotonic() >= give_up:
+                raise RinginferError(
+                    f"no answer from the daemon at {client.address} for "
+                    f"{time.monotonic() - began:.0f}s (is `ringinfer daemon` running there?)"
+                ) from None
             STATUS.live(f"waiting for the daemon at {client.address} to answer")
             continue
+        answered = True
         if status["live"]:
             STATUS.live("")
             return status
