@@ -154,7 +154,10 @@ def main() -> None:
     stage_ms = [r["stage_decode_ms"] for r in ring_runs]
     hops = 2  # stage-to-stage hops carrying hidden states in a three-stage ring
     ring_bytes = med(ring_runs, "ring_bytes_per_token")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()  # fmt: skip
     result = {
+        "commit": commit,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}",
         "model": local_runs[0]["model"],
         "tokens": args.tokens,

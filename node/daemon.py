@@ -723,17 +723,8 @@ class Daemon:
         loop = TokenLoop(prompt, req.max_tokens, params, stop_ids)
         stream = TextStream(self.tokenizer)
         pieces = []
-        while not loop.done:
-            body: dict[str, Any] = {"requester": self.id}
-            if req.step == 0:
-                body.update(capacity=req.capacity, sampling=sampling)
-            positions = loop.positions
-            forward = message(
-                Kind.FORWARD, (loop.ids,), req=req.id, epoch=req.plan.epoch, step=req.step,
-                start=int(positions[0]), count=len(positions), body=body,
-            )  # fmt: skip
-            req.result = asyncio.get_running_loop().create_future()
-            self._send_node(req.plan.nodes[0], forward)
+        self._step_into_ring(req, loop, sampling)
+        while True:
             try:
                 cands = await asyncio.wait_for(req.result, self.cfg.request_timeout_s)
             except TimeoutError:
@@ -743,11 +734,15 @@ class Daemon:
             token = loop.take(cands)
             timings.mark()
             req.step += 1
+            if not loop.done:  # the ring computes the next token while we serve the client
+                self._step_into_ring(req, loop, sampling)
             piece = "" if token in stop_ids else stream.push(token)
             pieces.append(piece)
             await self._reply(
                 req.client, message(Kind.TOKEN, req=req.id, body={"token": token, "text": piece})
             )
+            if loop.done:
+                break
         result = {
             "text": "".join(pieces),
             "tokens": loop.tokens,
@@ -760,6 +755,20 @@ class Daemon:
             "plan": plan_json,
         }
         await self._reply(req.client, message(Kind.DONE, req=req.id, body={"result": result}))
+
+    def _step_into_ring(self, req: Request, loop: TokenLoop, sampling: dict[str, Any]) -> None:
+        """Send the request's next positions to the first stage; its result will come back."""
+        assert req.plan is not None
+        body: dict[str, Any] = {"requester": self.id}
+        if req.step == 0:  # the prefill opens the request on every stage
+            body.update(capacity=req.capacity, sampling=sampling)
+        positions = loop.positions
+        forward = message(
+            Kind.FORWARD, (loop.ids,), req=req.id, epoch=req.plan.epoch, step=req.step,
+            start=int(positions[0]), count=len(positions), body=body,
+        )  # fmt: skip
+        req.result = asyncio.get_running_loop().create_future()
+        self._send_node(req.plan.nodes[0], forward)
 
     async def on_result(self, identity: bytes, msg: Message, host: str) -> None:
         req = self.requests.get(msg.req)
