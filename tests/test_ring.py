@@ -262,3 +262,37 @@ def test_tiny_random_models_on_the_ring_equal_local(
             assert remote(c.nodes[2].address, PROMPTS[1], *args)["tokens"] == want, sampling
     finally:
         c.stop()
+
+
+def test_an_abandoned_request_is_freed_after_the_idle_timeout(tiny_models, tmp_path):  # noqa: ANN001
+    model = str(tiny_models["gpt2"])
+    c = Cluster(tmp_path, 2, ["--model", model, "--request-timeout", "2"])
+    try:
+        status = c.nodes[0].status()
+        first = next(n for n in status["nodes"] if n["layers"][0] == 0)
+        last = next(n for n in status["nodes"] if n["layers"][0] != 0)
+        # a prefill whose requester never asks again: no END will ever come
+        ids = bytes(8 * 3)  # token ids 0, 0, 0
+        header = {
+            "v": VERSION, "type": "forward", "req": "abandoned", "epoch": status["epoch"],
+            "step": 0, "pos": [0, 3], "tensors": [{"dtype": "int64", "shape": [1, 3]}],
+            "body": {"requester": last["id"], "capacity": 8, "sampling": {}},
+        }  # fmt: skip
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(f"tcp://{first['address']}")
+        sock.send_multipart([json.dumps(header).encode(), ids])
+        ctx.destroy(linger=1000)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            held = [raw_status(n["address"])["stats"]["cached_requests"] for n in (first, last)]
+            if held == [1, 1]:
+                break
+        assert held == [1, 1]
+        time.sleep(5)
+        held = [raw_status(n["address"])["stats"]["cached_requests"] for n in (first, last)]
+        assert held == [0, 0]
+        assert all("idle for 2s: cache freed" in d.text() for d in c.nodes)
+    finally:
+        c.stop()
