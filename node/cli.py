@@ -182,8 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def generate_local(args: argparse.Namespace) -> int:
-
-    from node.engine import LocalPipeline, Timings, fit_request, generate
+    from node.engine import LocalPipeline, Timings, fit_request, generate, generation_result
     from node.sampling import SamplingParams
     from node.tokenizer import TextStream
     from node.weights import open_checkpoint
@@ -193,7 +192,7 @@ def generate_local(args: argparse.Namespace) -> int:
     STATUS.live(f"opening {args.model or 'the default model'} ...")
     ckpt = open_checkpoint(args.model)
     tokenizer = ckpt.tokenizer()
-    prompt = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
+    prompt = tokenizer.encode_prompt(args.prompt, args.chat)
     capacity, max_tokens = fit_request(len(prompt), args.max_tokens, ckpt.config.max_seq_len)
     splits = args.split or []
     pipeline = LocalPipeline(ckpt, splits, device, dtype, STATUS.loading(ckpt.name))
@@ -213,17 +212,10 @@ def generate_local(args: argparse.Namespace) -> int:
         if not args.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    text = "".join(pieces)
-    result = {
-        "text": text,
-        "tokens": tokens,
-        "prompt_tokens": len(prompt),
-        "model": ckpt.name,
-        "finish_reason": "stop" if tokens and tokens[-1] in stop_ids else "length",
-        "ttft_s": round(timings.ttft_s, 6),
-        "tpot_s": round(timings.tpot_s, 6),
-        "decode_tokens_per_s": round(timings.decode_tokens_per_s, 3),
-    }
+    finish_reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
+    result = generation_result(
+        "".join(pieces), tokens, len(prompt), ckpt.name, finish_reason, timings
+    )
     _print_result(args, result)
     return 0
 
@@ -239,16 +231,13 @@ def generate_remote(args: argparse.Namespace) -> int:
             f"{', '.join(given)} apply to --local; daemons run the model and devices they were "
             "started with (see `ringinfer daemon --help`)"
         )
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    if args.seed is not None:
-        sampling["seed"] = args.seed
     from node.sampling import SamplingParams
 
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # one-line errors here
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # errors here
     with Client(parse_address(args.node)) as client:
         _wait_for_plan(client, args.wait)
         replies = client.generate(
-            args.timeout, prompt=args.prompt, max_tokens=args.max_tokens, sampling=sampling,
+            args.timeout, prompt=args.prompt, max_tokens=args.max_tokens, sampling=params.to_json(),
             chat=args.chat, ignore_eos=args.ignore_eos,
         )  # fmt: skip
         for msg in replies:

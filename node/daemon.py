@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from node import __version__
-from node.engine import Timings, TokenLoop, fit_request
+from node.engine import Timings, TokenLoop, fit_request, generation_result
 from node.errors import RinginferError
 from node.membership import Member, Members
 from node.planner import NodeSpec, Plan, make_plan
@@ -104,6 +104,10 @@ class Stats:
     steps: int = 0
     decode_compute_s: float = 0.0  # the part spent on one-position steps
     decode_steps: int = 0
+
+    def sent(self, kind: Kind, frames: list[bytes]) -> None:
+        self.messages_sent[kind.value] += 1
+        self.bytes_sent[kind.value] += sum(len(f) for f in frames)
 
 
 class Daemon:
@@ -226,8 +230,7 @@ class Daemon:
         except zmq.ZMQError as e:
             log.warning("could not send %s to %s: %s", msg.kind.value, address, e.strerror)
             return
-        self.stats.messages_sent[msg.kind.value] += 1
-        self.stats.bytes_sent[msg.kind.value] += sum(len(f) for f in frames)
+        self.stats.sent(msg.kind, frames)
 
     def _send_node(self, node_id: str, msg: Message) -> None:
         """To a member by id; to ourselves without a socket."""
@@ -249,8 +252,7 @@ class Daemon:
             if e.errno == errno.EHOSTUNREACH:
                 raise ClientGone from None
             raise
-        self.stats.messages_sent[msg.kind.value] += 1
-        self.stats.bytes_sent[msg.kind.value] += sum(len(f) for f in frames)
+        self.stats.sent(msg.kind, frames)
 
     async def _receive(self, sock: zmq.asyncio.Socket, from_router: bool) -> None:
         while True:
@@ -605,12 +607,8 @@ class Daemon:
         if type(capacity) is not int or not isinstance(sampling, dict):
             raise ProtocolError("bad-body", "a request's first step needs capacity and sampling")
         try:
-            params = SamplingParams(
-                float(sampling.get("temperature", 0.0)),
-                int(sampling.get("top_k", 0)),
-                float(sampling.get("top_p", 1.0)),
-            )
-        except (RinginferError, TypeError, ValueError) as e:
+            params = SamplingParams.from_json(sampling)
+        except RinginferError as e:
             raise ProtocolError("bad-body", f"sampling: {e}") from None
         shard.open(msg.req, capacity, body["requester"], params, msg.epoch)
 
@@ -652,22 +650,13 @@ class Daemon:
         if self.stopping.is_set():
             raise ProtocolError("stopping", "this daemon is shutting down")
         body = msg.body
-        s = body["sampling"]
         try:
-            params = SamplingParams(
-                float(s.get("temperature", 0.0)), int(s.get("top_k", 0)),
-                float(s.get("top_p", 1.0)), s.get("seed") if type(s.get("seed")) is int else None,
-            )  # fmt: skip
-            text = body["prompt"]
-            prompt = (
-                self.tokenizer.encode_chat(text)
-                if body.get("chat")
-                else self.tokenizer.encode(text)
-            )
+            params = SamplingParams.from_json(body["sampling"])
+            prompt = self.tokenizer.encode_prompt(body["prompt"], body.get("chat") is True)
             capacity, max_tokens = fit_request(
                 len(prompt), max(1, body["max_tokens"]), self.ckpt.config.max_seq_len
             )
-        except (RinginferError, TypeError, ValueError) as e:
+        except RinginferError as e:
             raise ProtocolError("bad-request", str(e)) from None
         stop_ids = frozenset() if body.get("ignore_eos") is True else self.tokenizer.stop_ids
         req = Request(
@@ -718,12 +707,11 @@ class Daemon:
                 Kind.ACCEPTED, req=req.id, body={"plan": plan_json, "prompt_tokens": len(prompt)}
             ),
         )
-        sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
         stop_ids = req.stop_ids
         loop = TokenLoop(prompt, req.max_tokens, params, stop_ids)
         stream = TextStream(self.tokenizer)
         pieces = []
-        self._step_into_ring(req, loop, sampling)
+        self._step_into_ring(req, loop)
         while True:
             try:
                 cands = await asyncio.wait_for(req.result, self.cfg.request_timeout_s)
@@ -735,7 +723,7 @@ class Daemon:
             timings.mark()
             req.step += 1
             if not loop.done:  # the ring computes the next token while we serve the client
-                self._step_into_ring(req, loop, sampling)
+                self._step_into_ring(req, loop)
             piece = "" if token in stop_ids else stream.push(token)
             pieces.append(piece)
             await self._reply(
@@ -743,25 +731,18 @@ class Daemon:
             )
             if loop.done:
                 break
-        result = {
-            "text": "".join(pieces),
-            "tokens": loop.tokens,
-            "prompt_tokens": len(prompt),
-            "model": self.ckpt.name,
-            "finish_reason": loop.finish_reason,
-            "ttft_s": round(timings.ttft_s, 6),
-            "tpot_s": round(timings.tpot_s, 6),
-            "decode_tokens_per_s": round(timings.decode_tokens_per_s, 3),
-            "plan": plan_json,
-        }
+        result = generation_result(
+            "".join(pieces), loop.tokens, len(prompt), self.ckpt.name, loop.finish_reason, timings
+        )
+        result["plan"] = plan_json
         await self._reply(req.client, message(Kind.DONE, req=req.id, body={"result": result}))
 
-    def _step_into_ring(self, req: Request, loop: TokenLoop, sampling: dict[str, Any]) -> None:
+    def _step_into_ring(self, req: Request, loop: TokenLoop) -> None:
         """Send the request's next positions to the first stage; its result will come back."""
         assert req.plan is not None
         body: dict[str, Any] = {"requester": self.id}
         if req.step == 0:  # the prefill opens the request on every stage
-            body.update(capacity=req.capacity, sampling=sampling)
+            body.update(capacity=req.capacity, sampling=req.params.to_json())
         positions = loop.positions
         forward = message(
             Kind.FORWARD, (loop.ids,), req=req.id, epoch=req.plan.epoch, step=req.step,

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -163,6 +164,27 @@ class Timings:
     @property
     def decode_tokens_per_s(self) -> float:
         return 1.0 / self.tpot_s if self.tpot_s else 0.0
+
+
+def generation_result(
+    text: str,
+    tokens: list[int],
+    prompt_tokens: int,
+    model: str,
+    finish_reason: str,
+    timings: Timings,
+) -> dict[str, Any]:
+    """What `generate --json` prints, the same whether the tokens came locally or by the ring."""
+    return {
+        "text": text,
+        "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "model": model,
+        "finish_reason": finish_reason,
+        "ttft_s": round(timings.ttft_s, 6),
+        "tpot_s": round(timings.tpot_s, 6),
+        "decode_tokens_per_s": round(timings.decode_tokens_per_s, 3),
+    }
 
 
 class TokenLoop:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,6 +24,29 @@ class SamplingParams:
             raise RinginferError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise RinginferError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"temperature": self.temperature, "top_k": self.top_k}
+        d["top_p"] = self.top_p
+        if self.seed is not None:
+            d["seed"] = self.seed
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any) -> SamplingParams:
+        """Parameters a client or peer sent: RinginferError for anything malformed."""
+        if not isinstance(d, dict):
+            raise RinginferError("sampling parameters must be a JSON object")
+        seed = d.get("seed")
+        try:
+            return cls(
+                float(d.get("temperature", 0.0)),
+                int(d.get("top_k", 0)),
+                float(d.get("top_p", 1.0)),
+                seed if type(seed) is int else None,
+            )
+        except (TypeError, ValueError) as e:
+            raise RinginferError(f"malformed sampling parameters: {e}") from None
 
     @property
     def greedy(self) -> bool:

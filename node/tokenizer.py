@@ -54,6 +54,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._decode(ids)
 
+    def encode_prompt(self, text: str, chat: bool) -> list[int]:
+        """A user's prompt: wrapped in the chat template when `chat`, else encoded as is."""
+        return self.encode_chat(text) if chat else self.encode(text)
+
     def encode_chat(self, user_message: str) -> list[int]:
         """The chat template applied to one user turn, ready for the assistant's reply."""
         if not self.chat_template:

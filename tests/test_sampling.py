@@ -62,3 +62,12 @@ def test_seed_reproduces_and_differs():
 def test_bad_parameters_are_refused(kwargs):  # noqa: ANN001
     with pytest.raises(RinginferError):
         SamplingParams(**kwargs)
+
+
+def test_json_form_round_trips_and_refuses_malformed():
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    assert SamplingParams.from_json(params.to_json()) == params
+    assert SamplingParams.from_json({}) == SamplingParams()
+    for bad in ("greedy", {"temperature": "hot"}, {"top_k": [1]}, {"top_p": 0}):
+        with pytest.raises(RinginferError):
+            SamplingParams.from_json(bad)
