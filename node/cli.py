@@ -116,6 +116,45 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     daemon.add_argument("--max-memory", type=_size, help="memory to offer for weights, e.g. 4G")
     daemon.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
+    daemon.add_argument("--cluster", default="default", help="join only nodes of this cluster")
+    daemon.add_argument("--no-mdns", action="store_true", help="no mDNS: find peers by --peer")
+    daemon.add_argument("--mdns-interface", action="append", metavar="NAME|ADDRESS",
+                        help="advertise on this interface only (repeatable; default: LAN "
+                             "interfaces, not loopback, docker or VM bridges)")  # fmt: skip
+    daemon.add_argument("--objective", choices=["latency", "throughput"], default="latency",
+                        help="plan for one request's speed, or for many concurrent requests "
+                             "(used when this node coordinates)")  # fmt: skip
+    daemon.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure compute again instead of using the data dir's cache",
+    )
+    daemon.add_argument(
+        "--leave-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to wait for a plan without this node",
+    )
+
+    plan = commands.add_parser("plan", help="plan a described cluster (no daemons needed)")
+    plan.add_argument("--model", help="path, Hugging Face id (cached) or a well-known name")
+    plan.add_argument("--cluster-file", type=Path, required=True, help="nodes.json")
+    plan.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    plan.add_argument("--dtype", default="bfloat16", help="weights' dtype (default bfloat16)")
+    plan.add_argument(
+        "--context",
+        type=_positive,
+        default=4096,
+        help="KV cache positions every layer must have room for",
+    )
+    plan.add_argument("--json", action="store_true")
+
+    doctor = commands.add_parser("doctor", help="check this machine and network for problems")
+    doctor.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
+    doctor.add_argument("--cluster", help="the cluster to expect (default: the daemon's)")
+    doctor.add_argument("--listen", type=float, default=4.0, help="seconds to browse mDNS")
+    doctor.add_argument("--mdns-interface", action="append", metavar="NAME|ADDRESS")
+    doctor.add_argument("--json", action="store_true")
 
     status = commands.add_parser("status", help="the cluster as one daemon sees it")
     status.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
@@ -288,20 +327,91 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status))
         return 0
     plan = f"plan epoch {status['epoch']}" if status["live"] else "no live plan"
-    if status["plan_error"]:
-        plan += f" ({status['plan_error']})"
-    print(f"model {status['model']} · {plan} · {status['stats']['requests_in_flight']} "
-          "request(s) in flight here")  # fmt: skip
-    rows = [("NAME", "ID", "ADDRESS", "LAYERS", "STATE", "REQUESTS")]
+    predicted = status.get("predicted")
+    if predicted:
+        plan += (f" ({status['objective']}: predicted {predicted['tpot_ms']:.1f} ms/token, "
+                 f"{predicted['pipelined_tokens_per_s']:.1f} tokens/s pipelined)")  # fmt: skip
+    print(f"model {status['model']} · cluster {status['cluster']} · {plan} · "
+          f"{status['stats']['requests_in_flight']} request(s) in flight here")  # fmt: skip
+    rows = [("NAME", "ADDRESS", "DEVICE", "MEMORY", "COMPUTE", "LAYERS", "STATE", "RTT", "REQS")]
     for n in status["nodes"]:
         layers = f"{n['layers'][0]}-{n['layers'][1]}" if n["layers"] else "-"
         here = " *" if n["id"] == status["node"] else ""
-        row = (n["name"] + here, n["id"], n["address"], layers, n["state"], str(n["requests"]))
-        rows.append(row)
+        memory = f"{n['memory'] / 2**30:.1f}/{n['memory_total'] / 2**30:.1f}G"
+        compute = f"{n['flops'] / 1e9:.0f} GFLOP/s {n['bandwidth'] / 1e9:.0f} GB/s"
+        rtt = f"{n['rtt_ms']:.2f} ms" if n["rtt_ms"] is not None else "-"
+        rows.append((n["name"] + here, n["address"], n["device"], memory, compute, layers,
+                     n["state"], rtt, str(n["requests"])))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for p in status["problems"]:
+        print(f"! {p['problem']}: {p['fix']}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The planner on a described cluster: what a cluster would run, before buying it."""
+    import torch
+
+    from node.cluster_file import read_cluster
+    from node.planner import make_plan, predict
+    from node.shapes import find_shape
+
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise RinginferError(f"unknown dtype '{args.dtype}' (float32, bfloat16, float16)")
+    cluster = read_cluster(args.cluster_file)
+    name, shape, source = find_shape(args.model, dtype)
+    plan = make_plan(name, 0, shape, cluster.nodes, args.objective, cluster.links, args.context)
+    by_id = {n.id: n for n in cluster.nodes}
+    p = predict(plan.stages, shape, by_id, cluster.links)
+    stages = []
+    for s, stage_s in zip(plan.stages, p.stage_s, strict=True):
+        used = (s.end - s.start) * shape.layer_slot(args.context)
+        used += shape.embed_bytes * (s.start == 0) + shape.head_bytes * (s.end == shape.n_layers)
+        stages.append({"node": s.node, "name": cluster.names[s.node], "start": s.start,
+                       "end": s.end, "memory_used": used, "memory": by_id[s.node].memory,
+                       "stage_ms": round(stage_s * 1e3, 3)})  # fmt: skip
+    left_out = [cluster.names[n.id] for n in cluster.nodes if not plan.stage_of(n.id)]
+    result = {
+        "model": name, "source": source, "dtype": args.dtype, "objective": args.objective,
+        "context": args.context, "n_layers": shape.n_layers, "layer_bytes": shape.layer_bytes,
+        "stages": stages, "left_out": left_out, "predicted": p.to_json(),
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    gib = 2**30
+    print(f"{name} ({source}), {args.dtype}: {shape.n_layers} layers of "
+          f"{shape.layer_bytes / gib:.2f} GiB, embedding {shape.embed_bytes / gib:.2f} GiB, "
+          f"head {shape.head_bytes / gib:.2f} GiB, KV budget {args.context} positions")  # fmt: skip
+    pred = result["predicted"]
+    print(f"objective {args.objective}: predicted {pred['tpot_ms']:.1f} ms/token "
+          f"({pred['tokens_per_s']:.2f} tokens/s for one request, "
+          f"{pred['pipelined_tokens_per_s']:.2f} with requests pipelined)")  # fmt: skip
+    rows = [("NODE", "LAYERS", "COUNT", "MEMORY USED", "STAGE MS")]
+    for st in stages:
+        rows.append((st["name"], f"{st['start']}-{st['end']}", str(st["end"] - st["start"]),
+                     f"{st['memory_used'] / gib:.1f} of {st['memory'] / gib:.1f} GiB",
+                     f"{st['stage_ms']:.1f}"))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if left_out:
+        print(f"left out: {', '.join(left_out)} (including them would not make tokens faster)")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from node.doctor import diagnose, render
+
+    checks = diagnose(parse_address(args.node), args.cluster, args.listen, args.mdns_interface)
+    if args.json:
+        print(json.dumps([c.to_json() for c in checks]))
+    else:
+        print(render(checks))
+    return 1 if any(c.level == "fail" for c in checks) else 0
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -311,6 +421,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     import asyncio
 
+    from discovery.capabilities import load_or_measure
+    from discovery.interfaces import lan_interfaces
     from node import data_dir
     from node.daemon import Daemon, DaemonConfig, listen
     from node.engine import available_memory
@@ -321,7 +433,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s",
         stream=sys.stderr,
     )  # fmt: skip
-    node_id, lock = data_dir.claim(args.data_dir or data_dir.DEFAULT)
+    data_path = args.data_dir or data_dir.DEFAULT
+    node_id, lock = data_dir.claim(data_path)
     listener = listen(args.host, args.port)  # a taken port fails now, not after the model
     device, dtype = _engine(args)
     wire = args.wire_dtype
@@ -338,10 +451,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     tokenizer = ckpt.tokenizer()
     STATUS.live("")
     logging.info("opened %s in %.1fs", ckpt.path, time.perf_counter() - began)
+    mdns = None if args.no_mdns else lan_interfaces(args.mdns_interface)
+    if mdns == []:
+        logging.warning("no LAN interface for mDNS (only loopback or virtual ones): "
+                        "find peers with --peer, or name one with --mdns-interface")  # fmt: skip
+        mdns = None
+    STATUS.live("measuring compute ...")
+    caps, fresh = load_or_measure(data_path, device, dtype, args.remeasure)
+    STATUS.live("")
+    logging.info(
+        "%s %s: %.0f GFLOP/s matmul, %.1f GB/s weight streaming, %.0f us per layer (%s)",
+        caps.device, caps.device_name, caps.flops / 1e9, caps.bandwidth / 1e9,
+        caps.layer_overhead_s * 1e6, "measured" if fresh else f"cached in {data_path}",
+    )  # fmt: skip
     config = DaemonConfig(
         host=args.host, port=args.port, name=args.name, peers=peers, device=device, dtype=dtype,
-        wire_dtype=wire, memory=args.max_memory or available_memory(device), pin=args.layers,
-        request_timeout_s=args.request_timeout, threads=args.threads,
+        wire_dtype=wire, memory=args.max_memory or available_memory(device), caps=caps,
+        cluster=args.cluster, objective=args.objective, mdns=mdns, pin=args.layers,
+        request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
+        threads=args.threads,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(
@@ -373,7 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
-        commands = {"generate": cmd_generate, "daemon": cmd_daemon, "status": cmd_status}
+        commands = {
+            "generate": cmd_generate, "daemon": cmd_daemon, "status": cmd_status,
+            "plan": cmd_plan, "doctor": cmd_doctor,
+        }  # fmt: skip
         return commands[args.command](args)
     except RinginferError as e:
         STATUS.line(f"ringinfer: error: {e}")

@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import signal
-import socket
 import time
 import uuid
 from collections import Counter
@@ -26,16 +25,29 @@ import torch
 import zmq
 import zmq.asyncio
 
+from discovery.capabilities import Capabilities
+from discovery.interfaces import Interface, primary_address
+from discovery.mdns import SERVICE, Advert, Discovery
 from node import __version__
 from node.engine import Timings, TokenLoop, fit_request, generation_result
 from node.errors import RinginferError
 from node.membership import Member, Members
-from node.planner import NodeSpec, Plan, make_plan
+from node.planner import (
+    DEFAULT_BANDWIDTH,
+    DEFAULT_FLOPS,
+    LAYER_OVERHEAD_S,
+    NodeSpec,
+    Plan,
+    make_plan,
+    predict,
+)
 from node.sampling import Candidates, SamplingParams
-from node.shard import Shard, model_shape
+from node.shapes import shape_of
+from node.shard import Shard
 from node.tokenizer import TextStream, Tokenizer
 from node.weights import Checkpoint
 from protocol.wire import (
+    VERSION,
     Kind,
     Message,
     ProtocolError,
@@ -60,11 +72,16 @@ class DaemonConfig:
     dtype: torch.dtype
     wire_dtype: str  # activations between stages: float32, float16 or bfloat16
     memory: int  # bytes offered to weights
+    caps: Capabilities
+    cluster: str = "default"
+    objective: str = "latency"
+    mdns: list[Interface] | None = None  # interfaces to advertise on; None: no mDNS
     pin: tuple[int, int] | None = None
     heartbeat_s: float = 1.0
     dead_after_s: float = 6.0
     request_timeout_s: float = 120.0
     plan_wait_s: float = 600.0
+    leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node
     threads: int | None = None
 
 
@@ -120,11 +137,15 @@ class Daemon:
         listener: tuple[zmq.asyncio.Context, zmq.asyncio.Socket],
     ) -> None:
         self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
-        self.shape = model_shape(ckpt, cfg.dtype)
+        self.shape = shape_of(ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype))
         c = ckpt.config
         self.fingerprint = f"{ckpt.name}|{c.n_layers}|{c.dim}|{c.vocab_size}"
         self.max_tensor_bytes = max(c.max_seq_len * c.dim * 4, c.vocab_size * 12, 1 << 20)
-        self.members = Members()
+        self.members = Members(cfg.dead_after_s)
+        self.discovery: Discovery | None = None
+        self.mdns_names: dict[str, str] = {}  # mDNS instance -> node id
+        self.foreign: dict[str, dict[str, Any]] = {}  # nodes heard of but not ours, by id
+        self.impostors: dict[str, float] = {}  # address -> when a process there used our id
         self.stats = Stats()
         self.ctx, self.router = listener
         self.links: dict[str, zmq.asyncio.Socket] = {}
@@ -146,6 +167,7 @@ class Daemon:
         self.drained.set()
         self.loading = ""
         self.stopping = asyncio.Event()
+        self.leaving = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
         self.boot = uuid.uuid4().hex[:8]  # tells peers this process restarted
         wildcard = cfg.host in ("0.0.0.0", "", "*")
@@ -153,6 +175,8 @@ class Daemon:
         self.handlers = {
             Kind.HELLO: self.on_hello,
             Kind.BYE: self.on_bye,
+            Kind.PING: self.on_ping,
+            Kind.PONG: self.on_pong,
             Kind.PLAN: self.on_plan,
             Kind.PLAN_ACK: self.on_plan_ack,
             Kind.FORWARD: self.on_forward,
@@ -172,7 +196,7 @@ class Daemon:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self._signalled)
         log.info(
             "node %s (%s) listening on %s:%d, model %s, %d layers, %.0f MiB offered",
             self.id, self.cfg.name, self.cfg.host, self.cfg.port, self.ckpt.name,
@@ -185,7 +209,11 @@ class Daemon:
             self._spawn(self._expire_requests()),
         ]
         self.replan.set()
-        await self.stopping.wait()
+        await self._start_discovery()
+        await self.leaving.wait()
+        await self._leave()
+        if self.discovery:
+            await self.discovery.close()  # peers hear the goodbye now
         log.info("stopping: %d open request(s) get an error", len(self.requests))
         for req in list(self.requests.values()):
             if req.task:
@@ -202,6 +230,96 @@ class Daemon:
         self.compute.shutdown(wait=True, cancel_futures=True)
         self.ctx.destroy(linger=0)
         log.info("stopped")
+
+    def _signalled(self) -> None:
+        """First signal: leave gracefully; a second one: stop now."""
+        if self.leaving.is_set():
+            log.info("second signal: stopping now")
+            self.stopping.set()
+        self.leaving.set()
+
+    async def _leave(self) -> None:
+        """Let the cluster re-plan without this node and finish its requests, then stop.
+
+        Requests passing through this node's layers finish first: a new plan waits for the
+        requests on the old one. Bounded by --leave-timeout, or cut short by a second signal.
+        """
+        stage = self.plan.stage_of(self.id) if self.plan else None
+        others = [m for m in self.members.same_model(self.fingerprint) if m.state != "leaving"]
+        if stage or self.requests:
+            log.info(
+                "leaving: waiting up to %.0fs for %s (signal again to stop now)",
+                self.cfg.leave_timeout_s,
+                "a plan without this node" if stage and others else "open requests",
+            )
+        self._broadcast_hello()  # state "leaving": the coordinator plans without us
+        deadline = time.monotonic() + self.cfg.leave_timeout_s
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if self._may_stop():
+                break
+            await asyncio.sleep(0.2)
+        self.stopping.set()
+
+    def _may_stop(self) -> bool:
+        """Nothing left to finish: no open request of our own, and no plan that others
+        use gives us layers (or nobody is left to take them)."""
+        if self.requests:
+            return False
+        if not any(m.state != "leaving" for m in self.members.same_model(self.fingerprint)):
+            return True
+        return self.pending is None and (self.plan is None or not self.plan.stage_of(self.id))
+
+    async def _start_discovery(self) -> None:
+        if self.cfg.mdns is None:
+            return
+        caps = self.cfg.caps
+        advert = Advert(
+            id=self.id, name=self.cfg.name, version=__version__, protocol=VERSION,
+            port=self.cfg.port, cluster=self.cfg.cluster, device=caps.device,
+            memory_total=caps.memory_total, memory_available=self.cfg.memory,
+            flops=caps.flops, bandwidth=caps.bandwidth, models=(self.ckpt.name,),
+        )  # fmt: skip
+        self.discovery = Discovery(advert, self.cfg.mdns, self._found, self._gone)
+        try:
+            await self.discovery.start()
+        except OSError as e:
+            log.error("mDNS unavailable (%s): only --peer and gossip find members", e)
+            self.discovery = None
+            return
+        names = ", ".join(f"{i.name} {i.address}" for i in self.cfg.mdns)
+        log.info("mDNS: advertising %s in cluster '%s' on %s", SERVICE, self.cfg.cluster, names)
+
+    def _found(self, advert: Advert) -> None:
+        """An mDNS advert: say HELLO to nodes of our cluster; remember the rest for status."""
+        if advert.id != self.id:
+            self.mdns_names[advert.instance] = advert.id
+        if advert.cluster != self.cfg.cluster or advert.protocol != VERSION:
+            self._foreign(advert.id, advert.name, advert.endpoint, advert.cluster, advert.version,
+                          advert.protocol)  # fmt: skip
+            return
+        if advert.id == self.id and advert.endpoint == self.address:
+            return
+        if advert.id not in self.members.by_id:
+            log.info("mDNS: found %s at %s", advert.name, advert.endpoint)
+        self._send_to(advert.endpoint, self._hello())
+
+    def _gone(self, instance: str) -> None:
+        """An mDNS goodbye: a member that also stopped talking is gone now, not in 6 s."""
+        member = self.members.by_id.get(self.mdns_names.pop(instance, ""))
+        if member and time.monotonic() - member.last_seen > 1.5 * self.cfg.heartbeat_s:
+            self._lost(member, "left (mDNS goodbye)")
+
+    def _foreign(
+        self, node_id: str, name: str, address: str, cluster: str, version: str, protocol: int
+    ) -> None:
+        if node_id not in self.foreign:
+            why = (f"cluster '{cluster}'" if cluster != self.cfg.cluster
+                   else f"protocol {protocol} (we speak {VERSION})")  # fmt: skip
+            log.warning("ignoring %s at %s: %s", name, address, why)
+        self.foreign[node_id] = {
+            "id": node_id, "name": name, "address": address, "cluster": cluster,
+            "version": version, "protocol": protocol, "seen": time.monotonic(),
+        }  # fmt: skip
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -307,30 +425,71 @@ class Daemon:
             "state": self.state(), "members": members, "pin": pin,
             "epoch": self.plan.epoch if self.plan else 0, "seen": self.seen_epoch,
             "requests": len(self.shard.requests) if self.shard else 0, "version": __version__,
-            "boot": self.boot,
+            "boot": self.boot, "cluster": self.cfg.cluster, "caps": self.cfg.caps.to_json(),
+            "rtt": {m.id: m.rtt for m in self.members if m.rtt is not None},
         }  # fmt: skip
         return message(Kind.HELLO, body=body)
 
+    def _broadcast_hello(self) -> None:
+        hello = self._hello()
+        for address in {m.address for m in self.members} | set(self.cfg.peers):
+            if address != self.address:
+                self._send_to(address, hello)
+
     async def _heartbeat(self) -> None:
         while True:
-            hello = self._hello()
-            targets = {m.address for m in self.members} | set(self.cfg.peers)
-            for address in targets - {self.address}:
-                self._send_to(address, hello)
+            self._broadcast_hello()
+            for m in self.members:  # round trips over the ring's own connections
+                self._send_to(
+                    m.address, message(Kind.PING, body={"id": self.id, "t": time.monotonic()})
+                )
             for m in self.members.expired(self.cfg.dead_after_s):
                 self._lost(m, f"silent for over {self.cfg.dead_after_s:.0f}s")
             await asyncio.sleep(self.cfg.heartbeat_s)
 
+    async def on_ping(self, identity: bytes, msg: Message, host: str) -> None:
+        pong = message(Kind.PONG, body={"id": self.id, "t": msg.body["t"]})
+        with contextlib.suppress(ClientGone, zmq.ZMQError):
+            await self._reply(identity, pong)
+
+    async def on_pong(self, identity: bytes, msg: Message, host: str) -> None:
+        rtt = time.monotonic() - msg.body["t"]
+        if 0 <= rtt < 60:
+            self.members.rtt_sample(msg.body["id"], rtt)
+
     async def on_hello(self, identity: bytes, msg: Message, host: str) -> None:
         body = msg.body
-        if body["id"] == self.id:
-            return  # our own --peer address
         if not host:
             raise ProtocolError("malformed", "HELLO over a connection without an address")
         if not 0 < body["port"] < 65536:
             raise ProtocolError("bad-body", f"port {body['port']} is not a TCP port")
+        address = f"{host}:{body['port']}"
+        if body["id"] == self.id:
+            if body.get("boot") != self.boot:  # not our own --peer address: a copied data dir
+                if address not in self.impostors:
+                    log.error("%s at %s uses this node's id %s (a copied data dir?)",
+                              body["name"], address, self.id)  # fmt: skip
+                self.impostors[address] = time.monotonic()
+            return
+        if body["cluster"] != self.cfg.cluster:
+            self._foreign(body["id"], body["name"], address, body["cluster"],
+                          str(body.get("version", "")), VERSION)  # fmt: skip
+            return
         member = Member.from_hello(body, host)
-        if self.members.update(member):
+        old = self.members.by_id.get(member.id)
+        was_leaving = old is not None and old.state == "leaving"
+        changed = self.members.update(member)
+        if self.members.clashing(member.id):
+            if changed:
+                log.error("two nodes use id %s (%s): left out of plans until one stops",
+                          member.id, ", ".join(self.members.clashes()[member.id]))  # fmt: skip
+                self.planned_members = frozenset()
+                self.replan.set()
+            return
+        if (member.state == "leaving") != was_leaving and old is not None:
+            log.info("member %s (%s) is leaving", member.name, member.id)
+            self.replan.set()
+        if changed:
             log.info(
                 "member %s (%s) at %s: %s", member.name, member.id, member.address, member.state
             )
@@ -373,6 +532,10 @@ class Daemon:
     # ---------------------------------------------------------------- plans
 
     def state(self) -> str:
+        if self.leaving.is_set():
+            return "leaving"
+        if self._impostor_seen():
+            return "duplicate id"
         if self.loading:
             return self.loading
         if self.pending:
@@ -382,14 +545,35 @@ class Daemon:
         return "ready" if self.plan.stage_of(self.id) else "idle"
 
     def _is_coordinator(self) -> bool:
+        if self._impostor_seen():
+            return False  # our id is not ours alone: others keep it out of plans
         return all(self.id < m.id for m in self.members.same_model(self.fingerprint))
 
+    def _impostor_seen(self) -> bool:
+        now = time.monotonic()
+        return any(now - t < self.cfg.dead_after_s for t in self.impostors.values())
+
     def _candidates(self) -> list[NodeSpec]:
-        me = NodeSpec(self.id, self.cfg.memory, self.cfg.pin)
+        """Nodes that may hold layers: ours and same-model members, except leaving ones."""
+        caps = self.cfg.caps
+        me = [] if self.leaving.is_set() else [NodeSpec(
+            self.id, self.cfg.memory, self.cfg.pin, caps.flops or DEFAULT_FLOPS,
+            caps.bandwidth or DEFAULT_BANDWIDTH, caps.layer_overhead_s or LAYER_OVERHEAD_S,
+        )]  # fmt: skip
         others = [
-            NodeSpec(m.id, m.memory, m.pin) for m in self.members.same_model(self.fingerprint)
-        ]
-        return [me, *others]
+            NodeSpec(m.id, m.memory, m.pin, m.caps.flops or DEFAULT_FLOPS,
+                     m.caps.bandwidth or DEFAULT_BANDWIDTH,
+                     m.caps.layer_overhead_s or LAYER_OVERHEAD_S)
+            for m in self.members.same_model(self.fingerprint) if m.state != "leaving"
+        ]  # fmt: skip
+        return [*me, *others]
+
+    def _links(self) -> dict[tuple[str, str], float]:
+        """Round trips we measured, and those our members measured and told us."""
+        links = {(self.id, m.id): m.rtt for m in self.members if m.rtt is not None}
+        for m in self.members:
+            links.update({(m.id, other): rtt for other, rtt in m.rtts.items()})
+        return links
 
     async def _plan_loop(self) -> None:
         """On the coordinator (smallest id): a new plan epoch whenever membership changes."""
@@ -406,7 +590,9 @@ class Daemon:
             epoch = max([self.seen_epoch, self.highest_epoch, *(m.seen for m in self.members)]) + 1
             self.highest_epoch = epoch
             try:
-                plan = make_plan(self.ckpt.name, epoch, self.shape, nodes)
+                plan = make_plan(
+                    self.ckpt.name, epoch, self.shape, nodes, self.cfg.objective, self._links()
+                )
             except RinginferError as e:
                 if str(e) != self.plan_error:
                     log.error("cannot plan: %s", e)
@@ -418,7 +604,7 @@ class Daemon:
 
     async def _propose(self, plan: Plan, key: frozenset) -> None:
         """Prepare (requesters drain), load, live: nobody swaps layers under a request."""
-        members = [n.id for n in self._candidates()]
+        members = [self.id, *(m.id for m in self.members.same_model(self.fingerprint))]
         ranges = ", ".join(f"{self._name(s.node)} {s.start}-{s.end}" for s in plan.stages)
         log.info("proposing plan epoch %d: %s", plan.epoch, ranges)
         for phase in ("prepare", "load"):
@@ -647,7 +833,7 @@ class Daemon:
     # ---------------------------------------------------------------- requester side
 
     async def on_generate(self, identity: bytes, msg: Message, host: str) -> None:
-        if self.stopping.is_set():
+        if self.leaving.is_set():
             raise ProtocolError("stopping", "this daemon is shutting down")
         body = msg.body
         try:
@@ -788,20 +974,32 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         plan = self.plan
-        nodes = []
+        caps = self.cfg.caps
         me = {
             "id": self.id, "name": self.cfg.name, "address": self.address,
             "state": self.state(), "memory": self.cfg.memory,
             "requests": len(self.shard.requests) if self.shard else 0,
+            "device": caps.device, "device_name": caps.device_name,
+            "memory_total": caps.memory_total, "flops": caps.flops, "bandwidth": caps.bandwidth,
+            "rtt_ms": None, "version": __version__,
         }  # fmt: skip
         members = [
             {"id": m.id, "name": m.name, "address": m.address, "state": m.state,
-             "memory": m.memory, "requests": m.requests}
+             "memory": m.memory, "requests": m.requests, "device": m.caps.device,
+             "device_name": m.caps.device_name, "memory_total": m.caps.memory_total,
+             "flops": m.caps.flops, "bandwidth": m.caps.bandwidth,
+             "rtt_ms": round(m.rtt * 1e3, 3) if m.rtt is not None else None,
+             "version": m.version}
             for m in self.members
         ]  # fmt: skip
+        nodes = []
         for node in sorted([me, *members], key=lambda n: n["id"]):
             stage = plan.stage_of(node["id"]) if plan else None
             nodes.append({**node, "layers": [stage.start, stage.end] if stage else None})
+        predicted = None
+        specs = {n.id: n for n in self._candidates()}
+        if plan and all(s.node in specs for s in plan.stages):
+            predicted = predict(plan.stages, self.shape, specs, self._links()).to_json()
         stats = self.stats
         return {
             "epoch": plan.epoch if plan else 0,
@@ -809,6 +1007,12 @@ class Daemon:
             "live": plan is not None,
             "plan_error": self.plan_error,
             "node": self.id,
+            "cluster": self.cfg.cluster,
+            "objective": self.cfg.objective,
+            "protocol": VERSION,
+            "mdns": self.discovery is not None,
+            "predicted": predicted,
+            "problems": self.problems(),
             "nodes": nodes,
             "stats": {
                 "requests_in_flight": len(self.requests),
@@ -822,6 +1026,52 @@ class Daemon:
                 "decode_steps": stats.decode_steps,
             },
         }
+
+    def problems(self) -> list[dict[str, str]]:
+        """What a user should fix, each with how: shown by `status` and `doctor`."""
+        out = []
+        now = time.monotonic()
+        for address, t in self.impostors.items():
+            if now - t < 60:
+                out.append({
+                    "problem": f"the node at {address} uses this node's id {self.id}",
+                    "fix": "a copied data dir: on one of the two machines stop the daemon, "
+                           "delete node_id in its --data-dir, and start it again",
+                })  # fmt: skip
+        for node_id, addresses in self.members.clashes().items():
+            out.append({
+                "problem": f"nodes at {', '.join(addresses)} share the id {node_id}",
+                "fix": "delete node_id in the --data-dir of all but one of them and restart it",
+            })  # fmt: skip
+        for f in self.foreign.values():
+            if now - f["seen"] > 60:
+                continue
+            if f["cluster"] != self.cfg.cluster:
+                out.append({
+                    "problem": f"{f['name']} at {f['address']} is in cluster '{f['cluster']}', "
+                               f"not '{self.cfg.cluster}'",
+                    "fix": f"start it with --cluster {self.cfg.cluster} if it should join",
+                })  # fmt: skip
+            else:
+                out.append({
+                    "problem": f"{f['name']} at {f['address']} runs ringinfer {f['version']} "
+                               f"(protocol {f['protocol']}, ours {VERSION})",
+                    "fix": "run the same ringinfer version on every node",
+                })  # fmt: skip
+        others = [m for m in self.members if m.fingerprint != self.fingerprint]
+        for m in others:
+            out.append({
+                "problem": f"{m.name} serves {m.model}, not {self.ckpt.name}",
+                "fix": "start every daemon of one cluster with the same --model",
+            })  # fmt: skip
+        if self.plan_error:
+            out.append(
+                {
+                    "problem": self.plan_error,
+                    "fix": "add a node or memory (--max-memory), or use a smaller model",
+                }
+            )
+        return out
 
 
 def listen(host: str, port: int) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socket]:
@@ -840,13 +1090,3 @@ def listen(host: str, port: int) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socke
             "pass --port)"
         ) from None
     return ctx, router
-
-
-def primary_address() -> str:
-    """The address peers on the LAN most likely reach us at (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"

@@ -1,30 +1,70 @@
-"""Which node runs which layers: a pure function of the model's shape and the members."""
+"""Which node runs which layers: a pure function of the model's shape, the nodes and the links.
+
+The planner predicts the time per token of every candidate assignment from what each node
+measured (matmul FLOP/s and the rate at which it streams weights, see
+`discovery/capabilities.py`) and the links' round trips, and keeps the fastest:
+
+- objective "latency" (default): one request's time per output token, the sum over stages
+  of layers x per-layer time, the LM head on the last stage, and one hop per stage around
+  the ring. Adding a node adds a hop, so a node is left out when it would not pay for it:
+  a single node that fits the model is always a candidate, so a plan is never predicted
+  slower than the best machine alone.
+- objective "throughput": the slowest stage, which paces a pipeline full of concurrent
+  requests; stages are balanced and hops overlap with compute.
+
+Memory bounds every candidate: weights, plus a KV cache budget of `context` positions per
+layer, within HEADROOM of what the node offers; the first stage also holds the embedding,
+the last the final norm and LM head.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from node.errors import RinginferError
 
-HEADROOM = 0.9  # share of a node's free memory the planner will fill with weights
+HEADROOM = 0.9  # share of a node's memory the planner fills (weights + KV budget)
+DEFAULT_CONTEXT = 4096  # KV positions per layer every stage must have room for
+DEFAULT_FLOPS = 1e11  # a node that measured nothing: a modest laptop CPU
+DEFAULT_BANDWIDTH = 1e10  # bytes/s of weights streamed in a matrix-vector product
+DEFAULT_RTT_S = 1e-3  # a round trip on a LAN, when none was measured
+HOP_OVERHEAD_S = 3e-4  # encoding, sending and decoding one activation message
+LAYER_OVERHEAD_S = 5e-5  # per layer per step: kernel launches and Python dispatch
+LINK_BYTES_PER_S = 125e6  # 1 Gb/s Ethernet
+EXHAUSTIVE = 8  # up to this many candidate nodes, every subset of them is tried
+OBJECTIVES = ("latency", "throughput")
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the planner needs to know about a model: its layers and their weight bytes."""
+    """What the planner needs to know about a model at one compute dtype."""
 
     n_layers: int
-    layer_bytes: int  # one decoder layer's weights at the compute dtype
-    edge_bytes: int  # embedding + final norm + LM head (first and last stage)
+    layer_bytes: int  # one decoder layer's weights
+    embed_bytes: int  # what the first stage adds: token (and position) embeddings
+    head_bytes: int  # what the last stage adds: final norm and LM head
+    kv_bytes: int = 0  # one layer's keys and values for one position
+    hidden: int = 0  # activation width: a decode step sends hidden x wire_bytes per hop
+    dtype_bytes: int = 2  # bytes per weight, to count FLOPs from bytes
+    wire_bytes: int = 2
+
+    def layer_slot(self, context: int) -> int:
+        """Bytes one layer takes on a node: weights and its KV budget."""
+        return self.layer_bytes + self.kv_bytes * context
 
 
 @dataclass(frozen=True)
 class NodeSpec:
     id: str
-    memory: int  # bytes this node can give to weights
+    memory: int  # bytes this node can give to weights and caches
     pin: tuple[int, int] | None = None  # layers fixed by hand (`--layers START:END`)
+    flops: float = DEFAULT_FLOPS  # measured matmul throughput, FLOP/s
+    bandwidth: float = DEFAULT_BANDWIDTH  # measured weight-streaming rate, bytes/s
+    layer_overhead_s: float = LAYER_OVERHEAD_S  # measured fixed cost of one layer's kernels
 
 
 @dataclass(frozen=True)
@@ -74,19 +114,86 @@ class Plan:
         return plan
 
 
-def layers_that_fit(node: NodeSpec, shape: ModelShape) -> int:
-    """How many layers `node` can hold, counting the embedding and head as if it had both."""
-    room = int(node.memory * HEADROOM) - shape.edge_bytes
-    return max(0, room // max(1, shape.layer_bytes))
+Links = Mapping[tuple[str, str], float]  # measured round trips in seconds, either direction
 
 
-def make_plan(model: str, epoch: int, shape: ModelShape, nodes: Sequence[NodeSpec]) -> Plan:
-    """Layers in proportion to each node's free memory, never more than fits; pins honoured.
+@dataclass(frozen=True)
+class Prediction:
+    tpot_s: float  # one request's time per output token: every stage and hop in turn
+    bottleneck_s: float  # the slowest stage: with requests pipelined, one token per this
+    stage_s: tuple[float, ...]  # each stage's compute and send, in ring order
 
-    Pinned nodes keep their ranges. The layers between pins (the gaps) go to the unpinned
-    nodes in id order: each gap gets a share of the nodes in proportion to its length, and
-    within a gap layers are water-filled by memory. Nodes given no layers are left out.
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tpot_ms": round(self.tpot_s * 1e3, 3),
+            "tokens_per_s": round(1 / self.tpot_s, 2),
+            "pipelined_tokens_per_s": round(1 / self.bottleneck_s, 2),
+            "stage_ms": [round(s * 1e3, 3) for s in self.stage_s],
+        }
+
+
+def layer_time(node: NodeSpec, shape: ModelShape) -> float:
+    """One layer, one decode position: weights streamed or FLOPs done, whichever is slower."""
+    return _roofline(node, shape, shape.layer_bytes) + node.layer_overhead_s
+
+
+def head_time(node: NodeSpec, shape: ModelShape) -> float:
+    return _roofline(node, shape, shape.head_bytes)
+
+
+def _roofline(node: NodeSpec, shape: ModelShape, weight_bytes: int) -> float:
+    flops = 2 * weight_bytes / shape.dtype_bytes
+    return max(weight_bytes / node.bandwidth, flops / node.flops)
+
+
+def send_time(shape: ModelShape) -> float:
+    """A stage's cost of passing one position on, which a pipeline cannot overlap."""
+    return HOP_OVERHEAD_S + shape.hidden * shape.wire_bytes / LINK_BYTES_PER_S
+
+
+def hop_time(a: str, b: str, shape: ModelShape, links: Links) -> float:
+    if a == b:
+        return 0.0
+    rtt = links.get((a, b), links.get((b, a), DEFAULT_RTT_S))
+    return rtt / 2 + send_time(shape)
+
+
+def capacity(node: NodeSpec, shape: ModelShape, context: int, first: bool, last: bool) -> int:
+    """How many layers `node` holds as a stage, with the embedding / head when it has them."""
+    room = node.memory * HEADROOM - first * shape.embed_bytes - last * shape.head_bytes
+    return max(0, int(room // max(1, shape.layer_slot(context))))
+
+
+def predict(
+    plan_stages: Sequence[StageSpec], shape: ModelShape, nodes: Mapping[str, NodeSpec],
+    links: Links | None = None,
+) -> Prediction:  # fmt: skip
+    links = links or {}
+    k = len(plan_stages)
+    compute = [
+        (s.end - s.start) * layer_time(nodes[s.node], shape)
+        + (head_time(nodes[s.node], shape) if s.end == shape.n_layers else 0.0)
+        for s in plan_stages
+    ]
+    ring = [s.node for s in plan_stages]
+    hops = [hop_time(ring[i], ring[(i + 1) % k], shape, links) for i in range(k)]
+    stage_s = tuple(c + (send_time(shape) if k > 1 else 0.0) for c in compute)
+    return Prediction(sum(compute) + sum(hops), max(stage_s), stage_s)
+
+
+def make_plan(
+    model: str, epoch: int, shape: ModelShape, nodes: Sequence[NodeSpec],
+    objective: str = "latency", links: Links | None = None, context: int = DEFAULT_CONTEXT,
+) -> Plan:  # fmt: skip
+    """The assignment with the best predicted `objective`; pins are honoured.
+
+    Pinned nodes keep their ranges; the layers between pins (the gaps) go to the unpinned
+    nodes, split among the gaps in id order in proportion to their lengths. Deterministic:
+    the same input gives the same plan (ties go to fewer stages, then smaller ids).
     """
+    if objective not in OBJECTIVES:
+        raise RinginferError(f"unknown objective '{objective}' (use {' or '.join(OBJECTIVES)})")
+    links = links or {}
     pinned = sorted((n for n in nodes if n.pin), key=lambda n: n.pin)
     free = sorted((n for n in nodes if not n.pin), key=lambda n: n.id)
     stages: list[StageSpec] = []
@@ -116,12 +223,149 @@ def make_plan(model: str, epoch: int, shape: ModelShape, nodes: Sequence[NodeSpe
     for (a, b), extra in zip(gaps, shares, strict=True):
         group = free[taken : taken + 1 + extra]
         taken += len(group)
-        counts = _water_fill(b - a, group, shape)
-        for n, c in zip(group, counts, strict=True):
-            if c:
-                stages.append(StageSpec(n.id, a, a + c))
-                a += c
+        segment = _Segment(a, b - a, shape, context, objective, links)
+        for node, count in segment.best(group):
+            stages.append(StageSpec(node.id, a, a + count))
+            a += count
     return Plan(model, epoch, tuple(sorted(stages, key=lambda s: s.start)))
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A run of consecutive layers to place on some of a group of nodes."""
+
+    start: int
+    layers: int
+    shape: ModelShape
+    context: int
+    objective: str
+    links: Links
+
+    @property
+    def has_embed(self) -> bool:
+        return self.start == 0
+
+    @property
+    def has_head(self) -> bool:
+        return self.start + self.layers == self.shape.n_layers
+
+    def best(self, group: Sequence[NodeSpec]) -> list[tuple[NodeSpec, int]]:
+        found: tuple[tuple, list[tuple[NodeSpec, int]]] | None = None
+        for subset in _subsets(group, self.shape):
+            for order in _orders(subset):
+                counts = self._assign(order)
+                if counts is None:
+                    continue
+                key = self._score(order, counts)
+                if found is None or key < found[0]:
+                    found = (key, list(zip(order, counts, strict=True)))
+        if found is None:
+            raise RinginferError(self._does_not_fit(group))
+        return found[1]
+
+    def _caps(self, order: Sequence[NodeSpec]) -> list[int]:
+        last = len(order) - 1
+        return [
+            capacity(n, self.shape, self.context, self.has_embed and i == 0,
+                     self.has_head and i == last)
+            for i, n in enumerate(order)
+        ]  # fmt: skip
+
+    def _assign(self, order: Sequence[NodeSpec]) -> list[int] | None:
+        """Layers per node (each at least one), or None when they do not fit."""
+        caps = self._caps(order)
+        if min(caps) < 1 or sum(caps) < self.layers or len(order) > self.layers:
+            return None
+        cost = [layer_time(n, self.shape) for n in order]
+        if self.objective == "latency":  # linear in the counts: fill the fastest first
+            counts = [1] * len(order)
+            left = self.layers - len(order)
+            for i in sorted(range(len(order)), key=lambda i: cost[i]):
+                add = min(caps[i] - 1, left)
+                counts[i] += add
+                left -= add
+            return counts
+        return self._balance(order, caps, cost)
+
+    def _balance(self, order: Sequence[NodeSpec], caps: list[int], cost: list[float]) -> list[int]:
+        """Counts minimising the slowest stage: bisect its time, then trim the surplus."""
+        extra = self._extras(order)
+        lo, hi = 0.0, max(e + c * cap for e, c, cap in zip(extra, cost, caps, strict=True))
+
+        def counts_at(t: float) -> list[int]:
+            return [
+                max(1, min(cap, math.floor((t - e) / c)))
+                for e, c, cap in zip(extra, cost, caps, strict=True)
+            ]
+
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if sum(counts_at(mid)) >= self.layers else (mid, hi)
+        counts = counts_at(hi)
+        while sum(counts) > self.layers:
+            slowest = max(
+                (i for i in range(len(order)) if counts[i] > 1),
+                key=lambda i: (extra[i] + counts[i] * cost[i], -i),
+            )
+            counts[slowest] -= 1
+        return counts
+
+    def _extras(self, order: Sequence[NodeSpec]) -> list[float]:
+        head = [self.has_head and i == len(order) - 1 for i in range(len(order))]
+        send = send_time(self.shape)
+        return [head_time(n, self.shape) * h + send for n, h in zip(order, head, strict=True)]
+
+    def _score(self, order: Sequence[NodeSpec], counts: list[int]) -> tuple:
+        """(predicted objective, the other metric, stages, ids): smaller is better."""
+        stages, at = [], self.start
+        for n, c in zip(order, counts, strict=True):
+            stages.append(StageSpec(n.id, at, at + c))
+            at += c
+        p = predict(stages, self.shape, {n.id: n for n in order}, self.links)
+        ids = [n.id for n in order]
+        if self.objective == "latency":
+            return (p.tpot_s, p.bottleneck_s, len(order), ids)
+        return (p.bottleneck_s, p.tpot_s, len(order), ids)
+
+    def _does_not_fit(self, group: Sequence[NodeSpec]) -> str:
+        s = self.shape
+        need = self.layers * s.layer_slot(self.context) + s.embed_bytes + s.head_bytes
+        have = ", ".join(f"{n.id}: {n.memory / 2**30:.2f} GiB" for n in group)
+        return (
+            f"{self.layers} layers ({need / 2**30:.2f} GiB with embedding, head and a "
+            f"{self.context}-position KV budget) do not fit on {have}"
+        )
+
+
+def _subsets(group: Sequence[NodeSpec], shape: ModelShape) -> Iterable[tuple[NodeSpec, ...]]:
+    """Every subset of a small group; for a big one, the fastest-first and largest-first
+    prefixes (a heuristic: 2^n subsets would take too long)."""
+    if len(group) <= EXHAUSTIVE:
+        for k in range(1, len(group) + 1):
+            yield from itertools.combinations(group, k)
+        return
+    seen: set[tuple[str, ...]] = set()
+    fast = sorted(group, key=lambda n: (layer_time(n, shape), n.id))
+    big = sorted(group, key=lambda n: (-n.memory, n.id))
+    for ranking in (fast, big):
+        for k in range(1, len(group) + 1):
+            subset = tuple(sorted(ranking[:k], key=lambda n: n.id))
+            if tuple(n.id for n in subset) not in seen:
+                seen.add(tuple(n.id for n in subset))
+                yield subset
+
+
+def _orders(subset: Sequence[NodeSpec]) -> Iterable[tuple[NodeSpec, ...]]:
+    """Ring orders worth telling apart: which node takes the embedding and which the head
+    (both matter for memory, the head for time); the rest in id order."""
+    if len(subset) == 1:
+        yield tuple(subset)
+        return
+    for last in subset:
+        for first in subset:
+            if first is not last:
+                middle = [n for n in subset if n is not first and n is not last]
+                yield (first, *middle, last)
 
 
 def _apportion(total: int, weights: Sequence[float]) -> list[int]:
@@ -134,28 +378,4 @@ def _apportion(total: int, weights: Sequence[float]) -> list[int]:
     by_remainder = sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])
     for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
-    return counts
-
-
-def _water_fill(layers: int, group: Sequence[NodeSpec], shape: ModelShape) -> list[int]:
-    """`layers` over `group` in proportion to memory, capped at what each node fits."""
-    caps = [layers_that_fit(n, shape) for n in group]
-    if sum(caps) < layers:
-        need = layers * shape.layer_bytes + shape.edge_bytes
-        have = ", ".join(f"{n.id}: {n.memory / 2**30:.1f} GiB" for n in group)
-        raise RinginferError(
-            f"{layers} layers ({need / 2**30:.2f} GiB with embedding and head) do not fit on {have}"
-        )
-    counts = [0] * len(group)
-    open_ = [i for i in range(len(group)) if caps[i] > 0]
-    left = layers
-    while left:
-        share = _apportion(left, [group[i].memory for i in open_])
-        for i, s in zip(open_, share, strict=True):
-            counts[i] += s
-        over = sum(max(0, counts[i] - caps[i]) for i in open_)
-        for i in open_:
-            counts[i] = min(counts[i], caps[i])
-        open_ = [i for i in open_ if counts[i] < caps[i]]
-        left = over
     return counts

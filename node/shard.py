@@ -6,7 +6,6 @@ event loop only hands inputs in and takes outputs out.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -15,26 +14,9 @@ import torch
 from node.errors import RinginferError
 from node.kv_cache import KVCache
 from node.models.stage import Stage
-from node.planner import ModelShape
 from node.sampling import Candidates, SamplingParams, candidates
 from node.weights import Checkpoint, Progress, load_stage
 from protocol.wire import ProtocolError
-
-_LAYER_PARAM = re.compile(r"(^|\.)\d+\.")
-
-
-def model_shape(ckpt: Checkpoint, dtype: torch.dtype) -> ModelShape:
-    """Weight bytes per layer and for the embedding + head, from the model built on `meta`."""
-    with torch.device("meta"):
-        whole = ckpt.family.stage_cls(ckpt.config, 0, ckpt.n_layers, "cpu")
-    size = torch.empty((), dtype=dtype).element_size()
-    layers = edges = 0
-    for name, p in whole.named_parameters():
-        if _LAYER_PARAM.search(name):
-            layers += p.numel()
-        else:
-            edges += p.numel()
-    return ModelShape(ckpt.n_layers, layers * size // ckpt.n_layers, edges * size)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the codec needs torch only to turn frames into tensors
     import torch
 
-VERSION = 1
+VERSION = 2  # 2: cluster names, capabilities and RTTs in HELLO; PING/PONG
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 4
 MAX_DIMS = 4
@@ -30,6 +30,8 @@ class Kind(str, Enum):
 
     HELLO = "hello"  # peer -> peer, every heartbeat: who I am, what I know
     BYE = "bye"  # peer -> peers: leaving cleanly
+    PING = "ping"  # peer -> peer: a timestamp to echo, for the link's round-trip time
+    PONG = "pong"  # the echo, on the same connection
     PLAN = "plan"  # coordinator -> members: a plan and the phase it is in
     PLAN_ACK = "plan_ack"  # member -> coordinator: phase reached
     FORWARD = "forward"  # into a stage: token ids or hidden states
@@ -61,8 +63,13 @@ BODY_FIELDS: dict[Kind, dict[str, tuple[type, ...]]] = {
         "memory": _INT,
         "state": _STR,
         "members": _LIST,
+        "cluster": _STR,
+        "caps": _DICT,
+        "rtt": _DICT,
     },
     Kind.BYE: {"id": _STR},
+    Kind.PING: {"id": _STR, "t": _NUM},
+    Kind.PONG: {"id": _STR, "t": _NUM},
     Kind.PLAN: {"plan": _DICT, "phase": _STR},
     Kind.PLAN_ACK: {"id": _STR, "phase": _STR},
     Kind.FORWARD: {"requester": _STR},

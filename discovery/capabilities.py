@@ -1,0 +1,165 @@
+"""What this node can do, measured: the planner's inputs about one machine.
+
+Decoding a token streams every weight once through a matrix-vector product, so the rate
+that matters most is the bytes per second our own `Linear` reaches on one row ("bandwidth");
+prefill and big batches are bound by matmul FLOP/s. Both are timed at start-up for the
+device and dtype the daemon computes in (about a second), and cached in the data dir: a
+restart reuses them unless the hardware, the thread count or the software changed.
+Free memory is read fresh every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node import __version__
+from node.engine import available_memory
+from node.models.linear import Linear
+
+CACHE_FILE = "capabilities.json"
+MEASURE_S = 0.4  # per measurement, after a warm-up
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    device: str  # cpu, cuda or mps
+    device_name: str
+    memory_total: int  # bytes
+    memory_available: int  # bytes free for weights when measured
+    flops: float  # matmul FLOP/s at the compute dtype
+    bandwidth: float  # bytes of weights per second through a one-row product
+    layer_overhead_s: float = 0.0  # fixed cost of one decoder layer's ~20 small kernels
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Capabilities:
+        """From a peer's HELLO or a cache file; missing or bad fields get safe defaults."""
+
+        def num(key: str, default: float) -> float:
+            v = data.get(key)
+            return float(v) if type(v) in (int, float) and v > 0 else default
+
+        return cls(
+            device=str(data.get("device", "?"))[:16],
+            device_name=str(data.get("device_name", ""))[:80],
+            memory_total=int(num("memory_total", 0) or 0),
+            memory_available=int(num("memory_available", 0) or 0),
+            flops=num("flops", 0.0),
+            bandwidth=num("bandwidth", 0.0),
+            layer_overhead_s=num("layer_overhead_s", 0.0),
+        )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def total_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _timed(fn: Any, device: torch.device) -> float:
+    """Seconds per call of `fn`, run for about MEASURE_S after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    fn()
+    sync()
+    calls, began = 0, time.perf_counter()
+    while time.perf_counter() - began < MEASURE_S:
+        fn()
+        calls += 1
+    sync()
+    return (time.perf_counter() - began) / calls
+
+
+@torch.inference_mode()
+def measure_compute(device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
+    """(matmul FLOP/s, one-row weight bandwidth in bytes/s, seconds of fixed cost per
+    decoder layer) on `device` at `dtype`."""
+    big = device.type != "cpu"
+    n = 4096 if big else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3 / _timed(lambda: a @ b, device)
+    # A weight well beyond the caches, laid out and multiplied as our decoder layers are.
+    rows, cols = (8192, 16384) if big else (2048, 8192)
+    layer = Linear(rows, cols, False, device.type).to(device=device, dtype=dtype)
+    torch.nn.init.normal_(layer.weight)
+    x = torch.randn(1, 1, rows, device=device, dtype=dtype)
+    bandwidth = (
+        layer.weight.numel() * layer.weight.element_size() / _timed(lambda: layer(x), device)
+    )
+    # What a layer costs beyond its weights: a decoder layer launches about 20 kernels
+    # (norms, projections, RoPE, cache writes, attention, residuals) on one position.
+    h = torch.randn(1, 1, 64, device=device, dtype=dtype)
+    w = torch.randn(64, 64, device=device, dtype=dtype)
+
+    def small_kernels() -> torch.Tensor:
+        y = h
+        for _ in range(10):
+            y = (y @ w) * 0.5
+        return y
+
+    overhead = _timed(small_kernels, device)
+    return flops, bandwidth, overhead
+
+
+def _cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "device": str(device), "name": device_name(device), "dtype": str(dtype),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "ringinfer": __version__,
+    }  # fmt: skip
+
+
+def load_or_measure(
+    data_dir: Path, device: torch.device, dtype: torch.dtype, remeasure: bool = False
+) -> tuple[Capabilities, bool]:
+    """(capabilities, whether they were measured now rather than read from the cache)."""
+    key = _cache_key(device, dtype)
+    path = data_dir / CACHE_FILE
+    cached: dict[str, Any] = {}
+    if not remeasure:
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cached = {}
+    fresh = not (isinstance(cached, dict) and cached.get("key") == key)
+    if fresh:
+        flops, bandwidth, overhead = measure_compute(device, dtype)
+        cached = {"key": key, "flops": flops, "bandwidth": bandwidth,
+                  "layer_overhead_s": overhead, "measured_at": time.time()}  # fmt: skip
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    caps = Capabilities(
+        device=device.type,
+        device_name=key["name"],
+        memory_total=total_memory(device),
+        memory_available=available_memory(device),
+        flops=float(cached["flops"]),
+        bandwidth=float(cached["bandwidth"]),
+        layer_overhead_s=float(cached["layer_overhead_s"]),
+    )
+    return caps, fresh

@@ -1,0 +1,150 @@
+"""A model's shape for the planner: from an open checkpoint, a config.json, or a built-in table.
+
+`ringinfer plan` sizes clusters for models nobody has downloaded, so the shape never needs
+weights: the architecture is built on PyTorch's `meta` device and its parameters counted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node.errors import RinginferError
+from node.json_file import read_json
+from node.models import Family, family_for_hf
+from node.planner import ModelShape
+from node.weights import open_checkpoint
+
+_LAYER_PARAM = re.compile(r"(^|\.)\d+\.")
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+
+
+def _llama(dim: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, **extra: Any) -> dict:
+    return {
+        "model_type": "llama", "hidden_size": dim, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
+        "vocab_size": vocab, **extra,
+    }  # fmt: skip
+
+
+def _gpt2(dim: int, layers: int, heads: int) -> dict:
+    return {"model_type": "gpt2", "n_embd": dim, "n_layer": layers, "n_head": heads,
+            "vocab_size": 50257, "n_positions": 1024}  # fmt: skip
+
+
+# Well-known models' config.json fields that decide their size (from their hub configs).
+BUILT_IN: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-3.1-8B": _llama(4096, 32, 32, 8, 14336, 128256, rope_scaling=_LLAMA3_ROPE,
+                                      max_position_embeddings=131072),
+    "meta-llama/Llama-3.1-70B": _llama(8192, 80, 64, 8, 28672, 128256, rope_scaling=_LLAMA3_ROPE,
+                                       max_position_embeddings=131072),
+    "meta-llama/Llama-3.1-405B": _llama(16384, 126, 128, 8, 53248, 128256,
+                                        rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072),
+    "meta-llama/Llama-3.2-1B": _llama(2048, 16, 32, 8, 8192, 128256, tie_word_embeddings=True,
+                                      max_position_embeddings=131072),
+    "meta-llama/Llama-3.2-3B": _llama(3072, 28, 24, 8, 8192, 128256, tie_word_embeddings=True,
+                                      max_position_embeddings=131072),
+    "mistralai/Mistral-7B-v0.3": _llama(4096, 32, 32, 8, 14336, 32768,
+                                        max_position_embeddings=32768),
+    "Qwen/Qwen2.5-7B": {**_llama(3584, 28, 28, 4, 18944, 152064), "model_type": "qwen2",
+                        "max_position_embeddings": 32768},
+    "Qwen/Qwen2.5-72B": {**_llama(8192, 80, 64, 8, 29568, 152064), "model_type": "qwen2",
+                         "max_position_embeddings": 32768},
+    "HuggingFaceTB/SmolLM2-135M": _llama(576, 30, 9, 3, 1536, 49152, tie_word_embeddings=True,
+                                         max_position_embeddings=8192),
+    "HuggingFaceTB/SmolLM2-360M": _llama(960, 32, 15, 5, 2560, 49152, tie_word_embeddings=True,
+                                         max_position_embeddings=8192),
+    "HuggingFaceTB/SmolLM2-1.7B": _llama(2048, 24, 32, 32, 8192, 49152,
+                                         tie_word_embeddings=True, max_position_embeddings=8192),
+    "openai-community/gpt2": _gpt2(768, 12, 12),
+    "openai-community/gpt2-medium": _gpt2(1024, 24, 16),
+    "openai-community/gpt2-large": _gpt2(1280, 36, 20),
+    "openai-community/gpt2-xl": _gpt2(1600, 48, 25),
+}  # fmt: skip
+
+
+def _key(name: str) -> str:
+    """'meta-llama/Llama-3.1-405B-Instruct' and 'llama-3.1-405b' name the same shape."""
+    return name.rpartition("/")[2].lower().removesuffix("-instruct")
+
+
+_BY_KEY = {_key(name): name for name in BUILT_IN}
+
+
+def built_in(name: str) -> tuple[str, dict[str, Any]] | None:
+    """(full name, config fields) of a well-known model, by full or short name."""
+    full = _BY_KEY.get(_key(name))
+    return (full, BUILT_IN[full]) if full else None
+
+
+def shape_of(
+    family: Family, config: Any, dtype: torch.dtype, wire_dtype: torch.dtype = torch.float16
+) -> ModelShape:
+    """Weight bytes per layer, for the embedding and for the head, from the model on `meta`."""
+    n = config.n_layers
+    with torch.device("meta"):
+        first = family.stage_cls(config, 0, 1, "cpu")
+        last = family.stage_cls(config, n - 1, n, "cpu") if n > 1 else None
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def count(stage: torch.nn.Module | None, layers: bool) -> int:
+        params = stage.named_parameters() if stage is not None else ()
+        return sum(p.numel() for name, p in params if bool(_LAYER_PARAM.search(name)) == layers)
+
+    embed = count(first, False) if last is not None else 0  # one stage: all edges are "head"
+    head = count(last if last is not None else first, False)
+    return ModelShape(
+        n_layers=n,
+        layer_bytes=count(first, True) * size,
+        embed_bytes=embed * size,
+        head_bytes=head * size,
+        kv_bytes=2 * config.n_kv_heads * config.head_dim * size,
+        hidden=config.dim,
+        dtype_bytes=size,
+        wire_bytes=torch.empty((), dtype=wire_dtype).element_size(),
+    )
+
+
+def shape_from_hf_config(config: dict[str, Any], dtype: torch.dtype) -> ModelShape:
+    family = family_for_hf(config)
+    try:
+        cfg = family.config_cls.from_hf(config)
+    except KeyError as e:
+        raise RinginferError(f"the model's config lacks the field {e}") from None
+    return shape_of(family, cfg, dtype)
+
+
+def find_shape(spec: str | None, dtype: torch.dtype) -> tuple[str, ModelShape, str]:
+    """(name, shape, where the shape came from) for a path, a cached hub id or a known name.
+
+    Never downloads: sizing a cluster must work before anything is fetched.
+    """
+    if spec is None or Path(spec).expanduser().exists():
+        ckpt = open_checkpoint(spec)
+        return ckpt.name, shape_of(ckpt.family, ckpt.config, dtype), str(ckpt.path)
+    cached = _hub_cached_config(spec)
+    if cached:
+        return spec, shape_from_hf_config(read_json(Path(cached)), dtype), cached
+    known = built_in(spec)
+    if known:
+        return known[0], shape_from_hf_config(known[1], dtype), "built-in table"
+    names = ", ".join(sorted(n.rpartition("/")[2] for n in BUILT_IN))
+    raise RinginferError(
+        f"unknown model '{spec}': not a local path, not in the Hugging Face cache, and not "
+        f"one of the built-in shapes ({names})"
+    )
+
+
+def _hub_cached_config(repo_id: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a name that is not a valid repo id is simply not cached
+        return None
+    return found if isinstance(found, str) else None
