@@ -126,7 +126,7 @@ def measure_compute(device: torch.device, dtype: torch.dtype) -> tuple[float, fl
     return flops, bandwidth, overhead
 
 
-def _cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "device": str(device), "name": device_name(device), "dtype": str(dtype),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "ringinfer": __version__,
@@ -137,7 +137,7 @@ def load_or_measure(
     data_dir: Path, device: torch.device, dtype: torch.dtype, remeasure: bool = False
 ) -> tuple[Capabilities, bool]:
     """(capabilities, whether they were measured now rather than read from the cache)."""
-    key = _cache_key(device, dtype)
+    key = cache_key(device, dtype)
     path = data_dir / CACHE_FILE
     cached: dict[str, Any] = {}
     if not remeasure:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from discovery.interfaces import Interface, best_address
 
 SERVICE = "_ringinfer._tcp.local."
+PROBE_SERVICE = "_ringinfer-probe._tcp.local."  # `doctor`'s multicast probe, unseen by daemons
 RESOLVE_MS = 3000
 
 log = logging.getLogger("ringinfer")
@@ -74,10 +76,10 @@ class Advert:
         return f"{self.address}:{self.port}"
 
 
-def instance_name(advert: Advert) -> str:
-    """A unique, readable service instance: '<name>-<id prefix>._ringinfer._tcp.local.'"""
-    label = re.sub(r"[^A-Za-z0-9-]", "-", advert.name)[:40].strip("-") or "node"
-    return f"{label}-{advert.id[:8]}.{SERVICE}"
+def _label(advert: Advert) -> str:
+    """'<name>-<id prefix>', safe as a DNS label."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", advert.name)[:40].strip("-") or "node"
+    return f"{name}-{advert.id[:8]}"
 
 
 class Discovery:
@@ -92,8 +94,11 @@ class Discovery:
         interfaces: list[Interface],
         on_found: Callable[[Advert], None],
         on_gone: Callable[[str], None] = lambda name: None,
+        service: str = SERVICE,
+        browse: tuple[str, ...] = (SERVICE,),
     ) -> None:
         self.advert, self.interfaces = advert, interfaces
+        self.service, self.browse = service, browse
         self.on_found, self.on_gone = on_found, on_gone
         self.azc: AsyncZeroconf | None = None
         self.browser: AsyncServiceBrowser | None = None
@@ -104,16 +109,22 @@ class Discovery:
         addresses = [i.address for i in self.interfaces]
         self.azc = AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
         if self.advert is not None:
+            # The host name is per process: two processes with one id (a copied data dir)
+            # must not answer for each other's address.
+            label = _label(self.advert)
             self.info = AsyncServiceInfo(
-                SERVICE,
-                instance_name(self.advert),
+                self.service,
+                f"{label}.{self.service}",
                 addresses=[socket.inet_aton(a) for a in addresses],
                 port=self.advert.port,
                 properties=self.advert.txt(),
-                server=f"ringinfer-{self.advert.id}.local.",
+                server=f"{label}-{secrets.token_hex(3)}.local.",
             )
             await self.azc.async_register_service(self.info, allow_name_change=True)
-        self.browser = AsyncServiceBrowser(self.azc.zeroconf, SERVICE, handlers=[self._changed])
+        if self.browse:
+            self.browser = AsyncServiceBrowser(
+                self.azc.zeroconf, list(self.browse), handlers=[self._changed]
+            )
 
     def _changed(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange

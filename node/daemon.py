@@ -253,6 +253,7 @@ class Daemon:
                 "a plan without this node" if stage and others else "open requests",
             )
         self._broadcast_hello()  # state "leaving": the coordinator plans without us
+        self.replan.set()  # ... which may be us
         deadline = time.monotonic() + self.cfg.leave_timeout_s
         while time.monotonic() < deadline and not self.stopping.is_set():
             if self._may_stop():
@@ -432,7 +433,9 @@ class Daemon:
 
     def _broadcast_hello(self) -> None:
         hello = self._hello()
-        for address in {m.address for m in self.members} | set(self.cfg.peers):
+        # Impostors too: while both processes with our id run, each keeps seeing the other.
+        targets = {m.address for m in self.members} | set(self.cfg.peers) | set(self.impostors)
+        for address in targets:
             if address != self.address:
                 self._send_to(address, hello)
 
@@ -1032,7 +1035,7 @@ class Daemon:
         out = []
         now = time.monotonic()
         for address, t in self.impostors.items():
-            if now - t < 60:
+            if now - t < self.cfg.dead_after_s:
                 out.append({
                     "problem": f"the node at {address} uses this node's id {self.id}",
                     "fix": "a copied data dir: on one of the two machines stop the daemon, "

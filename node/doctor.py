@@ -14,7 +14,7 @@ import socket
 from dataclasses import asdict, dataclass
 
 from discovery.interfaces import Interface, all_interfaces, lan_interfaces
-from discovery.mdns import Advert, Discovery
+from discovery.mdns import PROBE_SERVICE, SERVICE, Advert, Discovery
 from node import __version__
 from node.client import Client
 from node.errors import RinginferError
@@ -82,8 +82,9 @@ async def _listen(interfaces: list[Interface], listen_s: float, checks: list[Che
     probe = Advert(probe_id, "doctor", __version__, VERSION, 9, "doctor-probe", "cpu", 0, 0,
                    0.0, 0.0, ())  # fmt: skip
     heard: dict[str, Advert] = {}
-    speaker = Discovery(probe, interfaces, lambda a: None)
-    listener = Discovery(None, interfaces, lambda a: heard.__setitem__(a.instance, a))
+    speaker = Discovery(probe, interfaces, lambda a: None, service=PROBE_SERVICE, browse=())
+    listener = Discovery(None, interfaces, lambda a: heard.__setitem__(a.instance, a),
+                         browse=(SERVICE, PROBE_SERVICE))  # fmt: skip
     try:
         await speaker.start()
         await listener.start()

@@ -115,9 +115,13 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> lis
     return out[0, len(prompt) :].tolist()
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 300, netns: str | None = None
+) -> subprocess.CompletedProcess:
+    """`ringinfer ARGS` as a process, inside network namespace `netns` when given."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
+        [*prefix, sys.executable, "-m", "node.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

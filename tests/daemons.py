@@ -1,4 +1,4 @@
-"""Real `ringinfer daemon` processes on loopback, started and stopped by the tests."""
+"""Real `ringinfer daemon` processes, on loopback or in network namespaces (tests/lan.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from discovery.capabilities import CACHE_FILE, cache_key
 from tests.conftest import run_cli
+
+# What loopback clusters' daemons find in their data dir instead of measuring: one machine
+# runs them all, so equal capabilities make their plans repeatable.
+SAME_CAPABILITIES = {"flops": 1e11, "bandwidth": 1e10, "layer_overhead_s": 5e-5}
 
 
 def free_port() -> int:
@@ -20,21 +27,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def seed_capabilities(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(torch.device("cpu"), torch.float32)
+    (data_dir / CACHE_FILE).write_text(json.dumps({"key": key, **SAME_CAPABILITIES}))
+
+
 class Daemon:
-    def __init__(self, root: Path, name: str, port: int, args: list[str]) -> None:
-        self.name, self.port = name, port
-        self.address = f"127.0.0.1:{port}"
+    """One daemon; in namespace `netns` at `host` when given (listening on every address)."""
+
+    def __init__(
+        self, root: Path, name: str, port: int, args: list[str], netns: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:  # fmt: skip
+        self.name, self.port, self.netns = name, port, netns
+        self.address = f"{host}:{port}"
         self.log = root / f"{name}.log"
+        self.data_dir = root / name
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        listen = "0.0.0.0" if netns else host
         cmd = [
-            sys.executable, "-m", "node.cli", "daemon", "--host", "127.0.0.1",
-            "--port", str(port), "--name", name, "--data-dir", str(root / name), *args,
+            *prefix, sys.executable, "-m", "node.cli", "daemon", "--host", listen,
+            "--port", str(port), "--name", name, "--data-dir", str(self.data_dir), *args,
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "RINGINFER_DEBUG": "1"}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """`ringinfer ARGS` from where this daemon runs (its namespace)."""
+        return run_cli(*args, timeout=timeout, netns=self.netns)
+
     def status(self) -> dict:
-        proc = run_cli("status", "--node", self.address, "--json", timeout=30)
+        proc = self.cli("status", "--node", self.address, "--json", timeout=30)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
@@ -48,18 +73,24 @@ class Daemon:
 
 
 class Cluster:
-    """`n` daemons on one model, each knowing the first by `--peer`, waited on until live."""
+    """Daemons on one model, waited on until live: by default `n` on loopback, each knowing
+    the first by `--peer`, with equal capabilities; or those given, already started."""
 
     def __init__(
-        self, root: Path, n: int, args: list[str], per_node: dict[int, list[str]] | None = None
-    ) -> None:
-        ports = [free_port() for _ in range(n)]
-        peer = ["--peer", f"127.0.0.1:{ports[0]}"]
-        extra = per_node or {}
-        self.nodes = [
-            Daemon(root, f"node{i + 1}", port, [*args, *peer, *extra.get(i, [])])
-            for i, port in enumerate(ports)
-        ]
+        self, root: Path, n: int, args: list[str], per_node: dict[int, list[str]] | None = None,
+        nodes: list[Daemon] | None = None,
+    ) -> None:  # fmt: skip
+        if nodes is None:
+            ports = [free_port() for _ in range(n)]
+            peer = ["--no-mdns", "--peer", f"127.0.0.1:{ports[0]}"]
+            extra = per_node or {}
+            for i in range(n):
+                seed_capabilities(root / f"node{i + 1}")
+            nodes = [
+                Daemon(root, f"node{i + 1}", port, [*args, *peer, *extra.get(i, [])])
+                for i, port in enumerate(ports)
+            ]
+        self.nodes = nodes
         try:
             self.wait_live(n)
         except BaseException:
@@ -77,7 +108,7 @@ class Cluster:
                 )
             statuses = []
             for d in alive:
-                proc = run_cli("status", "--node", d.address, "--json", "--wait", "60")
+                proc = d.cli("status", "--node", d.address, "--json", "--wait", "60")
                 if proc.returncode == 0:
                     statuses.append(json.loads(proc.stdout))
             epochs = {s["epoch"] for s in statuses}

@@ -192,7 +192,9 @@ def test_daemon_start_errors_are_one_line(tmp_path, tiny_models):  # noqa: ANN00
 
 
 def test_two_daemons_never_share_a_data_dir(tmp_path, tiny_models):  # noqa: ANN001
-    first = Daemon(tmp_path, "first", free_port(), ["--model", str(tiny_models["gpt2"])])
+    first = Daemon(
+        tmp_path, "first", free_port(), ["--model", str(tiny_models["gpt2"]), "--no-mdns"]
+    )
     try:
         first.status()  # up and holding its data dir
         proc = run_cli("daemon", "--data-dir", str(tmp_path / "first"), "--port",

@@ -47,10 +47,20 @@ def streaming(address: str) -> subprocess.Popen:
 
 
 def stop_while_streaming(cluster: Cluster, requester: int, stopped: int) -> str:
-    """SIGTERM one daemon during a generation: it exits 0, the client gets one error line."""
+    """SIGTERM one daemon during a generation: the generation completes (the daemon leaves
+    once a plan without it is live, or its own request is done), and it exits 0."""
     client = streaming(cluster.nodes[requester].address)
     assert cluster.nodes[stopped].stop(signal.SIGTERM) == 0
     assert "stopped" in cluster.nodes[stopped].text()
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    return out
+
+
+def kill_while_streaming(cluster: Cluster, requester: int, killed: int) -> str:
+    """SIGKILL one stage during a generation: the client gets one error line."""
+    client = streaming(cluster.nodes[requester].address)
+    cluster.nodes[killed].stop(signal.SIGKILL)
     _, err = client.communicate(timeout=60)
     assert client.returncode == 2 and err.count("\n") == 1, err
     assert err.startswith("ringinfer: error: ") and "Traceback" not in err
@@ -59,7 +69,8 @@ def stop_while_streaming(cluster: Cluster, requester: int, stopped: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    c = Cluster(tmp_path_factory.mktemp("ring"), 3, [])
+    # throughput: on one machine's three equal daemons, latency would pick one node
+    c = Cluster(tmp_path_factory.mktemp("ring"), 3, ["--objective", "throughput"])
     yield c
     c.stop()
 
@@ -75,17 +86,33 @@ def test_status_shows_one_plan_over_three_nodes(cluster):  # noqa: ANN001
     nodes = status["nodes"]
     assert {n["name"] for n in nodes} == {"node1", "node2", "node3"}
     assert {n["address"] for n in nodes} == {d.address for d in cluster.nodes}
-    layers = sorted(n["layers"] for n in nodes)
-    assert layers == [[0, 10], [10, 20], [20, 30]]
+    assert covers(status, 3)
     assert all(n["state"] == "ready" and len(n["id"]) == 16 for n in nodes)
+    assert all(n["device"] == "cpu" and n["flops"] > 0 and n["memory_total"] > 0 for n in nodes)
+    assert sum(n["rtt_ms"] is None for n in nodes) == 1  # the node asked has no RTT to itself
+    assert status["cluster"] == "default" and status["predicted"]["tpot_ms"] > 0
+    assert status["problems"] == []
     assert status["node"] == next(n["id"] for n in nodes if n["name"] == "node3")
+
+
+def covers(status: dict, stages: int) -> bool:
+    """The plan has `stages` stages, each on a listed node, covering the model once."""
+    layers = sorted(n["layers"] for n in status["nodes"] if n["layers"])
+    flat = [b for a in layers for b in a]
+    return (
+        len(layers) == stages
+        and flat[0] == 0
+        and flat[-1] == 30
+        and all(flat[i] == flat[i + 1] for i in range(1, len(flat) - 1, 2))
+    )
 
 
 def test_every_node_generates_what_local_generates(cluster, expected):  # noqa: ANN001
     for d in cluster.nodes:
         out = remote(d.address, PROMPTS[0])
         assert out["tokens"] == expected[PROMPTS[0]], d.name
-        assert [s["start"] for s in out["plan"]] == [0, 10, 20]
+        starts = sorted(n["layers"][0] for n in d.status()["nodes"])
+        assert [s["start"] for s in out["plan"]] == starts
     plain = run_cli("generate", "--node", cluster.nodes[0].address, PROMPTS[0],
                     "--max-tokens", str(TOKENS))  # fmt: skip
     assert plain.stdout == out["text"] + "\n"
@@ -93,7 +120,7 @@ def test_every_node_generates_what_local_generates(cluster, expected):  # noqa: 
 
 def test_status_answers_during_a_long_prefill(cluster):  # noqa: ANN001
     nodes = cluster.nodes[0].status()["nodes"]
-    first_stage = next(n["address"] for n in nodes if n["layers"] == [0, 10])
+    first_stage = next(n["address"] for n in nodes if n["layers"][0] == 0)
     prompt = "word " * 3000  # a prefill of seconds on each stage
     cmd = [sys.executable, "-m", "node.cli", "generate", "--node", cluster.nodes[2].address,
            prompt, "--max-tokens", "2"]  # fmt: skip
@@ -185,7 +212,7 @@ def frames(tensor: bytes = b"", **fields: object) -> list[bytes]:
 
 def test_bad_frames_get_errors_and_the_daemon_still_serves(cluster, expected):  # noqa: ANN001
     status = cluster.nodes[0].status()
-    middle = next(n["address"] for n in status["nodes"] if n["layers"] == [10, 20])
+    middle = next(n["address"] for n in status["nodes"] if 0 < n["layers"][0] < 20)
     target = next(d for d in cluster.nodes if d.address == middle)
     epoch = status["epoch"]
     hidden = bytes(576 * 2)
@@ -217,20 +244,26 @@ def test_bad_frames_get_errors_and_the_daemon_still_serves(cluster, expected):  
 
 def test_stopped_node_gives_a_new_epoch_that_still_generates(cluster, expected):  # noqa: ANN001
     before = cluster.nodes[0].status()["epoch"]
-    # a generation running while a stage stops gets one clear error line
-    assert "node3" in stop_while_streaming(cluster, requester=0, stopped=2)
+    # a generation running while a stage stops cleanly completes; the stage leaves after it
+    stop_while_streaming(cluster, requester=0, stopped=2)
+    assert "leaving: waiting up to" in cluster.nodes[2].text()
     status = cluster.wait_live(2)
     assert status["epoch"] > before
-    assert sorted(n["layers"] for n in status["nodes"]) == [[0, 15], [15, 30]]
+    assert covers(status, 2)
     assert remote(cluster.nodes[1].address, PROMPTS[1])["tokens"] == expected[PROMPTS[1]]
 
 
-def test_stopping_a_requester_tells_its_client_and_the_rest_carry_on(cluster, expected):  # noqa: ANN001
-    assert "shutting down" in stop_while_streaming(cluster, requester=0, stopped=0)
+def test_a_killed_stage_fails_the_request_with_one_line_and_the_rest_replan(cluster, expected):  # noqa: ANN001
+    assert "node2" in kill_while_streaming(cluster, requester=0, killed=1)
     status = cluster.wait_live(1)
     assert [n["layers"] for n in status["nodes"]] == [[0, 30]]
-    assert cluster.nodes[1].status()["stats"]["cached_requests"] == 0
-    assert remote(cluster.nodes[1].address, PROMPTS[0])["tokens"] == expected[PROMPTS[0]]
+    assert cluster.nodes[0].status()["stats"]["cached_requests"] == 0
+    assert remote(cluster.nodes[0].address, PROMPTS[0])["tokens"] == expected[PROMPTS[0]]
+
+
+def test_stopping_a_requester_finishes_its_request_first(cluster):  # noqa: ANN001
+    out = stop_while_streaming(cluster, requester=0, stopped=0)
+    assert len(out) > 100
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -241,18 +274,18 @@ def test_tiny_random_models_on_the_ring_equal_local(
     family,  # noqa: ANN001
 ):
     model = str(llama_with_tokenizer if family == "llama" else tiny_models[family])
-    # GPT-2: the default float16 wire and a pinned third node. Llama: a float32 wire, which
+    # GPT-2: the default float16 wire, the third node first. Llama: a float32 wire, which
     # makes the ring bit-exact, so seeded sampling must draw the same tokens as --local.
-    pins = {2: ["--layers", "0:1"]} if family == "gpt2" else {}
+    # Pinned: the planner would keep a model this small on one node.
+    order = ["1:3", "3:4", "0:1"] if family == "gpt2" else ["0:1", "1:2", "2:4"]
+    pins = {i: ["--layers", r] for i, r in enumerate(order)}
     wire = ["--wire-dtype", "float32"] if family == "llama" else []
     c = Cluster(tmp_path, 3, ["--model", model, *wire], pins)
     try:
         nodes = c.nodes[0].status()["nodes"]
-        layers = sorted(n["layers"] for n in nodes)
-        assert [b for a in layers for b in a] in ([0, 1, 1, 2, 2, 4], [0, 1, 1, 3, 3, 4],
-                                                  [0, 2, 2, 3, 3, 4])  # fmt: skip
-        if pins:
-            assert next(n for n in nodes if n["name"] == "node3")["layers"] == [0, 1]
+        by_name = {n["name"]: n["layers"] for n in nodes}
+        assert by_name == {f"node{i + 1}": [int(x) for x in r.split(":")]
+                           for i, r in enumerate(order)}  # fmt: skip
         for prompt in PROMPTS:
             want = local(prompt, "--model", model)
             assert remote(c.nodes[1].address, prompt)["tokens"] == want
@@ -266,7 +299,8 @@ def test_tiny_random_models_on_the_ring_equal_local(
 
 def test_an_abandoned_request_is_freed_after_the_idle_timeout(tiny_models, tmp_path):  # noqa: ANN001
     model = str(tiny_models["gpt2"])
-    c = Cluster(tmp_path, 2, ["--model", model, "--request-timeout", "2"])
+    pins = {0: ["--layers", "0:2"], 1: ["--layers", "2:4"]}
+    c = Cluster(tmp_path, 2, ["--model", model, "--request-timeout", "2"], pins)
     try:
         status = c.nodes[0].status()
         first = next(n for n in status["nodes"] if n["layers"][0] == 0)
