@@ -669,6 +669,7 @@ class Daemon:
             self._spawn(self._load(plan, source))
         elif phase == "live" and self.pending and self.pending.epoch == plan.epoch:
             self.plan, self.pending = plan, None
+            self.plan_error = ""  # whoever failed to plan before, this one worked
             self.live.set()
             mine = plan.stage_of(self.id)
             role = f"layers {mine.start}-{mine.end}" if mine else "no layers"
@@ -1031,18 +1032,20 @@ class Daemon:
         }
 
     def problems(self) -> list[dict[str, str]]:
-        """What a user should fix, each with how: shown by `status` and `doctor`."""
+        """What a user should fix, each with how and how bad: shown by `status` and `doctor`."""
         out = []
         now = time.monotonic()
         for address, t in self.impostors.items():
             if now - t < self.cfg.dead_after_s:
                 out.append({
+                    "level": "fail",
                     "problem": f"the node at {address} uses this node's id {self.id}",
                     "fix": "a copied data dir: on one of the two machines stop the daemon, "
                            "delete node_id in its --data-dir, and start it again",
                 })  # fmt: skip
         for node_id, addresses in self.members.clashes().items():
             out.append({
+                    "level": "fail",
                 "problem": f"nodes at {', '.join(addresses)} share the id {node_id}",
                 "fix": "delete node_id in the --data-dir of all but one of them and restart it",
             })  # fmt: skip
@@ -1051,12 +1054,14 @@ class Daemon:
                 continue
             if f["cluster"] != self.cfg.cluster:
                 out.append({
+                    "level": "warn",
                     "problem": f"{f['name']} at {f['address']} is in cluster '{f['cluster']}', "
                                f"not '{self.cfg.cluster}'",
                     "fix": f"start it with --cluster {self.cfg.cluster} if it should join",
                 })  # fmt: skip
             else:
                 out.append({
+                    "level": "fail",
                     "problem": f"{f['name']} at {f['address']} runs ringinfer {f['version']} "
                                f"(protocol {f['protocol']}, ours {VERSION})",
                     "fix": "run the same ringinfer version on every node",
@@ -1064,16 +1069,15 @@ class Daemon:
         others = [m for m in self.members if m.fingerprint != self.fingerprint]
         for m in others:
             out.append({
+                    "level": "fail",
                 "problem": f"{m.name} serves {m.model}, not {self.ckpt.name}",
                 "fix": "start every daemon of one cluster with the same --model",
             })  # fmt: skip
         if self.plan_error:
-            out.append(
-                {
-                    "problem": self.plan_error,
-                    "fix": "add a node or memory (--max-memory), or use a smaller model",
-                }
-            )
+            out.append({
+                "level": "fail", "problem": self.plan_error,
+                "fix": "add a node or memory (--max-memory), or use a smaller model",
+            })  # fmt: skip
         return out
 
 

@@ -186,5 +186,5 @@ def _daemon_checks(node: str, daemon: dict | None) -> list[Check]:
         f"{len(daemon['nodes'])} node(s) in cluster '{daemon['cluster']}', {discovery}",
     )]  # fmt: skip
     for p in daemon["problems"]:
-        checks.append(Check("fail", "daemon", p["problem"], p["fix"]))
+        checks.append(Check(p["level"], "daemon", p["problem"], p["fix"]))
     return checks

@@ -1,0 +1,193 @@
+"""Real mDNS between hosts: daemons in network namespaces on one bridge, no --peer anywhere.
+
+The oracle for every generation is `generate --local` (one process, no ring).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.daemons import Cluster, Daemon, free_port
+from tests.lan import Lan, require_netns
+
+PORT = 7710
+# SmolLM2 in float32 takes ~0.85 GB with its KV budget: two such nodes hold it, one cannot,
+# so every plan here has at least two stages.
+MEMORY = ["--max-memory", "512M"]
+PROMPT = "Tell me about the history of Paris"
+LONG = 250  # tokens: a generation that is still running while the membership changes
+
+
+def local(prompt: str, tokens: int) -> list[int]:
+    proc = run_cli("generate", "--local", "--json", prompt, "--max-tokens", str(tokens),
+                   "--ignore-eos")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["tokens"]
+
+
+def start(lan: Lan, root: Path, i: int, *args: str) -> Daemon:
+    return Daemon(root, f"n{i + 1}", PORT, [*MEMORY, *args], netns=lan.hosts[i],
+                  host=lan.address(i))  # fmt: skip
+
+
+def generation(d: Daemon, tokens: int) -> subprocess.Popen:
+    cmd = ["ip", "netns", "exec", d.netns, sys.executable, "-m", "node.cli", "generate",
+           "--node", d.address, PROMPT, "--max-tokens", str(tokens), "--ignore-eos",
+           "--json"]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def running(d: Daemon, proc: subprocess.Popen) -> None:
+    """Wait until `d` has accepted the generation `proc` asked for."""
+    deadline = time.monotonic() + 30
+    while d.status()["stats"]["requests_in_flight"] == 0:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the generation never started"
+        time.sleep(0.1)
+
+
+def finished(proc: subprocess.Popen) -> list[int]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads(out)["tokens"]
+
+
+@pytest.fixture(scope="module")
+def lan():  # noqa: ANN201
+    require_netns()
+    lan = Lan(4)
+    yield lan
+    lan.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(lan: Lan, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    root = tmp_path_factory.mktemp("lan")
+    nodes = [start(lan, root, i) for i in range(3)]
+    # on the fourth host, a node of another cluster: heard, reported, never a member
+    stranger = start(lan, root, 3, "--cluster", "lab")
+    c = Cluster(root, 3, [], nodes=nodes)
+    c.root, c.stranger = root, stranger
+    yield c
+    c.nodes.append(stranger)
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[int]:
+    return local(PROMPT, LONG)
+
+
+def test_daemons_find_each_other_by_mdns_plan_and_generate_like_local(cluster, lan, expected):  # noqa: ANN001
+    n3 = cluster.nodes[2]
+    status = n3.status()
+    nodes = status["nodes"]
+    assert {n["name"] for n in nodes} == {"n1", "n2", "n3"}
+    assert {n["address"] for n in nodes} == {f"{lan.address(i)}:{PORT}" for i in range(3)}
+    stages = sorted(n["layers"] for n in nodes if n["layers"])
+    assert len(stages) >= 2 and stages[0][0] == 0 and stages[-1][1] == 30
+    assert all(n["flops"] > 0 and n["bandwidth"] > 0 and n["device"] == "cpu" for n in nodes)
+    assert all("mDNS: found" in d.text() for d in cluster.nodes)
+    assert not any("--peer" in " ".join(d.proc.args) for d in cluster.nodes)
+    # the node of cluster "lab" is reported, not joined
+    assert any("cluster 'lab'" in p["problem"] for p in status["problems"]), status["problems"]
+    # round trips are measured over the ring's connections within a few heartbeats
+    deadline = time.monotonic() + 10
+    while any(n["rtt_ms"] is None for n in n3.status()["nodes"] if n["name"] != "n3"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert finished(generation(n3, LONG)) == expected
+
+
+def test_doctor_sees_multicast_and_the_peers(cluster):  # noqa: ANN001
+    n1 = cluster.nodes[0]
+    proc = n1.cli("doctor", "--node", n1.address, "--listen", "3", "--json")
+    checks = json.loads(proc.stdout)
+    by_topic = {}
+    for c in checks:
+        by_topic.setdefault(c["topic"], []).append(c)
+    assert by_topic["multicast"][0]["level"] == "ok"
+    assert "3 node(s) of cluster 'default'" in by_topic["peers"][0]["detail"]
+    assert [c["level"] for c in by_topic["port"]] == ["ok"] * 3
+    assert any("cluster 'lab'" in c["detail"] for c in by_topic["cluster"])
+    assert proc.returncode == 0, checks  # a stranger is a warning, not a failure
+
+
+def test_a_joining_and_a_leaving_node_each_give_a_new_epoch_without_losing_a_request(
+    cluster, lan, expected,  # noqa: ANN001
+):  # fmt: skip
+    n3 = cluster.nodes[2]
+    before = n3.status()["epoch"]
+    # join: the stranger goes, a node of our cluster comes on the fourth host, while a
+    # generation runs; the new plan waits for it
+    gen = generation(n3, LONG)
+    running(n3, gen)
+    cluster.stranger.stop()
+    cluster.nodes.append(start(lan, cluster.root, 3))
+    assert finished(gen) == expected
+    status = cluster.wait_live(4)
+    assert status["epoch"] > before
+    assert {n["name"] for n in status["nodes"]} == {"n1", "n2", "n3", "n4"}
+    assert "waits for 1 request(s) to finish" in n3.text()
+
+    # leave: a stage other than the requester stops cleanly during a generation
+    before = status["epoch"]
+    stage = next(n for n in n3.status()["nodes"] if n["layers"] and n["name"] != "n3")
+    leaver = next(d for d in cluster.nodes if d.name == stage["name"])
+    gen = generation(n3, LONG)
+    running(n3, gen)
+    assert leaver.stop(signal.SIGTERM) == 0
+    assert finished(gen) == expected
+    cluster.nodes.remove(leaver)
+    status = cluster.wait_live(3)
+    assert status["epoch"] > before
+    assert stage["name"] not in {n["name"] for n in status["nodes"]}
+
+
+def test_a_node_that_dies_silently_is_dropped_within_the_heartbeat_bound(cluster):  # noqa: ANN001
+    n3 = cluster.nodes[2]
+    victim = next(d for d in cluster.nodes if d is not n3)
+    victim.proc.kill()  # no BYE, no mDNS goodbye
+    victim.proc.wait()
+    began = time.monotonic()
+    while victim.name in {n["name"] for n in n3.status()["nodes"]}:
+        assert time.monotonic() - began < 10, "a dead node outlived the 6 s heartbeat bound"
+        time.sleep(0.25)
+    cluster.nodes.remove(victim)
+    status = cluster.wait_live(2)
+    assert len(status["nodes"]) == 2
+
+
+def test_two_daemons_with_one_id_are_reported_not_merged(tmp_path, tiny_models):  # noqa: ANN001
+    model = ["--model", str(tiny_models["gpt2"])]
+    c = Cluster(tmp_path, 2, model)
+    try:
+        twin = c.nodes[1]
+        shutil.copytree(twin.data_dir, tmp_path / "copy")  # the id travels with the data dir
+        copy = Daemon(tmp_path, "copy", free_port(), [*model, "--no-mdns", "--peer",
+                                                      c.nodes[0].address])  # fmt: skip
+        c.nodes.append(copy)
+        deadline = time.monotonic() + 30
+        while True:
+            status = c.nodes[0].status()
+            problems = [p["problem"] for p in status["problems"]]
+            if any("share the id" in p for p in problems):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert twin.address in problems[0] and copy.address in problems[0]
+        assert [n["name"] for n in status["nodes"]] == ["node1"]  # kept out, not merged
+        doctor = run_cli("doctor", "--node", c.nodes[0].address, "--listen", "1")
+        assert doctor.returncode == 1 and "share the id" in doctor.stdout, doctor.stdout
+        assert "fix: delete node_id" in doctor.stdout
+    finally:
+        c.stop()
