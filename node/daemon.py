@@ -448,7 +448,14 @@ class Daemon:
                 )
             for m in self.members.expired(self.cfg.dead_after_s):
                 self._lost(m, f"silent for over {self.cfg.dead_after_s:.0f}s")
+            self._forget_strangers()
             await asyncio.sleep(self.cfg.heartbeat_s)
+
+    def _forget_strangers(self, after_s: float = 60.0) -> None:
+        """Impostors and other clusters' nodes not heard of for a minute are forgotten."""
+        now = time.monotonic()
+        self.impostors = {a: t for a, t in self.impostors.items() if now - t < after_s}
+        self.foreign = {i: f for i, f in self.foreign.items() if now - f["seen"] < after_s}
 
     async def on_ping(self, identity: bytes, msg: Message, host: str) -> None:
         pong = message(Kind.PONG, body={"id": self.id, "t": msg.body["t"]})
@@ -1050,8 +1057,6 @@ class Daemon:
                 "fix": "delete node_id in the --data-dir of all but one of them and restart it",
             })  # fmt: skip
         for f in self.foreign.values():
-            if now - f["seen"] > 60:
-                continue
             if f["cluster"] != self.cfg.cluster:
                 out.append({
                     "level": "warn",

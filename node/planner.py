@@ -218,7 +218,7 @@ def make_plan(
             f"layers {', '.join(f'{a}:{b}' for a, b in gaps)} are pinned to no node and only "
             f"{len(free)} unpinned node(s) can take them"
         )
-    shares = _apportion(len(free) - len(gaps), [b - a for a, b in gaps])
+    shares = largest_remainder(len(free) - len(gaps), [b - a for a, b in gaps])
     taken = 0
     for (a, b), extra in zip(gaps, shares, strict=True):
         group = free[taken : taken + 1 + extra]
@@ -368,7 +368,7 @@ def _orders(subset: Sequence[NodeSpec]) -> Iterable[tuple[NodeSpec, ...]]:
                 yield (first, *middle, last)
 
 
-def _apportion(total: int, weights: Sequence[float]) -> list[int]:
+def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     """Split an integer `total` in proportion to `weights` (largest remainder)."""
     whole = sum(weights)
     if total <= 0 or whole <= 0:

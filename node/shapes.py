@@ -23,49 +23,45 @@ _LAYER_PARAM = re.compile(r"(^|\.)\d+\.")
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
 
+# Well-known models' sizes, from their hub configs. Kinds: llama, llama3 (llama with
+# Llama 3.1's RoPE scaling), qwen2, gpt2.
+# name: (kind, hidden, layers, heads, kv heads, MLP width, vocabulary, context, tied)
+_TABLE: dict[str, tuple[str, int, int, int, int, int, int, int, bool]] = {
+    "meta-llama/Llama-3.1-8B": ("llama3", 4096, 32, 32, 8, 14336, 128256, 131072, False),
+    "meta-llama/Llama-3.1-70B": ("llama3", 8192, 80, 64, 8, 28672, 128256, 131072, False),
+    "meta-llama/Llama-3.1-405B": ("llama3", 16384, 126, 128, 8, 53248, 128256, 131072, False),
+    "meta-llama/Llama-3.2-1B": ("llama3", 2048, 16, 32, 8, 8192, 128256, 131072, True),
+    "meta-llama/Llama-3.2-3B": ("llama3", 3072, 28, 24, 8, 8192, 128256, 131072, True),
+    "mistralai/Mistral-7B-v0.3": ("llama", 4096, 32, 32, 8, 14336, 32768, 32768, False),
+    "Qwen/Qwen2.5-7B": ("qwen2", 3584, 28, 28, 4, 18944, 152064, 32768, False),
+    "Qwen/Qwen2.5-72B": ("qwen2", 8192, 80, 64, 8, 29568, 152064, 32768, False),
+    "HuggingFaceTB/SmolLM2-135M": ("llama", 576, 30, 9, 3, 1536, 49152, 8192, True),
+    "HuggingFaceTB/SmolLM2-360M": ("llama", 960, 32, 15, 5, 2560, 49152, 8192, True),
+    "HuggingFaceTB/SmolLM2-1.7B": ("llama", 2048, 24, 32, 32, 8192, 49152, 8192, True),
+    "openai-community/gpt2": ("gpt2", 768, 12, 12, 12, 3072, 50257, 1024, True),
+    "openai-community/gpt2-medium": ("gpt2", 1024, 24, 16, 16, 4096, 50257, 1024, True),
+    "openai-community/gpt2-large": ("gpt2", 1280, 36, 20, 20, 5120, 50257, 1024, True),
+    "openai-community/gpt2-xl": ("gpt2", 1600, 48, 25, 25, 6400, 50257, 1024, True),
+}
 
-def _llama(dim: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, **extra: Any) -> dict:
-    return {
-        "model_type": "llama", "hidden_size": dim, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
-        "vocab_size": vocab, **extra,
+
+def _hf_config(row: tuple[str, int, int, int, int, int, int, int, bool]) -> dict[str, Any]:
+    """A table row as the config.json fields our config readers take."""
+    kind, dim, layers, heads, kv, ffn, vocab, context, tied = row
+    if kind == "gpt2":
+        return {"model_type": "gpt2", "n_embd": dim, "n_layer": layers, "n_head": heads,
+                "n_inner": ffn, "vocab_size": vocab, "n_positions": context,
+                "tie_word_embeddings": tied}  # fmt: skip
+    config = {
+        "model_type": "qwen2" if kind == "qwen2" else "llama", "hidden_size": dim,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "intermediate_size": ffn, "vocab_size": vocab, "max_position_embeddings": context,
+        "tie_word_embeddings": tied,
     }  # fmt: skip
+    return {**config, "rope_scaling": _LLAMA3_ROPE} if kind == "llama3" else config
 
 
-def _gpt2(dim: int, layers: int, heads: int) -> dict:
-    return {"model_type": "gpt2", "n_embd": dim, "n_layer": layers, "n_head": heads,
-            "vocab_size": 50257, "n_positions": 1024}  # fmt: skip
-
-
-# Well-known models' config.json fields that decide their size (from their hub configs).
-BUILT_IN: dict[str, dict[str, Any]] = {
-    "meta-llama/Llama-3.1-8B": _llama(4096, 32, 32, 8, 14336, 128256, rope_scaling=_LLAMA3_ROPE,
-                                      max_position_embeddings=131072),
-    "meta-llama/Llama-3.1-70B": _llama(8192, 80, 64, 8, 28672, 128256, rope_scaling=_LLAMA3_ROPE,
-                                       max_position_embeddings=131072),
-    "meta-llama/Llama-3.1-405B": _llama(16384, 126, 128, 8, 53248, 128256,
-                                        rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072),
-    "meta-llama/Llama-3.2-1B": _llama(2048, 16, 32, 8, 8192, 128256, tie_word_embeddings=True,
-                                      max_position_embeddings=131072),
-    "meta-llama/Llama-3.2-3B": _llama(3072, 28, 24, 8, 8192, 128256, tie_word_embeddings=True,
-                                      max_position_embeddings=131072),
-    "mistralai/Mistral-7B-v0.3": _llama(4096, 32, 32, 8, 14336, 32768,
-                                        max_position_embeddings=32768),
-    "Qwen/Qwen2.5-7B": {**_llama(3584, 28, 28, 4, 18944, 152064), "model_type": "qwen2",
-                        "max_position_embeddings": 32768},
-    "Qwen/Qwen2.5-72B": {**_llama(8192, 80, 64, 8, 29568, 152064), "model_type": "qwen2",
-                         "max_position_embeddings": 32768},
-    "HuggingFaceTB/SmolLM2-135M": _llama(576, 30, 9, 3, 1536, 49152, tie_word_embeddings=True,
-                                         max_position_embeddings=8192),
-    "HuggingFaceTB/SmolLM2-360M": _llama(960, 32, 15, 5, 2560, 49152, tie_word_embeddings=True,
-                                         max_position_embeddings=8192),
-    "HuggingFaceTB/SmolLM2-1.7B": _llama(2048, 24, 32, 32, 8192, 49152,
-                                         tie_word_embeddings=True, max_position_embeddings=8192),
-    "openai-community/gpt2": _gpt2(768, 12, 12),
-    "openai-community/gpt2-medium": _gpt2(1024, 24, 16),
-    "openai-community/gpt2-large": _gpt2(1280, 36, 20),
-    "openai-community/gpt2-xl": _gpt2(1600, 48, 25),
-}  # fmt: skip
+BUILT_IN = {name: _hf_config(row) for name, row in _TABLE.items()}
 
 
 def _key(name: str) -> str:

@@ -13,9 +13,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# On one machine: found by --peer, not mDNS (which would advertise on the LAN), and planned
+# for throughput: for one request at a time the planner would rightly keep the model on
+# one node, since three daemons here share the same cores.
 for i in 1 2 3; do
   "$bin/ringinfer" daemon --host 127.0.0.1 --port $((base + i - 1)) --name "node$i" \
-    --data-dir "$dir/node$i" --peer "127.0.0.1:$base" >"$dir/node$i.log" 2>&1 &
+    --data-dir "$dir/node$i" --peer "127.0.0.1:$base" --no-mdns --objective throughput \
+    >"$dir/node$i.log" 2>&1 &
   pids+=($!)
 done
 echo "started node1..node3 on 127.0.0.1:$base-$((base + 2)); waiting for their plan"
