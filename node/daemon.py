@@ -34,6 +34,7 @@ from node.errors import RinginferError
 from node.membership import Member, Members
 from node.planner import (
     DEFAULT_BANDWIDTH,
+    DEFAULT_CONTEXT,
     DEFAULT_FLOPS,
     LAYER_OVERHEAD_S,
     NodeSpec,
@@ -601,7 +602,13 @@ class Daemon:
             self.highest_epoch = epoch
             try:
                 plan = make_plan(
-                    self.ckpt.name, epoch, self.shape, nodes, self.cfg.objective, self._links()
+                    self.ckpt.name,
+                    epoch,
+                    self.shape,
+                    nodes,
+                    self.cfg.objective,
+                    self._links(),
+                    min(DEFAULT_CONTEXT, self.ckpt.config.max_seq_len),
                 )
             except RinginferError as e:
                 if str(e) != self.plan_error:
