@@ -83,7 +83,8 @@ def total_memory(device: torch.device) -> int:
 
 def _timed(fn: Any, device: torch.device) -> float:
     """Seconds per call of `fn`, run for about MEASURE_S after one warm-up call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    syncs = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}
+    sync = syncs.get(device.type, lambda: None)
     fn()
     sync()
     calls, began = 0, time.perf_counter()
@@ -145,7 +146,12 @@ def load_or_measure(
             cached = json.loads(path.read_text())
         except (OSError, ValueError):
             cached = {}
-    fresh = not (isinstance(cached, dict) and cached.get("key") == key)
+    numbers = ("flops", "bandwidth", "layer_overhead_s")
+    fresh = not (
+        isinstance(cached, dict)
+        and cached.get("key") == key
+        and all(type(cached.get(k)) is float and cached[k] > 0 for k in numbers)
+    )
     if fresh:
         flops, bandwidth, overhead = measure_compute(device, dtype)
         cached = {"key": key, "flops": flops, "bandwidth": bandwidth,

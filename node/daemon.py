@@ -566,17 +566,16 @@ class Daemon:
 
     def _candidates(self) -> list[NodeSpec]:
         """Nodes that may hold layers: ours and same-model members, except leaving ones."""
-        caps = self.cfg.caps
-        me = [] if self.leaving.is_set() else [NodeSpec(
-            self.id, self.cfg.memory, self.cfg.pin, caps.flops or DEFAULT_FLOPS,
-            caps.bandwidth or DEFAULT_BANDWIDTH, caps.layer_overhead_s or LAYER_OVERHEAD_S,
-        )]  # fmt: skip
+        me = (
+            []
+            if self.leaving.is_set()
+            else [node_spec(self.id, self.cfg.memory, self.cfg.pin, self.cfg.caps)]
+        )
         others = [
-            NodeSpec(m.id, m.memory, m.pin, m.caps.flops or DEFAULT_FLOPS,
-                     m.caps.bandwidth or DEFAULT_BANDWIDTH,
-                     m.caps.layer_overhead_s or LAYER_OVERHEAD_S)
-            for m in self.members.same_model(self.fingerprint) if m.state != "leaving"
-        ]  # fmt: skip
+            node_spec(m.id, m.memory, m.pin, m.caps)
+            for m in self.members.same_model(self.fingerprint)
+            if m.state != "leaving"
+        ]
         return [*me, *others]
 
     def _links(self) -> dict[tuple[str, str], float]:
@@ -1091,6 +1090,16 @@ class Daemon:
                 "fix": "add a node or memory (--max-memory), or use a smaller model",
             })  # fmt: skip
         return out
+
+
+def node_spec(
+    node_id: str, memory: int, pin: tuple[int, int] | None, caps: Capabilities
+) -> NodeSpec:
+    """What the planner knows of a node; a peer that measured nothing gets the defaults."""
+    return NodeSpec(
+        node_id, memory, pin, caps.flops or DEFAULT_FLOPS, caps.bandwidth or DEFAULT_BANDWIDTH,
+        caps.layer_overhead_s or LAYER_OVERHEAD_S,
+    )  # fmt: skip
 
 
 def listen(host: str, port: int) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socket]:

@@ -25,6 +25,9 @@ def test_capabilities_are_measured_once_then_read_from_the_data_dir(tmp_path):  
     assert load_or_measure(tmp_path, cpu, torch.bfloat16, remeasure=True)[1]
     (tmp_path / CACHE_FILE).write_text("{not json")
     assert load_or_measure(tmp_path, cpu, torch.bfloat16)[1]
+    cache = json.loads((tmp_path / CACHE_FILE).read_text())
+    (tmp_path / CACHE_FILE).write_text(json.dumps({**cache, "flops": "fast"}))
+    assert load_or_measure(tmp_path, cpu, torch.bfloat16)[1]
     assert json.loads((tmp_path / CACHE_FILE).read_text())["key"]["dtype"] == "torch.bfloat16"
 
 
