@@ -9,6 +9,7 @@ among them, and the local daemon's own view (its plan and the problems it report
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import socket
 from dataclasses import asdict, dataclass
@@ -145,18 +146,19 @@ def _peers(adverts: list[Advert], cluster: str, daemon: dict | None) -> list[Che
                 "a copied data dir: delete node_id in the --data-dir of all but one, restart",
             ))  # fmt: skip
     for a in ours:
-        checks.append(_reachable(a))
+        checks.append(_reachable(a.name, a.address, a.port))
     return checks
 
 
-def _reachable(a: Advert) -> Check:
+def _reachable(name: str, host: str, port: int) -> Check:
+    endpoint = f"{host}:{port}"
     try:
-        with socket.create_connection((a.address, a.port), timeout=2):
-            return Check("ok", "port", f"{a.name} answers on {a.endpoint}")
+        with socket.create_connection((host, port), timeout=2):
+            return Check("ok", "port", f"{name} answers on {endpoint}")
     except OSError as e:
         return Check(
-            "fail", "port", f"cannot connect to {a.name} at {a.endpoint}: {e.strerror or e}",
-            f"open TCP port {a.port} in its firewall, or start its daemon with --host 0.0.0.0",
+            "fail", "port", f"cannot connect to {name} at {endpoint}: {e.strerror or e}",
+            f"open TCP port {port} in its firewall, or start its daemon with --host 0.0.0.0",
         )  # fmt: skip
 
 
@@ -185,6 +187,14 @@ def _daemon_checks(node: str, daemon: dict | None) -> list[Check]:
         "ok", "daemon", f"{me['name']} at {me['address']}: {me['state']}, {plan}, "
         f"{len(daemon['nodes'])} node(s) in cluster '{daemon['cluster']}', {discovery}",
     )]  # fmt: skip
+    host, _, port = me["address"].rpartition(":")
+    if ipaddress.ip_address(host).is_loopback:
+        checks.append(Check(
+            "warn", "port", f"the daemon listens on {me['address']}: other machines cannot "
+            "reach it", "start it with --host 0.0.0.0 (the default) or its LAN address",
+        ))  # fmt: skip
+    else:
+        checks.append(_reachable(me["name"], host, int(port)))
     for p in daemon["problems"]:
         checks.append(Check(p["level"], "daemon", p["problem"], p["fix"]))
     return checks

@@ -106,6 +106,12 @@ def test_daemons_find_each_other_by_mdns_plan_and_generate_like_local(cluster, l
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert finished(generation(n3, LONG)) == expected
+    table = n3.cli("status", "--node", n3.address).stdout.splitlines()
+    assert table[0].startswith("model SmolLM2-135M-Instruct · cluster default · plan epoch")
+    assert table[1].split() == ["NAME", "ADDRESS", "DEVICE", "MEMORY", "COMPUTE", "LAYERS",
+                                "STATE", "RTT", "REQS"]  # fmt: skip
+    assert sum(" ms " in row for row in table[2:5]) == 2  # RTT to the two others
+    assert any(row.startswith("! n4 at ") and "cluster 'lab'" in row for row in table)
 
 
 def test_doctor_sees_multicast_and_the_peers(cluster):  # noqa: ANN001
@@ -117,7 +123,7 @@ def test_doctor_sees_multicast_and_the_peers(cluster):  # noqa: ANN001
         by_topic.setdefault(c["topic"], []).append(c)
     assert by_topic["multicast"][0]["level"] == "ok"
     assert "3 node(s) of cluster 'default'" in by_topic["peers"][0]["detail"]
-    assert [c["level"] for c in by_topic["port"]] == ["ok"] * 3
+    assert [c["level"] for c in by_topic["port"]] == ["ok"] * 4  # 3 peers, and itself
     assert any("cluster 'lab'" in c["detail"] for c in by_topic["cluster"])
     assert proc.returncode == 0, checks  # a stranger is a warning, not a failure
 
