@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Capabilities:
     flops: float  # matmul FLOP/s at the compute dtype
     bandwidth: float  # bytes of weights per second through a one-row product
     layer_overhead_s: float = 0.0  # fixed cost of one decoder layer's ~20 small kernels
+    layer_s: float = 0.0  # one layer of the served model per decode step; 0: not measured
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +59,7 @@ class Capabilities:
             flops=num("flops", 0.0),
             bandwidth=num("bandwidth", 0.0),
             layer_overhead_s=num("layer_overhead_s", 0.0),
+            layer_s=num("layer_s", 0.0),
         )
 
 
@@ -127,6 +130,52 @@ def measure_compute(device: torch.device, dtype: torch.dtype) -> tuple[float, fl
     return flops, bandwidth, overhead
 
 
+LAYER_STEPS = 16  # timed decode steps, after 3 warm-up steps
+PROBE_LAYERS = 4  # layers timed together, so their weights do not all sit in a CPU cache
+MAX_PROBE_BYTES = 1 << 30  # bigger layers are not built just to time them (roofline instead)
+
+
+@torch.inference_mode()
+def measure_layer(family: Any, config: Any, device: torch.device, dtype: torch.dtype) -> float:
+    """Seconds one decoder layer of this model takes per decode step here: a few random
+    layers, built as our stages build theirs, stepped one position at a time. Unlike the roofline
+    from bandwidth and FLOP/s, this includes attention and every small kernel's real cost."""
+    n = config.n_layers
+    start = 1 if n > 2 else 0  # middle layers: no embedding, no head
+    count = max(1, min(PROBE_LAYERS, n - 1 - start))
+    with torch.device("meta"):
+        stage = family.stage_cls(config, start, start + count, device.type)
+    shapes = stage.state_dict()
+    if sum(t.numel() for t in shapes.values()) * dtype.itemsize > MAX_PROBE_BYTES:
+        return 0.0
+    weights = {
+        k: torch.empty(t.shape, dtype=dtype, device=device).normal_(0, 0.02)
+        for k, t in shapes.items()
+    }
+    stage.load_state_dict(weights, assign=True, strict=True)
+    stage.to_device(device)
+    stage = stage.eval()
+    cache = stage.new_cache(1, LAYER_STEPS + 4, dtype, device)
+    x = torch.randn(1, 1, config.dim, device=device, dtype=dtype)
+    if stage.is_first:
+        x = torch.zeros(1, 1, dtype=torch.long, device=device)
+    syncs = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}
+    sync = syncs.get(device.type, lambda: None)
+    times = []
+    for pos in range(LAYER_STEPS + 3):
+        sync()
+        began = time.perf_counter()
+        stage(x, torch.tensor([pos], device=device), cache)
+        sync()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times[3:]) / count
+
+
+def model_key_of(model: tuple[str, Any, Any]) -> str:
+    name, _, config = model
+    return f"{name}|{config.n_layers}|{config.dim}"
+
+
 def cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "device": str(device), "name": device_name(device), "dtype": str(dtype),
@@ -135,9 +184,16 @@ def cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def load_or_measure(
-    data_dir: Path, device: torch.device, dtype: torch.dtype, remeasure: bool = False
+    data_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    remeasure: bool = False,
+    model: tuple[str, Any, Any] | None = None,
 ) -> tuple[Capabilities, bool]:
-    """(capabilities, whether they were measured now rather than read from the cache)."""
+    """(capabilities, whether they were measured now rather than read from the cache).
+
+    `model` is (name, family, config) of the model served: its layer is timed too, and
+    cached per model."""  # fmt: skip
     key = cache_key(device, dtype)
     path = data_dir / CACHE_FILE
     cached: dict[str, Any] = {}
@@ -156,6 +212,14 @@ def load_or_measure(
         flops, bandwidth, overhead = measure_compute(device, dtype)
         cached = {"key": key, "flops": flops, "bandwidth": bandwidth,
                   "layer_overhead_s": overhead, "measured_at": time.time()}  # fmt: skip
+    layers = cached.setdefault("layer_s", {})
+    if not isinstance(layers, dict):
+        layers = cached["layer_s"] = {}
+    model_key = model_key_of(model) if model else ""
+    if model and type(layers.get(model_key)) is not float:
+        layers[model_key] = measure_layer(model[1], model[2], device, dtype)
+        fresh = True
+    if fresh:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, indent=1))
         tmp.replace(path)
@@ -167,5 +231,6 @@ def load_or_measure(
         flops=float(cached["flops"]),
         bandwidth=float(cached["bandwidth"]),
         layer_overhead_s=float(cached["layer_overhead_s"]),
+        layer_s=float(layers.get(model_key, 0.0)) if model else 0.0,
     )
     return caps, fresh

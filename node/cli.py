@@ -459,12 +459,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                         "find peers with --peer, or name one with --mdns-interface")  # fmt: skip
         mdns = None
     STATUS.live("measuring compute ...")
-    caps, fresh = load_or_measure(data_path, device, dtype, args.remeasure)
+    model = (ckpt.name, ckpt.family, ckpt.config)
+    caps, fresh = load_or_measure(data_path, device, dtype, args.remeasure, model)
     STATUS.live("")
     logging.info(
-        "%s %s: %.0f GFLOP/s matmul, %.1f GB/s weight streaming, %.0f us per layer (%s)",
-        caps.device, caps.device_name, caps.flops / 1e9, caps.bandwidth / 1e9,
-        caps.layer_overhead_s * 1e6, "measured" if fresh else f"cached in {data_path}",
+        "%s %s: %.0f GFLOP/s matmul, %.1f GB/s weight streaming, %.0f us kernel overhead "
+        "per layer, %.2f ms per %s layer (%s)", caps.device, caps.device_name,
+        caps.flops / 1e9, caps.bandwidth / 1e9, caps.layer_overhead_s * 1e6,
+        caps.layer_s * 1e3, ckpt.name, "measured" if fresh else f"cached in {data_path}",
     )  # fmt: skip
     config = DaemonConfig(
         host=args.host, port=args.port, name=args.name, peers=peers, device=device, dtype=dtype,

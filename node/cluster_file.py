@@ -2,7 +2,9 @@
 
 A JSON object {"nodes": [...], "rtt_ms": 1.0, "links": [{"a", "b", "rtt_ms"}]} or just the
 list of nodes. Each node: "name" (or "id"), "memory" (bytes or "16G"), and optionally
-"flops" (FLOP/s, or "2T"), "bandwidth" (bytes/s, or "100G"), "layers" ("0:20", a pin), "rtt_ms".
+"flops" (FLOP/s, or "2T"), "bandwidth" (bytes/s, or "100G"), "layers" ("0:20", a pin),
+"rtt_ms", "layer_ms" (one layer of the model as timed on that node, which `status --json`
+reports; without it the layer time is predicted from FLOP/s and bandwidth).
 `ringinfer status --json` output is a valid cluster file: size a cluster you already have.
 """
 
@@ -68,6 +70,9 @@ def read_cluster(path: Path) -> DescribedCluster:
             if not (start.isdigit() and end.isdigit()):
                 raise RinginferError(f"{where}: layers must be 'START:END'")
             pin = (int(start), int(end))
+        layer_s = 0.0  # timed by a daemon (status --json carries it), else predicted
+        if item.get("layer_ms"):
+            layer_s = parse_amount(item["layer_ms"], {}, f"{where}: layer_ms") / 1e3
         if "memory" not in item:
             raise RinginferError(f"{where}: needs memory (bytes or like '16G')")
         nodes.append(NodeSpec(
@@ -77,6 +82,7 @@ def read_cluster(path: Path) -> DescribedCluster:
             flops=parse_amount(item.get("flops", DEFAULT_FLOPS), _DECIMAL, f"{where}: flops"),
             bandwidth=parse_amount(item.get("bandwidth", DEFAULT_BANDWIDTH), _DECIMAL,
                                    f"{where}: bandwidth"),
+            layer_s=layer_s,
         ))  # fmt: skip
         if item.get("rtt_ms") is not None:
             rtts[node_id] = parse_amount(item["rtt_ms"], {}, f"{where}: rtt_ms") / 1e3

@@ -998,13 +998,14 @@ class Daemon:
             "requests": len(self.shard.requests) if self.shard else 0,
             "device": caps.device, "device_name": caps.device_name,
             "memory_total": caps.memory_total, "flops": caps.flops, "bandwidth": caps.bandwidth,
-            "rtt_ms": None, "version": __version__,
+            "layer_ms": round(caps.layer_s * 1e3, 4), "rtt_ms": None, "version": __version__,
         }  # fmt: skip
         members = [
             {"id": m.id, "name": m.name, "address": m.address, "state": m.state,
              "memory": m.memory, "requests": m.requests, "device": m.caps.device,
              "device_name": m.caps.device_name, "memory_total": m.caps.memory_total,
              "flops": m.caps.flops, "bandwidth": m.caps.bandwidth,
+             "layer_ms": round(m.caps.layer_s * 1e3, 4),
              "rtt_ms": round(m.rtt * 1e3, 3) if m.rtt is not None else None,
              "version": m.version}
             for m in self.members
@@ -1098,7 +1099,7 @@ def node_spec(
     """What the planner knows of a node; a peer that measured nothing gets the defaults."""
     return NodeSpec(
         node_id, memory, pin, caps.flops or DEFAULT_FLOPS, caps.bandwidth or DEFAULT_BANDWIDTH,
-        caps.layer_overhead_s or LAYER_OVERHEAD_S,
+        caps.layer_overhead_s or LAYER_OVERHEAD_S, caps.layer_s,
     )  # fmt: skip
 
 

@@ -65,6 +65,7 @@ class NodeSpec:
     flops: float = DEFAULT_FLOPS  # measured matmul throughput, FLOP/s
     bandwidth: float = DEFAULT_BANDWIDTH  # measured weight-streaming rate, bytes/s
     layer_overhead_s: float = LAYER_OVERHEAD_S  # measured fixed cost of one layer's kernels
+    layer_s: float = 0.0  # one layer of this model timed on the node; 0: use the roofline
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,10 @@ class Prediction:
 
 
 def layer_time(node: NodeSpec, shape: ModelShape) -> float:
-    """One layer, one decode position: weights streamed or FLOPs done, whichever is slower."""
+    """One layer, one decode position: as timed on the node, else weights streamed or FLOPs
+    done, whichever is slower, plus the kernels' fixed cost."""
+    if node.layer_s > 0:
+        return node.layer_s
     return _roofline(node, shape, shape.layer_bytes) + node.layer_overhead_s
 
 

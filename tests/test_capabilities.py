@@ -11,6 +11,7 @@ from discovery.capabilities import CACHE_FILE, load_or_measure
 from discovery.interfaces import Interface, best_address, lan_interfaces
 from discovery.mdns import Advert
 from node.errors import RinginferError
+from node.weights import open_checkpoint
 
 
 def test_capabilities_are_measured_once_then_read_from_the_data_dir(tmp_path):  # noqa: ANN001
@@ -54,3 +55,15 @@ def test_lan_interfaces_skip_loopback_and_bridges_unless_named():
     ours = [Interface("eth0", "192.168.1.4", 24)]
     assert best_address(["10.8.0.2", "192.168.1.9"], ours) == "192.168.1.9"
     assert best_address(["10.8.0.2"], ours) == "10.8.0.2"
+
+
+def test_the_served_models_layer_is_timed_once_and_cached_per_model(tmp_path, tiny_models):  # noqa: ANN001
+    cpu = torch.device("cpu")
+    for family in ("llama", "gpt2"):
+        ckpt = open_checkpoint(str(tiny_models[family]))
+        model = (ckpt.name, ckpt.family, ckpt.config)
+        caps, fresh = load_or_measure(tmp_path, cpu, torch.float32, model=model)
+        assert fresh and 0 < caps.layer_s < 1
+        again, fresh = load_or_measure(tmp_path, cpu, torch.float32, model=model)
+        assert not fresh and again.layer_s == caps.layer_s
+    assert len(json.loads((tmp_path / CACHE_FILE).read_text())["layer_s"]) == 2

@@ -77,6 +77,14 @@ def test_throughput_spreads_a_small_model_that_latency_keeps_on_one_node(tmp_pat
     assert busy["pipelined_tokens_per_s"] > fast["pipelined_tokens_per_s"]
 
 
+def test_a_layer_time_measured_by_a_daemon_replaces_the_roofline(tmp_path):  # noqa: ANN001
+    timed = {"nodes": [{"name": "box", "memory": "64G", "flops": "1T", "bandwidth": "50G",
+                        "layer_ms": 10}]}  # fmt: skip
+    proc = plan(tmp_path, timed, "--model", "llama-3.1-8b", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert 320 < json.loads(proc.stdout)["predicted"]["tpot_ms"] < 400  # 32 layers x 10 ms
+
+
 def test_a_model_in_the_hub_cache_is_planned_without_a_download(tmp_path, tiny_models):  # noqa: ANN001
     snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
