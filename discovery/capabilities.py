@@ -10,10 +10,13 @@ Free memory is read fresh every time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +26,8 @@ import torch
 
 from node import __version__
 from node.engine import available_memory
+from node.errors import RinginferError
+from node.models import GPT2, LLAMA
 from node.models.linear import Linear
 
 CACHE_FILE = "capabilities.json"
@@ -171,6 +176,46 @@ def measure_layer(family: Any, config: Any, device: torch.device, dtype: torch.d
     return statistics.median(times[3:]) / count
 
 
+def _measure_apart(
+    device: torch.device, dtype: torch.dtype, model: tuple[str, Any, Any] | None, compute: bool
+) -> dict[str, Any]:
+    """Measure in a child process. Measuring here left the daemon's own process slower at
+    every later decode step (allocator and thread-pool state after the big buffers are
+    freed: ~20% on the 2-core VM for a single daemon), so nothing of it stays with us."""
+    request = {
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "compute": compute,
+        "family": model[1].name if model else None,
+        "config": dataclasses.asdict(model[2]) if model else None,
+    }  # fmt: skip
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "discovery.capabilities", json.dumps(request)],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            return json.loads(proc.stdout)
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+        why = str(e)
+    raise RinginferError(f"measuring {device} failed: {why}")
+
+
+def _measure_here(request: dict[str, Any]) -> dict[str, Any]:
+    """The child's side of `_measure_apart`."""
+    torch.set_num_threads(request["threads"])
+    device, dtype = torch.device(request["device"]), getattr(torch, request["dtype"])
+    out: dict[str, Any] = {}
+    if request["compute"]:
+        flops, bandwidth, overhead = measure_compute(device, dtype)
+        out["compute"] = {"flops": flops, "bandwidth": bandwidth, "layer_overhead_s": overhead}
+    if request["family"]:
+        family = next(f for f in (LLAMA, GPT2) if f.name == request["family"])
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in request["config"].items()}
+        out["layer_s"] = measure_layer(family, family.config_cls(**fields), device, dtype)
+    return out
+
+
 def model_key_of(model: tuple[str, Any, Any]) -> str:
     name, _, config = model
     return f"{name}|{config.n_layers}|{config.dim}"
@@ -208,18 +253,18 @@ def load_or_measure(
         and cached.get("key") == key
         and all(type(cached.get(k)) is float and cached[k] > 0 for k in numbers)
     )
-    if fresh:
-        flops, bandwidth, overhead = measure_compute(device, dtype)
-        cached = {"key": key, "flops": flops, "bandwidth": bandwidth,
-                  "layer_overhead_s": overhead, "measured_at": time.time()}  # fmt: skip
-    layers = cached.setdefault("layer_s", {})
-    if not isinstance(layers, dict):
-        layers = cached["layer_s"] = {}
+    layers = cached.get("layer_s") if not fresh else None
+    layers = layers if isinstance(layers, dict) else {}
     model_key = model_key_of(model) if model else ""
-    if model and type(layers.get(model_key)) is not float:
-        layers[model_key] = measure_layer(model[1], model[2], device, dtype)
+    need_layer = model is not None and type(layers.get(model_key)) is not float
+    if fresh or need_layer:
+        measured = _measure_apart(device, dtype, model if need_layer else None, fresh)
+        if fresh:
+            cached = {"key": key, **measured["compute"], "measured_at": time.time()}
+        if need_layer:
+            layers[model_key] = measured["layer_s"]
+        cached["layer_s"] = layers
         fresh = True
-    if fresh:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, indent=1))
         tmp.replace(path)
@@ -234,3 +279,7 @@ def load_or_measure(
         layer_s=float(layers.get(model_key, 0.0)) if model else 0.0,
     )
     return caps, fresh
+
+
+if __name__ == "__main__":  # the measuring child: one JSON request in, one JSON result out
+    print(json.dumps(_measure_here(json.loads(sys.argv[1]))))

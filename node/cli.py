@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -420,7 +419,6 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     # there costs ~30% per token), but not for long after it: on a machine that runs
     # several stages, an idle stage must not burn the cores the next one needs.
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
-    _fixed_mmap_threshold()
     import asyncio
 
     from discovery.capabilities import load_or_measure
@@ -486,19 +484,6 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     asyncio.run(serve())
     lock.close()
     return 0
-
-
-def _fixed_mmap_threshold(size: int = 128 * 1024) -> None:
-    """Keep glibc's mmap threshold where it starts. glibc raises it each time a large block
-    is freed (the compute measurement frees 64 MB), and with it raised a pinned three-stage
-    ring on the 2-core VM decoded at 47 ms/token instead of 43; fixed, 41-44 (bench/README.md).
-    Not glibc (macOS): nothing to do."""
-    import ctypes
-    import ctypes.util
-
-    m_mmap_threshold = -3
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(m_mmap_threshold, size)
 
 
 def _resolve(address: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from discovery.capabilities import CACHE_FILE, cache_key
+from discovery.capabilities import CACHE_FILE, cache_key, model_key_of
+from node.weights import open_checkpoint
 from tests.conftest import run_cli
 
 # What loopback clusters' daemons find in their data dir instead of measuring: one machine
@@ -27,10 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@functools.cache
+def _default_model_key() -> str:
+    ckpt = open_checkpoint(None)
+    return model_key_of((ckpt.name, ckpt.family, ckpt.config))
+
+
 def seed_capabilities(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(torch.device("cpu"), torch.float32)
-    (data_dir / CACHE_FILE).write_text(json.dumps({"key": key, **SAME_CAPABILITIES}))
+    layers = {_default_model_key(): 1e-3}  # other models are timed by the daemon itself
+    cache = {"key": key, **SAME_CAPABILITIES, "layer_s": layers}
+    (data_dir / CACHE_FILE).write_text(json.dumps(cache))
 
 
 class Daemon:
