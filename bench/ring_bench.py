@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "node.cli"]
@@ -140,10 +141,15 @@ def main() -> None:
             engine += [f"--{flag}", getattr(args, flag)]
     common = ["--json", "--ignore-eos", "--max-tokens", str(args.tokens), PROMPT]
     root = Path(tempfile.mkdtemp(prefix="ring-bench-"))
-    # throughput: the ring is what is measured here; for one request at a time the planner
-    # would keep the model on one of three daemons sharing this machine's cores
-    flags = [*engine, "--wire-dtype", args.wire_dtype, "--objective", "throughput"]
-    procs, addresses = start_cluster(root, [flags] * 3)
+    # Pinned thirds: the ring's cost is measured here, not placement (placement_bench.py).
+    # The planner would rightly keep the model on one of three daemons sharing these cores,
+    # and their compute, measured at the same moment, would be each other's load.
+    config = model_config(engine)
+    hidden_bytes = 2 * config.dim
+    cuts = [round(i * config.n_layers / 3) for i in range(4)]
+    flags = [[*engine, "--wire-dtype", args.wire_dtype, "--layers", f"{a}:{b}"]
+             for a, b in zip(cuts, cuts[1:], strict=False)]  # fmt: skip
+    procs, addresses = start_cluster(root, flags)
     try:
         local_runs, ring_runs = [], []
         run("generate", "--node", addresses[-1], "--json", "--max-tokens", "8", PROMPT)  # warm
@@ -160,7 +166,6 @@ def main() -> None:
     def med(runs: list[dict], key: str, scale: float = 1.0) -> float:
         return statistics.median(r[key] * scale for r in runs)
 
-    hidden_bytes = 2 * run_hidden(engine)
     stage_ms = [r["stage_decode_ms"] for r in ring_runs]
     hops = 2  # stage-to-stage hops carrying hidden states in a three-stage ring
     ring_bytes = med(ring_runs, "ring_bytes_per_token")
@@ -200,12 +205,12 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in keys}, indent=2))
 
 
-def run_hidden(engine: list[str]) -> int:
-    """The model's hidden size, read the way the daemons read it."""
+def model_config(engine: list[str]) -> Any:
+    """The model's config, read the way the daemons read it."""
     sys.path.insert(0, str(ROOT))
     from node.weights import open_checkpoint
 
-    return open_checkpoint(engine[1] if engine[:1] == ["--model"] else None).config.dim
+    return open_checkpoint(engine[1] if engine[:1] == ["--model"] else None).config
 
 
 if __name__ == "__main__":
