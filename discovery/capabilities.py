@@ -89,10 +89,15 @@ def total_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _synchronizer(device: torch.device) -> Any:
+    """What waits for `device` to finish queued work, so timings cover it."""
+    syncs = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}
+    return syncs.get(device.type, lambda: None)
+
+
 def _timed(fn: Any, device: torch.device) -> float:
     """Seconds per call of `fn`, run for about MEASURE_S after one warm-up call."""
-    syncs = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}
-    sync = syncs.get(device.type, lambda: None)
+    sync = _synchronizer(device)
     fn()
     sync()
     calls, began = 0, time.perf_counter()
@@ -163,8 +168,7 @@ def measure_layer(family: Any, config: Any, device: torch.device, dtype: torch.d
     x = torch.randn(1, 1, config.dim, device=device, dtype=dtype)
     if stage.is_first:
         x = torch.zeros(1, 1, dtype=torch.long, device=device)
-    syncs = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}
-    sync = syncs.get(device.type, lambda: None)
+    sync = _synchronizer(device)
     # Two passes over the same positions, the first untimed: a GPU loads and picks kernels
     # the first time it meets each attention length, which costs more than the step.
     for _ in range(2):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from node import __version__
 from node.client import DEFAULT_PORT, Client, parse_address
+from node.cluster_file import BINARY, parse_amount, read_cluster
 from node.errors import RinginferError
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
@@ -48,15 +49,10 @@ def _positive(text: str) -> int:
 
 def _size(text: str) -> int:
     """Bytes from 512M, 2G, 1.5T or a plain number."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a size like 512M or 4G, got '{text}'")
-    return int(value)
+        return int(parse_amount(text, BINARY, "size"))
+    except RinginferError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 4G, got '{text}'") from None
 
 
 def _layers(text: str) -> tuple[int, int]:
@@ -342,19 +338,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         rtt = f"{n['rtt_ms']:.2f} ms" if n["rtt_ms"] is not None else "-"
         rows.append((n["name"] + here, n["address"], n["device"], memory, compute, layers,
                      n["state"], rtt, str(n["requests"])))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(rows)
     for p in status["problems"]:
         print(f"! {p['problem']}: {p['fix']}")
     return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows of cells in left-aligned columns, the first row the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """The planner on a described cluster: what a cluster would run, before buying it."""
     import torch
 
-    from node.cluster_file import read_cluster
     from node.planner import make_plan, predict
     from node.shapes import find_shape
 
@@ -395,9 +395,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         rows.append((st["name"], f"{st['start']}-{st['end']}", str(st["end"] - st["start"]),
                      f"{st['memory_used'] / gib:.1f} of {st['memory'] / gib:.1f} GiB",
                      f"{st['stage_ms']:.1f}"))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(rows)
     if left_out:
         print(f"left out: {', '.join(left_out)} (including them would not make tokens faster)")
     return 0

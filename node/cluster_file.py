@@ -18,17 +18,23 @@ from node.errors import RinginferError
 from node.json_file import read_json
 from node.planner import DEFAULT_BANDWIDTH, DEFAULT_FLOPS, DEFAULT_RTT_S, Links, NodeSpec
 
-_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _DECIMAL = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+SIZE_SUFFIXES = ("B", "I")  # 16G, 16GB, 16GiB
+_RATE_SUFFIXES = ("FLOP/S", "/S", *SIZE_SUFFIXES)  # 4T, 4TFLOP/s, 100GB/s
 
 
-def parse_amount(value: Any, units: dict[str, float], what: str) -> float:
-    """A positive number, or a string like '16G' / '1.5T' in `units`."""
+def parse_amount(
+    value: Any, units: dict[str, float], what: str, suffixes: tuple[str, ...] = SIZE_SUFFIXES
+) -> float:
+    """A positive number, or a string like '16G' / '1.5T' in `units`, with `suffixes` (in
+    that order) ignored."""
     if type(value) in (int, float) and value > 0:
         return float(value)
     if isinstance(value, str):
-        t = value.strip().upper().removesuffix("B").removesuffix("I").removesuffix("FLOP/S")
-        t = t.removesuffix("/S")
+        t = value.strip().upper()
+        for suffix in suffixes:
+            t = t.removesuffix(suffix)
         try:
             number = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
         except ValueError:
@@ -77,11 +83,12 @@ def read_cluster(path: Path) -> DescribedCluster:
             raise RinginferError(f"{where}: needs memory (bytes or like '16G')")
         nodes.append(NodeSpec(
             id=node_id,
-            memory=int(parse_amount(item["memory"], _BINARY, f"{where}: memory")),
+            memory=int(parse_amount(item["memory"], BINARY, f"{where}: memory")),
             pin=pin,
-            flops=parse_amount(item.get("flops", DEFAULT_FLOPS), _DECIMAL, f"{where}: flops"),
+            flops=parse_amount(item.get("flops", DEFAULT_FLOPS), _DECIMAL, f"{where}: flops",
+                               _RATE_SUFFIXES),
             bandwidth=parse_amount(item.get("bandwidth", DEFAULT_BANDWIDTH), _DECIMAL,
-                                   f"{where}: bandwidth"),
+                                   f"{where}: bandwidth", _RATE_SUFFIXES),
             layer_s=layer_s,
         ))  # fmt: skip
         if item.get("rtt_ms") is not None:

@@ -21,7 +21,7 @@ LAPTOPS = {
     "nodes": [
         *({"name": f"laptop{i}", "memory": "128G", "flops": "4T", "bandwidth": "100G"}
           for i in range(7)),
-        {"name": "old-netbook", "memory": "8G", "flops": "50G", "bandwidth": "5G"},
+        {"name": "old-netbook", "memory": "8GiB", "flops": "50GFLOP/s", "bandwidth": "5GB/s"},
     ],
 }  # fmt: skip
 
