@@ -80,6 +80,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", help="auto (default), float32, bfloat16 or float16")
     parser.add_argument("--threads", type=_positive, help="CPU threads for torch")
+    parser.add_argument(
+        "--quantize", choices=["auto", "none", "int8", "int4"],
+        help="weights in memory: auto (default; a GGUF's 4-bit stays int4, 5-8-bit int8, "
+             "floats as --dtype), none (all float), int8, int4",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +235,8 @@ def generate_local(args: argparse.Namespace) -> int:
     prompt = tokenizer.encode_prompt(args.prompt, args.chat)
     capacity, max_tokens = fit_request(len(prompt), args.max_tokens, ckpt.config.max_seq_len)
     splits = args.split or []
-    pipeline = LocalPipeline(ckpt, splits, device, dtype, STATUS.loading(ckpt.name))
+    quantize = args.quantize or "auto"
+    pipeline = LocalPipeline(ckpt, splits, device, dtype, STATUS.loading(ckpt.name), quantize)
 
     timings = Timings()
     stream = TextStream(tokenizer)
@@ -251,11 +257,12 @@ def generate_local(args: argparse.Namespace) -> int:
     result = generation_result(
         "".join(pieces), tokens, len(prompt), ckpt.name, finish_reason, timings
     )
+    result["quantization"] = pipeline.quantization
     _print_result(args, result)
     return 0
 
 
-LOCAL_ONLY = ("model", "split", "device", "dtype", "threads")
+LOCAL_ONLY = ("model", "split", "device", "dtype", "threads", "quantize")
 
 
 def generate_remote(args: argparse.Namespace) -> int:
@@ -329,15 +336,17 @@ def cmd_status(args: argparse.Namespace) -> int:
                  f"{predicted['pipelined_tokens_per_s']:.1f} tokens/s pipelined)")  # fmt: skip
     print(f"model {status['model']} · cluster {status['cluster']} · {plan} · "
           f"{status['stats']['requests_in_flight']} request(s) in flight here")  # fmt: skip
-    rows = [("NAME", "ADDRESS", "DEVICE", "MEMORY", "COMPUTE", "LAYERS", "STATE", "RTT", "REQS")]
+    rows = [("NAME", "ADDRESS", "DEVICE", "MEMORY", "COMPUTE", "LAYERS", "WEIGHTS", "STATE",
+             "RTT", "REQS")]  # fmt: skip
     for n in status["nodes"]:
         layers = f"{n['layers'][0]}-{n['layers'][1]}" if n["layers"] else "-"
         here = " *" if n["id"] == status["node"] else ""
         memory = f"{n['memory'] / 2**30:.1f}/{n['memory_total'] / 2**30:.1f}G"
         compute = f"{n['flops'] / 1e9:.0f} GFLOP/s {n['bandwidth'] / 1e9:.0f} GB/s"
         rtt = f"{n['rtt_ms']:.2f} ms" if n["rtt_ms"] is not None else "-"
+        weights = n.get("quantization") or "-"
         rows.append((n["name"] + here, n["address"], n["device"], memory, compute, layers,
-                     n["state"], rtt, str(n["requests"])))  # fmt: skip
+                     weights, n["state"], rtt, str(n["requests"])))  # fmt: skip
     _print_table(rows)
     for p in status["problems"]:
         print(f"! {p['problem']}: {p['fix']}")
@@ -469,7 +478,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         wire_dtype=wire, memory=args.max_memory or available_memory(device), caps=caps,
         cluster=args.cluster, objective=args.objective, mdns=mdns, pin=args.layers,
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
-        threads=args.threads,
+        threads=args.threads, quantize=args.quantize or "auto",
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(

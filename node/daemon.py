@@ -84,6 +84,7 @@ class DaemonConfig:
     plan_wait_s: float = 600.0
     leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node
     threads: int | None = None
+    quantize: str = "auto"  # how weights are kept in memory (node/models/quantized.py)
 
 
 class RequestFailed(Exception):
@@ -429,8 +430,14 @@ class Daemon:
             "requests": len(self.shard.requests) if self.shard else 0, "version": __version__,
             "boot": self.boot, "cluster": self.cfg.cluster, "caps": self.cfg.caps.to_json(),
             "rtt": {m.id: m.rtt for m in self.members if m.rtt is not None},
+            "quant": self.quantization,
         }  # fmt: skip
         return message(Kind.HELLO, body=body)
+
+    @property
+    def quantization(self) -> str:
+        """The formats this node's stage holds its weights in, or its --quantize setting."""
+        return self.shard.quantization if self.shard else self.cfg.quantize
 
     def _broadcast_hello(self) -> None:
         hello = self._hello()
@@ -718,7 +725,10 @@ class Daemon:
             try:
                 self.shard = await asyncio.get_running_loop().run_in_executor(
                     self.compute,
-                    lambda: Shard(self.ckpt, mine.start, mine.end, cfg.device, cfg.dtype, progress),
+                    lambda: Shard(
+                        self.ckpt, mine.start, mine.end, cfg.device, cfg.dtype, progress,
+                        cfg.quantize,
+                    ),
                 )
             except Exception as e:
                 log.error("could not load %s: %s", label, e)
@@ -999,6 +1009,7 @@ class Daemon:
             "device": caps.device, "device_name": caps.device_name,
             "memory_total": caps.memory_total, "flops": caps.flops, "bandwidth": caps.bandwidth,
             "layer_ms": round(caps.layer_s * 1e3, 4), "rtt_ms": None, "version": __version__,
+            "quantization": self.quantization,
         }  # fmt: skip
         members = [
             {"id": m.id, "name": m.name, "address": m.address, "state": m.state,
@@ -1007,7 +1018,7 @@ class Daemon:
              "flops": m.caps.flops, "bandwidth": m.caps.bandwidth,
              "layer_ms": round(m.caps.layer_s * 1e3, 4),
              "rtt_ms": round(m.rtt * 1e3, 3) if m.rtt is not None else None,
-             "version": m.version}
+             "version": m.version, "quantization": m.quant}
             for m in self.members
         ]  # fmt: skip
         nodes = []

@@ -12,6 +12,7 @@ import torch
 
 from node.errors import RinginferError
 from node.kv_cache import KVCache
+from node.models.quantized import holdings, label
 from node.sampling import Candidates, SamplingParams, candidates, pick
 from node.weights import Checkpoint, Progress, load_stage
 
@@ -92,13 +93,19 @@ class LocalPipeline:
         device: torch.device = CPU,
         dtype: torch.dtype = torch.float32,
         progress: Callable[[int, int], Progress] | None = None,
+        quantize: str = "none",
     ) -> None:
         self.ckpt, self.device, self.dtype = ckpt, device, dtype
         ranges = split_bounds(ckpt.n_layers, splits)
         self.stages = [
-            load_stage(ckpt, a, b, device, dtype, progress(a, b) if progress else None)
+            load_stage(ckpt, a, b, device, dtype, progress(a, b) if progress else None, quantize)
             for a, b in ranges
         ]
+
+    @property
+    def quantization(self) -> str:
+        """The formats the stages hold their weights in, e.g. 'int4+int8'."""
+        return label(holdings(torch.nn.ModuleList(self.stages)))
 
     def new_caches(self, capacity: int) -> list[KVCache]:
         return [s.new_cache(1, capacity, self.dtype, self.device) for s in self.stages]

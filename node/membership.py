@@ -34,6 +34,7 @@ class Member:
     version: str = ""
     boot: str = ""  # changes when its process restarts
     caps: Capabilities = field(default_factory=lambda: Capabilities.from_json({}))
+    quant: str = ""  # the formats its stage holds weights in (int4, int8+float32...)
     rtts: dict[str, float] = field(default_factory=dict)  # its round trips to others, seconds
     last_seen: float = field(default_factory=time.monotonic)
     samples: list[float] = field(default_factory=list)  # our round trips to it, newest last
@@ -62,6 +63,7 @@ class Member:
             requests=_int(body, "requests"),
             version=str(body.get("version", ""))[:32],
             boot=str(body.get("boot", ""))[:32],
+            quant=str(body.get("quant", ""))[:32],
             caps=Capabilities.from_json(body["caps"]),
             rtts={
                 str(k)[:64]: float(v)

@@ -13,6 +13,7 @@ import torch
 
 from node.errors import RinginferError
 from node.kv_cache import KVCache
+from node.models.quantized import holdings, label
 from node.models.stage import Stage
 from node.sampling import Candidates, SamplingParams, candidates
 from node.weights import Checkpoint, Progress, load_stage
@@ -41,10 +42,12 @@ class Shard:
         device: torch.device,
         dtype: torch.dtype,
         progress: Progress | None = None,
+        quantize: str = "none",
     ) -> None:
         self.ckpt, self.start, self.end = ckpt, start, end
         self.device, self.dtype = device, dtype
-        self.stage: Stage = load_stage(ckpt, start, end, device, dtype, progress)
+        self.stage: Stage = load_stage(ckpt, start, end, device, dtype, progress, quantize)
+        self.quantization = label(holdings(self.stage))
         self.requests: dict[str, Entry] = {}
 
     @property

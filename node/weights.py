@@ -12,10 +12,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from node.errors import RinginferError
+from node.gguf_file import FLOAT_TYPES, INT4_TYPES, INT8_TYPES, GGUFFile, TensorInfo, int4_groups
 from node.json_file import read_json
 from node.models import LLAMA, Family, family_for_hf, llama
+from node.models.linear import Linear
+from node.models.quantized import (
+    ROW_CHUNK,
+    QuantizedTensor,
+    check_device,
+    convert,
+    module_format,
+    quantized_module,
+)
 from node.models.stage import Stage
 from node.tokenizer import Tokenizer
 
@@ -39,12 +50,22 @@ class Checkpoint:
     def n_layers(self) -> int:
         return self.config.n_layers
 
-    def tensor(self, hf_name: str) -> torch.Tensor:
-        """One tensor by its Hugging Face checkpoint name, on the CPU, as stored."""
+    def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor | QuantizedTensor:
+        """One tensor by its Hugging Face checkpoint name, on the CPU: float as stored, or
+        codes where the file holds them and `fmt` (int8, int4) asks for them."""
         raise NotImplementedError
+
+    def source_format(self, hf_name: str) -> str:
+        """What `--quantize auto` keeps a tensor as: the file's own int4/int8, else none."""
+        return "none"
 
     def tokenizer(self) -> Tokenizer:
         raise NotImplementedError
+
+    @property
+    def formats(self) -> str:
+        """A one-word summary of how the file stores its weights, for messages and status."""
+        return "float"
 
 
 class HFCheckpoint(Checkpoint):
@@ -83,7 +104,7 @@ class HFCheckpoint(Checkpoint):
                 raise RinginferError(f"cannot read {self.path / file}: {e}") from None
         return self._open[file]
 
-    def tensor(self, hf_name: str) -> torch.Tensor:
+    def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor:
         # The original GPT-2 checkpoints name tensors without the `transformer.` prefix.
         for candidate in (hf_name, hf_name.removeprefix("transformer.")):
             if candidate in self.files:
@@ -98,18 +119,17 @@ class HFCheckpoint(Checkpoint):
 
 
 class GGUFCheckpoint(Checkpoint):
-    """A llama.cpp GGUF file; quantized tensors are dequantized one at a time on access."""
+    """A llama.cpp GGUF file: 4-bit blocks come out as int4 codes exactly, other types are
+    dequantized (and requantized where asked), one tensor at a time."""
 
     def __init__(self, path: Path, name: str) -> None:
-        from gguf import GGUFReader
-
         self.path, self.name = path, name
         try:
-            self.reader = GGUFReader(path)
-        except Exception as e:  # the reader raises ValueError, struct errors, OSError...
+            self.file = GGUFFile(path)
+        except Exception as e:  # ValueError, struct errors, OSError, bad UTF-8...
             raise RinginferError(f"{path} is not a readable GGUF file ({e})") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.meta = _gguf_metadata(self.reader)
+        self.tensors = self.file.tensors
+        self.meta = self.file.metadata
         self.arch = self.meta.get("general.architecture")
         if self.arch not in llama.GGUF_ARCHITECTURES:
             raise RinginferError(
@@ -119,41 +139,65 @@ class GGUFCheckpoint(Checkpoint):
         self.family = LLAMA
         factors = None
         if "rope_freqs.weight" in self.tensors:
-            factors = tuple(self._array("rope_freqs.weight").tolist())
+            from gguf.quants import dequantize
+
+            freqs = self.tensors["rope_freqs.weight"]
+            factors = tuple(dequantize(self.file.read(freqs.name), freqs.type).tolist())
         try:
             self.config = llama.LlamaConfig.from_gguf(self.meta, set(self.tensors), factors)
         except (KeyError, TypeError) as e:
             raise RinginferError(f"{path} lacks GGUF metadata {e}") from None
 
-    def _array(self, gguf_name: str) -> np.ndarray:
-        from gguf.quants import dequantize
-
-        t = self.tensors[gguf_name]
-        shape = tuple(int(n) for n in reversed(t.shape))
-        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-
-    def tensor(self, hf_name: str) -> torch.Tensor:
+    def _info(self, hf_name: str) -> TensorInfo:
         gguf_name = llama.gguf_name(hf_name)
         if gguf_name not in self.tensors:
             raise RinginferError(f"{self.path} has no tensor '{gguf_name}'")
-        arr = self._array(gguf_name)
-        # Quantized tensors dequantize into a fresh array; F32 ones are views of the read-only
-        # file mapping and are copied, so torch never writes through to the file.
-        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        return self.tensors[gguf_name]
+
+    def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor | QuantizedTensor:
+        from gguf.quants import dequantize
+
+        info = self._info(hf_name)
+        raw = self.file.read(info.name)
+        if fmt == "int4" and info.type in INT4_TYPES:
+            groups = int4_groups(raw, info.type, info.shape[0])
+            t: torch.Tensor | QuantizedTensor = QuantizedTensor(*map(torch.from_numpy, groups))
+        else:
+            rows = raw.reshape(info.shape[0], -1) if len(info.shape) > 1 else raw[None]
+            chunks = []
+            for i in range(0, len(rows), ROW_CHUNK):  # a float copy of ROW_CHUNK rows at most
+                arr = np.asarray(dequantize(rows[i : i + ROW_CHUNK], info.type), np.float32)
+                chunk = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
+                chunks.append(convert(chunk.reshape(-1, *info.shape[1:]), fmt))
+            t = _cat(chunks) if len(chunks) > 1 else chunks[0]
+            if len(info.shape) == 1:
+                t = t.reshape(info.shape)
         return llama.from_gguf_layout(hf_name, t, self.config, self.arch)
+
+    def source_format(self, hf_name: str) -> str:
+        info = self._info(hf_name)
+        if info.type in INT4_TYPES:
+            return "int4"
+        if info.type in INT8_TYPES:
+            return "int8"
+        if info.type in FLOAT_TYPES:
+            return "none"
+        raise RinginferError(
+            f"tensor '{info.name}' is {info.type.name}, which ringinfer cannot keep quantized; "
+            "use a Q4_K_M, Q4_0 or Q8_0 file, or --quantize none to dequantize it to float"
+        )
+
+    @property
+    def formats(self) -> str:
+        kinds = Counter(t.type.name for t in self.tensors.values() if len(t.shape) > 1)
+        return kinds.most_common(1)[0][0] if kinds else "float"
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(self.meta, self.path)
 
 
-def _gguf_metadata(reader: Any) -> dict[str, Any]:
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # a value type this gguf release cannot decode: not one we use
-            continue
-    return out
+def _cat(parts: list[Any]) -> Any:
+    return QuantizedTensor.cat(parts) if isinstance(parts[0], QuantizedTensor) else torch.cat(parts)
 
 
 def default_model_path() -> Path:
@@ -228,32 +272,85 @@ def load_stage(
     device: torch.device,
     dtype: torch.dtype,
     progress: Progress | None = None,
+    quantize: str = "none",
 ) -> Stage:
-    """Build layers [start, end) and read only their tensors from the checkpoint."""
+    """Build layers [start, end) and read only their tensors from the checkpoint, one at a
+    time, each straight into the format it is kept in (`quantize`: auto, none, int8, int4)."""
     if not 0 <= start < end <= ckpt.n_layers:
         raise RinginferError(f"layer range {start}:{end} is outside 0:{ckpt.n_layers}")
     with torch.device("meta"):
         stage = ckpt.family.stage_cls(ckpt.config, start, end, device.type)
-    expected = stage.state_dict()
-    names = {key: stage.checkpoint_names(key) for key in expected}
+        expected = stage.state_dict()
+        names = {key: stage.checkpoint_names(key) for key in expected}
+        formats = _quantize_modules(stage, ckpt, names, quantize, device)
     uses = Counter(n for parts in names.values() for n in parts)
-    loaded: dict[str, torch.Tensor] = {}  # checkpoint tensors still needed by a later key
+    loaded: dict[str, Any] = {}  # checkpoint tensors still needed by a later key
     tensors = {}
     for i, (key, meta) in enumerate(expected.items()):
+        fmt = formats.get(key, "none")
         parts = []
         for name in names[key]:
             if name not in loaded:
-                loaded[name] = stage.from_checkpoint_layout(name, ckpt.tensor(name)).to(dtype)
-            parts.append(loaded[name])
+                loaded[name] = stage.from_checkpoint_layout(name, ckpt.tensor(name, fmt))
+            part = convert(loaded[name], fmt)
+            parts.append(part.to(dtype) if fmt == "none" else part)
             uses[name] -= 1
             if not uses[name]:
                 del loaded[name]
-        tensors[key] = _fit(stage, key, parts, meta).to(device).contiguous()
+        if fmt == "none":
+            tensors[key] = _fit(stage, key, parts, meta).to(device).contiguous()
+        else:
+            _fit_quantized(stage, key, parts).load(parts, device, dtype)
         if progress:
             progress(i + 1, len(expected))
     stage.load_state_dict(tensors, assign=True, strict=True)
     stage.to_device(device)
     return stage.eval().requires_grad_(False)
+
+
+def _quantize_modules(
+    stage: Stage, ckpt: Checkpoint, names: dict[str, list[str]], quantize: str,
+    device: torch.device,
+) -> dict[str, str]:  # fmt: skip
+    """Swap each linear layer and token embedding that is to stay quantized for its
+    quantized module; returns their formats by parameter key."""
+    formats = {}
+    if quantize != "auto":
+        check_device(quantize, device)
+    for name, module in list(stage.named_modules()):
+        key = f"{name}.weight"
+        vocab = stage.cfg.vocab_size
+        table = isinstance(module, nn.Embedding) and module.num_embeddings == vocab
+        if quantize == "none" or not (isinstance(module, Linear) or table):
+            continue
+        fmt = quantize
+        if quantize == "auto":
+            sources = {ckpt.source_format(n) for n in names[key]}
+            fmt = next(f for f in ("none", "int8", "int4") if f in sources)
+            if device.type not in ("cpu", "cuda"):
+                fmt = "none"
+        fmt = module_format(module, fmt)
+        if fmt == "none":
+            continue
+        swapped = quantized_module(module, fmt, device)
+        if swapped is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(stage.get_submodule(parent), child, swapped)
+        formats[key] = fmt
+    return formats
+
+
+def _fit_quantized(stage: Stage, key: str, parts: list[QuantizedTensor]) -> Any:
+    """The quantized module of `key`, checked against the shape its parts make together."""
+    module = stage.get_submodule(key.rpartition(".")[0])
+    if (sum(p.shape[0] for p in parts), parts[0].shape[1]) != module.shape:
+        shapes = " + ".join(str(tuple(p.shape)) for p in parts)
+        raise RinginferError(
+            f"checkpoint tensor '{stage.checkpoint_names(key)[0]}' has shape {shapes}, which "
+            "does not fit the model's config"
+        )
+    return module
 
 
 def _fit(stage: Stage, key: str, parts: list[torch.Tensor], meta: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,8 @@ def test_default_model_greedy_equals_transformers():
     prompt = "The capital of France is"
     model = AutoModelForCausalLM.from_pretrained(ckpt.path.parent, gguf_file=ckpt.path.name)
     expected = hf_greedy(model.eval(), ckpt.tokenizer().encode(prompt), 24)
-    out = generate_json(prompt, "--max-tokens", "24", "--split", "10,20")
-    assert out["tokens"] == expected
+    out = generate_json(prompt, "--max-tokens", "24", "--split", "10,20", "--quantize", "none")
+    assert out["tokens"] == expected and out["quantization"] == "float32"
 
 
 def test_chat_template_answers_and_stops():

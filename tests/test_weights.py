@@ -32,7 +32,9 @@ def test_sharded_checkpoint_equals_transformers(tmp_path):  # noqa: ANN001
 def test_stage_reads_only_its_own_tensors(tiny_models, monkeypatch):  # noqa: ANN001
     read = []
     original = HFCheckpoint.tensor
-    monkeypatch.setattr(HFCheckpoint, "tensor", lambda self, n: read.append(n) or original(self, n))
+    monkeypatch.setattr(
+        HFCheckpoint, "tensor", lambda self, n, fmt: read.append(n) or original(self, n, fmt)
+    )
     from node.weights import load_stage
 
     load_stage(open_checkpoint(str(tiny_models["llama"])), 1, 3, torch.device("cpu"), torch.float32)

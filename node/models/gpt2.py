@@ -14,7 +14,7 @@ from node.errors import RinginferError
 from node.kv_cache import KVCache
 from node.models.attention import Step, attend, causal_mask
 from node.models.linear import Linear
-from node.models.stage import Stage
+from node.models.stage import Stage, embedding
 
 HF_MODEL_TYPES = ("gpt2",)
 GGUF_ARCHITECTURES: tuple[str, ...] = ()
@@ -105,8 +105,8 @@ class GPT2Stage(Stage):
     def __init__(self, cfg: GPT2Config, start: int, end: int, device_type: str = "cpu") -> None:
         super().__init__(cfg, start, end)
         if self.is_first:
-            self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
-            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim)
+            self.wte = embedding(cfg.vocab_size, cfg.dim)
+            self.wpe = embedding(cfg.max_seq_len, cfg.dim)
         self.h = nn.ModuleList(Block(cfg, device_type) for _ in range(end - start))
         if self.is_last:
             self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)

@@ -15,7 +15,7 @@ from node.errors import RinginferError
 from node.kv_cache import KVCache
 from node.models.attention import Step, attend, causal_mask
 from node.models.linear import Linear
-from node.models.stage import Stage
+from node.models.stage import Stage, embedding
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -220,7 +220,7 @@ class LlamaStage(Stage):
     def __init__(self, cfg: LlamaConfig, start: int, end: int, device_type: str = "cpu") -> None:
         super().__init__(cfg, start, end)
         if self.is_first:
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.embed_tokens = embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, device_type) for _ in range(end - start))
         if self.is_last:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -288,10 +288,9 @@ def gguf_name(hf_name: str) -> str:
     return _GGUF_NAMES[hf_name]
 
 
-def from_gguf_layout(
-    hf_name: str, tensor: torch.Tensor, cfg: LlamaConfig, arch: str
-) -> torch.Tensor:
-    """Undo the row permutation llama.cpp's converter applies to Q and K for its RoPE kernel.
+def from_gguf_layout(hf_name: str, tensor: Any, cfg: LlamaConfig, arch: str) -> Any:
+    """Undo the row permutation llama.cpp's converter applies to Q and K for its RoPE kernel
+    (on a float tensor or a QuantizedTensor: whole rows move, codes and scales alike).
 
     Only the `llama` architecture is permuted; qwen2 uses the NeoX (HF) layout as stored.
     """
@@ -303,5 +302,6 @@ def from_gguf_layout(
         heads = cfg.n_kv_heads
     else:
         return tensor
-    rest = tensor.shape[1:]
-    return tensor.reshape(heads, cfg.head_dim // 2, 2, *rest).transpose(1, 2).reshape(tensor.shape)
+    order = torch.arange(heads * cfg.head_dim).view(heads, cfg.head_dim // 2, 2).transpose(1, 2)
+    index = order.reshape(-1)
+    return tensor.rows(index) if hasattr(tensor, "rows") else tensor[index]

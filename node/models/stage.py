@@ -11,6 +11,15 @@ from node.kv_cache import KVCache
 from node.models.linear import Linear
 
 
+def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised: its weights are loaded. (Initialising one on the
+    meta device runs `normal_` through torch's Python reference ops and imports the compiler
+    stack: over a second of start-up.)"""
+    return nn.Embedding(
+        num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim)
+    )
+
+
 class Stage(nn.Module):
     """Layers [start, end) of a model; `forward(x, positions, cache, last_only)` runs them.
 

@@ -1,0 +1,303 @@
+"""Weights kept as integer codes (int8 per output row, int4 per group of 32 inputs) and the
+layers that compute with them through PyTorch's own packed kernels.
+
+Decoding reads every weight once per token, so bytes held are also time spent: int4 moves
+about a sixth of float32's bytes. The formats, for a weight W [out, in]:
+- int8: W = q * scale, q in -128..127, one scale per output row (`_weight_int8pack_mm`).
+- int4: W = (q - 8) * scale + zero, q in 0..15, per group of `group` inputs
+  (`_weight_int4pack_mm_for_cpu`, `_weight_int4pack_mm` on CUDA; packed per device at load,
+  never stored packed). llama.cpp's Q4_0, Q4_1 and Q4_K blocks are this form exactly.
+Activations around these matmuls are bfloat16 (both CPU kernels are fast for it only);
+norms, softmax, RoPE and the residual stream keep the stage's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from node.errors import RinginferError
+from node.models.linear import Linear
+
+FORMATS = ("none", "int8", "int4")
+GROUP = 32  # int4 group size: llama.cpp's block size, the smallest the kernels take
+ROW_CHUNK = 4096  # rows converted at a time, bounding the float32 copy of one tensor
+ACT = torch.bfloat16
+
+
+@dataclass
+class QuantizedTensor:
+    """A weight [out, in] as codes with per-group scales (and zeros, int4)."""
+
+    codes: torch.Tensor  # int8 [N, K] (int8), or uint8 [N, K] holding 0..15 (int4)
+    scales: torch.Tensor  # float32 [N, K // group]
+    zeros: torch.Tensor | None = None  # float32 [N, K // group], int4 only
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.codes.dtype == torch.int8 else 4
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def group(self) -> int:
+        return self.codes.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        g = self.group
+        if self.bits == 8:
+            return self.codes.float() * self.scales
+        q = self.codes.view(n, k // g, g).float() - 8
+        return (q * self.scales[..., None] + self.zeros[..., None]).view(n, k)
+
+    def rows(self, index: torch.Tensor | slice) -> QuantizedTensor:
+        zeros = None if self.zeros is None else self.zeros[index]
+        return QuantizedTensor(self.codes[index], self.scales[index], zeros)
+
+    @staticmethod
+    def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
+        """Row-wise concatenation (fused projections); parts must share format and group."""
+        if len({(p.bits, p.group) for p in parts}) > 1:
+            raise ValueError("cannot fuse weights of different formats")
+        zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])
+        return QuantizedTensor(
+            torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zeros
+        )
+
+
+def quantize(w: torch.Tensor, fmt: str) -> QuantizedTensor:
+    """A float weight [N, K] in `fmt` (int8 symmetric per row; int4 min/max per group)."""
+    parts = [_quantize_rows(w[i : i + ROW_CHUNK].float(), fmt) for i in range(0, len(w), ROW_CHUNK)]
+    return parts[0] if len(parts) == 1 else QuantizedTensor.cat(parts)
+
+
+def _quantize_rows(w: torch.Tensor, fmt: str) -> QuantizedTensor:
+    n, k = w.shape
+    if fmt == "int8":
+        scale = w.abs().amax(1, keepdim=True) / 127
+        q = (w / scale.clamp(min=torch.finfo(torch.float32).tiny)).round().clamp(-128, 127)
+        return QuantizedTensor(q.to(torch.int8), scale)
+    if k % GROUP:
+        raise RinginferError(f"int4 needs rows that are a multiple of {GROUP} long, not {k}")
+    g = w.view(n, k // GROUP, GROUP)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = (high - low) / 15
+    q = ((g - low[..., None]) / scale.clamp(min=1e-30)[..., None]).round().clamp(0, 15)
+    return QuantizedTensor(q.to(torch.uint8).view(n, k), scale, low + 8 * scale)
+
+
+def convert(t: torch.Tensor | QuantizedTensor, fmt: str) -> torch.Tensor | QuantizedTensor:
+    """A weight in `fmt`: float ('none', dequantized if need be) or int8/int4 codes."""
+    if fmt == "none":
+        return t.dequantize() if isinstance(t, QuantizedTensor) else t
+    if isinstance(t, QuantizedTensor):
+        if t.bits == int(fmt[3:]) and (t.bits == 8 or t.group == GROUP):
+            return t
+        return QuantizedTensor.cat(
+            [quantize(t.rows(slice(i, i + ROW_CHUNK)).dequantize(), fmt)
+             for i in range(0, t.shape[0], ROW_CHUNK)]
+        )  # fmt: skip
+    return quantize(t, fmt)
+
+
+def check_device(fmt: str, device: torch.device) -> None:
+    """Refuse a format whose kernels this device lacks, with what to use instead."""
+    if fmt == "none" or device.type == "cpu":
+        return
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if fmt == "int4" and major < 8:
+            raise RinginferError(
+                f"--quantize int4 needs an NVIDIA GPU of compute capability 8.0 or newer "
+                f"(this one is {major}.{minor}); use --quantize int8 or none"
+            )
+        return
+    raise RinginferError(
+        f"--quantize {fmt} is not supported on {device.type}; use --quantize none "
+        "(or run this node on the CPU)"
+    )
+
+
+def module_format(module: nn.Module, fmt: str) -> str:
+    """int4 where rows split into whole groups, else int8."""
+    width = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
+    return "int8" if fmt == "int4" and width % GROUP else fmt
+
+
+def quantized_module(module: nn.Module, fmt: str, device: torch.device) -> nn.Module | None:
+    """The quantized twin of a float `Linear` or token `nn.Embedding` in `module_format`,
+    empty until `load`; None where the float module is the better choice on this device."""
+    if isinstance(module, nn.Embedding):
+        return QuantizedEmbedding(module.num_embeddings, module.embedding_dim)
+    bias = module.bias is not None
+    if fmt == "int8" and device.type == "cuda":
+        # PyTorch's CUDA int8 matmul is a naive kernel, ~6x slower than bfloat16 on an H100
+        # (bench/README.md); the codes are dequantized to the compute dtype instead.
+        _warn_once("int8 weights are dequantized to the compute dtype on CUDA (PyTorch's "
+                   "int8 kernel is slower there); --quantize int4 keeps 4 bits")  # fmt: skip
+        return None
+    if fmt == "int4":
+        return Int4Linear(module.in_features, module.out_features, bias, device.type)
+    return Int8Linear(module.in_features, module.out_features, bias)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("ringinfer").warning(message)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W as int8 rows and a scale per row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8),
+                             persistent=False)  # fmt: skip
+        self.register_buffer("scales", torch.empty(out_features, dtype=ACT), persistent=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def load(self, parts: list[QuantizedTensor], device: torch.device, dtype: torch.dtype) -> None:
+        w = QuantizedTensor.cat(parts) if len(parts) > 1 else parts[0]
+        self.codes = w.codes.to(device).contiguous()
+        self.scales = w.scales[:, 0].to(device, ACT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(ACT)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in int4 groups, packed for this device's kernel at load."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device_type: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.device_type = device_type
+        self.group = GROUP
+        # Packed layouts are device-specific; the real buffers are made by `load`.
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
+        self.register_buffer("scales_zeros", torch.empty(0, dtype=ACT), persistent=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def load(self, parts: list[QuantizedTensor], device: torch.device, dtype: torch.dtype) -> None:
+        w = QuantizedTensor.cat(parts) if len(parts) > 1 else parts[0]
+        codes, scales, zeros = w.codes, w.scales, w.zeros
+        pad = -len(codes) % 16  # both kernels take output rows in multiples of 16 (CPU) / 8
+        if pad:
+            codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
+            scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+            zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
+        self.group = w.group
+        self.packed = pack_int4(codes, device)
+        self.scales_zeros = torch.stack([scales.t(), zeros.t()], -1).to(device, ACT).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(ACT)
+        if self.device_type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, self.packed, self.group, self.scales_zeros
+            )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group, self.scales_zeros)
+        if y.shape[-1] != self.out_features:
+            y = y[:, : self.out_features]
+        y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+
+def pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int4 codes [N, K] (uint8 0..15) in the layout of this device's int4 matmul."""
+    if device.type == "cpu":
+        # The CPU packing takes int32 codes; packing 4096 rows at a time bounds that copy
+        # (packed row blocks are independent, so the chunks concatenate to the whole).
+        return torch.cat(
+            [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes[i : i + ROW_CHUNK].to(torch.int32).contiguous(), 2)
+             for i in range(0, len(codes), ROW_CHUNK)]
+        )  # fmt: skip
+    k = codes.shape[1]
+    tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+    nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(device)
+    return torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), tiles)
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token embedding kept as codes; a lookup dequantizes only the rows it gathers."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.dtype = torch.float32
+        self.group = embedding_dim
+        self.register_buffer("codes", torch.empty(0, dtype=torch.int8), persistent=False)
+        self.register_buffer("scales", torch.empty(0), persistent=False)
+        self.register_buffer("zeros", None, persistent=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
+
+    def load(self, parts: list[QuantizedTensor], device: torch.device, dtype: torch.dtype) -> None:
+        (w,) = parts
+        self.dtype, self.group = dtype, w.group
+        codes = w.codes
+        if w.bits == 4:  # two codes a byte: the table costs what the file did
+            codes = codes[:, ::2] | codes[:, 1::2] << 4
+        self.codes = codes.to(device).contiguous()
+        self.scales = w.scales.to(device)
+        self.zeros = None if w.zeros is None else w.zeros.to(device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        codes, scales = self.codes[ids], self.scales[ids]
+        if self.zeros is None:
+            return (codes.float() * scales).to(self.dtype)
+        q = torch.stack([codes & 15, codes >> 4], -1).view(*ids.shape, -1, self.group)
+        w = (q.float() - 8) * scales[..., None] + self.zeros[ids][..., None]
+        return w.flatten(-2).to(self.dtype)
+
+
+def holdings(model: nn.Module) -> dict[str, int]:
+    """Bytes of weight matrices and token tables held, by format (int4, int8 or a float
+    dtype), largest first; a tensor shared by two modules (a tied int8 head) counts once."""
+    held: dict[str, int] = {}
+    seen: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, Int8Linear, QuantizedEmbedding)):
+            is_int4 = isinstance(m, Int4Linear) or getattr(m, "zeros", None) is not None
+            fmt = "int4" if is_int4 else "int8"
+            tensors = [b for b in m.buffers(recurse=False) if b is not None]
+        elif isinstance(m, Linear | nn.Embedding):
+            fmt, tensors = str(m.weight.dtype).removeprefix("torch."), [m.weight]
+        else:
+            continue
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                held[fmt] = held.get(fmt, 0) + t.numel() * t.element_size()
+    return dict(sorted(held.items(), key=lambda kv: -kv[1]))
+
+
+def label(held: dict[str, int]) -> str:
+    """'int4', 'int4+int8', 'float32': the formats held, largest share first."""
+    return "+".join(held) or "none"
