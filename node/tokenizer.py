@@ -203,7 +203,7 @@ def _bpe_from_gguf(meta: dict[str, Any], vocab: dict[str, int], patterns: list[s
     from tokenizers import Tokenizer as HFTokenizer
 
     tokens = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=patterns == [_LLAMA3_PAT]))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]

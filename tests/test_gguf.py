@@ -3,6 +3,7 @@ read by us and by transformers; and the GGUF tokenizer against transformers' con
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from node.engine import LocalPipeline
 from node.weights import open_checkpoint
-from tests.conftest import hf_model
+from tests.conftest import hf_model, run_cli
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7, 9, 61, 88, 13, 200]
 HF_TO_GGUF = {
@@ -54,7 +55,33 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
+# gguf-py has no quantizer for these: their fixtures are random valid blocks (small scales).
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def random_blocks(shape: tuple[int, ...], quant: str, seed: int) -> np.ndarray:
+    """Random bytes in `quant`'s block layout, with its f16 super-block scales kept small."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[quant]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+    small = lambda: rng.uniform(1e-4, 4e-4, raw.shape[:2]).astype(np.float16)  # noqa: E731
+    if quant == "Q6_K":  # ql, qh, int8 scales, then d (IQ types: d first)
+        raw[..., -2:] = small()[..., None].view(np.uint8)
+        # Sub-block scales of one sign and size, as a quantizer's are on real weights
+        # (uniform random ones span 100x within a row, which no per-row int8 can keep).
+        raw[..., 192:208] = rng.integers(64, 128, raw[..., 192:208].shape, dtype=np.uint8)
+    else:  # d, dmin, then scales and codes
+        raw[..., 0:2] = small()[..., None].view(np.uint8)
+        raw[..., 2:4] = small()[..., None].view(np.uint8)
+    return raw.reshape(shape[0], -1)
+
+
+def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None = None) -> Path:
+    """`hf_dir`'s model as llama.cpp's converter writes it, matrices in `quant` (or as
+    `types` names them by GGUF tensor name)."""
     import gguf
 
     model = hf_model(hf_dir)
@@ -73,13 +100,12 @@ def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])  # "hi" is two tokens
     w.add_token_types([1] * cfg.vocab_size)
     w.add_token_merges([])
     rope = cfg.rope_parameters
     if rope.get("rope_type") == "llama3":  # llama.cpp stores llama3 scaling as a tensor
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
-    qtype = gguf.GGMLQuantizationType[quant]
     for name, tensor in model.state_dict().items():
         arr = tensor.numpy().astype(np.float32)
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -98,7 +124,12 @@ def write_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
                 arr = llama_cpp_permute(arr, cfg.num_attention_heads)
             if arch == "llama" and module.endswith("k_proj"):
                 arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
-        if arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        kind = (types or {}).get(gname, quant)
+        qtype = gguf.GGMLQuantizationType[kind]
+        if arr.ndim == 2 and (kind in K_TYPES or kind.startswith("IQ")):
+            seed = zlib.crc32(gname.encode())
+            w.add_tensor(gname, random_blocks(arr.shape, kind, seed), raw_dtype=qtype)
+        elif arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, arr)
@@ -161,3 +192,40 @@ def test_gguf_tokenizer_equals_transformers_conversion():
         ids = ours.encode(text, add_special=False)
         assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
         assert ours.decode(ids) == text
+
+
+@pytest.mark.parametrize("quant", ["default", "Q4_K"])
+def test_lazy_reader_equals_gguf_reader(tiny_models, tmp_path, quant):  # noqa: ANN001
+    """Our header parser against gguf-py's own reader: every metadata value, every tensor's
+    type, shape, offset and bytes."""
+    from gguf import GGUFReader
+
+    from node.gguf_file import GGUFFile
+    from node.weights import default_model_path
+
+    if quant == "default":
+        path = default_model_path()
+    else:
+        types = {"blk.0.ffn_up.weight": "Q5_1", "blk.1.attn_q.weight": "Q8_0"}
+        path = write_gguf(tiny_models["llama"], tmp_path / "mixed.gguf", "Q4_0", types)
+    ours, theirs = GGUFFile(path), GGUFReader(path)
+    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == expected
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for t in theirs.tensors:
+        info = ours.tensors[t.name]
+        assert (info.type, info.offset, info.n_bytes) == (t.tensor_type, t.data_offset, t.n_bytes)
+        assert info.shape == tuple(reversed(t.shape.tolist()))
+        assert np.array_equal(ours.read(t.name), t.data.reshape(-1).view(np.uint8))
+
+
+def test_truncated_gguf_is_one_line(tmp_path):  # noqa: ANN001
+    from node.weights import default_model_path
+
+    data = default_model_path().read_bytes()
+    for cut in (100, 2_000_000, len(data) - 1000):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        proc = run_cli("generate", "--local", "--model", str(bad), "hi")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "not a readable GGUF file" in proc.stderr, proc.stderr
