@@ -48,10 +48,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model: str | None, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+def ours(
+    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype, quantize: str
+) -> dict:
     ckpt = open_checkpoint(model)
     prompt = _prompt(ckpt)
-    pipeline = LocalPipeline(ckpt, (), device, dtype)
+    pipeline = LocalPipeline(ckpt, (), device, dtype, quantize=quantize)
     runs = []
     for _ in range(RUNS_PER_PROCESS):
         timings = Timings()
@@ -74,7 +76,7 @@ def _hf_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> tor
 
 
 def transformers_generate(
-    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype
+    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype, quantize: str
 ) -> dict:
     from transformers.generation.streamers import BaseStreamer
 
@@ -119,7 +121,7 @@ def transformers_generate(
 
 
 def prefill_side_by_side(
-    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype
+    model: str | None, tokens: int, device: torch.device, dtype: torch.dtype, quantize: str
 ) -> dict:
     """Prefill alone, both engines in one process, alternating: the machine's drift (a shared
     CPU's speed moves by a fifth over tens of seconds) hits both sides alike."""
@@ -152,13 +154,13 @@ def prefill_side_by_side(
     return out
 
 
-def stage_rss(model: str | None, start: int, end: int) -> dict:
+def stage_rss(model: str | None, start: int, end: int, quantize: str) -> dict:
     """Peak RSS of loading a stage (Linux /proc), from the moment the checkpoint is open."""
     ckpt = open_checkpoint(model)
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     before = _status_kib("VmRSS")
-    stage = load_stage(ckpt, start, end, torch.device("cpu"), torch.float32)
-    sum(float(p.sum()) for p in stage.parameters())  # page in any file-mapped weights
+    stage = load_stage(ckpt, start, end, torch.device("cpu"), torch.float32, quantize=quantize)
+    sum(float(t.float().sum()) for t in stage.state_dict(keep_vars=True).values())  # page in
     return {
         "layers": [start, end],
         "rss_before_load_mib": before / 1024,
@@ -193,15 +195,15 @@ def _child(args: argparse.Namespace) -> dict | list[dict]:
     torch.set_num_threads(args.threads)
     if args.child == "rss":
         start, end = map(int, args.layers.split(":"))
-        return stage_rss(args.model, start, end)
+        return stage_rss(args.model, start, end, args.quantize)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     measure = prefill_side_by_side if args.child == "prefill" else MEASURES[args.child]
-    return measure(args.model, args.tokens, device, dtype)
+    return measure(args.model, args.tokens, device, dtype, args.quantize)
 
 
 def _run_child(args: argparse.Namespace, *extra: str) -> dict | list[dict]:
     cmd = [sys.executable, __file__, "--tokens", str(args.tokens), "--threads", str(args.threads)]
-    cmd += ["--dtype", args.dtype, "--device", args.device, *extra]
+    cmd += ["--dtype", args.dtype, "--device", args.device, "--quantize", args.quantize, *extra]
     if args.model:
         cmd += ["--model", args.model]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -225,6 +227,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", default="none", help="our weights (transformers: float)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
     parser.add_argument("--child", choices=[*MEASURES, "rss", "prefill"], help=argparse.SUPPRESS)
     parser.add_argument("--layers", help=argparse.SUPPRESS)

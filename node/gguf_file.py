@@ -97,13 +97,18 @@ class GGUFFile:
     def __del__(self) -> None:
         self.close()
 
-    def read(self, name: str) -> np.ndarray:
-        """A tensor's raw bytes, in a fresh array (never a mapping of the file)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A tensor's raw bytes (of rows [a, b) of a matrix only, if given), in a fresh
+        array: never a mapping of the file."""
         info = self.tensors[name]
-        out = np.empty(info.n_bytes, dtype=np.uint8)
+        offset, size = info.offset, info.n_bytes
+        if rows is not None:
+            row_bytes = info.n_bytes // info.shape[0]
+            offset, size = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        out = np.empty(size, dtype=np.uint8)
         view, done = memoryview(out), 0
-        while done < info.n_bytes:
-            n = os.preadv(self._fd, [view[done:]], info.offset + done)
+        while done < size:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
             if n <= 0:
                 raise ValueError(f"tensor '{name}' is truncated")
             done += n

@@ -14,9 +14,9 @@ from tests.conftest import make_model
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "engine_bench.py"
 
 
-def peak_growth_kib(model: str, layers: str) -> int:
+def peak_growth_kib(model: str, layers: str, quantize: str = "none") -> int:
     """The benchmark's own measurement, in a fresh process: peak RSS growth while loading."""
-    cmd = [sys.executable, str(BENCH), "--child", "rss", "--layers", layers]
+    cmd = [sys.executable, str(BENCH), "--child", "rss", "--layers", layers, "--quantize", quantize]
     out = subprocess.run(
         cmd + (["--model", model] if model else []), capture_output=True, text=True, check=True
     )
@@ -46,3 +46,15 @@ def test_middle_third_peaks_well_below_whole_model(wide_model, model, third, who
     part, full = peak_growth_kib(path, third), peak_growth_kib(path, whole)
     assert full > 100 * 1024, full  # the whole model really was loaded
     assert part < 0.45 * full, (part, full)
+
+
+def test_default_model_stays_as_small_as_its_file():
+    """Kept quantized, the default model's peak while loading is at most 1.3x the GGUF's
+    tensor bytes (float32 was 7x), and a middle third at most 0.45x of the whole."""
+    from node.gguf_file import GGUFFile
+    from node.weights import default_model_path
+
+    file_kib = sum(t.n_bytes for t in GGUFFile(default_model_path()).tensors.values()) / 1024
+    whole, third = peak_growth_kib("", "0:30", "auto"), peak_growth_kib("", "10:20", "auto")
+    assert whole <= 1.3 * file_kib, (whole, file_kib)
+    assert third <= 0.45 * whole, (third, whole)

@@ -24,7 +24,7 @@ from node.models.linear import Linear
 
 FORMATS = ("none", "int8", "int4")
 GROUP = 32  # int4 group size: llama.cpp's block size, the smallest the kernels take
-ROW_CHUNK = 4096  # rows converted at a time, bounding the float32 copy of one tensor
+CHUNK = 1 << 20  # values converted at a time: bounds the transient copies of a tensor (4 MiB)
 ACT = torch.bfloat16
 
 
@@ -71,9 +71,15 @@ class QuantizedTensor:
         )
 
 
+def row_chunk(width: int) -> int:
+    """Rows of `width` values to convert at a time."""
+    return max(1, CHUNK // width)
+
+
 def quantize(w: torch.Tensor, fmt: str) -> QuantizedTensor:
     """A float weight [N, K] in `fmt` (int8 symmetric per row; int4 min/max per group)."""
-    parts = [_quantize_rows(w[i : i + ROW_CHUNK].float(), fmt) for i in range(0, len(w), ROW_CHUNK)]
+    step = row_chunk(w.shape[1])
+    parts = [_quantize_rows(w[i : i + step].float(), fmt) for i in range(0, len(w), step)]
     return parts[0] if len(parts) == 1 else QuantizedTensor.cat(parts)
 
 
@@ -99,10 +105,9 @@ def convert(t: torch.Tensor | QuantizedTensor, fmt: str) -> torch.Tensor | Quant
     if isinstance(t, QuantizedTensor):
         if t.bits == int(fmt[3:]) and (t.bits == 8 or t.group == GROUP):
             return t
-        return QuantizedTensor.cat(
-            [quantize(t.rows(slice(i, i + ROW_CHUNK)).dequantize(), fmt)
-             for i in range(0, t.shape[0], ROW_CHUNK)]
-        )  # fmt: skip
+        step = row_chunk(t.shape[1])
+        rows = [t.rows(slice(i, i + step)) for i in range(0, t.shape[0], step)]
+        return QuantizedTensor.cat([quantize(r.dequantize(), fmt) for r in rows])
     return quantize(t, fmt)
 
 
@@ -229,12 +234,13 @@ class Int4Linear(nn.Module):
 def pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
     """int4 codes [N, K] (uint8 0..15) in the layout of this device's int4 matmul."""
     if device.type == "cpu":
-        # The CPU packing takes int32 codes; packing 4096 rows at a time bounds that copy
-        # (packed row blocks are independent, so the chunks concatenate to the whole).
+        # The CPU packing takes int32 codes; packing a chunk of rows at a time bounds that
+        # copy (blocks of 16 rows pack independently, so the chunks concatenate to the whole).
+        step = -(-row_chunk(codes.shape[1]) // 16) * 16
         return torch.cat(
             [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                codes[i : i + ROW_CHUNK].to(torch.int32).contiguous(), 2)
-             for i in range(0, len(codes), ROW_CHUNK)]
+                codes[i : i + step].to(torch.int32).contiguous(), 2)
+             for i in range(0, len(codes), step)]
         )  # fmt: skip
     k = codes.shape[1]
     tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
