@@ -29,6 +29,7 @@ from node.engine import available_memory
 from node.errors import RinginferError
 from node.models import GPT2, LLAMA
 from node.models.linear import Linear
+from node.models.quantized import fill_random, swap_modules
 
 CACHE_FILE = "capabilities.json"
 MEASURE_S = 0.4  # per measurement, after a warm-up
@@ -146,23 +147,27 @@ MAX_PROBE_BYTES = 1 << 30  # bigger layers are not built just to time them (roof
 
 
 @torch.inference_mode()
-def measure_layer(family: Any, config: Any, device: torch.device, dtype: torch.dtype) -> float:
+def measure_layer(
+    family: Any, config: Any, device: torch.device, dtype: torch.dtype, fmt: str = "none"
+) -> float:
     """Seconds one decoder layer of this model takes per decode step here: a few random
-    layers, built as our stages build theirs, stepped one position at a time. Unlike the roofline
-    from bandwidth and FLOP/s, this includes attention and every small kernel's real cost."""
+    layers, built as our stages build theirs (weights held in `fmt`), stepped one position at
+    a time. Unlike the roofline from bandwidth and FLOP/s, this includes attention and every
+    small kernel's real cost."""
     n = config.n_layers
     start = 1 if n > 2 else 0  # middle layers: no embedding, no head
     count = max(1, min(PROBE_LAYERS, n - 1 - start))
     with torch.device("meta"):
         stage = family.stage_cls(config, start, start + count, device.type)
-    shapes = stage.state_dict()
-    if sum(t.numel() for t in shapes.values()) * dtype.itemsize > MAX_PROBE_BYTES:
-        return 0.0
+        if sum(t.numel() for t in stage.state_dict().values()) * dtype.itemsize > MAX_PROBE_BYTES:
+            return 0.0
+        formats = swap_modules(stage, lambda key: fmt, device)
     weights = {
         k: torch.empty(t.shape, dtype=dtype, device=device).normal_(0, 0.02)
-        for k, t in shapes.items()
+        for k, t in stage.state_dict().items()
     }
     stage.load_state_dict(weights, assign=True, strict=True)
+    fill_random(stage, formats, device, dtype)
     stage.to_device(device)
     stage = stage.eval()
     x = torch.randn(1, 1, config.dim, device=device, dtype=dtype)
@@ -184,7 +189,7 @@ def measure_layer(family: Any, config: Any, device: torch.device, dtype: torch.d
 
 
 def _measure_apart(
-    device: torch.device, dtype: torch.dtype, model: tuple[str, Any, Any] | None, compute: bool
+    device: torch.device, dtype: torch.dtype, model: tuple[str, Any, Any, str] | None, compute: bool
 ) -> dict[str, Any]:
     """Measure in a child process. Measuring here left the daemon's own process slower at
     every later decode step (allocator and thread-pool state after the big buffers are
@@ -194,6 +199,7 @@ def _measure_apart(
         "threads": torch.get_num_threads(), "compute": compute,
         "family": model[1].name if model else None,
         "config": dataclasses.asdict(model[2]) if model else None,
+        "format": model[3] if model else None,
     }  # fmt: skip
     try:
         proc = subprocess.run(
@@ -219,13 +225,14 @@ def _measure_here(request: dict[str, Any]) -> dict[str, Any]:
     if request["family"]:
         family = next(f for f in (LLAMA, GPT2) if f.name == request["family"])
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in request["config"].items()}
-        out["layer_s"] = measure_layer(family, family.config_cls(**fields), device, dtype)
+        config = family.config_cls(**fields)
+        out["layer_s"] = measure_layer(family, config, device, dtype, request["format"])
     return out
 
 
-def model_key_of(model: tuple[str, Any, Any]) -> str:
-    name, _, config = model
-    return f"{name}|{config.n_layers}|{config.dim}"
+def model_key_of(model: tuple[str, Any, Any, str]) -> str:
+    name, _, config, fmt = model
+    return f"{name}|{config.n_layers}|{config.dim}|{fmt}"
 
 
 def cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -240,7 +247,7 @@ def load_or_measure(
     device: torch.device,
     dtype: torch.dtype,
     remeasure: bool = False,
-    model: tuple[str, Any, Any] | None = None,
+    model: tuple[str, Any, Any, str] | None = None,
 ) -> tuple[Capabilities, bool]:
     """(capabilities, whether they were measured now rather than read from the cache).
 

@@ -141,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", help="path, Hugging Face id (cached) or a well-known name")
     plan.add_argument("--cluster-file", type=Path, required=True, help="nodes.json")
     plan.add_argument("--objective", choices=["latency", "throughput"], default="latency")
-    plan.add_argument("--dtype", default="bfloat16", help="weights' dtype (default bfloat16)")
+    plan.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
+    plan.add_argument(
+        "--quantize", choices=["auto", "none", "int8", "int4"], default="auto",
+        help="weights held as: auto (a checkpoint's own formats, else --dtype), none, int8, int4",
+    )  # fmt: skip
     plan.add_argument(
         "--context",
         type=_positive,
@@ -371,8 +375,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise RinginferError(f"unknown dtype '{args.dtype}' (float32, bfloat16, float16)")
     cluster = read_cluster(args.cluster_file)
-    name, shape, source = find_shape(args.model, dtype)
-    plan = make_plan(name, 0, shape, cluster.nodes, args.objective, cluster.links, args.context)
+    name, shape, source, fmt = find_shape(args.model, dtype, args.quantize)
+    held = args.dtype if fmt == "none" else fmt
+    try:
+        plan = make_plan(
+            name, 0, shape, cluster.nodes, args.objective, cluster.links, args.context
+        )
+    except RinginferError as e:
+        hint = "" if fmt == "int4" else "; --quantize int4 holds weights in about 0.6 bytes each"
+        raise RinginferError(f"{e} (weights as {held}{hint})") from None
     by_id = {n.id: n for n in cluster.nodes}
     p = predict(plan.stages, shape, by_id, cluster.links)
     stages = []
@@ -385,6 +396,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     left_out = [cluster.names[n.id] for n in cluster.nodes if not plan.stage_of(n.id)]
     result = {
         "model": name, "source": source, "dtype": args.dtype, "objective": args.objective,
+        "weights": held, "weight_bytes_per_param": round(shape.dtype_bytes, 4),
         "context": args.context, "n_layers": shape.n_layers, "layer_bytes": shape.layer_bytes,
         "stages": stages, "left_out": left_out, "predicted": p.to_json(),
     }  # fmt: skip
@@ -392,7 +404,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     gib = 2**30
-    print(f"{name} ({source}), {args.dtype}: {shape.n_layers} layers of "
+    print(f"{name} ({source}), weights {held}: {shape.n_layers} layers of "
           f"{shape.layer_bytes / gib:.2f} GiB, embedding {shape.embed_bytes / gib:.2f} GiB, "
           f"head {shape.head_bytes / gib:.2f} GiB, KV budget {args.context} positions")  # fmt: skip
     pred = result["predicted"]
@@ -433,7 +445,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from node import data_dir
     from node.daemon import Daemon, DaemonConfig, listen
     from node.engine import available_memory
-    from node.weights import open_checkpoint
+    from node.weights import layer_format, open_checkpoint
     from protocol.wire import ACTIVATION_DTYPES
 
     logging.basicConfig(
@@ -464,21 +476,23 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                         "find peers with --peer, or name one with --mdns-interface")  # fmt: skip
         mdns = None
     STATUS.live("measuring compute ...")
-    model = (ckpt.name, ckpt.family, ckpt.config)
+    quantize = args.quantize or "auto"
+    fmt = layer_format(ckpt, quantize, device)
+    model = (ckpt.name, ckpt.family, ckpt.config, fmt)
     caps, fresh = load_or_measure(data_path, device, dtype, args.remeasure, model)
     STATUS.live("")
     logging.info(
         "%s %s: %.0f GFLOP/s matmul, %.1f GB/s weight streaming, %.0f us kernel overhead "
-        "per layer, %.2f ms per %s layer (%s)", caps.device, caps.device_name,
+        "per layer, %.2f ms per %s layer in %s (%s)", caps.device, caps.device_name,
         caps.flops / 1e9, caps.bandwidth / 1e9, caps.layer_overhead_s * 1e6,
-        caps.layer_s * 1e3, ckpt.name, "measured" if fresh else f"cached in {data_path}",
+        caps.layer_s * 1e3, ckpt.name, fmt, "measured" if fresh else f"cached in {data_path}",
     )  # fmt: skip
     config = DaemonConfig(
         host=args.host, port=args.port, name=args.name, peers=peers, device=device, dtype=dtype,
         wire_dtype=wire, memory=args.max_memory or available_memory(device), caps=caps,
         cluster=args.cluster, objective=args.objective, mdns=mdns, pin=args.layers,
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
-        threads=args.threads, quantize=args.quantize or "auto",
+        threads=args.threads, quantize=quantize, layer_format=fmt,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(

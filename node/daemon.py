@@ -85,6 +85,7 @@ class DaemonConfig:
     leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node
     threads: int | None = None
     quantize: str = "auto"  # how weights are kept in memory (node/models/quantized.py)
+    layer_format: str = "none"  # what that makes of the layers' weights: none, int8, int4
 
 
 class RequestFailed(Exception):
@@ -139,7 +140,9 @@ class Daemon:
         listener: tuple[zmq.asyncio.Context, zmq.asyncio.Socket],
     ) -> None:
         self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
-        self.shape = shape_of(ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype))
+        self.shape = shape_of(
+            ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype), cfg.layer_format
+        )
         c = ckpt.config
         self.fingerprint = f"{ckpt.name}|{c.n_layers}|{c.dim}|{c.vocab_size}"
         self.max_tensor_bytes = max(c.max_seq_len * c.dim * 4, c.vocab_size * 12, 1 << 20)

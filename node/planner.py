@@ -49,7 +49,7 @@ class ModelShape:
     head_bytes: int  # what the last stage adds: final norm and LM head
     kv_bytes: int = 0  # one layer's keys and values for one position
     hidden: int = 0  # activation width: a decode step sends hidden x wire_bytes per hop
-    dtype_bytes: int = 2  # bytes per weight, to count FLOPs from bytes
+    dtype_bytes: float = 2  # bytes per layer weight (int4: 0.625), to count FLOPs from bytes
     wire_bytes: int = 2
 
     def layer_slot(self, context: int) -> int:

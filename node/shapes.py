@@ -15,8 +15,9 @@ import torch
 from node.errors import RinginferError
 from node.json_file import read_json
 from node.models import Family, family_for_hf
+from node.models.quantized import BYTES_PER_WEIGHT, module_format, quantizable
 from node.planner import ModelShape
-from node.weights import open_checkpoint
+from node.weights import layer_format, open_checkpoint
 
 _LAYER_PARAM = re.compile(r"(^|\.)\d+\.")
 
@@ -79,9 +80,14 @@ def built_in(name: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def shape_of(
-    family: Family, config: Any, dtype: torch.dtype, wire_dtype: torch.dtype = torch.float16
+    family: Family,
+    config: Any,
+    dtype: torch.dtype,
+    wire_dtype: torch.dtype = torch.float16,
+    quantize: str = "none",
 ) -> ModelShape:
-    """Weight bytes per layer, for the embedding and for the head, from the model on `meta`."""
+    """Weight bytes per layer, for the embedding and for the head, from the model on `meta`,
+    with linear layers and the token table held in `quantize` (none, int8, int4)."""
     n = config.n_layers
     with torch.device("meta"):
         first = family.stage_cls(config, 0, 1, "cpu")
@@ -89,46 +95,67 @@ def shape_of(
     size = torch.empty((), dtype=dtype).element_size()
 
     def count(stage: torch.nn.Module | None, layers: bool) -> int:
-        params = stage.named_parameters() if stage is not None else ()
-        return sum(p.numel() for name, p in params if bool(_LAYER_PARAM.search(name)) == layers)
+        total = 0.0
+        for prefix, module in stage.named_modules() if stage is not None else ():
+            for name, p in module.named_parameters(prefix, recurse=False):
+                if bool(_LAYER_PARAM.search(name)) != layers:
+                    continue
+                fmt = "none"
+                if name.endswith(".weight") and quantizable(module, config.vocab_size):
+                    fmt = module_format(module, quantize)
+                total += p.numel() * BYTES_PER_WEIGHT.get(fmt, size)
+        return int(total)
 
     embed = count(first, False) if last is not None else 0  # one stage: all edges are "head"
     head = count(last if last is not None else first, False)
+    layer_params = sum(
+        p.numel() for name, p in first.named_parameters() if _LAYER_PARAM.search(name)
+    )
+    layer_bytes = count(first, True)
     return ModelShape(
         n_layers=n,
-        layer_bytes=count(first, True) * size,
-        embed_bytes=embed * size,
-        head_bytes=head * size,
+        layer_bytes=layer_bytes,
+        embed_bytes=embed,
+        head_bytes=head,
         kv_bytes=2 * config.n_kv_heads * config.head_dim * size,
         hidden=config.dim,
-        dtype_bytes=size,
+        dtype_bytes=layer_bytes / layer_params,
         wire_bytes=torch.empty((), dtype=wire_dtype).element_size(),
     )
 
 
-def shape_from_hf_config(config: dict[str, Any], dtype: torch.dtype) -> ModelShape:
+def shape_from_hf_config(
+    config: dict[str, Any], dtype: torch.dtype, quantize: str = "none"
+) -> ModelShape:
     family = family_for_hf(config)
     try:
         cfg = family.config_cls.from_hf(config)
     except KeyError as e:
         raise RinginferError(f"the model's config lacks the field {e}") from None
-    return shape_of(family, cfg, dtype)
+    return shape_of(family, cfg, dtype, quantize=quantize)
 
 
-def find_shape(spec: str | None, dtype: torch.dtype) -> tuple[str, ModelShape, str]:
-    """(name, shape, where the shape came from) for a path, a cached hub id or a known name.
+def find_shape(
+    spec: str | None, dtype: torch.dtype, quantize: str = "auto"
+) -> tuple[str, ModelShape, str, str]:
+    """(name, shape, where the shape came from, the layers' weight format) for a path, a
+    cached hub id or a known name.
+    `quantize` auto: a checkpoint's own formats (a GGUF's 4-bit layers as int4), else none.
 
     Never downloads: sizing a cluster must work before anything is fetched.
     """
     if spec is None or Path(spec).expanduser().exists():
         ckpt = open_checkpoint(spec)
-        return ckpt.name, shape_of(ckpt.family, ckpt.config, dtype), str(ckpt.path)
+        fmt = layer_format(ckpt, quantize, torch.device("cpu"))
+        shape = shape_of(ckpt.family, ckpt.config, dtype, quantize=fmt)
+        return ckpt.name, shape, str(ckpt.path), fmt
+    fmt = "none" if quantize == "auto" else quantize
     cached = _hub_cached_config(spec)
     if cached:
-        return spec, shape_from_hf_config(read_json(Path(cached)), dtype), cached
+        return spec, shape_from_hf_config(read_json(Path(cached)), dtype, fmt), cached, fmt
     known = built_in(spec)
     if known:
-        return known[0], shape_from_hf_config(known[1], dtype), "built-in table"
+        return known[0], shape_from_hf_config(known[1], dtype, fmt), "built-in table", fmt
     names = ", ".join(sorted(n.rpartition("/")[2] for n in BUILT_IN))
     raise RinginferError(
         f"unknown model '{spec}': not a local path, not in the Hugging Face cache, and not "

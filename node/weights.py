@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import os
@@ -13,20 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from node.errors import RinginferError
 from node.gguf_file import FLOAT_TYPES, INT4_TYPES, INT8_TYPES, GGUFFile, TensorInfo, int4_groups
 from node.json_file import read_json
 from node.models import LLAMA, Family, family_for_hf, llama
-from node.models.linear import Linear
 from node.models.quantized import (
     QuantizedTensor,
     check_device,
     convert,
-    module_format,
-    quantized_module,
     row_chunk,
+    swap_modules,
 )
 from node.models.stage import Stage
 from node.tokenizer import Tokenizer
@@ -315,10 +313,8 @@ def _fix_mmap_threshold(size: int = 128 * 1024) -> None:
     and later blocks of that size come from the heap, where freed memory stays resident:
     converting a tensor chunk by chunk left 6x its size resident (the default model's
     embedding: 173 MiB for 27 MiB of codes). Fixed, every transient goes back when freed."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS): nothing to fix
         ctypes.CDLL("libc.so.6").mallopt(-3, size)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (macOS): its allocator does not do this
-        pass
 
 
 def _quantize_modules(
@@ -327,31 +323,31 @@ def _quantize_modules(
 ) -> dict[str, str]:  # fmt: skip
     """Swap each linear layer and token embedding that is to stay quantized for its
     quantized module; returns their formats by parameter key."""
-    formats = {}
     if quantize != "auto":
         check_device(quantize, device)
-    for name, module in list(stage.named_modules()):
-        key = f"{name}.weight"
-        vocab = stage.cfg.vocab_size
-        table = isinstance(module, nn.Embedding) and module.num_embeddings == vocab
-        if quantize == "none" or not (isinstance(module, Linear) or table):
-            continue
-        fmt = quantize
-        if quantize == "auto":
-            sources = {ckpt.source_format(n) for n in names[key]}
-            fmt = next(f for f in ("none", "int8", "int4") if f in sources)
-            if device.type not in ("cpu", "cuda"):
-                fmt = "none"
-        fmt = module_format(module, fmt)
-        if fmt == "none":
-            continue
-        swapped = quantized_module(module, fmt, device)
-        if swapped is None:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(stage.get_submodule(parent), child, swapped)
-        formats[key] = fmt
-    return formats
+    choose = lambda key: weight_format(ckpt, names[key], quantize, device)  # noqa: E731
+    return swap_modules(stage, choose, device)
+
+
+def weight_format(ckpt: Checkpoint, names: list[str], quantize: str, device: torch.device) -> str:
+    """The format a weight made of checkpoint tensors `names` is kept in: `quantize`, or
+    under auto the widest of the file's own formats (a fused q/k/v with a Q6_K v is int8)."""
+    if quantize != "auto":
+        return quantize
+    if device.type not in ("cpu", "cuda"):
+        return "none"
+    sources = {ckpt.source_format(n) for n in names}
+    return next(f for f in ("none", "int8", "int4") if f in sources)
+
+
+def layer_format(ckpt: Checkpoint, quantize: str, device: torch.device) -> str:
+    """What a decoder layer's largest weight is kept in (for timing and planning)."""
+    with torch.device("meta"):
+        stage = ckpt.family.stage_cls(ckpt.config, 1, 2, device.type)
+        shapes = stage.state_dict()
+    matrices = [k for k, t in shapes.items() if k.endswith(".weight") and t.ndim >= 2]
+    key = max((k for k in matrices if ".0." in k), key=lambda k: shapes[k].numel())
+    return weight_format(ckpt, stage.checkpoint_names(key), quantize, device)
 
 
 def _fit_quantized(stage: Stage, key: str, parts: list[QuantizedTensor]) -> Any:

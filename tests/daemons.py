@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from discovery.capabilities import CACHE_FILE, cache_key, model_key_of
-from node.weights import open_checkpoint
+from node.weights import layer_format, open_checkpoint
 from tests.conftest import run_cli
 
 # What loopback clusters' daemons find in their data dir instead of measuring: one machine
@@ -32,7 +32,8 @@ def free_port() -> int:
 @functools.cache
 def _default_model_key() -> str:
     ckpt = open_checkpoint(None)
-    return model_key_of((ckpt.name, ckpt.family, ckpt.config))
+    fmt = layer_format(ckpt, "auto", torch.device("cpu"))  # what a daemon holds by default
+    return model_key_of((ckpt.name, ckpt.family, ckpt.config, fmt))
 
 
 def seed_capabilities(data_dir: Path) -> None:

@@ -59,11 +59,11 @@ def test_lan_interfaces_skip_loopback_and_bridges_unless_named():
 
 def test_the_served_models_layer_is_timed_once_and_cached_per_model(tmp_path, tiny_models):  # noqa: ANN001
     cpu = torch.device("cpu")
-    for family in ("llama", "gpt2"):
+    for family, fmt in (("llama", "none"), ("gpt2", "none"), ("llama", "int4")):
         ckpt = open_checkpoint(str(tiny_models[family]))
-        model = (ckpt.name, ckpt.family, ckpt.config)
+        model = (ckpt.name, ckpt.family, ckpt.config, fmt)
         caps, fresh = load_or_measure(tmp_path, cpu, torch.float32, model=model)
         assert fresh and 0 < caps.layer_s < 1
         again, fresh = load_or_measure(tmp_path, cpu, torch.float32, model=model)
         assert not fresh and again.layer_s == caps.layer_s
-    assert len(json.loads((tmp_path / CACHE_FILE).read_text())["layer_s"]) == 2
+    assert len(json.loads((tmp_path / CACHE_FILE).read_text())["layer_s"]) == 3

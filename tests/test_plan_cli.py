@@ -28,7 +28,8 @@ LAPTOPS = {
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_shapes_count_what_transformers_counts(tiny_models, family):  # noqa: ANN001
-    name, shape, source = find_shape(str(tiny_models[family]), torch.float32)
+    name, shape, source, fmt = find_shape(str(tiny_models[family]), torch.float32)
+    assert fmt == "none"
     model = hf_model(tiny_models[family])
     hf_bytes = sum(p.numel() for p in model.parameters()) * 4
     ours = shape.n_layers * shape.layer_bytes + shape.embed_bytes + shape.head_bytes

@@ -15,7 +15,14 @@ import torch
 
 from node.engine import LocalPipeline
 from node.errors import RinginferError
-from node.models.quantized import QuantizedTensor, check_device, convert, quantize
+from node.models.quantized import (
+    CHUNK,
+    QuantizedTensor,
+    check_device,
+    convert,
+    pack_int4,
+    quantize,
+)
 from node.weights import open_checkpoint
 from tests.conftest import hf_model, make_model, run_cli
 from tests.test_gguf import K_TYPES, PROMPT, write_gguf
@@ -111,6 +118,14 @@ def test_quantizers_round_within_half_a_step():
     assert q4.codes.max() <= 15 and q4.codes.dtype == torch.uint8
     assert convert(q4, "int4") is q4 and convert(q4, "int8").bits == 8
     torch.testing.assert_close(convert(q4, "none"), q4.dequantize())
+
+
+def test_int4_packing_in_chunks_equals_packing_whole():
+    """Large tensors are packed a chunk of rows at a time (bounded memory); the kernel's
+    layout must not depend on where the chunks start."""
+    codes = torch.randint(0, 16, (3 * CHUNK // 256 + 80, 256), dtype=torch.uint8)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    assert torch.equal(pack_int4(codes, torch.device("cpu")), whole)
 
 
 def test_default_model_int4_knows_paris():

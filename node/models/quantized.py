@@ -14,6 +14,7 @@ norms, softmax, RoPE and the residual stream keep the stage's dtype.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,44 @@ def check_device(fmt: str, device: torch.device) -> None:
     )
 
 
+# Bytes a weight costs held in each format: int4 codes plus a bfloat16 scale and zero per
+# group of 32; int8 codes (plus one scale per row, left out).
+BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5 + 4 / GROUP}
+
+
+def quantizable(module: nn.Module, vocab_size: int) -> bool:
+    """Linear layers and the token table are kept quantized; norms, biases and position
+    tables stay in the compute dtype."""
+    table = isinstance(module, nn.Embedding) and module.num_embeddings == vocab_size
+    return isinstance(module, Linear) or table
+
+
+def swap_modules(
+    stage: nn.Module, choose: Callable[[str], str], device: torch.device
+) -> dict[str, str]:
+    """Replace each quantizable module whose format `choose(its weight's key)` is not 'none'
+    with its quantized twin (empty until `load`); returns the formats by weight key."""
+    formats = {}
+    for name, module in list(stage.named_modules()):
+        if not quantizable(module, stage.cfg.vocab_size):
+            continue
+        fmt = module_format(module, choose(f"{name}.weight"))
+        swapped = quantized_module(module, fmt, device) if fmt != "none" else None
+        if swapped is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(stage.get_submodule(parent), child, swapped)
+            formats[f"{name}.weight"] = fmt
+    return formats
+
+
+def fill_random(stage: nn.Module, formats: dict[str, str], device: torch.device,
+                dtype: torch.dtype) -> None:  # fmt: skip
+    """Random weights for swapped modules: what timing a format needs, without a file."""
+    for key, fmt in formats.items():
+        module = stage.get_submodule(key.rpartition(".")[0])
+        module.load([quantize(torch.randn(module.shape) * 0.02, fmt)], device, dtype)
+
+
 def module_format(module: nn.Module, fmt: str) -> str:
     """int4 where rows split into whole groups, else int8."""
     width = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
@@ -235,8 +274,8 @@ def pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
     """int4 codes [N, K] (uint8 0..15) in the layout of this device's int4 matmul."""
     if device.type == "cpu":
         # The CPU packing takes int32 codes; packing a chunk of rows at a time bounds that
-        # copy (blocks of 16 rows pack independently, so the chunks concatenate to the whole).
-        step = -(-row_chunk(codes.shape[1]) // 16) * 16
+        # copy (blocks of 64 rows pack independently, so such chunks concatenate to the whole).
+        step = -(-row_chunk(codes.shape[1]) // 64) * 64
         return torch.cat(
             [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 codes[i : i + step].to(torch.int32).contiguous(), 2)
