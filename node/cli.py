@@ -17,6 +17,7 @@ from node import __version__
 from node.client import DEFAULT_PORT, Client, parse_address
 from node.cluster_file import BINARY, parse_amount, read_cluster
 from node.errors import RinginferError
+from protocol.wire import Kind
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
     from node.weights import Progress
@@ -102,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(gen)
     gen.add_argument("--wait", type=float, default=600, help="seconds to wait for a live plan")
     gen.add_argument("--timeout", type=float, default=300, help="seconds to wait for a token")
+
+    ppl = commands.add_parser("perplexity", help="perplexity of a text file (llama.cpp's method)")
+    ppl.add_argument("file", type=Path)
+    ppl.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
+    ppl.add_argument("--local", action="store_true", help="run in this process, no daemon")
+    ppl.add_argument("--context", type=_positive, default=512, help="tokens per window")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _engine_flags(ppl)
+    ppl.add_argument("--wait", type=float, default=600, help="seconds to wait for a live plan")
+    ppl.add_argument("--timeout", type=float, default=300, help="seconds to wait for a window")
 
     daemon = commands.add_parser("daemon", help="serve a slice of the model to the cluster")
     daemon.add_argument("--host", default="0.0.0.0", help="address to listen on")
@@ -271,12 +282,7 @@ LOCAL_ONLY = ("model", "split", "device", "dtype", "threads", "quantize")
 
 def generate_remote(args: argparse.Namespace) -> int:
     """Through a daemon: it tokenizes, drives the ring and streams tokens back."""
-    given = [f"--{f}" for f in LOCAL_ONLY if getattr(args, f) is not None]
-    if given:
-        raise RinginferError(
-            f"{', '.join(given)} apply to --local; daemons run the model and devices they were "
-            "started with (see `ringinfer daemon --help`)"
-        )
+    _refuse_local_flags(args, LOCAL_ONLY)
     from node.sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # errors here
@@ -293,6 +299,71 @@ def generate_remote(args: argparse.Namespace) -> int:
             elif msg.kind.value == "done":
                 _print_result(args, msg.body["result"])
     return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RinginferError(f"cannot read {args.file}: {e}") from None
+    if args.local:
+        result = _perplexity_local(args, text)
+    else:
+        _refuse_local_flags(args, ("model", "device", "dtype", "threads", "quantize"))
+        with Client(parse_address(args.node)) as client:
+            _wait_for_plan(client, args.wait)
+            replies = client.request(Kind.SCORE, args.timeout, "the next window",
+                                     text=text, context=args.context)  # fmt: skip
+            for msg in replies:
+                if msg.kind == Kind.SCORED:
+                    b = msg.body
+                    STATUS.live(f"perplexity: window {b['window']}/{b['windows']}, "
+                                f"running {b['perplexity']:.4f}")  # fmt: skip
+                elif msg.kind == Kind.DONE:
+                    result = msg.body["result"]
+    STATUS.live("")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+              f"({result['windows']} windows of {result['context']}, {result['model']}, "
+              f"{result['quantization']}, {result['seconds']:.1f}s)")  # fmt: skip
+    return 0
+
+
+def _perplexity_local(args: argparse.Namespace, text: str) -> dict:
+    import torch
+
+    from node.engine import LocalPipeline
+    from node.perplexity import result, run_local, windows
+    from node.weights import open_checkpoint
+
+    device, dtype = _engine(args)
+    ckpt = open_checkpoint(args.model)
+    tokenizer = ckpt.tokenizer()
+    context = min(args.context, ckpt.config.max_seq_len)
+    wins = windows(tokenizer.encode(text), context, tokenizer.bos_id)
+    pipeline = LocalPipeline(ckpt, (), device, dtype, STATUS.loading(ckpt.name),
+                             args.quantize or "auto")  # fmt: skip
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        positions = torch.arange(len(ids))
+        return pipeline.forward(torch.tensor([ids]), positions, pipeline.new_caches(len(ids)))[0]
+
+    began = time.perf_counter()
+    for i, tally in enumerate(run_local(forward, wins), 1):
+        STATUS.live(f"perplexity: window {i}/{len(wins)}, running {tally.perplexity:.4f}")
+    took = time.perf_counter() - began
+    return result(tally, took, ckpt.name, pipeline.quantization, context)
+
+
+def _refuse_local_flags(args: argparse.Namespace, flags: Sequence[str]) -> None:
+    given = [f"--{f}" for f in flags if getattr(args, f, None) is not None]
+    if given:
+        raise RinginferError(
+            f"{', '.join(given)} apply to --local; daemons run the model and devices they were "
+            "started with (see `ringinfer daemon --help`)"
+        )
 
 
 def _wait_for_plan(client: Client, wait_s: float) -> dict:
@@ -526,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         commands = {
             "generate": cmd_generate, "daemon": cmd_daemon, "status": cmd_status,
-            "plan": cmd_plan, "doctor": cmd_doctor,
+            "plan": cmd_plan, "doctor": cmd_doctor, "perplexity": cmd_perplexity,
         }  # fmt: skip
         return commands[args.command](args)
     except RinginferError as e:

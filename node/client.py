@@ -54,9 +54,15 @@ class Client:
 
     def generate(self, timeout_s: float, **body: object) -> Iterator[Message]:
         """ACCEPTED, then TOKENs, then DONE; `timeout_s` bounds each wait."""
-        self.send(Kind.GENERATE, **body)
+        return self.request(Kind.GENERATE, timeout_s, "the next token", **body)
+
+    def request(
+        self, kind: Kind, timeout_s: float, waiting_for: str, **body: object
+    ) -> Iterator[Message]:
+        """Replies to one request up to its DONE; `timeout_s` bounds each wait."""
+        self.send(kind, **body)
         while True:
-            msg = self.receive(timeout_s, "the next token")
+            msg = self.receive(timeout_s, waiting_for)
             yield msg
             if msg.kind == Kind.DONE:
                 return

@@ -17,6 +17,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from node import __version__
 from node.engine import Timings, TokenLoop, fit_request, generation_result
 from node.errors import RinginferError
 from node.membership import Member, Members
+from node.perplexity import Scores, Tally, Window, result, windows
 from node.planner import (
     DEFAULT_BANDWIDTH,
     DEFAULT_CONTEXT,
@@ -52,6 +54,7 @@ from protocol.wire import (
     Kind,
     Message,
     ProtocolError,
+    TensorSpec,
     decode,
     encode,
     error,
@@ -113,6 +116,7 @@ class Request:
     task: asyncio.Task | None = None
     result: asyncio.Future | None = None  # the pending step's candidates
     step: int = 0
+    scored: int = 0  # scoring a window: how many log-probabilities the last stage returns
 
 
 @dataclass
@@ -189,6 +193,7 @@ class Daemon:
             Kind.END: self.on_end,
             Kind.ERROR: self.on_error,
             Kind.GENERATE: self.on_generate,
+            Kind.SCORE: self.on_score,
             Kind.STATUS: self.on_status,
         }
 
@@ -804,8 +809,8 @@ class Daemon:
         while the loop thread would otherwise wait for a core right after the compute.
         """
         out = shard.forward(msg.req, msg.start, x)
-        if isinstance(out, Candidates):
-            tensors = (out.logits,) if out.ids is None else (out.logits, out.ids)
+        if isinstance(out, Candidates | Scores):
+            tensors = out.tensors()
             reply = message(Kind.RESULT, tensors, req=msg.req, epoch=msg.epoch, step=msg.step)
             return msg.body["requester"], reply
         sent = out.to(getattr(torch, self.cfg.wire_dtype))
@@ -826,7 +831,14 @@ class Daemon:
             params = SamplingParams.from_json(sampling)
         except RinginferError as e:
             raise ProtocolError("bad-body", f"sampling: {e}") from None
-        shard.open(msg.req, capacity, body["requester"], params, msg.epoch)
+        score = body.get("score")
+        vocab = self.ckpt.config.vocab_size
+        if score is not None and not (
+            isinstance(score, list) and 0 < len(score) < msg.count
+            and all(type(t) is int and 0 <= t < vocab for t in score)
+        ):  # fmt: skip
+            raise ProtocolError("bad-body", "score: token ids to score, fewer than the positions")
+        shard.open(msg.req, capacity, body["requester"], params, msg.epoch, score)
 
     def _send_or_fail(self, node: str | None, out: Message, msg: Message) -> None:
         try:
@@ -878,10 +890,31 @@ class Daemon:
         req = Request(
             uuid.uuid4().hex[:16], identity, prompt, capacity, max_tokens, params, stop_ids
         )
+        await self._serve(req, self._generate(req))
+
+    async def on_score(self, identity: bytes, msg: Message, host: str) -> None:
+        """A text's perplexity over the ring: one ring request per window, scored by the
+        last stage, the running perplexity sent to the client after each."""
+        if self.leaving.is_set():
+            raise ProtocolError("stopping", "this daemon is shutting down")
+        context = min(msg.body["context"], self.ckpt.config.max_seq_len)
+        try:
+            tokens = self.tokenizer.encode(msg.body["text"])
+            wins = windows(tokens, context, self.tokenizer.bos_id)
+        except RinginferError as e:
+            raise ProtocolError("bad-request", str(e)) from None
+        req = Request(
+            uuid.uuid4().hex[:16], identity, [], context, 0, SamplingParams(), frozenset()
+        )
+        await self._serve(req, self._perplexity(req, wins, context))
+
+    async def _serve(self, req: Request, work: Coroutine[Any, Any, None]) -> None:
+        """Run a client's request to its end, whatever that is, freeing its caches."""
+        identity = req.client
         self.requests[req.id] = req
         req.task = asyncio.current_task()
         try:
-            await self._generate(req)
+            await work
         except ClientGone:
             log.info("request %s: client went away, cancelled", req.id)
         except RequestFailed as e:
@@ -894,16 +927,13 @@ class Daemon:
                     identity, error("stopping", "the daemon is shutting down", req.id)
                 )
         finally:
-            for node in req.plan.nodes if req.plan else ():
-                with contextlib.suppress(RequestFailed):
-                    self._send_node(node, message(Kind.END, req=req.id, epoch=req.plan.epoch))
+            self._end(req)
             del self.requests[req.id]
             if not any(r.plan for r in self.requests.values()):
                 self.drained.set()
 
-    async def _generate(self, req: Request) -> None:
-        prompt, params = req.prompt, req.params
-        timings = Timings()
+    async def _accept(self, req: Request, prompt_tokens: int) -> list[dict[str, Any]]:
+        """Wait for a live plan, bind the request to it and tell the client; the plan as JSON."""
         while self.plan is None or self.pending:
             log.info("request %s waits for the plan", req.id)
             try:
@@ -917,29 +947,68 @@ class Daemon:
             {"node": s.node, "name": self._name(s.node), "start": s.start, "end": s.end}
             for s in req.plan.stages
         ]
-        await self._reply(
-            req.client,
-            message(
-                Kind.ACCEPTED, req=req.id, body={"plan": plan_json, "prompt_tokens": len(prompt)}
-            ),
-        )
+        body = {"plan": plan_json, "prompt_tokens": prompt_tokens}
+        await self._reply(req.client, message(Kind.ACCEPTED, req=req.id, body=body))
+        return plan_json
+
+    async def _perplexity(self, req: Request, wins: list[Window], context: int) -> None:
+        await self._accept(req, sum(len(w.ids) for w in wins))
+        assert req.plan is not None
+        began, tally = time.perf_counter(), Tally()
+        for i, window in enumerate(wins):
+            part = Request(f"{req.id}.{i}", req.client, window.ids, len(window.ids), 0,
+                           req.params, frozenset(), req.plan,
+                           scored=len(window.targets))  # fmt: skip
+            self.requests[part.id] = part
+            try:
+                self._step_into_ring(part, torch.tensor([window.ids]), score=window.targets)
+                tally.add(await self._ring_result(part))
+            finally:
+                del self.requests[part.id]
+                self._end(part)
+            body = {"window": i + 1, "windows": len(wins), "perplexity": tally.perplexity}
+            await self._reply(req.client, message(Kind.SCORED, req=req.id, body=body))
+        formats = {self._quantization_of(s.node): None for s in req.plan.stages}
+        out = result(tally, time.perf_counter() - began, self.ckpt.name, ", ".join(formats),
+                     context)  # fmt: skip
+        await self._reply(req.client, message(Kind.DONE, req=req.id, body={"result": out}))
+
+    def _quantization_of(self, node: str) -> str:
+        if node == self.id:
+            return self.quantization
+        member = self.members.by_id.get(node)
+        return member.quant if member else "?"
+
+    async def _ring_result(self, req: Request) -> Any:
+        """What the ring sends back for the request's pending step."""
+        try:
+            return await asyncio.wait_for(req.result, self.cfg.request_timeout_s)
+        except TimeoutError:
+            raise RequestFailed(
+                "timeout", f"no answer from the ring in {self.cfg.request_timeout_s:.0f}s"
+            ) from None
+
+    def _end(self, req: Request) -> None:
+        """Free the request's caches on every stage of its plan."""
+        for node in req.plan.nodes if req.plan else ():
+            with contextlib.suppress(RequestFailed):
+                self._send_node(node, message(Kind.END, req=req.id, epoch=req.plan.epoch))
+
+    async def _generate(self, req: Request) -> None:
+        prompt, params = req.prompt, req.params
+        timings = Timings()
+        plan_json = await self._accept(req, len(prompt))
         stop_ids = req.stop_ids
         loop = TokenLoop(prompt, req.max_tokens, params, stop_ids)
         stream = TextStream(self.tokenizer)
         pieces = []
-        self._step_into_ring(req, loop)
+        self._step_into_ring(req, loop.ids, loop.positions)
         while True:
-            try:
-                cands = await asyncio.wait_for(req.result, self.cfg.request_timeout_s)
-            except TimeoutError:
-                raise RequestFailed(
-                    "timeout", f"no answer from the ring in {self.cfg.request_timeout_s:.0f}s"
-                ) from None
-            token = loop.take(cands)
+            token = loop.take(await self._ring_result(req))
             timings.mark()
             req.step += 1
             if not loop.done:  # the ring computes the next token while we serve the client
-                self._step_into_ring(req, loop)
+                self._step_into_ring(req, loop.ids, loop.positions)
             piece = "" if token in stop_ids else stream.push(token)
             pieces.append(piece)
             await self._reply(
@@ -953,16 +1022,25 @@ class Daemon:
         result["plan"] = plan_json
         await self._reply(req.client, message(Kind.DONE, req=req.id, body={"result": result}))
 
-    def _step_into_ring(self, req: Request, loop: TokenLoop) -> None:
-        """Send the request's next positions to the first stage; its result will come back."""
+    def _step_into_ring(
+        self,
+        req: Request,
+        ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        score: list[int] | None = None,
+    ) -> None:
+        """Send the request's next positions (from 0 if not given) to the first stage; its
+        result, candidates or the log-probabilities of `score`, will come back."""
         assert req.plan is not None
         body: dict[str, Any] = {"requester": self.id}
         if req.step == 0:  # the prefill opens the request on every stage
             body.update(capacity=req.capacity, sampling=req.params.to_json())
-        positions = loop.positions
+        if score is not None:
+            body["score"] = score
+        start = int(positions[0]) if positions is not None else 0
         forward = message(
-            Kind.FORWARD, (loop.ids,), req=req.id, epoch=req.plan.epoch, step=req.step,
-            start=int(positions[0]), count=len(positions), body=body,
+            Kind.FORWARD, (ids,), req=req.id, epoch=req.plan.epoch, step=req.step,
+            start=start, count=ids.shape[1], body=body,
         )  # fmt: skip
         req.result = asyncio.get_running_loop().create_future()
         self._send_node(req.plan.nodes[0], forward)
@@ -975,6 +1053,11 @@ class Daemon:
             )
         vocab = self.ckpt.config.vocab_size
         specs = msg.specs
+        if req.scored:
+            if len(specs) != 1 or specs[0] != TensorSpec("float32", (req.scored,)):
+                raise ProtocolError("bad-tensor", f"a score is float32 [{req.scored}]")
+            req.result.set_result(msg.tensor(0))
+            return
         ok = 1 <= len(specs) <= 2 and specs[0].dtype == "float32" and len(specs[0].shape) == 1
         n = specs[0].shape[0] if ok else 0
         if len(specs) == 2:

@@ -72,6 +72,10 @@ class Candidates:
     logits: torch.Tensor  # float32 [n]
     ids: torch.Tensor | None = None  # int64 [n]
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What goes on the wire."""
+        return (self.logits,) if self.ids is None else (self.logits, self.ids)
+
 
 def candidates(logits: torch.Tensor, params: SamplingParams) -> Candidates:
     """Cut one position's logits [vocab] to the tokens `params` can still draw.

@@ -15,6 +15,7 @@ from node.errors import RinginferError
 from node.kv_cache import KVCache
 from node.models.quantized import holdings, label
 from node.models.stage import Stage
+from node.perplexity import Scores, score
 from node.sampling import Candidates, SamplingParams, candidates
 from node.weights import Checkpoint, Progress, load_stage
 from protocol.wire import ProtocolError
@@ -28,6 +29,7 @@ class Entry:
     requester: str
     sampling: SamplingParams
     epoch: int
+    score: list[int] | None = None  # a scored window's targets (last stage only uses them)
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -59,7 +61,13 @@ class Shard:
         return self.stage.is_last
 
     def open(
-        self, req: str, capacity: int, requester: str, sampling: SamplingParams, epoch: int
+        self,
+        req: str,
+        capacity: int,
+        requester: str,
+        sampling: SamplingParams,
+        epoch: int,
+        score: list[int] | None = None,
     ) -> None:
         """Allocate the request's cache (its first step, the prefill)."""
         if req in self.requests:
@@ -67,7 +75,7 @@ class Shard:
         if not 0 < capacity <= self.ckpt.config.max_seq_len:
             raise ProtocolError("bad-request", f"capacity {capacity} outside the model's context")
         cache = self.stage.new_cache(1, capacity, self.dtype, self.device)
-        self.requests[req] = Entry(cache, requester, sampling, epoch)
+        self.requests[req] = Entry(cache, requester, sampling, epoch, score)
 
     def check_input(self, req: str, start: int, count: int, x: torch.Tensor) -> Entry:
         """Refuse input that does not fit this stage or the request before computing on it."""
@@ -96,16 +104,22 @@ class Shard:
         return entry
 
     @torch.inference_mode()
-    def forward(self, req: str, start: int, x: torch.Tensor) -> torch.Tensor | Candidates:
-        """Run the request's next positions: hidden states out, or candidates on the last stage."""
+    def forward(
+        self, req: str, start: int, x: torch.Tensor
+    ) -> torch.Tensor | Candidates | Scores:
+        """Run the request's next positions: hidden states out, or on the last stage
+        candidates (or the scored window's log-probabilities)."""
         entry = self.requests[req]
         entry.last_used = time.monotonic()
         positions = torch.arange(start, start + x.shape[1], device=self.device)
         x = x.to(self.device) if self.is_first else x.to(self.device, self.dtype)
+        scoring = self.is_last and entry.score is not None
         try:
-            out = self.stage(x, positions, entry.cache, last_only=True)
+            out = self.stage(x, positions, entry.cache, last_only=not scoring)
         except RinginferError as e:
             raise ProtocolError("bad-positions", str(e)) from None
+        if scoring:
+            return Scores(score(out[0], entry.score))
         if self.is_last:
             return candidates(out[0, -1], entry.sampling)
         return out

@@ -48,6 +48,12 @@ class Tokenizer:
         self.stop_ids = frozenset(stop_ids) | {vocab[t] for t in _END_OF_TURN if t in vocab}
         self.chat_template, self.bos, self.eos = chat_template, bos, eos
 
+    @property
+    def bos_id(self) -> int | None:
+        """The token this tokenizer starts texts with, if it adds one."""
+        ids = self.encode("", True)
+        return ids[0] if ids else None
+
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         return self._encode(text, add_special)
 

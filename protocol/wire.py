@@ -44,6 +44,8 @@ class Kind(str, Enum):
     DONE = "done"  # daemon -> client: the result object
     STATUS = "status"  # client -> daemon
     STATUS_REPLY = "status_reply"  # daemon -> client
+    SCORE = "score"  # client -> daemon: a text's perplexity (then ACCEPTED, SCOREDs, DONE)
+    SCORED = "scored"  # daemon -> client: one more window scored
 
 
 # Body fields each type must carry, with their JSON types. Extra fields are allowed, so a
@@ -82,6 +84,8 @@ BODY_FIELDS: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.DONE: {"result": _DICT},
     Kind.STATUS: {},
     Kind.STATUS_REPLY: {"status": _DICT},
+    Kind.SCORE: {"text": _STR, "context": _INT},
+    Kind.SCORED: {"window": _INT, "windows": _INT, "perplexity": _NUM},
 }
 
 

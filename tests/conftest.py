@@ -12,6 +12,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
+# A text to measure perplexity on: the Declaration of Independence (1776, public domain).
+TEXT = Path(__file__).resolve().parent / "data" / "declaration.txt"
+
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, max_position_embeddings=64)
 
 # name -> (transformers config class name, kwargs). Each exercises a different code path.

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from protocol.wire import VERSION, Kind, encode, message
-from tests.conftest import run_cli
+from tests.conftest import TEXT, run_cli
 from tests.daemons import Cluster
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
@@ -69,8 +69,11 @@ def kill_while_streaming(cluster: Cluster, requester: int, killed: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    # throughput: on one machine's three equal daemons, latency would pick one node
-    c = Cluster(tmp_path_factory.mktemp("ring"), 3, ["--objective", "throughput"])
+    # throughput: on one machine's three equal daemons, latency would pick one node. float32
+    # activations on the wire: the ring then computes bit for bit what --local does (float16
+    # flips near-ties of greedy decoding; the perplexity test bounds that path).
+    args = ["--objective", "throughput", "--wire-dtype", "float32"]
+    c = Cluster(tmp_path_factory.mktemp("ring"), 3, args)
     yield c
     c.stop()
 
@@ -93,6 +96,9 @@ def test_status_shows_one_plan_over_three_nodes(cluster):  # noqa: ANN001
     assert status["cluster"] == "default" and status["predicted"]["tpot_ms"] > 0
     assert status["problems"] == []
     assert status["node"] == next(n["id"] for n in nodes if n["name"] == "node3")
+    # Quantized stages: int4 layers from the file's Q4_1, the ends' int8 table from its Q8_0.
+    by_start = {n["layers"][0]: n["quantization"] for n in nodes}
+    assert by_start[0] == "int8+int4" and set(by_start.values()) <= {"int8+int4", "int4"}
 
 
 def covers(status: dict, stages: int) -> bool:
@@ -116,6 +122,18 @@ def test_every_node_generates_what_local_generates(cluster, expected):  # noqa: 
     plain = run_cli("generate", "--node", cluster.nodes[0].address, PROMPTS[0],
                     "--max-tokens", str(TOKENS))  # fmt: skip
     assert plain.stdout == out["text"] + "\n"
+
+
+def test_perplexity_through_the_ring_equals_local(cluster):  # noqa: ANN001
+    """Every window crosses three stages and is scored on the last."""
+    args = ("perplexity", str(TEXT), "--context", "128", "--json")
+    local = run_cli(*args, "--local")
+    through = cluster.nodes[1].cli(*args, "--node", cluster.nodes[1].address)
+    assert local.returncode == 0 and through.returncode == 0, (local.stderr, through.stderr)
+    want, got = json.loads(local.stdout), json.loads(through.stdout)
+    assert got["tokens"] == want["tokens"] and got["windows"] == want["windows"] > 3
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6), (got, want)
+    assert got["quantization"] in ("int8+int4, int4", "int4, int8+int4")
 
 
 def test_status_answers_during_a_long_prefill(cluster):  # noqa: ANN001
