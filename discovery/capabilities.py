@@ -90,7 +90,7 @@ def total_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _synchronizer(device: torch.device) -> Any:
+def synchronizer(device: torch.device) -> Any:
     """What waits for `device` to finish queued work, so timings cover it."""
     syncs = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}
     return syncs.get(device.type, lambda: None)
@@ -98,7 +98,7 @@ def _synchronizer(device: torch.device) -> Any:
 
 def _timed(fn: Any, device: torch.device) -> float:
     """Seconds per call of `fn`, run for about MEASURE_S after one warm-up call."""
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     fn()
     sync()
     calls, began = 0, time.perf_counter()
@@ -148,7 +148,12 @@ MAX_PROBE_BYTES = 1 << 30  # bigger layers are not built just to time them (roof
 
 @torch.inference_mode()
 def measure_layer(
-    family: Any, config: Any, device: torch.device, dtype: torch.dtype, fmt: str = "none"
+    family: Any,
+    config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    fmt: str = "none",
+    max_bytes: int = MAX_PROBE_BYTES,
 ) -> float:
     """Seconds one decoder layer of this model takes per decode step here: a few random
     layers, built as our stages build theirs (weights held in `fmt`), stepped one position at
@@ -159,7 +164,7 @@ def measure_layer(
     count = max(1, min(PROBE_LAYERS, n - 1 - start))
     with torch.device("meta"):
         stage = family.stage_cls(config, start, start + count, device.type)
-        if sum(t.numel() for t in stage.state_dict().values()) * dtype.itemsize > MAX_PROBE_BYTES:
+        if sum(t.numel() for t in stage.state_dict().values()) * dtype.itemsize > max_bytes:
             return 0.0
         formats = swap_modules(stage, lambda key: fmt, device)
     weights = {
@@ -173,7 +178,7 @@ def measure_layer(
     x = torch.randn(1, 1, config.dim, device=device, dtype=dtype)
     if stage.is_first:
         x = torch.zeros(1, 1, dtype=torch.long, device=device)
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     # Two passes over the same positions, the first untimed: a GPU loads and picks kernels
     # the first time it meets each attention length, which costs more than the step.
     for _ in range(2):

@@ -84,9 +84,7 @@ class Tally:
         return math.exp(self.nll / self.count) if self.count else math.nan
 
 
-def run_local(
-    forward: Callable[[list[int]], torch.Tensor], wins: list[Window]
-) -> Iterator[Tally]:
+def run_local(forward: Callable[[list[int]], torch.Tensor], wins: list[Window]) -> Iterator[Tally]:
     """Score each window with `forward(ids) -> logits [T, vocab]`; yields the tally after each."""
     tally = Tally()
     for window in wins:

@@ -34,3 +34,36 @@ def test_cuda_logits_and_greedy_match_transformers(tiny_models, family, dtype): 
         greedy = SamplingParams()
         tokens = list(generate(pipeline.session(24, greedy), PROMPT, 12, greedy, frozenset()))
         assert tokens == expected_tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_cuda_quantized_near_transformers_on_the_same_weights(tiny_models, family, fmt):  # noqa: ANN001
+    """int4 packs for CUDA's own kernel; int8 is dequantized to bfloat16 there (the CUDA
+    int8 kernel is slow). Oracle: transformers on the dequantized weights, bfloat16."""
+    from node.models.quantized import quantize
+
+    model = hf_model(tiny_models[family])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and not name.endswith("wpe.weight"):
+                conv1d = family == "gpt2" and "wte" not in name and "lm_head" not in name
+                w = p.t() if conv1d else p
+                deq = quantize(w, fmt).dequantize()
+                p.copy_(deq.t() if conv1d else deq)
+    theirs = model.to(CUDA, torch.bfloat16)
+    ids = torch.tensor([PROMPT], device=CUDA)
+    with torch.inference_mode():
+        expected = theirs(ids).logits.float()
+    pipeline = LocalPipeline(
+        open_checkpoint(str(tiny_models[family])), (2,), CUDA, torch.bfloat16, quantize=fmt
+    )
+    with torch.inference_mode():
+        got = pipeline.forward(ids, torch.arange(len(PROMPT)), pipeline.new_caches(12))
+    held = pipeline.quantization
+    # int8 on CUDA: linear layers in bfloat16, the token table still int8 (a gather)
+    assert (
+        held.startswith("int4") if fmt == "int4" else set(held.split("+")) == {"bfloat16", "int8"}
+    )
+    tolerance = 0.03 * expected.abs().max().item()
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=0)
