@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the codec needs torch only to turn frames into tensors
     import torch
 
-VERSION = 2  # 2: cluster names, capabilities and RTTs in HELLO; PING/PONG
+VERSION = 3  # 2: cluster names, capabilities, RTTs in HELLO; PING/PONG. 3: SCORE, quantization
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 4
 MAX_DIMS = 4

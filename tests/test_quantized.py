@@ -128,6 +128,28 @@ def test_int4_packing_in_chunks_equals_packing_whole():
     assert torch.equal(pack_int4(codes, torch.device("cpu")), whole)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_lm_head_top_logits_are_float32_exact(fmt):  # noqa: ANN001
+    """The kernels' outputs are bfloat16; an LM head recomputes each row's top logits in
+    float32 from its dequantized codes, so near-ties are not rounded into ties."""
+    from node.models.quantized import REFINE, QuantizedEmbedding, quantized_module
+
+    torch.manual_seed(0)
+    w = quantize(torch.randn(1000, 256) * 0.1, fmt)
+    head = quantized_module(torch.nn.Linear(256, 1000, bias=False), fmt, torch.device("cpu"))
+    head.refine = QuantizedEmbedding(1000, 256)
+    head.load([w], torch.device("cpu"), torch.float32)
+    x = torch.randn(3, 256) * 8
+    exact = x.double() @ w.dequantize().double().t()
+    got = head(x)
+    top = exact.topk(REFINE // 2).indices  # well inside the approximate top REFINE
+    torch.testing.assert_close(
+        got.gather(1, top).double(), exact.gather(1, top), rtol=1e-6, atol=1e-5
+    )
+    rest = (got.double() - exact).abs().max() / exact.abs().max()
+    assert rest < 1 / 64  # the others: bfloat16 activations and outputs
+
+
 def test_default_model_int4_knows_paris():
     proc = run_cli("generate", "--local", "--json", "The capital of France is",
                    "--max-tokens", "6", "--quantize", "int4")  # fmt: skip

@@ -27,6 +27,7 @@ FORMATS = ("none", "int8", "int4")
 GROUP = 32  # int4 group size: llama.cpp's block size, the smallest the kernels take
 CHUNK = 1 << 20  # values converted at a time: bounds the transient copies of a tensor (4 MiB)
 ACT = torch.bfloat16
+REFINE = 64  # an LM head's top outputs per row recomputed in float32 (QuantizedLinear)
 
 
 @dataclass
@@ -153,6 +154,8 @@ def swap_modules(
             continue
         fmt = module_format(module, choose(f"{name}.weight"))
         swapped = quantized_module(module, fmt, device) if fmt != "none" else None
+        if isinstance(swapped, QuantizedLinear) and name == "lm_head":
+            swapped.refine = QuantizedEmbedding(module.out_features, module.in_features)
         if swapped is not None:
             parent, _, child = name.rpartition(".")
             setattr(stage.get_submodule(parent), child, swapped)
@@ -200,16 +203,21 @@ def _warn_once(message: str) -> None:
         logging.getLogger("ringinfer").warning(message)
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W as int8 rows and a scale per row."""
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W held as codes: bfloat16 rows into the kernel, the input's dtype
+    out. Subclasses hold the codes (`load_codes`) and multiply (`matmul`).
+
+    The kernels round their outputs to bfloat16: 1/8 apart at a logit of 25, which turns a
+    float32 model's near-ties into exact ties and flips greedy choices. So an LM head
+    (`refine`) recomputes each row's top `REFINE` outputs in float32 from their own codes,
+    dequantized (the other logits keep bfloat16's precision, ample for their probabilities).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8),
-                             persistent=False)  # fmt: skip
-        self.register_buffer("scales", torch.empty(out_features, dtype=ACT), persistent=False)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.refine: QuantizedEmbedding | None = None  # the rows, gatherable, for an LM head
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -217,35 +225,59 @@ class Int8Linear(nn.Module):
 
     def load(self, parts: list[QuantizedTensor], device: torch.device, dtype: torch.dtype) -> None:
         w = QuantizedTensor.cat(parts) if len(parts) > 1 else parts[0]
-        self.codes = w.codes.to(device).contiguous()
-        self.scales = w.scales[:, 0].to(device, ACT)
+        self.load_codes(w, device)
+        if self.refine is not None:  # int8: the same codes; int4: a gatherable copy
+            self.refine.load([w], device, torch.float32)
+
+    def load_codes(self, w: QuantizedTensor, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(ACT)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        y = self.matmul(rows.to(ACT))
+        if y.shape[-1] != self.out_features:  # rows padded for the kernel
+            y = y[:, : self.out_features]
+        y = y.to(x.dtype)
+        if self.refine is not None and x.dtype.itemsize > ACT.itemsize:
+            top = y.topk(min(REFINE, self.out_features), dim=-1).indices  # [rows, k]
+            exact = torch.bmm(self.refine(top), rows.float()[:, :, None])[..., 0]
+            y = y.scatter(1, top, exact.to(y.dtype))
+        y = y.reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T + b with W in int4 groups, packed for this device's kernel at load."""
+class Int8Linear(QuantizedLinear):
+    """int8 rows and a scale per row: `_weight_int8pack_mm`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8),
+                             persistent=False)  # fmt: skip
+        self.register_buffer("scales", torch.empty(out_features, dtype=ACT), persistent=False)
+
+    def load_codes(self, w: QuantizedTensor, device: torch.device) -> None:
+        self.codes = w.codes.to(device).contiguous()
+        self.scales = w.scales[:, 0].to(device, ACT)
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 groups, packed for this device's kernel at load."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device_type: str) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias)
         self.device_type = device_type
         self.group = GROUP
         # Packed layouts are device-specific; the real buffers are made by `load`.
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales_zeros", torch.empty(0, dtype=ACT), persistent=False)
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    def load(self, parts: list[QuantizedTensor], device: torch.device, dtype: torch.dtype) -> None:
-        w = QuantizedTensor.cat(parts) if len(parts) > 1 else parts[0]
+    def load_codes(self, w: QuantizedTensor, device: torch.device) -> None:
         codes, scales, zeros = w.codes, w.scales, w.zeros
         pad = -len(codes) % 16  # both kernels take output rows in multiples of 16 (CPU) / 8
         if pad:
@@ -256,18 +288,12 @@ class Int4Linear(nn.Module):
         self.packed = pack_int4(codes, device)
         self.scales_zeros = torch.stack([scales.t(), zeros.t()], -1).to(device, ACT).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(ACT)
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         if self.device_type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows, self.packed, self.group, self.scales_zeros
             )
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group, self.scales_zeros)
-        if y.shape[-1] != self.out_features:
-            y = y[:, : self.out_features]
-        y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        return y + self.bias if self.bias is not None else y
+        return torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group, self.scales_zeros)
 
 
 def pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -328,7 +354,7 @@ def holdings(model: nn.Module) -> dict[str, int]:
     held: dict[str, int] = {}
     seen: set[int] = set()
     for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear, QuantizedEmbedding)):
+        if isinstance(m, QuantizedLinear | QuantizedEmbedding):
             is_int4 = isinstance(m, Int4Linear) or getattr(m, "zeros", None) is not None
             fmt = "int4" if is_int4 else "int8"
             tensors = [b for b in m.buffers(recurse=False) if b is not None]
