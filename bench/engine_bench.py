@@ -157,6 +157,11 @@ def prefill_side_by_side(
 def stage_rss(model: str | None, start: int, end: int, quantize: str) -> dict:
     """Peak RSS of loading a stage (Linux /proc), from the moment the checkpoint is open."""
     ckpt = open_checkpoint(model)
+    # One layer loaded and dropped first: the code that loading runs (torch's and numpy's
+    # kernels, lazy imports) is paged in then, so what is measured is memory for weights.
+    del_stage = load_stage(ckpt, start, start + 1, torch.device("cpu"), torch.float32,
+                           quantize=quantize)  # fmt: skip
+    del del_stage
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     before = _status_kib("VmRSS")
     stage = load_stage(ckpt, start, end, torch.device("cpu"), torch.float32, quantize=quantize)

@@ -140,7 +140,10 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     return out
 
 
-@pytest.mark.parametrize("family,quant", [("llama", "F32"), ("llama", "Q8_0"), ("qwen2", "Q8_0")])
+@pytest.mark.parametrize(
+    "family,quant",
+    [("llama", "F32"), ("llama", "F16"), ("qwen2", "BF16"), ("llama", "Q8_0"), ("qwen2", "Q8_0")],
+)
 def test_gguf_load_equals_transformers_load(tiny_models, tmp_path, family, quant):  # noqa: ANN001
     from transformers import AutoModelForCausalLM
 
