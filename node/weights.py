@@ -61,11 +61,6 @@ class Checkpoint:
     def tokenizer(self) -> Tokenizer:
         raise NotImplementedError
 
-    @property
-    def formats(self) -> str:
-        """A one-word summary of how the file stores its weights, for messages and status."""
-        return "float"
-
 
 class HFCheckpoint(Checkpoint):
     """A Hugging Face model directory: config.json, safetensors (single or sharded)."""
@@ -185,11 +180,6 @@ class GGUFCheckpoint(Checkpoint):
             f"tensor '{info.name}' is {info.type.name}, which ringinfer cannot keep quantized; "
             "use a Q4_K_M, Q4_0 or Q8_0 file, or --quantize none to dequantize it to float"
         )
-
-    @property
-    def formats(self) -> str:
-        kinds = Counter(t.type.name for t in self.tensors.values() if len(t.shape) > 1)
-        return kinds.most_common(1)[0][0] if kinds else "float"
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(self.meta, self.path)
