@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import importlib.metadata
 import os
 import re
@@ -23,6 +21,7 @@ from node.models.quantized import (
     QuantizedTensor,
     check_device,
     convert,
+    convert_rows,
     row_chunk,
     swap_modules,
 )
@@ -159,13 +158,14 @@ class GGUFCheckpoint(Checkpoint):
             raw = self.file.read(info.name)
             t = torch.from_numpy(np.array(dequantize(raw, info.type), np.float32))
         else:  # row chunks: a float copy of one chunk at most, whatever the tensor's size
-            n, step = info.shape[0], row_chunk(info.shape[1])
-            chunks = []
-            for i in range(0, n, step):
+            n, k = info.shape
+            step = row_chunk(k)
+
+            def rows(i: int) -> torch.Tensor:
                 raw = self.file.read(info.name, (i, min(n, i + step)))
-                arr = np.array(dequantize(raw, info.type), np.float32).reshape(-1, info.shape[1])
-                chunks.append(convert(torch.from_numpy(arr), fmt))
-            t = _cat(chunks) if len(chunks) > 1 else chunks[0]
+                return torch.from_numpy(np.asarray(dequantize(raw, info.type)).reshape(-1, k))
+
+            t = convert_rows((n, k), ((i, rows(i)) for i in range(0, n, step)), fmt)
         return llama.from_gguf_layout(hf_name, t, self.config, self.arch)
 
     def source_format(self, hf_name: str) -> str:
@@ -183,10 +183,6 @@ class GGUFCheckpoint(Checkpoint):
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(self.meta, self.path)
-
-
-def _cat(parts: list[Any]) -> Any:
-    return QuantizedTensor.cat(parts) if isinstance(parts[0], QuantizedTensor) else torch.cat(parts)
 
 
 def default_model_path() -> Path:
@@ -267,7 +263,6 @@ def load_stage(
     time, each straight into the format it is kept in (`quantize`: auto, none, int8, int4)."""
     if not 0 <= start < end <= ckpt.n_layers:
         raise RinginferError(f"layer range {start}:{end} is outside 0:{ckpt.n_layers}")
-    _fix_mmap_threshold()
     with torch.device("meta"):
         stage = ckpt.family.stage_cls(ckpt.config, start, end, device.type)
         expected = stage.state_dict()
@@ -296,15 +291,6 @@ def load_stage(
     stage.load_state_dict(tensors, assign=True, strict=True)
     stage.to_device(device)
     return stage.eval().requires_grad_(False)
-
-
-def _fix_mmap_threshold(size: int = 128 * 1024) -> None:
-    """Keep glibc's mmap threshold at its default. Each freed large block otherwise raises it,
-    and later blocks of that size come from the heap, where freed memory stays resident:
-    converting a tensor chunk by chunk left 6x its size resident (the default model's
-    embedding: 173 MiB for 27 MiB of codes). Fixed, every transient goes back when freed."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS): nothing to fix
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # M_MMAP_THRESHOLD
 
 
 def _quantize_modules(

@@ -14,7 +14,7 @@ norms, softmax, RoPE and the residual stream keep the stage's dtype.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +83,36 @@ def row_chunk(width: int) -> int:
 def quantize(w: torch.Tensor, fmt: str) -> QuantizedTensor:
     """A float weight [N, K] in `fmt` (int8 symmetric per row; int4 min/max per group)."""
     step = row_chunk(w.shape[1])
-    parts = [_quantize_rows(w[i : i + step].float(), fmt) for i in range(0, len(w), step)]
-    return parts[0] if len(parts) == 1 else QuantizedTensor.cat(parts)
+    return convert_rows(w.shape, ((i, w[i : i + step]) for i in range(0, len(w), step)), fmt)
+
+
+def convert_rows(
+    shape: tuple[int, int], chunks: Iterable[tuple[int, torch.Tensor]], fmt: str
+) -> torch.Tensor | QuantizedTensor:
+    """A weight [N, K] given as chunks of float rows (first row, rows), converted chunk by
+    chunk into outputs allocated once: the chunks' transient copies then reuse each other's
+    memory instead of interleaving with what is kept (glibc left 6x the kept bytes resident)."""
+    n, k = shape
+    if fmt == "none":
+        out = torch.empty(n, k)
+        for i, rows in chunks:
+            out[i : i + len(rows)] = rows
+        return out
+    if fmt == "int4" and k % GROUP:
+        raise RinginferError(f"int4 needs rows that are a multiple of {GROUP} long, not {k}")
+    groups = 1 if fmt == "int8" else k // GROUP
+    out = QuantizedTensor(
+        torch.empty(n, k, dtype=torch.int8 if fmt == "int8" else torch.uint8),
+        torch.empty(n, groups),
+        torch.empty(n, groups) if fmt == "int4" else None,
+    )
+    for i, rows in chunks:
+        part = _quantize_rows(rows.float(), fmt)
+        out.codes[i : i + len(rows)] = part.codes
+        out.scales[i : i + len(rows)] = part.scales
+        if out.zeros is not None:
+            out.zeros[i : i + len(rows)] = part.zeros
+    return out
 
 
 def _quantize_rows(w: torch.Tensor, fmt: str) -> QuantizedTensor:
@@ -93,8 +121,6 @@ def _quantize_rows(w: torch.Tensor, fmt: str) -> QuantizedTensor:
         scale = w.abs().amax(1, keepdim=True) / 127
         q = (w / scale.clamp(min=torch.finfo(torch.float32).tiny)).round().clamp(-128, 127)
         return QuantizedTensor(q.to(torch.int8), scale)
-    if k % GROUP:
-        raise RinginferError(f"int4 needs rows that are a multiple of {GROUP} long, not {k}")
     g = w.view(n, k // GROUP, GROUP)
     low, high = g.amin(-1), g.amax(-1)
     scale = (high - low) / 15
@@ -110,8 +136,10 @@ def convert(t: torch.Tensor | QuantizedTensor, fmt: str) -> torch.Tensor | Quant
         if t.bits == int(fmt[3:]) and (t.bits == 8 or t.group == GROUP):
             return t
         step = row_chunk(t.shape[1])
-        rows = [t.rows(slice(i, i + step)) for i in range(0, t.shape[0], step)]
-        return QuantizedTensor.cat([quantize(r.dequantize(), fmt) for r in rows])
+        chunks = (
+            (i, t.rows(slice(i, i + step)).dequantize()) for i in range(0, len(t.codes), step)
+        )
+        return convert_rows(t.shape, chunks, fmt)
     return quantize(t, fmt)
 
 
