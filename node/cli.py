@@ -516,6 +516,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from node import data_dir
     from node.daemon import Daemon, DaemonConfig, listen
     from node.engine import available_memory
+    from node.models.quantized import check_device
     from node.weights import layer_format, open_checkpoint
     from protocol.wire import ACTIVATION_DTYPES
 
@@ -548,6 +549,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         mdns = None
     STATUS.live("measuring compute ...")
     quantize = args.quantize or "auto"
+    if quantize != "auto":  # refused now, not when the first plan asks this node to load
+        check_device(quantize, device)
     fmt = layer_format(ckpt, quantize, device)
     model = (ckpt.name, ckpt.family, ckpt.config, fmt)
     caps, fresh = load_or_measure(data_path, device, dtype, args.remeasure, model)
