@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
     from node.weights import Progress
 
 EXIT_USAGE = 2
+QUANTIZE = ["auto", "none", "int8", "int4"]  # --quantize (node/models/quantized.py)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +83,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="auto (default), float32, bfloat16 or float16")
     parser.add_argument("--threads", type=_positive, help="CPU threads for torch")
     parser.add_argument(
-        "--quantize", choices=["auto", "none", "int8", "int4"],
+        "--quantize", choices=QUANTIZE,
         help="weights in memory: auto (default; a GGUF's 4-bit stays int4, 5-8-bit int8, "
              "floats as --dtype), none (all float), int8, int4",
     )  # fmt: skip
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--objective", choices=["latency", "throughput"], default="latency")
     plan.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
     plan.add_argument(
-        "--quantize", choices=["auto", "none", "int8", "int4"], default="auto",
+        "--quantize", choices=QUANTIZE, default="auto",
         help="weights held as: auto (a checkpoint's own formats, else --dtype), none, int8, int4",
     )  # fmt: skip
     plan.add_argument(
@@ -309,7 +310,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     if args.local:
         result = _perplexity_local(args, text)
     else:
-        _refuse_local_flags(args, ("model", "device", "dtype", "threads", "quantize"))
+        _refuse_local_flags(args, LOCAL_ONLY)
         with Client(parse_address(args.node)) as client:
             _wait_for_plan(client, args.wait)
             replies = client.request(Kind.SCORE, args.timeout, "the next window",

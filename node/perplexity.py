@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -71,13 +71,13 @@ class Tally:
     """Running negative log-likelihood over the windows scored so far."""
 
     nll: float = 0.0
-    count: int = 0
-    per_window: list[float] = field(default_factory=list)
+    count: int = 0  # tokens scored
+    windows: int = 0
 
     def add(self, logprobs: torch.Tensor) -> None:
         self.nll -= float(logprobs.double().sum())
         self.count += int(logprobs.numel())
-        self.per_window.append(self.perplexity)
+        self.windows += 1
 
     @property
     def perplexity(self) -> float:
@@ -104,5 +104,5 @@ def result(
         "model": model,
         "quantization": quantization,
         "context": context,
-        "windows": len(tally.per_window),
+        "windows": tally.windows,
     }

@@ -271,14 +271,18 @@ def load_stage(
     uses = Counter(n for parts in names.values() for n in parts)
     loaded: dict[str, Any] = {}  # checkpoint tensors still needed by a later key
     tensors = {}
+
+    def held(t: Any, fmt: str) -> Any:  # a no-op on what is already in `fmt`
+        t = convert(t, fmt)
+        return t.to(dtype) if fmt == "none" else t
+
     for i, (key, meta) in enumerate(expected.items()):
         fmt = formats.get(key, "none")
         parts = []
         for name in names[key]:
-            if name not in loaded:
-                loaded[name] = stage.from_checkpoint_layout(name, ckpt.tensor(name, fmt))
-            part = convert(loaded[name], fmt)
-            parts.append(part.to(dtype) if fmt == "none" else part)
+            if name not in loaded:  # converted once: a tied table and head share their codes
+                loaded[name] = held(stage.from_checkpoint_layout(name, ckpt.tensor(name, fmt)), fmt)
+            parts.append(held(loaded[name], fmt))
             uses[name] -= 1
             if not uses[name]:
                 del loaded[name]

@@ -23,7 +23,6 @@ from torch import nn
 from node.errors import RinginferError
 from node.models.linear import Linear
 
-FORMATS = ("none", "int8", "int4")
 GROUP = 32  # int4 group size: llama.cpp's block size, the smallest the kernels take
 CHUNK = 1 << 20  # values converted at a time: bounds the transient copies of a tensor (4 MiB)
 ACT = torch.bfloat16
