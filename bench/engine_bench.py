@@ -40,7 +40,7 @@ def _prompt(ckpt: Checkpoint) -> list[int]:
         tok = ckpt.tokenizer()
     except RinginferError:  # a random-weight model without tokenizer files
         return [(7 * i) % ckpt.config.vocab_size for i in range(1, 56)]
-    return tok.encode_chat(PROMPT) if tok.chat_template else tok.encode(PROMPT)
+    return tok.encode_prompt(PROMPT, True) if tok.chat_template else tok.encode(PROMPT)
 
 
 def _sync(device: torch.device) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from node import __version__
-from node.client import DEFAULT_PORT, Client, parse_address
+from node.client import DEFAULT_API, DEFAULT_PORT, Client, parse_address
 from node.cluster_file import BINARY, parse_amount, read_cluster
 from node.errors import RinginferError
 from protocol.wire import Kind
@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds to wait for a plan without this node",
     )
+    daemon.add_argument("--api", default=DEFAULT_API, metavar="HOST:PORT|off",
+                        help=f"OpenAI-compatible API and web page (default {DEFAULT_API})")
+    daemon.add_argument("--api-key-file", type=Path, metavar="FILE",
+                        help="a secret the API asks for as 'Authorization: Bearer'")
+    daemon.add_argument("--api-insecure", action="store_true",
+                        help="serve the API beyond loopback without a key")  # fmt: skip
 
     plan = commands.add_parser("plan", help="plan a described cluster (no daemons needed)")
     plan.add_argument("--model", help="path, Hugging Face id (cached) or a well-known name")
@@ -515,6 +521,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from discovery.capabilities import load_or_measure
     from discovery.interfaces import lan_interfaces
     from node import data_dir
+    from node.api import bind as bind_api
     from node.daemon import Daemon, DaemonConfig, listen
     from node.engine import available_memory
     from node.models.quantized import check_device
@@ -527,6 +534,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     )  # fmt: skip
     data_path = args.data_dir or data_dir.DEFAULT
     node_id, lock = data_dir.claim(data_path)
+    api = bind_api(args.api, args.api_key_file, args.api_insecure)
     listener = listen(args.host, args.port)  # a taken port fails now, not after the model
     device, dtype = _engine(args)
     wire = args.wire_dtype
@@ -575,7 +583,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         )
 
     async def serve() -> None:
-        await Daemon(config, node_id, ckpt, tokenizer, listener).run()
+        await Daemon(config, node_id, ckpt, tokenizer, listener, api).run()
 
     asyncio.run(serve())
     lock.close()

@@ -10,6 +10,7 @@ from node.errors import RinginferError
 from protocol.wire import Kind, Message, ProtocolError, decode, encode, message
 
 DEFAULT_PORT = 7710
+DEFAULT_API = "127.0.0.1:7700"  # the HTTP API and web page (node/api.py)
 
 
 class Client:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
 import time
 import uuid
-from collections import Counter
-from collections.abc import Coroutine
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from discovery.capabilities import Capabilities
 from discovery.interfaces import Interface, primary_address
 from discovery.mdns import SERVICE, Advert, Discovery
 from node import __version__
+from node.api import API, Listener
 from node.engine import Timings, TokenLoop, fit_request, generation_result
 from node.errors import RinginferError
 from node.membership import Member, Members
@@ -43,10 +45,12 @@ from node.planner import (
     Plan,
     make_plan,
     predict,
+    stage_bytes,
 )
 from node.sampling import Candidates, SamplingParams
 from node.shapes import shape_of
 from node.shard import Shard
+from node.stop_strings import StopStrings
 from node.tokenizer import TextStream, Tokenizer
 from node.weights import Checkpoint
 from protocol.wire import (
@@ -101,17 +105,21 @@ class ClientGone(Exception):
     pass
 
 
+Sink = Callable[[Message], Awaitable[None]]  # where a request's answers go: client or API
+
+
 @dataclass
 class Request:
     """A generation this node is the requester of."""
 
     id: str
-    client: bytes  # ROUTER identity of the client
+    sink: Sink  # ACCEPTED, TOKENs, DONE or an ERROR, in that order
     prompt: list[int]
     capacity: int  # KV positions every stage allocates
     max_tokens: int
     params: SamplingParams
     stop_ids: frozenset[int]
+    stop: list[str] = field(default_factory=list)  # stop strings
     plan: Plan | None = None  # set once it runs on the ring
     task: asyncio.Task | None = None
     result: asyncio.Future | None = None  # the pending step's candidates
@@ -142,8 +150,10 @@ class Daemon:
         ckpt: Checkpoint,
         tokenizer: Tokenizer,
         listener: tuple[zmq.asyncio.Context, zmq.asyncio.Socket],
+        api: Listener | None = None,
     ) -> None:
         self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
+        self.api = API(self, api) if api else None
         self.shape = shape_of(
             ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype), cfg.layer_format
         )
@@ -172,6 +182,7 @@ class Daemon:
         self.ack_event = asyncio.Event()
         self.replan = asyncio.Event()
         self.requests: dict[str, Request] = {}
+        self.ended: deque[str] = deque(maxlen=256)  # a cancelled request's last step may come
         self.drained = asyncio.Event()
         self.drained.set()
         self.loading = ""
@@ -219,6 +230,8 @@ class Daemon:
             self._spawn(self._expire_requests()),
         ]
         self.replan.set()
+        if self.api:
+            await self.api.start()
         await self._start_discovery()
         await self.leaving.wait()
         await self._leave()
@@ -234,6 +247,8 @@ class Daemon:
         for m in self.members:
             self._send_to(m.address, message(Kind.BYE, body={"id": self.id}))
         await asyncio.sleep(0.1)  # let the BYEs and errors leave
+        if self.api:
+            await self.api.stop()
         for task in [*background, *self.link_tasks, *self.tasks]:
             task.cancel()
         await asyncio.gather(*background, *self.link_tasks, *self.tasks, return_exceptions=True)
@@ -881,16 +896,29 @@ class Daemon:
         try:
             params = SamplingParams.from_json(body["sampling"])
             prompt = self.tokenizer.encode_prompt(body["prompt"], body.get("chat") is True)
-            capacity, max_tokens = fit_request(
-                len(prompt), max(1, body["max_tokens"]), self.ckpt.config.max_seq_len
-            )
+            req = self.new_request(
+                functools.partial(self._reply, identity), prompt, max(1, body["max_tokens"]),
+                params, ignore_eos=body.get("ignore_eos") is True,
+            )  # fmt: skip
         except RinginferError as e:
             raise ProtocolError("bad-request", str(e)) from None
-        stop_ids = frozenset() if body.get("ignore_eos") is True else self.tokenizer.stop_ids
-        req = Request(
-            uuid.uuid4().hex[:16], identity, prompt, capacity, max_tokens, params, stop_ids
-        )
         await self._serve(req, self._generate(req))
+
+    def new_request(
+        self, sink: Sink, prompt: list[int], max_tokens: int | None, params: SamplingParams,
+        stop: list[str] | None = None, ignore_eos: bool = False,
+    ) -> Request:  # fmt: skip
+        """A generation of up to `max_tokens` (None: to the end of the context); a prompt
+        that leaves no room is a RinginferError. Run it with `start`."""
+        context = self.ckpt.config.max_seq_len
+        capacity, max_tokens = fit_request(len(prompt), max_tokens or context, context)
+        stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
+        return Request(uuid.uuid4().hex[:16], sink, prompt, capacity, max_tokens, params,
+                       stop_ids, stop or [])  # fmt: skip
+
+    def start(self, req: Request) -> asyncio.Task:
+        """Run a generation in the background; cancelling the task ends it on every stage."""
+        return self._spawn(self._serve(req, self._generate(req)))
 
     async def on_score(self, identity: bytes, msg: Message, host: str) -> None:
         """A text's perplexity over the ring: one ring request per window, scored by the
@@ -904,13 +932,13 @@ class Daemon:
         except RinginferError as e:
             raise ProtocolError("bad-request", str(e)) from None
         req = Request(
-            uuid.uuid4().hex[:16], identity, [], context, 0, SamplingParams(), frozenset()
-        )
+            uuid.uuid4().hex[:16], functools.partial(self._reply, identity), [], context, 0,
+            SamplingParams(), frozenset(),
+        )  # fmt: skip
         await self._serve(req, self._perplexity(req, wins, context))
 
     async def _serve(self, req: Request, work: Coroutine[Any, Any, None]) -> None:
         """Run a client's request to its end, whatever that is, freeing its caches."""
-        identity = req.client
         self.requests[req.id] = req
         req.task = asyncio.current_task()
         try:
@@ -920,12 +948,12 @@ class Daemon:
         except RequestFailed as e:
             log.warning("request %s failed: %s", req.id, e)
             with contextlib.suppress(ClientGone, zmq.ZMQError):
-                await self._reply(identity, error(e.code, str(e), req.id))
+                await req.sink(error(e.code, str(e), req.id))
         except asyncio.CancelledError:
+            if not self.leaving.is_set():  # the API cancels when its client disconnects
+                log.info("request %s: client went away, cancelled", req.id)
             with contextlib.suppress(ClientGone, zmq.ZMQError):
-                await self._reply(
-                    identity, error("stopping", "the daemon is shutting down", req.id)
-                )
+                await req.sink(error("stopping", "the daemon is shutting down", req.id))
         finally:
             self._end(req)
             del self.requests[req.id]
@@ -948,7 +976,7 @@ class Daemon:
             for s in req.plan.stages
         ]
         body = {"plan": plan_json, "prompt_tokens": prompt_tokens}
-        await self._reply(req.client, message(Kind.ACCEPTED, req=req.id, body=body))
+        await req.sink(message(Kind.ACCEPTED, req=req.id, body=body))
         return plan_json
 
     async def _perplexity(self, req: Request, wins: list[Window], context: int) -> None:
@@ -956,8 +984,8 @@ class Daemon:
         assert req.plan is not None
         began, tally = time.perf_counter(), Tally()
         for i, window in enumerate(wins):
-            part = Request(f"{req.id}.{i}", req.client, window.ids, len(window.ids), 0,
-                           req.params, frozenset(), req.plan,
+            part = Request(f"{req.id}.{i}", req.sink, window.ids, len(window.ids), 0,
+                           req.params, frozenset(), plan=req.plan,
                            scored=len(window.targets))  # fmt: skip
             self.requests[part.id] = part
             try:
@@ -967,11 +995,11 @@ class Daemon:
                 del self.requests[part.id]
                 self._end(part)
             body = {"window": i + 1, "windows": len(wins), "perplexity": tally.perplexity}
-            await self._reply(req.client, message(Kind.SCORED, req=req.id, body=body))
+            await req.sink(message(Kind.SCORED, req=req.id, body=body))
         formats = {self._quantization_of(s.node): None for s in req.plan.stages}
         out = result(tally, time.perf_counter() - began, self.ckpt.name, ", ".join(formats),
                      context)  # fmt: skip
-        await self._reply(req.client, message(Kind.DONE, req=req.id, body={"result": out}))
+        await req.sink(message(Kind.DONE, req=req.id, body={"result": out}))
 
     def _quantization_of(self, node: str) -> str:
         if node == self.id:
@@ -990,37 +1018,39 @@ class Daemon:
 
     def _end(self, req: Request) -> None:
         """Free the request's caches on every stage of its plan."""
+        self.ended.append(req.id)
         for node in req.plan.nodes if req.plan else ():
             with contextlib.suppress(RequestFailed):
                 self._send_node(node, message(Kind.END, req=req.id, epoch=req.plan.epoch))
 
     async def _generate(self, req: Request) -> None:
-        prompt, params = req.prompt, req.params
         timings = Timings()
-        plan_json = await self._accept(req, len(prompt))
+        plan_json = await self._accept(req, len(req.prompt))
         stop_ids = req.stop_ids
-        loop = TokenLoop(prompt, req.max_tokens, params, stop_ids)
-        stream = TextStream(self.tokenizer)
+        loop = TokenLoop(req.prompt, req.max_tokens, req.params, stop_ids)
+        stream, stops = TextStream(self.tokenizer), StopStrings(req.stop)
         pieces = []
         self._step_into_ring(req, loop.ids, loop.positions)
         while True:
             token = loop.take(await self._ring_result(req))
             timings.mark()
             req.step += 1
-            if not loop.done:  # the ring computes the next token while we serve the client
+            piece = "" if token in stop_ids else stops.push(stream.push(token))
+            done = loop.done or stops.hit
+            if done:
+                piece += stops.flush()
+            else:  # the ring computes the next token while we serve the client
                 self._step_into_ring(req, loop.ids, loop.positions)
-            piece = "" if token in stop_ids else stream.push(token)
             pieces.append(piece)
-            await self._reply(
-                req.client, message(Kind.TOKEN, req=req.id, body={"token": token, "text": piece})
-            )
-            if loop.done:
+            await req.sink(message(Kind.TOKEN, req=req.id, body={"token": token, "text": piece}))
+            if done:
                 break
+        finish_reason = "stop" if stops.hit else loop.finish_reason
         result = generation_result(
-            "".join(pieces), loop.tokens, len(prompt), self.ckpt.name, loop.finish_reason, timings
+            "".join(pieces), loop.tokens, len(req.prompt), self.ckpt.name, finish_reason, timings
         )
         result["plan"] = plan_json
-        await self._reply(req.client, message(Kind.DONE, req=req.id, body={"result": result}))
+        await req.sink(message(Kind.DONE, req=req.id, body={"result": result}))
 
     def _step_into_ring(
         self,
@@ -1047,6 +1077,8 @@ class Daemon:
 
     async def on_result(self, identity: bytes, msg: Message, host: str) -> None:
         req = self.requests.get(msg.req)
+        if req is None and msg.req in self.ended:
+            return  # the step that was under way when its request was cancelled
         if req is None or req.result is None or req.result.done() or msg.step != req.step:
             raise ProtocolError(
                 "unknown-request", f"no step {msg.step} of request {msg.req} waits here"
@@ -1110,7 +1142,10 @@ class Daemon:
         nodes = []
         for node in sorted([me, *members], key=lambda n: n["id"]):
             stage = plan.stage_of(node["id"]) if plan else None
-            nodes.append({**node, "layers": [stage.start, stage.end] if stage else None})
+            nodes.append({
+                **node, "layers": [stage.start, stage.end] if stage else None,
+                "weights": stage_bytes(stage, self.shape) if stage else 0,
+            })  # fmt: skip
         predicted = None
         specs = {n.id: n for n in self._candidates()}
         if plan and all(s.node in specs for s in plan.stages):
@@ -1119,6 +1154,8 @@ class Daemon:
         return {
             "epoch": plan.epoch if plan else 0,
             "model": self.ckpt.name,
+            "n_layers": self.ckpt.n_layers,
+            "context": self.ckpt.config.max_seq_len,
             "live": plan is not None,
             "plan_error": self.plan_error,
             "node": self.id,
@@ -1129,6 +1166,11 @@ class Daemon:
             "predicted": predicted,
             "problems": self.problems(),
             "nodes": nodes,
+            "links": [
+                {"from": a, "to": b, "rtt_ms": round(rtt * 1e3, 3)}
+                for (a, b), rtt in sorted(self._links().items())
+            ],
+            "api": self.api.listener.address if self.api else None,
             "stats": {
                 "requests_in_flight": len(self.requests),
                 "cached_requests": me["requests"],

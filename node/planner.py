@@ -162,6 +162,15 @@ def hop_time(a: str, b: str, shape: ModelShape, links: Links) -> float:
     return rtt / 2 + send_time(shape)
 
 
+def stage_bytes(stage: StageSpec, shape: ModelShape) -> int:
+    """The weights a stage holds: its layers, with the embedding or head at the ends."""
+    return (
+        (stage.end - stage.start) * shape.layer_bytes
+        + (stage.start == 0) * shape.embed_bytes
+        + (stage.end == shape.n_layers) * shape.head_bytes
+    )
+
+
 def capacity(node: NodeSpec, shape: ModelShape, context: int, first: bool, last: bool) -> int:
     """How many layers `node` holds as a stage, with the embedding / head when it has them."""
     room = node.memory * HEADROOM - first * shape.embed_bytes - last * shape.head_bytes

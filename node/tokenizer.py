@@ -62,10 +62,11 @@ class Tokenizer:
 
     def encode_prompt(self, text: str, chat: bool) -> list[int]:
         """A user's prompt: wrapped in the chat template when `chat`, else encoded as is."""
-        return self.encode_chat(text) if chat else self.encode(text)
+        return self.encode_chat([{"role": "user", "content": text}]) if chat else self.encode(text)
 
-    def encode_chat(self, user_message: str) -> list[int]:
-        """The chat template applied to one user turn, ready for the assistant's reply."""
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation (role and content per turn) through the model's chat template,
+        ready for the assistant's next reply."""
         if not self.chat_template:
             raise RinginferError("this model has no chat template; drop --chat")
         from jinja2 import TemplateError
@@ -79,7 +80,7 @@ class Tokenizer:
         env.filters["tojson"] = lambda v, **kw: json.dumps(v, ensure_ascii=False, **kw)
         try:
             text = env.from_string(self.chat_template).render(
-                messages=[{"role": "user", "content": user_message}],
+                messages=messages,
                 add_generation_prompt=True,
                 bos_token=self.bos or "",
                 eos_token=self.eos or "",

@@ -27,11 +27,20 @@ def test_hf_directory_tokenizer_equals_transformers(llama_with_tokenizer):  # no
     ours = open_checkpoint(str(llama_with_tokenizer)).tokenizer()
     for text in TEXTS:
         assert ours.encode(text) == theirs(text)["input_ids"], text
-    messages = [{"role": "user", "content": "What is 2+2?"}]
-    text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = ours.encode_chat("What is 2+2?")
-    assert ours.decode(ids) == text
-    assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    conversations = [
+        [{"role": "user", "content": "What is 2+2?"}],
+        [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "Four."},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+    ]
+    for messages in conversations:
+        text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = ours.encode_chat(messages)
+        assert ours.decode(ids) == text
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"]
     assert theirs.convert_tokens_to_ids("<|im_end|>") in ours.stop_ids
 
 

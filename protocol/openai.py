@@ -1,0 +1,275 @@
+"""OpenAI's HTTP API as data: request bodies checked into what a generation needs, and the
+objects the API answers with (completions, stream chunks, errors). Pure: the server is
+node/api.py.
+
+Fields are checked as OpenAI checks them: unknown ones are ignored, known ones of the wrong
+type are a 400 naming the field, and features we do not have (n > 1, tools, logprobs) are
+a 400 that says so rather than being silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOPS = 4
+
+
+class APIError(Exception):
+    """An answer other than 200: its HTTP status, and OpenAI's error object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+        self.headers = headers or {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "error": {"message": str(self), "type": self.kind, "param": self.param,
+                      "code": self.code}
+        }  # fmt: skip
+
+
+@dataclass
+class CompletionRequest:
+    """What one /v1/chat/completions or /v1/completions body asks for."""
+
+    chat: bool
+    model: str | None
+    messages: list[dict[str, str]] = field(default_factory=list)  # chat
+    prompt: str = ""  # completions
+    max_tokens: int | None = None  # None: up to the model's context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # llama.cpp's extension
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    ignore_eos: bool = False  # llama.cpp's extension: generate max_tokens whatever comes
+
+
+def parse_request(body: Any, chat: bool) -> CompletionRequest:
+    """A request body (parsed JSON) as a CompletionRequest, or an APIError(400)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    get = _Fields(body)
+    req = CompletionRequest(chat=chat, model=get.typed("model", str))
+    if chat:
+        req.messages = _messages(body.get("messages"))
+    else:
+        req.prompt = _prompt(body.get("prompt"))
+    n = get.integer("n", low=1)
+    if n is not None and n != 1:
+        raise APIError(400, f"n: only 1 choice per request is supported, got {n}", param="n")
+    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins
+        value = get.integer(name, low=1)
+        if value is not None:
+            req.max_tokens = value
+            break
+    temperature = get.number("temperature", 0.0, 2.0)
+    req.temperature = 1.0 if temperature is None else temperature
+    top_p = get.number("top_p", 0.0, 1.0)
+    req.top_p = top_p or 1.0  # 0 means "only the top token": greedy anyway
+    if top_p == 0.0:
+        req.temperature = 0.0
+    req.top_k = get.integer("top_k", low=0) or 0
+    req.seed = get.integer("seed")
+    req.stop = _stops(body.get("stop"))
+    req.stream = bool(get.typed("stream", bool))
+    options = get.typed("stream_options", dict) or {}
+    include = options.get("include_usage")
+    if include is not None and type(include) is not bool:
+        raise APIError(400, "stream_options.include_usage must be a boolean",
+                       param="stream_options.include_usage")  # fmt: skip
+    req.include_usage = bool(include)
+    req.ignore_eos = bool(get.typed("ignore_eos", bool))
+    logprobs = body.get("logprobs") if not chat else get.typed("logprobs", bool)
+    if logprobs or get.integer("top_logprobs"):
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if get.typed("tools", list):
+        raise APIError(400, "tools are not supported", param="tools")
+    if get.integer("best_of", low=1) not in (None, 1):
+        raise APIError(400, "best_of: only 1 is supported", param="best_of")
+    if get.typed("echo", bool):
+        raise APIError(400, "echo is not supported", param="echo")
+    if not chat and get.typed("suffix", str):
+        raise APIError(400, "suffix is not supported", param="suffix")
+    return req
+
+
+class _Fields:
+    """Typed reads of optional fields: absent or null is None, a wrong type a 400."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    def typed(self, name: str, kind: type) -> Any:
+        value = self.body.get(name)
+        if value is not None and type(value) is not kind:
+            raise APIError(400, f"{name} must be {_A[kind]}, got {_json_type(value)}", param=name)
+        return value
+
+    def integer(self, name: str, low: int | None = None) -> int | None:
+        value = self.typed(name, int)
+        if value is not None and low is not None and value < low:
+            raise APIError(400, f"{name} must be at least {low}, got {value}", param=name)
+        return value
+
+    def number(self, name: str, low: float, high: float) -> float | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if type(value) not in (int, float):
+            raise APIError(400, f"{name} must be a number, got {_json_type(value)}", param=name)
+        if not low <= value <= high:
+            raise APIError(400, f"{name} must be between {low:g} and {high:g}, got {value}",
+                           param=name)  # fmt: skip
+        return float(value)
+
+
+_A = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}  # fmt: skip
+    return names.get(type(value), "null")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "messages must be a non-empty array", param="messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where} must be an object", param=where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(
+                400, f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}",
+                param=f"{where}.role",
+            )  # fmt: skip
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _text(content, f"{where}.content")})  # fmt: skip
+    return out
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or an array of text parts (images are refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise APIError(400, f"{where}: only text parts are supported", param=where)
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, f"{where}: a text part needs a string 'text'", param=where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise APIError(400, f"{where} must be a string or an array of text parts", param=where)
+
+
+def _prompt(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise APIError(400, "prompt must be a string (one prompt per request)", param="prompt")
+    return value
+
+
+def _stops(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise APIError(400, "stop must be a string or an array of strings", param="stop")
+    if len(value) > MAX_STOPS:
+        raise APIError(400, f"stop: at most {MAX_STOPS} strings, got {len(value)}",
+                       param="stop")  # fmt: skip
+    return value
+
+
+# ---------------------------------------------------------------- answers
+
+
+@dataclass
+class Answer:
+    """Builds the objects of one completion's answer, with one id and creation time."""
+
+    chat: bool
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+    def _object(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices, **extra}  # fmt: skip
+
+    def whole(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        """The answer of a request that did not stream."""
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": finish_reason}  # fmt: skip
+            return self._object("chat.completion", [choice], usage=usage)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return self._object("text_completion", [choice], usage=usage)
+
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, usage: bool = False,
+        first: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One streamed event: text (the first one of a chat also says the role), or the
+        end with its finish reason. `usage`: the stream promised a usage event, so others
+        carry `usage: null`."""
+        extra = {"usage": None} if usage else {}
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None,
+                      "finish_reason": finish_reason}  # fmt: skip
+            return self._object("chat.completion.chunk", [choice], **extra)
+        choice = {"index": 0, "text": text or "", "logprobs": None,
+                  "finish_reason": finish_reason}  # fmt: skip
+        return self._object("text_completion", [choice], **extra)
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        """The last event of a stream that asked for usage: no choices."""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._object(kind, [], usage=usage)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def model_list(name: str, context: int, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(name, context, created)]}
+
+
+def model_card(name: str, context: int, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "ringinfer",
+            "context_length": context}  # fmt: skip
