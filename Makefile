@@ -22,7 +22,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	scripts/demo.sh $(BIN)
 
-test: $(STAMP)
+# The page's browser test drives Debian's chromium (playwright's own browser download needs
+# the internet).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,sudo )apt-get update -q
+	$(if $(filter 0,$(shell id -u)),,sudo )apt-get install -y -q chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 

@@ -17,8 +17,8 @@ class StopStrings:
         self.hit = False
 
     def push(self, piece: str) -> str:
-        if not self.stops:
-            return piece
+        if self.hit or not self.stops:
+            return "" if self.hit else piece
         text = self.held + piece
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:

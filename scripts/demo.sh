@@ -4,6 +4,7 @@
 set -uo pipefail
 bin=${1:-.venv/bin}
 base=${RINGINFER_DEMO_PORT:-7711}
+api=${RINGINFER_DEMO_API_PORT:-7700}
 dir=$(mktemp -d)
 pids=()
 cleanup() {
@@ -19,10 +20,12 @@ trap cleanup EXIT
 for i in 1 2 3; do
   "$bin/ringinfer" daemon --host 127.0.0.1 --port $((base + i - 1)) --name "node$i" \
     --data-dir "$dir/node$i" --peer "127.0.0.1:$base" --no-mdns --objective throughput \
+    --api "127.0.0.1:$((api + i - 1))" \
     >"$dir/node$i.log" 2>&1 &
   pids+=($!)
 done
-echo "started node1..node3 on 127.0.0.1:$base-$((base + 2)); waiting for their plan"
+echo "started node1..node3 on 127.0.0.1:$base-$((base + 2)), their APIs and pages on" \
+  "http://127.0.0.1:$api/ .. http://127.0.0.1:$((api + 2))/; waiting for their plan"
 
 third="127.0.0.1:$((base + 2))"
 for _ in $(seq 300); do
@@ -42,3 +45,15 @@ done
 echo
 echo '$ ringinfer generate --node' "$third" '--chat "What is the capital of France?"'
 "$bin/ringinfer" generate --node "$third" --chat --max-tokens 48 "What is the capital of France?"
+
+echo
+echo "\$ curl http://127.0.0.1:$api/v1/chat/completions -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three colours.\"}], \"max_tokens\": 32}'"
+curl -sS "http://127.0.0.1:$api/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32, "temperature": 0}' |
+  "$bin/python" -m json.tool
+if [ -t 0 ]; then
+  echo
+  echo "The cluster keeps running: open http://127.0.0.1:$api/ for its page and a chat."
+  echo "Press Ctrl-C to stop it."
+  wait "${pids[@]}"
+fi

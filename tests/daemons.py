@@ -57,6 +57,10 @@ class Daemon:
         self.data_dir = root / name
         prefix = ["ip", "netns", "exec", netns] if netns else []
         listen = "0.0.0.0" if netns else host
+        if "--api" not in args:  # one machine, many daemons: each its own API port
+            args = [*args, "--api", f"127.0.0.1:{free_port()}"]
+        api = args[args.index("--api") + 1]
+        self.api = None if api == "off" else f"http://{api}"  # from where the daemon runs
         cmd = [
             *prefix, sys.executable, "-m", "node.cli", "daemon", "--host", listen,
             "--port", str(port), "--name", name, "--data-dir", str(self.data_dir), *args,

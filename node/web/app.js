@@ -123,9 +123,10 @@ function render(s) {
   const plan = $("plan");
   plan.textContent = s.live ? `plan epoch ${s.epoch}` : s.plan_error ? "no plan" : "planning…";
   plan.className = `pill ${s.live ? "ok" : s.plan_error ? "fail" : "warn"}`;
-  $("predicted").textContent = s.predicted
-    ? `predicted ${s.predicted.tpot_ms.toFixed(1)} ms/token (${s.predicted.tokens_per_s.toFixed(1)} tok/s)`
-    : "";
+  $("predicted").hidden = !s.predicted;
+  if (s.predicted) {
+    $("predicted").textContent = `predicted ${s.predicted.tpot_ms.toFixed(1)} ms/token (${s.predicted.tokens_per_s.toFixed(1)} tok/s)`;
+  }
   const nodes = ringOrder(s.nodes);
   drawRing(nodes, s);
   drawCards(nodes, s);
@@ -156,12 +157,15 @@ function drawRing(nodes, s) {
     const [x1, y1] = at[i], [x2, y2] = at[j];
     const d = Math.hypot(x2 - x1, y2 - y1);
     const ux = (x2 - x1) / d, uy = (y2 - y1) / d;
-    const line = svg("line", { class: "link", x1: x1 + ux * nodeR, y1: y1 + uy * nodeR, x2: x2 - ux * nodeR, y2: y2 - uy * nodeR });
+    const side = stages === 2 ? 8 : 0; // two stages: the way there and back side by side
+    const ox = -uy * side, oy = ux * side;
+    const line = svg("line", { class: "link", x1: x1 + ux * nodeR + ox, y1: y1 + uy * nodeR + oy, x2: x2 - ux * nodeR + ox, y2: y2 - uy * nodeR + oy });
     if (j === 0) line.setAttribute("stroke-dasharray", "4 3"); // candidates back to the requester
     ring.append(line);
     const rtt = rttBetween(s, nodes[i].id, nodes[j].id);
     if (rtt !== null) {
-      ring.append(svg("text", { class: "rtt", x: (x1 + x2) / 2 + uy * 12, y: (y1 + y2) / 2 - ux * 12 }, `${rtt.toFixed(2)} ms`));
+      const lx = (x1 + x2) / 2 + ox * 2.5 + (side ? 0 : uy * 12), ly = (y1 + y2) / 2 + oy * 2.5 - (side ? 0 : ux * 12);
+      ring.append(svg("text", { class: "rtt", x: lx, y: ly, "text-anchor": "middle" }, `${rtt.toFixed(2)} ms`));
     }
   }
   nodes.forEach((n, i) => {

@@ -1,0 +1,280 @@
+"""The HTTP API of three loopback daemons, through the official `openai` client and raw HTTP,
+against `generate --local` as the oracle."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+
+from tests.conftest import run_cli
+from tests.daemons import Cluster, Daemon, free_port, seed_capabilities
+
+MODEL = "SmolLM2-135M-Instruct"
+KEY = "s3cret-key"
+QUESTION = "What is the capital of France?"
+PROMPTS = ["The capital of France is", "Once upon a time"]
+TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    root = tmp_path_factory.mktemp("api")
+    (root / "key").write_text(KEY + "\n")
+    # float32 on the wire: the ring computes bit for bit what --local does (tests/test_ring.py)
+    args = ["--objective", "throughput", "--wire-dtype", "float32"]
+    c = Cluster(root, 3, args, per_node={2: ["--api-key-file", str(root / "key")]})
+    yield c
+    c.stop()
+
+
+def local(prompt: str, *args: str) -> dict:
+    proc = run_cli("generate", "--local", "--json", prompt, *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, dict]:
+    """Greedy answers of --local: the chat question, and each plain prompt."""
+    out = {QUESTION: local(QUESTION, "--chat", "--max-tokens", "48")}
+    out.update({p: local(p, "--max-tokens", str(TOKENS)) for p in PROMPTS})
+    return out
+
+
+def client(node: Daemon, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{node.api}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def ask(c: openai.OpenAI, question: str = QUESTION, **kw: object) -> object:
+    messages = [{"role": "user", "content": question}]
+    return c.chat.completions.create(model=MODEL, messages=messages, **kw)
+
+
+def test_models_lists_the_served_model(cluster):  # noqa: ANN001
+    models = client(cluster.nodes[0]).models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].context_length == 8192
+
+
+def test_chat_greedy_equals_local_streamed_or_not_on_every_node(cluster, expected):  # noqa: ANN001
+    want = expected[QUESTION]
+    assert want["text"] == "The capital of France is Paris."
+    for i, node in enumerate(cluster.nodes):
+        c = client(node, KEY if i == 2 else "unused")
+        whole = ask(c, max_tokens=48, temperature=0)
+        assert whole.choices[0].message.content == want["text"]
+        assert whole.choices[0].finish_reason == "stop"
+        assert whole.usage.prompt_tokens == want["prompt_tokens"]
+        assert whole.usage.completion_tokens == len(want["tokens"])
+        assert whole.usage.total_tokens == want["prompt_tokens"] + len(want["tokens"])
+        chunks = list(ask(c, max_tokens=48, temperature=0, stream=True,
+                          stream_options={"include_usage": True}))  # fmt: skip
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == want["text"]
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+        assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+        assert len({ch.id for ch in chunks}) == 1
+
+
+def test_completions_greedy_equal_local_and_stop_at_the_length(cluster, expected):  # noqa: ANN001
+    c = client(cluster.nodes[1])
+    for prompt in PROMPTS:
+        want = expected[prompt]
+        whole = c.completions.create(model=MODEL, prompt=prompt, max_tokens=TOKENS, temperature=0)
+        assert whole.choices[0].text == want["text"]
+        assert whole.choices[0].finish_reason == want["finish_reason"] == "length"
+        assert whole.usage.prompt_tokens == want["prompt_tokens"]
+        assert whole.usage.completion_tokens == TOKENS
+        streamed = c.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=TOKENS, temperature=0, stream=True
+        )
+        assert "".join(ch.choices[0].text for ch in streamed) == want["text"]
+
+
+def test_seeded_sampling_is_reproducible_and_equals_local(cluster):  # noqa: ANN001
+    want = local(PROMPTS[1], "--max-tokens", str(TOKENS), "--temperature", "0.9", "--seed", "7")
+    c = client(cluster.nodes[0])
+    texts = {
+        c.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=TOKENS, temperature=0.9,
+                             seed=7).choices[0].text
+        for _ in range(2)
+    }  # fmt: skip
+    assert texts == {want["text"]}
+    other = c.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=TOKENS,
+                                 temperature=0.9, seed=8).choices[0].text  # fmt: skip
+    assert other != want["text"]
+
+
+def test_stop_strings_cut_the_text(cluster, expected):  # noqa: ANN001
+    full = expected[PROMPTS[1]]["text"]
+    stop = full[12:16]  # in the middle of the greedy text, maybe across tokens
+    assert full.index(stop) == 12
+    c = client(cluster.nodes[2], KEY)
+    for stream in (False, True):
+        answer = c.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=TOKENS,
+                                      temperature=0, stop=["zzz", stop], stream=stream)  # fmt: skip
+        chunks = list(answer) if stream else [answer]
+        assert "".join(ch.choices[0].text for ch in chunks) == full[:12]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def post(url: str, body: object, headers: dict | None = None, raw: bytes | None = None,
+         method: str = "POST") -> tuple[int, dict, dict]:  # fmt: skip
+    """(status, JSON body, headers) of one plain HTTP request."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    data = raw if raw is not None else json.dumps(body).encode()
+    conn.request(method, parts.path, body=data if method == "POST" else None,
+                 headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, json.loads(payload), dict(response.getheaders())
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+BAD = [  # (what, path, body or raw bytes, expected status)
+    ("bad JSON", "/v1/chat/completions", b'{"messages": [', 400),
+    ("not an object", "/v1/chat/completions", [1, 2], 400),
+    ("no messages", "/v1/chat/completions", {"model": MODEL}, 400),
+    ("a role we lack", "/v1/chat/completions", {**CHAT, "messages": [{"role": "tool"}]}, 400),
+    ("temperature as text", "/v1/chat/completions", {**CHAT, "temperature": "hot"}, 400),
+    ("n=2", "/v1/chat/completions", {**CHAT, "n": 2}, 400),
+    ("negative max_tokens", "/v1/chat/completions", {**CHAT, "max_tokens": -5}, 400),
+    ("five stop strings", "/v1/chat/completions", {**CHAT, "stop": list("abcde")}, 400),
+    ("stream as text", "/v1/completions", {"prompt": "a", "stream": "yes"}, 400),
+    ("prompt as a number", "/v1/completions", {"prompt": 7}, 400),
+    ("unknown model", "/v1/chat/completions", {**CHAT, "model": "gpt-5"}, 404),
+    ("prompt too long", "/v1/completions", {"prompt": "hello " * 9000}, 413),
+    ("body too big", "/v1/completions", {"prompt": "x" * (17 << 20)}, 413),
+    ("no such route", "/v1/embeddings", {"input": "a"}, 404),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_next_good_one_works(cluster):  # noqa: ANN001
+    node = cluster.nodes[0]
+    for what, path, body, status in BAD:
+        raw = body if isinstance(body, bytes) else None
+        got, payload, _ = post(node.api + path, body, raw=raw)
+        assert got == status, (what, payload)
+        error = payload["error"]
+        assert set(error) == {"message", "type", "param", "code"}, what
+        assert error["message"] and "Traceback" not in error["message"], what
+        good, answer, _ = post(node.api + "/v1/chat/completions", CHAT)
+        assert good == 200 and answer["choices"][0]["message"]["content"], what
+    _, payload, _ = post(node.api + "/v1/chat/completions", {**CHAT, "n": 2})
+    assert "only 1" in payload["error"]["message"] and payload["error"]["param"] == "n"
+    got, payload, _ = post(node.api + "/v1/chat/completions", None, method="GET")
+    assert got == 405 and "POST" in payload["error"]["message"]
+
+
+def test_the_api_key_is_asked_for_and_checked(cluster):  # noqa: ANN001
+    keyed = cluster.nodes[2]
+    url = keyed.api + "/v1/chat/completions"
+    for headers, code in [({}, "missing_api_key"), ({"Authorization": "Bearer nope"},
+                                                    "invalid_api_key")]:  # fmt: skip
+        got, payload, _ = post(url, CHAT, headers)
+        assert got == 401 and payload["error"]["code"] == code
+        assert post(keyed.api + "/v1/models", None, headers, method="GET")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        ask(client(keyed, "wrong"), max_tokens=2)
+    good, answer, _ = post(url, CHAT, {"Authorization": f"Bearer {KEY}"})
+    assert good == 200
+    assert post(keyed.api + "/health", None, method="GET")[0] == 200  # probes need no key
+
+
+def cluster_idle(cluster: Cluster, timeout: float = 10) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = [d.status()["stats"] for d in cluster.nodes]
+        idle = all(s["cached_requests"] == 0 and s["requests_in_flight"] == 0 for s in stats)
+        if idle or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def test_a_client_gone_mid_stream_frees_every_stage(cluster):  # noqa: ANN001
+    node = cluster.nodes[1]
+    parts = urlsplit(node.api)
+    body = json.dumps({"prompt": "Tell me a long story", "max_tokens": 2000, "ignore_eos": True,
+                       "stream": True}).encode()  # fmt: skip
+    sock = socket.create_connection((parts.hostname, parts.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    seen = b""
+    while seen.count(b"data: ") < 5:
+        seen += sock.recv(65536)
+    held = [d.status()["stats"]["cached_requests"] for d in cluster.nodes]
+    assert held == [1, 1, 1]
+    sock.close()
+    stats = cluster_idle(cluster)
+    assert all(s["cached_requests"] == 0 and s["requests_in_flight"] == 0 for s in stats), stats
+    assert "client went away" in node.text()
+
+
+def test_eight_clients_at_once_are_all_answered_right(cluster, expected):  # noqa: ANN001
+    def one(i: int) -> tuple[str, str]:
+        node = cluster.nodes[i % 3]
+        prompt = PROMPTS[i % 2]
+        c = client(node, KEY if i % 3 == 2 else "unused")
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=TOKENS, temperature=0)
+        if i % 4 < 2:
+            return prompt, c.completions.create(**kw).choices[0].text
+        return prompt, "".join(ch.choices[0].text for ch in c.completions.create(**kw, stream=True))
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    for prompt, text in answers:
+        assert text == expected[prompt]["text"]
+    assert cluster_idle(cluster)
+
+
+def test_without_a_live_plan_requests_get_503_with_retry_after(tmp_path: Path):
+    seed_capabilities(tmp_path / "alone")
+    node = Daemon(tmp_path, "alone", free_port(), ["--no-mdns", "--max-memory", "1M"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                got, payload, headers = post(node.api + "/health", None, method="GET")
+                if "do not fit" in payload["error"]["message"] or time.monotonic() > deadline:
+                    break
+            except OSError:
+                assert node.proc.poll() is None, node.text()
+            time.sleep(0.3)
+        got, payload, headers = post(node.api + "/v1/chat/completions", CHAT)
+        assert got == 503 and headers["Retry-After"] == "5", payload
+        assert payload["error"]["code"] == "no_live_plan"
+        assert "do not fit" in payload["error"]["message"]  # why: the plan's own error
+    finally:
+        node.stop()
+
+
+def test_the_api_refuses_to_start_unsafe_or_on_a_taken_port(tmp_path: Path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cases = [
+        (["--api", f"127.0.0.1:{port}"], "cannot serve the API on"),
+        (["--api", "0.0.0.0:7799"], "--api-key-file"),
+        (["--api", "7700"], "expected HOST:PORT or off"),
+        (["--api", "0.0.0.0:7799", "--api-key-file", str(tmp_path / "none")], "cannot read"),
+    ]
+    try:
+        for args, words in cases:
+            proc = run_cli("daemon", "--port", str(free_port()), "--no-mdns", "--data-dir",
+                           str(tmp_path / "d"), *args, timeout=60)  # fmt: skip
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+    finally:
+        taken.close()
