@@ -104,3 +104,19 @@ def test_the_page_shows_the_ring_streams_a_chat_and_drops_a_dead_node(cluster, p
     assert dead.name not in cards(page)
     assert gone_after < 6 + 2 * 1 + 1, gone_after  # dead bound, two heartbeats, the stream
     page.screenshot(path=str(OUTPUT / "web-page-node-gone.png"))
+
+    # ... and shows the re-plan over the two left once it is live.
+    epoch = status["epoch"]
+    page.wait_for_function(
+        f"/^plan epoch (\\d+)$/.test(document.getElementById('plan').textContent) && "
+        f"Number(document.getElementById('plan').textContent.split(' ')[2]) > {epoch}",
+        timeout=60_000,
+    )
+    status = node.status()
+    want = {
+        n["name"]: f"layers {n['layers'][0]}–{n['layers'][1]} of {status['n_layers']}"
+        for n in status["nodes"]
+    }
+    page.wait_for_function("[...document.querySelectorAll('.node-card .layers')].every("
+                           "e => e.textContent.startsWith('layers '))")  # fmt: skip
+    assert cards(page) == want and len(want) == 2
