@@ -34,6 +34,7 @@ from node import __version__
 from node.api import API, Listener
 from node.engine import Timings, TokenLoop, fit_request, generation_result
 from node.errors import RinginferError
+from node.log_budget import LogBudget
 from node.membership import Member, Members
 from node.perplexity import Scores, Tally, Window, result, windows
 from node.planner import (
@@ -166,6 +167,7 @@ class Daemon:
         self.foreign: dict[str, dict[str, Any]] = {}  # nodes heard of but not ours, by id
         self.impostors: dict[str, float] = {}  # address -> when a process there used our id
         self.stats = Stats()
+        self.refusals = LogBudget()
         self.ctx, self.router = listener
         self.links: dict[str, zmq.asyncio.Socket] = {}
         self.link_tasks: list[asyncio.Task] = []
@@ -427,7 +429,8 @@ class Daemon:
         except ProtocolError as e:
             self.stats.errors[e.code] += 1
             what = msg.kind.value if msg else "frame"
-            log.warning("refused %s from %s: %s: %s", what, host or "self", e.code, e)
+            if self._may_log():
+                log.warning("refused %s from %s: %s: %s", what, host or "self", e.code, e)
             with contextlib.suppress(ClientGone, zmq.ZMQError):
                 await self._reply(identity, error(e.code, str(e), msg.req if msg else ""))
             if msg and msg.kind == Kind.FORWARD:
@@ -436,9 +439,18 @@ class Daemon:
             pass
         except Exception as e:  # a bug must not take the daemon down with everyone's requests
             self.stats.errors["internal"] += 1
-            log.exception("internal error handling %s", msg.kind.value if msg else "frame")
+            if self._may_log():
+                log.exception("internal error handling %s", msg.kind.value if msg else "frame")
             with contextlib.suppress(ClientGone, zmq.ZMQError):
                 await self._reply(identity, error("internal", f"{type(e).__name__}: {e}"))
+
+    def _may_log(self) -> bool:
+        """Whether a refusal may be logged now (see LogBudget), saying what was held back."""
+        ok, held = self.refusals.take(time.monotonic())
+        if held:
+            log.warning("%d more refusals in %.0fs not logged (see status: stats.errors)",
+                        held, self.refusals.window_s)  # fmt: skip
+        return ok
 
     # ---------------------------------------------------------------- membership
 

@@ -177,8 +177,8 @@ def decode(frames: list[bytes], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
         )
     try:
         header = json.loads(frames[0])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError("malformed", "the header frame is not JSON") from None
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, a huge integer, deep nesting
+        raise ProtocolError("malformed", "the header frame is not JSON we read") from None
     if not isinstance(header, dict):
         raise ProtocolError("malformed", "the header is not a JSON object")
     version = header.get("v")

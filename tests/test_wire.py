@@ -6,7 +6,10 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from node.log_budget import LogBudget
 from protocol.wire import VERSION, Kind, ProtocolError, decode, encode, message
 
 
@@ -64,3 +67,76 @@ def test_bad_frames_are_refused_with_a_code(frames, code):  # noqa: ANN001
 def test_version_error_names_both_versions():
     with pytest.raises(ProtocolError, match=f"99.*speaks {VERSION}"):
         decode([header(v=99)])
+
+
+# ---------------------------------------------------------------- any frames at all
+
+JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+JSON = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = ("v", "type", "req", "epoch", "step", "pos", "tensors", "body")
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> dict:
+    """A real message's header with some fields replaced by any JSON, or dropped."""
+    kind = draw(st.sampled_from(list(Kind)))
+    base = json.loads(header(type=kind.value))
+    for name in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
+        if draw(st.booleans()):
+            base.pop(name, None)
+        else:
+            base[name] = draw(JSON)
+    return base
+
+
+def decodes_or_refuses(frames: list[bytes]) -> None:
+    try:
+        msg = decode(frames)
+    except ProtocolError:
+        return
+    assert isinstance(msg.kind, Kind) and len(msg.frames) == len(msg.specs)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=6))
+def test_any_bytes_give_a_message_or_a_protocol_error(frames):  # noqa: ANN001
+    decodes_or_refuses(frames)
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers(), st.lists(st.binary(max_size=32), max_size=5))
+def test_any_json_header_gives_a_message_or_a_protocol_error(head, tensors):  # noqa: ANN001
+    decodes_or_refuses([json.dumps(head).encode(), *tensors])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 200))
+def test_mutated_real_frames_give_a_message_or_a_protocol_error(noise, at):  # noqa: ANN001
+    frames = encode(message(Kind.FORWARD, (torch.zeros(1, 3, 4),), start=0, count=3,
+                            body={"requester": "n"}))  # fmt: skip
+    head = frames[0][:at] + noise + frames[0][at:]
+    decodes_or_refuses([head, frames[1]])
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"[" * 40000, b'{"v":3,"type":"status","epoch":' + b"9" * 5000 + b"}", b"\xff\xfe",
+     b'{"v":3,"type":"status","pos":[1e999,1]}'],  # fmt: skip
+)
+def test_deep_nesting_and_huge_numbers_are_refused_as_malformed(head):  # noqa: ANN001
+    with pytest.raises(ProtocolError) as e:
+        decode([head])
+    assert e.value.code == "malformed"
+
+
+def test_a_log_budget_holds_back_a_flood_and_reports_it_once():
+    budget = LogBudget(burst=3, window_s=10)
+    taken = [budget.take(t * 0.1) for t in range(50)]  # 50 refusals in 5 s
+    assert [ok for ok, _ in taken].count(True) == 3 and all(h == 0 for _, h in taken)
+    assert budget.take(10.0) == (True, 47)  # the next window says what was held back
+    assert budget.take(10.1) == (True, 0)
