@@ -167,7 +167,7 @@ class Daemon:
         self.foreign: dict[str, dict[str, Any]] = {}  # nodes heard of but not ours, by id
         self.impostors: dict[str, float] = {}  # address -> when a process there used our id
         self.stats = Stats()
-        self.refusals = LogBudget()
+        self.refusals, self.internal_errors = LogBudget(), LogBudget(burst=5)
         self.ctx, self.router = listener
         self.links: dict[str, zmq.asyncio.Socket] = {}
         self.link_tasks: list[asyncio.Task] = []
@@ -429,7 +429,7 @@ class Daemon:
         except ProtocolError as e:
             self.stats.errors[e.code] += 1
             what = msg.kind.value if msg else "frame"
-            if self._may_log():
+            if self._may_log(self.refusals):
                 log.warning("refused %s from %s: %s: %s", what, host or "self", e.code, e)
             with contextlib.suppress(ClientGone, zmq.ZMQError):
                 await self._reply(identity, error(e.code, str(e), msg.req if msg else ""))
@@ -439,17 +439,17 @@ class Daemon:
             pass
         except Exception as e:  # a bug must not take the daemon down with everyone's requests
             self.stats.errors["internal"] += 1
-            if self._may_log():
+            if self._may_log(self.internal_errors):
                 log.exception("internal error handling %s", msg.kind.value if msg else "frame")
             with contextlib.suppress(ClientGone, zmq.ZMQError):
                 await self._reply(identity, error("internal", f"{type(e).__name__}: {e}"))
 
-    def _may_log(self) -> bool:
-        """Whether a refusal may be logged now (see LogBudget), saying what was held back."""
-        ok, held = self.refusals.take(time.monotonic())
+    def _may_log(self, budget: LogBudget) -> bool:
+        """Whether a refusal or an internal error may be logged now, saying what was held back."""
+        ok, held = budget.take(time.monotonic())
         if held:
-            log.warning("%d more refusals in %.0fs not logged (see status: stats.errors)",
-                        held, self.refusals.window_s)  # fmt: skip
+            log.warning("%d more like it in %.0fs not logged (status counts them: stats.errors)",
+                        held, budget.window_s)  # fmt: skip
         return ok
 
     # ---------------------------------------------------------------- membership

@@ -109,7 +109,9 @@ class Shard:
     ) -> torch.Tensor | Candidates | Scores:
         """Run the request's next positions: hidden states out, or on the last stage
         candidates (or the scored window's log-probabilities)."""
-        entry = self.requests[req]
+        entry = self.requests.get(req)
+        if entry is None:  # ended (END, a timeout) while this step waited for the compute thread
+            raise ProtocolError("unknown-request", f"request {req} ended before this step ran")
         entry.last_used = time.monotonic()
         positions = torch.arange(start, start + x.shape[1], device=self.device)
         x = x.to(self.device) if self.is_first else x.to(self.device, self.dtype)
