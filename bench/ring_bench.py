@@ -41,6 +41,10 @@ def run(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def run_plain(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--wire-dtype", default="auto")
+    parser.add_argument("--secret", action="store_true",
+                        help="give the cluster a secret: every connection CurveZMQ-encrypted")
     for flag in ("--device", "--dtype", "--threads"):
         parser.add_argument(flag, help="passed to the daemons and to --local alike")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ring.json")
@@ -141,6 +147,9 @@ def main() -> None:
             engine += [f"--{flag}", getattr(args, flag)]
     common = ["--json", "--ignore-eos", "--max-tokens", str(args.tokens), PROMPT]
     root = Path(tempfile.mkdtemp(prefix="ring-bench-"))
+    if args.secret:  # daemons and the CLI's clients all find it in the environment
+        run_plain([*CLI, "secret", str(root / "cluster.key")])
+        os.environ["RINGINFER_SECRET_FILE"] = str(root / "cluster.key")
     # Pinned thirds: the ring's cost is measured here, not placement (placement_bench.py).
     # The planner would rightly keep the model on one of three daemons sharing these cores,
     # and their compute, measured at the same moment, would be each other's load.
@@ -178,6 +187,7 @@ def main() -> None:
         "tokens": args.tokens,
         "repeats": args.repeats,
         "wire_dtype": args.wire_dtype,
+        "secret": args.secret,
         "plan": ring_runs[0]["plan"],
         "local_tpot_ms": med(local_runs, "tpot_s", 1000),
         "ring_tpot_ms": med(ring_runs, "tpot_ms"),

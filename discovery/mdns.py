@@ -43,6 +43,7 @@ class Advert:
     flops: float
     bandwidth: float
     models: tuple[str, ...]
+    key: str = ""  # fingerprint of the cluster secret's public key ('' without a secret)
     address: str = ""  # where it is reached: from the record's addresses, not the TXT
     instance: str = ""  # the mDNS service instance name
 
@@ -52,7 +53,7 @@ class Advert:
             "port": str(self.port), "cluster": self.cluster[:63], "device": self.device,
             "mem": str(self.memory_total), "avail": str(self.memory_available),
             "flops": f"{self.flops:.4g}", "bw": f"{self.bandwidth:.4g}",
-            "models": ",".join(self.models)[:200],
+            "models": ",".join(self.models)[:200], "key": self.key[:16],
         }  # fmt: skip
 
     @classmethod
@@ -66,7 +67,7 @@ class Advert:
                 memory_available=int(txt.get("avail", 0)), flops=float(txt.get("flops", 0)),
                 bandwidth=float(txt.get("bw", 0)),
                 models=tuple(m for m in txt.get("models", "").split(",") if m),
-                address=address, instance=instance,
+                key=txt.get("key", "")[:16], address=address, instance=instance,
             )  # fmt: skip
         except (KeyError, ValueError):
             return None

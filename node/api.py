@@ -66,7 +66,7 @@ def bind(address: str, key_file: Path | None, insecure: bool) -> Listener | None
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise RinginferError(f"--api {address}: expected HOST:PORT or off")
     key = _read_key(key_file) if key_file else None
-    if key is None and not insecure and not _is_loopback(host):
+    if key is None and not insecure and not is_loopback(host):
         raise RinginferError(
             f"--api {address} is reachable from the network: give --api-key-file FILE "
             "(a secret clients send as 'Authorization: Bearer'), or --api-insecure to let "
@@ -98,7 +98,7 @@ def _read_key(path: Path) -> str:
     return key
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

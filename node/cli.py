@@ -17,6 +17,7 @@ from node import __version__
 from node.client import DEFAULT_API, DEFAULT_PORT, Client, parse_address
 from node.cluster_file import BINARY, parse_amount, read_cluster
 from node.errors import RinginferError
+from node.secret import ENV, FILE_NAME, find_keys, new_secret
 from protocol.wire import Kind
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
@@ -94,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ringinfer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     node_help = f"daemon to talk to (default 127.0.0.1:{DEFAULT_PORT})"
+    secret_help = (f"the cluster secret (default: ${ENV}, else {FILE_NAME} in "
+                   "~/.ringinfer)")  # fmt: skip
 
     gen = commands.add_parser("generate", help="generate a continuation of PROMPT")
     gen.add_argument("prompt")
     gen.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
+    gen.add_argument("--secret-file", type=Path, help=secret_help)
     gen.add_argument("--local", action="store_true", help="run in this process, no daemon")
     gen.add_argument("--split", type=_split_points, help="with --local: stage cuts, e.g. 10,20")
     _sampling_flags(gen)
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = commands.add_parser("perplexity", help="perplexity of a text file (llama.cpp's method)")
     ppl.add_argument("file", type=Path)
     ppl.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
+    ppl.add_argument("--secret-file", type=Path, help=secret_help)
     ppl.add_argument("--local", action="store_true", help="run in this process, no daemon")
     ppl.add_argument("--context", type=_positive, default=512, help="tokens per window")
     ppl.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -116,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--timeout", type=float, default=300, help="seconds to wait for a window")
 
     daemon = commands.add_parser("daemon", help="serve a slice of the model to the cluster")
-    daemon.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    daemon.add_argument("--host", help="address to listen on (default: every address with a "
+                        "cluster secret, else 127.0.0.1)")
+    daemon.add_argument("--secret-file", type=Path, help=f"the cluster secret (default: ${ENV}, "
+                        f"else {FILE_NAME} in the data dir)")
+    daemon.add_argument("--insecure", action="store_true",
+                        help="listen beyond loopback without a cluster secret (anyone may join)")
     daemon.add_argument("--port", type=_positive, default=DEFAULT_PORT)
     daemon.add_argument("--name", default=socket.gethostname(), help="shown in status")
     daemon.add_argument("--peer", action="append", default=[], help="HOST:PORT of a member")
@@ -174,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="check this machine and network for problems")
     doctor.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
+    doctor.add_argument("--secret-file", type=Path, help=secret_help)
     doctor.add_argument("--cluster", help="the cluster to expect (default: the daemon's)")
     doctor.add_argument("--listen", type=float, default=4.0, help="seconds to browse mDNS")
     doctor.add_argument("--mdns-interface", action="append", metavar="NAME|ADDRESS")
@@ -181,8 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="the cluster as one daemon sees it")
     status.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help=node_help)
+    status.add_argument("--secret-file", type=Path, help=secret_help)
     status.add_argument("--json", action="store_true")
     status.add_argument("--wait", type=float, default=0, help="seconds to wait for a live plan")
+
+    secret = commands.add_parser("secret", help="make a new cluster secret")
+    secret.add_argument("file", type=Path, nargs="?",
+                        help="write it here, readable by you alone (default: print it)")
     return parser
 
 
@@ -293,7 +309,7 @@ def generate_remote(args: argparse.Namespace) -> int:
     from node.sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # errors here
-    with Client(parse_address(args.node)) as client:
+    with _client(args) as client:
         _wait_for_plan(client, args.wait)
         replies = client.generate(
             args.timeout, prompt=args.prompt, max_tokens=args.max_tokens, sampling=params.to_json(),
@@ -317,7 +333,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         result = _perplexity_local(args, text)
     else:
         _refuse_local_flags(args, LOCAL_ONLY)
-        with Client(parse_address(args.node)) as client:
+        with _client(args) as client:
             _wait_for_plan(client, args.wait)
             replies = client.request(Kind.SCORE, args.timeout, "the next window",
                                      text=text, context=args.context)  # fmt: skip
@@ -373,6 +389,29 @@ def _refuse_local_flags(args: argparse.Namespace, flags: Sequence[str]) -> None:
         )
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """A client of --node, with the cluster secret's keys where there is one."""
+    from node import data_dir
+
+    return Client(parse_address(args.node), find_keys(args.secret_file, data_dir.DEFAULT))
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    secret = new_secret()
+    if args.file is None:
+        print(secret)
+        return 0
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise RinginferError(f"cannot create {args.file}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    STATUS.line(f"wrote a new cluster secret to {args.file}: copy it to every machine of the "
+                "cluster and start each daemon with --secret-file")  # fmt: skip
+    return 0
+
+
 def _wait_for_plan(client: Client, wait_s: float) -> dict:
     """The daemon's status once its plan is live, showing who is loading meanwhile.
 
@@ -406,7 +445,7 @@ def _wait_for_plan(client: Client, wait_s: float) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(parse_address(args.node)) as client:
+    with _client(args) as client:
         status = _wait_for_plan(client, args.wait) if args.wait else client.status()
     if args.json:
         print(json.dumps(status))
@@ -501,9 +540,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from node import data_dir
     from node.doctor import diagnose, render
 
-    checks = diagnose(parse_address(args.node), args.cluster, args.listen, args.mdns_interface)
+    keys = find_keys(args.secret_file, data_dir.DEFAULT)
+    checks = diagnose(parse_address(args.node), args.cluster, args.listen, args.mdns_interface,
+                      keys)  # fmt: skip
     if args.json:
         print(json.dumps([c.to_json() for c in checks]))
     else:
@@ -522,6 +564,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from discovery.interfaces import lan_interfaces
     from node import data_dir
     from node.api import bind as bind_api
+    from node.api import is_loopback
     from node.daemon import Daemon, DaemonConfig, listen
     from node.engine import available_memory
     from node.models.quantized import check_device
@@ -534,8 +577,20 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     )  # fmt: skip
     data_path = args.data_dir or data_dir.DEFAULT
     node_id, lock = data_dir.claim(data_path)
+    keys = find_keys(args.secret_file, data_path)
+    host = args.host or ("0.0.0.0" if keys else "127.0.0.1")
+    if keys is None and not is_loopback(host):
+        if not args.insecure:
+            raise RinginferError(
+                f"--host {host} is reachable from the network and this daemon has no cluster "
+                "secret: `ringinfer secret cluster.key` once, copy it to every machine, pass "
+                "--secret-file cluster.key (or --insecure to let anyone join and read traffic)"
+            )
+        logging.warning("--insecure: no cluster secret, anyone who reaches %s:%d can join "
+                        "the cluster, send it frames and read its activations", host, args.port)
+    args.host = host
     api = bind_api(args.api, args.api_key_file, args.api_insecure)
-    listener = listen(args.host, args.port)  # a taken port fails now, not after the model
+    listener = listen(host, args.port, keys)  # a taken port fails now, not after the model
     device, dtype = _engine(args)
     wire = args.wire_dtype
     if wire == "auto":
@@ -551,7 +606,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     tokenizer = ckpt.tokenizer()
     STATUS.live("")
     logging.info("opened %s in %.1fs", ckpt.path, time.perf_counter() - began)
-    mdns = None if args.no_mdns else lan_interfaces(args.mdns_interface)
+    if is_loopback(host) and not args.no_mdns:
+        logging.info("listening on loopback %s only: no mDNS (a cluster of this machine)", host)
+    mdns = None if args.no_mdns or is_loopback(host) else lan_interfaces(args.mdns_interface)
     if mdns == []:
         logging.warning("no LAN interface for mDNS (only loopback or virtual ones): "
                         "find peers with --peer, or name one with --mdns-interface")  # fmt: skip
@@ -575,7 +632,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         wire_dtype=wire, memory=args.max_memory or available_memory(device), caps=caps,
         cluster=args.cluster, objective=args.objective, mdns=mdns, pin=args.layers,
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
-        threads=args.threads, quantize=quantize, layer_format=fmt,
+        threads=args.threads, quantize=quantize, layer_format=fmt, keys=keys,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(
@@ -610,6 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {
             "generate": cmd_generate, "daemon": cmd_daemon, "status": cmd_status,
             "plan": cmd_plan, "doctor": cmd_doctor, "perplexity": cmd_perplexity,
+            "secret": cmd_secret,
         }  # fmt: skip
         return commands[args.command](args)
     except RinginferError as e:

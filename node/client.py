@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import zmq
 
 from node.errors import RinginferError
+from node.secret import ClusterKeys
 from protocol.wire import Kind, Message, ProtocolError, decode, encode, message
 
 DEFAULT_PORT = 7710
@@ -16,11 +17,13 @@ DEFAULT_API = "127.0.0.1:7700"  # the HTTP API and web page (node/api.py)
 class Client:
     """A DEALER connected to one daemon. Replies that are errors raise RinginferError."""
 
-    def __init__(self, address: str) -> None:
-        self.address = address
+    def __init__(self, address: str, keys: ClusterKeys | None = None) -> None:
+        self.address, self.secured = address, keys is not None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if keys:
+            keys.connect_as_client(self.sock)
         self.sock.connect(f"tcp://{address}")
 
     def close(self) -> None:
@@ -37,9 +40,11 @@ class Client:
 
     def receive(self, timeout_s: float, waiting_for: str) -> Message:
         if not self.sock.poll(int(timeout_s * 1000)):
+            hint = (" with this cluster secret?)" if self.secured
+                    else "? If it has a cluster secret, pass --secret-file)")  # fmt: skip
             raise RinginferError(
                 f"no answer from the daemon at {self.address} for {timeout_s:.0f}s while waiting "
-                f"for {waiting_for} (is `ringinfer daemon` running there?)"
+                f"for {waiting_for} (is `ringinfer daemon` running there{hint}"
             )
         try:
             msg = decode(self.sock.recv_multipart())

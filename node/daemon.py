@@ -31,7 +31,7 @@ from discovery.capabilities import Capabilities
 from discovery.interfaces import Interface, primary_address
 from discovery.mdns import SERVICE, Advert, Discovery
 from node import __version__
-from node.api import API, Listener
+from node.api import API, Listener, is_loopback
 from node.engine import Timings, TokenLoop, fit_request, generation_result
 from node.errors import RinginferError
 from node.log_budget import LogBudget
@@ -49,6 +49,7 @@ from node.planner import (
     stage_bytes,
 )
 from node.sampling import Candidates, SamplingParams
+from node.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
 from node.shapes import shape_of
 from node.shard import Shard
 from node.stop_strings import StopStrings
@@ -94,6 +95,7 @@ class DaemonConfig:
     threads: int | None = None
     quantize: str = "auto"  # how weights are kept in memory (node/models/quantized.py)
     layer_format: str = "none"  # what that makes of the layers' weights: none, int8, int4
+    keys: ClusterKeys | None = None  # the cluster secret's keys; None: plain ZeroMQ
 
 
 class RequestFailed(Exception):
@@ -150,7 +152,7 @@ class Daemon:
         node_id: str,
         ckpt: Checkpoint,
         tokenizer: Tokenizer,
-        listener: tuple[zmq.asyncio.Context, zmq.asyncio.Socket],
+        listener: Listening,
         api: Listener | None = None,
     ) -> None:
         self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
@@ -168,7 +170,9 @@ class Daemon:
         self.impostors: dict[str, float] = {}  # address -> when a process there used our id
         self.stats = Stats()
         self.refusals, self.internal_errors = LogBudget(), LogBudget(burst=5)
-        self.ctx, self.router = listener
+        self.ctx, self.router, self.zap = listener.ctx, listener.router, listener.zap
+        self.key = cfg.keys.fingerprint if cfg.keys else ""
+        self.strangers: dict[str, float] = {}  # address -> when it failed the handshake
         self.links: dict[str, zmq.asyncio.Socket] = {}
         self.link_tasks: list[asyncio.Task] = []
         self.compute = ThreadPoolExecutor(1, "compute", initializer=self._compute_thread_init)
@@ -231,6 +235,8 @@ class Daemon:
             self._spawn(self._plan_loop()),
             self._spawn(self._expire_requests()),
         ]
+        if self.zap is not None:
+            background.append(self._spawn(self._authenticate()))
         self.replan.set()
         if self.api:
             await self.api.start()
@@ -305,7 +311,7 @@ class Daemon:
             id=self.id, name=self.cfg.name, version=__version__, protocol=VERSION,
             port=self.cfg.port, cluster=self.cfg.cluster, device=caps.device,
             memory_total=caps.memory_total, memory_available=self.cfg.memory,
-            flops=caps.flops, bandwidth=caps.bandwidth, models=(self.ckpt.name,),
+            flops=caps.flops, bandwidth=caps.bandwidth, models=(self.ckpt.name,), key=self.key,
         )  # fmt: skip
         self.discovery = Discovery(advert, self.cfg.mdns, self._found, self._gone)
         try:
@@ -321,9 +327,11 @@ class Daemon:
         """An mDNS advert: say HELLO to nodes of our cluster; remember the rest for status."""
         if advert.id != self.id:
             self.mdns_names[advert.instance] = advert.id
-        if advert.cluster != self.cfg.cluster or advert.protocol != VERSION:
+        if advert.cluster != self.cfg.cluster or advert.protocol != VERSION or (
+            advert.key != self.key
+        ):
             self._foreign(advert.id, advert.name, advert.endpoint, advert.cluster, advert.version,
-                          advert.protocol)  # fmt: skip
+                          advert.protocol, advert.key)  # fmt: skip
             return
         if advert.id == self.id and advert.endpoint == self.address:
             return
@@ -338,15 +346,21 @@ class Daemon:
             self._lost(member, "left (mDNS goodbye)")
 
     def _foreign(
-        self, node_id: str, name: str, address: str, cluster: str, version: str, protocol: int
-    ) -> None:
+        self, node_id: str, name: str, address: str, cluster: str, version: str, protocol: int,
+        key: str,
+    ) -> None:  # fmt: skip
         if node_id not in self.foreign:
-            why = (f"cluster '{cluster}'" if cluster != self.cfg.cluster
-                   else f"protocol {protocol} (we speak {VERSION})")  # fmt: skip
+            if cluster != self.cfg.cluster:
+                why = f"cluster '{cluster}'"
+            elif protocol != VERSION:
+                why = f"protocol {protocol} (we speak {VERSION})"
+            else:
+                why = "another cluster secret" if key and self.key else (
+                    "no cluster secret" if self.key else "a cluster secret (we have none)")
             log.warning("ignoring %s at %s: %s", name, address, why)
         self.foreign[node_id] = {
             "id": node_id, "name": name, "address": address, "cluster": cluster,
-            "version": version, "protocol": protocol, "seen": time.monotonic(),
+            "version": version, "protocol": protocol, "key": key, "seen": time.monotonic(),
         }  # fmt: skip
 
     def _spawn(self, coro: Any) -> asyncio.Task:
@@ -363,6 +377,8 @@ class Daemon:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 200)
             sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+            if self.cfg.keys:
+                self.cfg.keys.connect_as_client(sock)
             sock.connect(f"tcp://{address}")
             self.links[address] = sock
             # Replies on a link are errors about what we sent (a version mismatch, say).
@@ -414,6 +430,19 @@ class Daemon:
             # Each message is its own task: a FORWARD waits for compute, and the socket must
             # keep being read meanwhile (status, heartbeats, other requests).
             self._spawn(self._dispatch(identity, [f.bytes for f in frames], host))
+
+    async def _authenticate(self) -> None:
+        """The ZAP handler: a handshake completes only with the cluster's client key."""
+        assert self.zap is not None and self.cfg.keys is not None
+        while True:
+            frames = await self.zap.recv_multipart()
+            reply, admitted, address = zap_reply(frames, self.cfg.keys)
+            await self.zap.send_multipart(reply)
+            if not admitted:
+                self.stats.errors["unauthenticated"] += 1
+                self.strangers[address] = time.monotonic()
+                if self._may_log(self.refusals):
+                    log.warning("refused a connection from %s: not this cluster's secret", address)
 
     async def _dispatch(self, identity: bytes, frames: list[bytes], host: str) -> None:
         """Decode, validate and handle one message; a bad one gets an error reply, never a crash."""
@@ -499,6 +528,7 @@ class Daemon:
         now = time.monotonic()
         self.impostors = {a: t for a, t in self.impostors.items() if now - t < after_s}
         self.foreign = {i: f for i, f in self.foreign.items() if now - f["seen"] < after_s}
+        self.strangers = {a: t for a, t in self.strangers.items() if now - t < after_s}
 
     async def on_ping(self, identity: bytes, msg: Message, host: str) -> None:
         pong = message(Kind.PONG, body={"id": self.id, "t": msg.body["t"]})
@@ -526,7 +556,7 @@ class Daemon:
             return
         if body["cluster"] != self.cfg.cluster:
             self._foreign(body["id"], body["name"], address, body["cluster"],
-                          str(body.get("version", "")), VERSION)  # fmt: skip
+                          str(body.get("version", "")), VERSION, self.key)  # fmt: skip
             return
         member = Member.from_hello(body, host)
         old = self.members.by_id.get(member.id)
@@ -1175,6 +1205,7 @@ class Daemon:
             "objective": self.cfg.objective,
             "protocol": VERSION,
             "mdns": self.discovery is not None,
+            "secret": self.key or None,  # the cluster key's fingerprint
             "predicted": predicted,
             "problems": self.problems(),
             "nodes": nodes,
@@ -1200,6 +1231,22 @@ class Daemon:
         """What a user should fix, each with how and how bad: shown by `status` and `doctor`."""
         out = []
         now = time.monotonic()
+        if self.cfg.keys is None and not is_loopback(self.cfg.host):
+            out.append({
+                "level": "warn",
+                "problem": f"no cluster secret on {self.cfg.host}:{self.cfg.port} (--insecure): "
+                           "anyone on the network can join, send frames and read activations",
+                "fix": "`ringinfer secret > cluster.key`, copy it to every machine, restart each "
+                       "daemon with --secret-file cluster.key",
+            })  # fmt: skip
+        for address, t in self.strangers.items():
+            if now - t < 60:
+                out.append({
+                    "level": "warn",
+                    "problem": f"a process at {address} tried to connect without this cluster's "
+                               "secret (nothing it sent was read)",
+                    "fix": "if it is one of yours, give it the cluster's --secret-file",
+                })  # fmt: skip
         for address, t in self.impostors.items():
             if now - t < self.cfg.dead_after_s:
                 out.append({
@@ -1215,7 +1262,15 @@ class Daemon:
                 "fix": "delete node_id in the --data-dir of all but one of them and restart it",
             })  # fmt: skip
         for f in self.foreign.values():
-            if f["cluster"] != self.cfg.cluster:
+            if f["cluster"] == self.cfg.cluster and f["key"] != self.key:
+                out.append({
+                    "level": "fail",
+                    "problem": f"{f['name']} at {f['address']} is in cluster '{f['cluster']}' "
+                               f"but holds {'another' if f['key'] else 'no'} cluster secret",
+                    "fix": "give every machine of the cluster the same --secret-file "
+                           "(made once with `ringinfer secret > cluster.key`)",
+                })  # fmt: skip
+            elif f["cluster"] != self.cfg.cluster:
                 out.append({
                     "level": "warn",
                     "problem": f"{f['name']} at {f['address']} is in cluster '{f['cluster']}', "
@@ -1254,13 +1309,31 @@ def node_spec(
     )  # fmt: skip
 
 
-def listen(host: str, port: int) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socket]:
-    """The daemon's ROUTER, bound before anything slow so a taken port fails at once."""
+@dataclass
+class Listening:
+    """The daemon's ROUTER, and with a cluster secret the ZAP socket that vets handshakes."""
+
+    ctx: zmq.asyncio.Context
+    router: zmq.asyncio.Socket
+    zap: zmq.asyncio.Socket | None
+
+
+def listen(host: str, port: int, keys: ClusterKeys | None = None) -> Listening:
+    """The daemon's ROUTER, bound before anything slow so a taken port fails at once. With
+    `keys` it is a CURVE server, and handshakes wait for the ZAP handler (bound first, so no
+    connection is ever admitted unchecked)."""
     ctx = zmq.asyncio.Context.instance()
+    zap = None
+    if keys:
+        zap = ctx.socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind(ZAP_ENDPOINT)
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
     router.setsockopt(zmq.LINGER, 0)
+    if keys:
+        keys.serve(router)
     try:
         router.bind(f"tcp://{host}:{port}")
     except zmq.ZMQError as e:
@@ -1269,4 +1342,4 @@ def listen(host: str, port: int) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socke
             f"cannot listen on {host}:{port}: {os.strerror(e.errno)} (another daemon there? "
             "pass --port)"
         ) from None
-    return ctx, router
+    return Listening(ctx, router, zap)

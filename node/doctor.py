@@ -19,6 +19,7 @@ from discovery.mdns import PROBE_SERVICE, SERVICE, Advert, Discovery
 from node import __version__
 from node.client import Client
 from node.errors import RinginferError
+from node.secret import ClusterKeys
 from protocol.wire import VERSION
 
 
@@ -44,15 +45,17 @@ def render(checks: list[Check]) -> str:
 
 
 def diagnose(
-    node: str, cluster: str | None, listen_s: float, asked: list[str] | None
-) -> list[Check]:
+    node: str, cluster: str | None, listen_s: float, asked: list[str] | None,
+    keys: ClusterKeys | None = None,
+) -> list[Check]:  # fmt: skip
     checks: list[Check] = []
-    daemon = _daemon_status(node)
+    daemon = _daemon_status(node, keys)
     if cluster is None:
         cluster = daemon["cluster"] if daemon else "default"
     interfaces = _interfaces(asked, checks)
     adverts = asyncio.run(_listen(interfaces, listen_s, checks)) if interfaces else []
-    checks += _peers(adverts, cluster, daemon)
+    key = keys.fingerprint if keys else (daemon or {}).get("secret") or ""
+    checks += _peers(adverts, cluster, daemon, key)
     checks += _daemon_checks(node, daemon)
     return checks
 
@@ -108,7 +111,7 @@ async def _listen(interfaces: list[Interface], listen_s: float, checks: list[Che
     return [a for a in heard.values() if a.id != probe_id]
 
 
-def _peers(adverts: list[Advert], cluster: str, daemon: dict | None) -> list[Check]:
+def _peers(adverts: list[Advert], cluster: str, daemon: dict | None, key: str) -> list[Check]:
     checks = []
     ours = [a for a in adverts if a.cluster == cluster]
     if not adverts:
@@ -125,6 +128,13 @@ def _peers(adverts: list[Advert], cluster: str, daemon: dict | None) -> list[Che
             checks.append(Check(
                 "warn", "cluster", f"{a.name} at {a.endpoint} is in cluster '{a.cluster}', "
                 f"not '{cluster}'", f"start it with --cluster {cluster} if it should join",
+            ))  # fmt: skip
+        elif a.key != key:
+            checks.append(Check(
+                "fail", "secret", f"{a.name} at {a.endpoint} is in cluster '{cluster}' but holds "
+                f"{'another' if a.key else 'no'} cluster secret{'' if key else ' (we have none)'}",
+                "give every machine the same --secret-file (`ringinfer secret > cluster.key` "
+                "once, then copy it)",
             ))  # fmt: skip
         elif a.protocol != VERSION or a.version != __version__:
             checks.append(Check(
@@ -162,9 +172,9 @@ def _reachable(name: str, host: str, port: int) -> Check:
         )  # fmt: skip
 
 
-def _daemon_status(node: str) -> dict | None:
+def _daemon_status(node: str, keys: ClusterKeys | None) -> dict | None:
     try:
-        with Client(node) as client:
+        with Client(node, keys) as client:
             return client.status(timeout_s=3)
     except RinginferError:
         return None

@@ -7,6 +7,8 @@ base=${RINGINFER_DEMO_PORT:-7711}
 api=${RINGINFER_DEMO_API_PORT:-7700}
 dir=$(mktemp -d)
 pids=()
+"$bin/ringinfer" secret "$dir/cluster.key" 2>/dev/null  # a throwaway cluster secret
+export RINGINFER_SECRET_FILE="$dir/cluster.key"        # daemons and clients both take it
 cleanup() {
   kill -TERM "${pids[@]}" 2>/dev/null
   wait "${pids[@]}" 2>/dev/null

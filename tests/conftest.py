@@ -119,7 +119,7 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> lis
 
 
 def run_cli(
-    *args: str, timeout: float = 300, netns: str | None = None
+    *args: str, timeout: float = 300, netns: str | None = None, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`ringinfer ARGS` as a process, inside network namespace `netns` when given."""
     prefix = ["ip", "netns", "exec", netns] if netns else []
@@ -128,5 +128,5 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )

@@ -15,12 +15,16 @@ from pathlib import Path
 import torch
 
 from discovery.capabilities import CACHE_FILE, cache_key, model_key_of
+from node.secret import ENV
 from node.weights import layer_format, open_checkpoint
 from tests.conftest import run_cli
 
 # What loopback clusters' daemons find in their data dir instead of measuring: one machine
 # runs them all, so equal capabilities make their plans repeatable.
 SAME_CAPABILITIES = {"flops": 1e11, "bandwidth": 1e10, "layer_overhead_s": 5e-5}
+
+
+LAN_SECRET = "0" * 16 + "a test cluster's secret, not a secret"
 
 
 def free_port() -> int:
@@ -57,6 +61,14 @@ class Daemon:
         self.data_dir = root / name
         prefix = ["ip", "netns", "exec", netns] if netns else []
         listen = "0.0.0.0" if netns else host
+        self.env: dict[str, str] = {}
+        if netns and "--secret-file" not in args and "--insecure" not in args:
+            secret = root / "cluster.key"  # a LAN of namespaces: one secret for the cluster
+            if not secret.exists():
+                secret.write_text(LAN_SECRET)
+            args = [*args, "--secret-file", str(secret)]
+        if "--secret-file" in args:  # its clients hold the secret too
+            self.env[ENV] = args[args.index("--secret-file") + 1]
         if "--api" not in args:  # one machine, many daemons: each its own API port
             args = [*args, "--api", f"127.0.0.1:{free_port()}"]
         api = args[args.index("--api") + 1]
@@ -65,13 +77,13 @@ class Daemon:
             *prefix, sys.executable, "-m", "node.cli", "daemon", "--host", listen,
             "--port", str(port), "--name", name, "--data-dir", str(self.data_dir), *args,
         ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RINGINFER_DEBUG": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RINGINFER_DEBUG": "1", **self.env}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """`ringinfer ARGS` from where this daemon runs (its namespace)."""
-        return run_cli(*args, timeout=timeout, netns=self.netns)
+        return run_cli(*args, timeout=timeout, netns=self.netns, env=self.env)
 
     def status(self) -> dict:
         proc = self.cli("status", "--node", self.address, "--json", timeout=30)

@@ -6,6 +6,7 @@ The oracle for every generation is `generate --local` (one process, no ring).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -45,7 +46,9 @@ def generation(d: Daemon, tokens: int) -> subprocess.Popen:
     cmd = ["ip", "netns", "exec", d.netns, sys.executable, "-m", "node.cli", "generate",
            "--node", d.address, PROMPT, "--max-tokens", str(tokens), "--ignore-eos",
            "--json"]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, **d.env}  # the cluster's secret
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
 
 
 def running(d: Daemon, proc: subprocess.Popen) -> None:
@@ -66,7 +69,7 @@ def finished(proc: subprocess.Popen) -> list[int]:
 @pytest.fixture(scope="module")
 def lan():  # noqa: ANN201
     require_netns()
-    lan = Lan(4)
+    lan = Lan(5)
     yield lan
     lan.close()
 
@@ -77,10 +80,13 @@ def cluster(lan: Lan, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     nodes = [start(lan, root, i) for i in range(3)]
     # on the fourth host, a node of another cluster: heard, reported, never a member
     stranger = start(lan, root, 3, "--cluster", "lab")
+    # on the fifth, a node of this cluster with another secret: no handshake, reported
+    (root / "rival.key").write_text("r" * 64)
+    rival = start(lan, root, 4, "--secret-file", str(root / "rival.key"))
     c = Cluster(root, 3, [], nodes=nodes)
     c.root, c.stranger = root, stranger
     yield c
-    c.nodes.append(stranger)
+    c.nodes += [stranger, rival]
     c.stop()
 
 
@@ -114,6 +120,7 @@ def test_daemons_find_each_other_by_mdns_plan_and_generate_like_local(cluster, l
                                 "WEIGHTS", "STATE", "RTT", "REQS"]  # fmt: skip
     assert sum(" ms " in row for row in table[2:5]) == 2  # RTT to the two others
     assert any(row.startswith("! n4 at ") and "cluster 'lab'" in row for row in table)
+    assert any(row.startswith("! n5 at ") and "another cluster secret" in row for row in table)
 
 
 def test_doctor_sees_multicast_and_the_peers(cluster):  # noqa: ANN001
@@ -124,10 +131,13 @@ def test_doctor_sees_multicast_and_the_peers(cluster):  # noqa: ANN001
     for c in checks:
         by_topic.setdefault(c["topic"], []).append(c)
     assert by_topic["multicast"][0]["level"] == "ok"
-    assert "3 node(s) of cluster 'default'" in by_topic["peers"][0]["detail"]
-    assert [c["level"] for c in by_topic["port"]] == ["ok"] * 4  # 3 peers, and itself
+    assert "4 node(s) of cluster 'default'" in by_topic["peers"][0]["detail"]  # n5 too
+    assert [c["level"] for c in by_topic["port"]] == ["ok"] * 5  # 4 of ours, and itself
     assert any("cluster 'lab'" in c["detail"] for c in by_topic["cluster"])
-    assert proc.returncode == 0, checks  # a stranger is a warning, not a failure
+    [secret] = by_topic["secret"]  # another cluster is a warning; another secret, a failure
+    assert secret["level"] == "fail" and "n5" in secret["detail"]
+    assert "--secret-file" in secret["fix"]
+    assert proc.returncode == 1, checks
 
 
 def test_a_joining_and_a_leaving_node_each_give_a_new_epoch_without_losing_a_request(
