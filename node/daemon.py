@@ -108,6 +108,11 @@ class ClientGone(Exception):
     pass
 
 
+# Failures of a stage, not of the request: replayed into the next plan (see _replay).
+REPLAYABLE = ("node-gone", "wrong-epoch", "not-a-stage", "unknown-request", "bad-positions")
+MAX_REPLAYS = 8  # per request: a failure that comes back every time is not a lost stage
+
+
 Sink = Callable[[Message], Awaitable[None]]  # where a request's answers go: client or API
 
 
@@ -123,6 +128,7 @@ class Request:
     params: SamplingParams
     stop_ids: frozenset[int]
     stop: list[str] = field(default_factory=list)  # stop strings
+    replays: list[dict[str, Any]] = field(default_factory=list)  # recoveries from lost stages
     plan: Plan | None = None  # set once it runs on the ring
     task: asyncio.Task | None = None
     result: asyncio.Future | None = None  # the pending step's candidates
@@ -601,7 +607,7 @@ class Daemon:
         self.members.remove(member.id)
         log.info("member %s (%s) %s", member.name, member.id, why)
         for req in list(self.requests.values()):
-            if member.id in req.plan.nodes and req.result and not req.result.done():
+            if req.plan and member.id in req.plan.nodes and req.result and not req.result.done():
                 req.result.set_exception(
                     RequestFailed("node-gone", f"node {member.name} {why} during the request")
                 )
@@ -1074,7 +1080,13 @@ class Daemon:
         pieces = []
         self._step_into_ring(req, loop.ids, loop.positions)
         while True:
-            token = loop.take(await self._ring_result(req))
+            try:
+                cands = await self._ring_result(req)
+            except RequestFailed as e:
+                if e.code not in REPLAYABLE:
+                    raise
+                cands = await self._replay(req, loop.tokens, e)
+            token = loop.take(cands)
             timings.mark()
             req.step += 1
             piece = "" if token in stop_ids else stops.push(stream.push(token))
@@ -1092,7 +1104,64 @@ class Daemon:
             "".join(pieces), loop.tokens, len(req.prompt), self.ckpt.name, finish_reason, timings
         )
         result["plan"] = plan_json
+        if req.replays:
+            result["replays"] = req.replays
         await req.sink(message(Kind.DONE, req=req.id, body={"result": result}))
+
+    async def _replay(self, req: Request, tokens: list[int], failure: RequestFailed) -> Any:
+        """A stage failed under the request: free what is left of it, wait for a plan the
+        cluster can run (a new epoch without the lost node, or the same one if every stage
+        is still a member) and feed it the whole history. What comes back is what the lost
+        step would have returned; the sampler's state never left this node.
+        Gives up, raising, once --request-timeout passes without a working plan."""
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while True:
+            assert req.plan is not None
+            if len(req.replays) >= MAX_REPLAYS:
+                raise RequestFailed(failure.code, f"{failure} (after {MAX_REPLAYS} replays)")
+            failed_epoch = req.plan.epoch
+            log.warning("request %s: %s; replaying its %d tokens into the next plan", req.id,
+                        failure, len(req.prompt) + len(tokens))  # fmt: skip
+            self._end(req)
+            req.plan, req.result = None, None
+            if not any(r.plan for r in self.requests.values()):
+                self.drained.set()  # the re-plan may go ahead
+            while not self._runnable(failed_epoch):
+                if time.monotonic() > deadline:
+                    raise RequestFailed(failure.code, f"{failure} (no working plan for "
+                                        f"{self.cfg.request_timeout_s:.0f}s)")  # fmt: skip
+                await asyncio.sleep(0.1)
+            req.plan, req.step = self.plan, 0
+            self.drained.clear()
+            req.replays.append({"at_token": len(tokens), "why": str(failure),
+                                "epoch": req.plan.epoch})  # fmt: skip
+            try:
+                return await self._feed_history(req, tokens)
+            except RequestFailed as e:
+                if e.code not in REPLAYABLE or time.monotonic() > deadline:
+                    raise
+                failure = e
+
+    async def _feed_history(self, req: Request, tokens: list[int]) -> Any:
+        """The prompt in one prefill, then each generated token in one step, as they were
+        first computed: a single prefill of it all is faster, but batched matmuls round
+        differently from one-row ones, and greedy decoding then drifts (seen at token 89).
+        Returns what the last step sends back: the candidates for the next token."""
+        self._step_into_ring(req, torch.tensor([req.prompt]))
+        result = await self._ring_result(req)
+        for i, token in enumerate(tokens):
+            req.step += 1
+            self._step_into_ring(req, torch.tensor([[token]]), torch.tensor([len(req.prompt) + i]))
+            result = await self._ring_result(req)
+        return result
+
+    def _runnable(self, failed_epoch: int) -> bool:
+        plan = self.plan
+        if plan is None or self.pending is not None or self.leaving.is_set():
+            return False
+        return plan.epoch > failed_epoch or all(
+            n == self.id or n in self.members.by_id for n in plan.nodes
+        )
 
     def _step_into_ring(
         self,

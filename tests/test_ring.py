@@ -58,13 +58,13 @@ def stop_while_streaming(cluster: Cluster, requester: int, stopped: int) -> str:
 
 
 def kill_while_streaming(cluster: Cluster, requester: int, killed: int) -> str:
-    """SIGKILL one stage during a generation: the client gets one error line."""
+    """SIGKILL one stage during a generation: the requester replays it into the nodes left,
+    and the client sees it complete."""
     client = streaming(cluster.nodes[requester].address)
     cluster.nodes[killed].stop(signal.SIGKILL)
-    _, err = client.communicate(timeout=60)
-    assert client.returncode == 2 and err.count("\n") == 1, err
-    assert err.startswith("ringinfer: error: ") and "Traceback" not in err
-    return err
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 0, err
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +271,10 @@ def test_stopped_node_gives_a_new_epoch_that_still_generates(cluster, expected):
     assert remote(cluster.nodes[1].address, PROMPTS[1])["tokens"] == expected[PROMPTS[1]]
 
 
-def test_a_killed_stage_fails_the_request_with_one_line_and_the_rest_replan(cluster, expected):  # noqa: ANN001
-    assert "node2" in kill_while_streaming(cluster, requester=0, killed=1)
+def test_a_killed_stage_is_replayed_around_and_the_rest_replan(cluster, expected):  # noqa: ANN001
+    out = kill_while_streaming(cluster, requester=0, killed=1)
+    assert len(out) > 100  # the generation went on (tests/test_replay.py checks its tokens)
+    assert "replaying" in cluster.nodes[0].text() and "node2" in cluster.nodes[0].text()
     status = cluster.wait_live(1)
     assert [n["layers"] for n in status["nodes"]] == [[0, 30]]
     assert cluster.nodes[0].status()["stats"]["cached_requests"] == 0

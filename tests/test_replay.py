@@ -1,0 +1,81 @@
+"""A request survives the loss of a stage: the requester replays its history into the next
+plan and the tokens are exactly those of an uninterrupted run (`generate --local`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.daemons import Cluster, Daemon
+
+PROMPT = "Tell me about the history of Paris"
+TOKENS = 250
+SEEDED = ("--temperature", "0.9", "--top-p", "0.9", "--seed", "5")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    # float32 on the wire: the ring computes bit for bit what --local does
+    args = ["--objective", "throughput", "--wire-dtype", "float32"]
+    c = Cluster(tmp_path_factory.mktemp("replay"), 3, args)
+    yield c
+    c.stop()
+
+
+def local(*args: str) -> list[int]:
+    proc = run_cli("generate", "--local", "--json", PROMPT, "--max-tokens", str(TOKENS),
+                   "--ignore-eos", *args)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["tokens"]
+
+
+def kill_at_token_50(requester: Daemon, victim: Daemon, *args: str) -> dict:
+    """A generation through `requester`; `victim` SIGKILLed once ~50 tokens have come."""
+    steps = requester.status()["stats"]["decode_steps"]  # the requester is the first stage
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", requester.address, PROMPT,
+           "--max-tokens", str(TOKENS), "--ignore-eos", "--json", *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **requester.env})  # fmt: skip
+    deadline = time.monotonic() + 60
+    while requester.status()["stats"]["decode_steps"] - steps < 50:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    victim.stop(signal.SIGKILL)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert err == "", err  # the client sees no error
+    return json.loads(out)
+
+
+def test_a_killed_middle_stage_is_replayed_around_exactly(cluster):  # noqa: ANN001
+    want = local()
+    stages = sorted((n["layers"][0], n["name"]) for n in cluster.nodes[0].status()["nodes"])
+    by_name = {d.name: d for d in cluster.nodes}
+    first, middle, last = (by_name[name] for _, name in stages)
+    result = kill_at_token_50(first, middle)
+    assert result["tokens"] == want
+    [replay] = result["replays"]
+    assert middle.name in replay["why"] and 40 <= replay["at_token"] <= 120, replay
+    assert "replaying" in first.text()
+    cluster.nodes.remove(middle)
+    cluster.wait_live(2)
+
+
+def test_a_killed_last_stage_is_replayed_around_exactly_when_sampling(cluster):  # noqa: ANN001
+    want = local(*SEEDED)
+    stages = sorted((n["layers"][0], n["name"]) for n in cluster.nodes[0].status()["nodes"])
+    by_name = {d.name: d for d in cluster.nodes}
+    first, last = (by_name[name] for _, name in stages)
+    result = kill_at_token_50(first, last, *SEEDED)
+    assert result["tokens"] == want
+    assert len(result["replays"]) == 1
+    cluster.nodes.remove(last)
+    status = cluster.wait_live(1)
+    assert status["stats"]["cached_requests"] == 0
