@@ -60,6 +60,8 @@ def start_cluster(root: Path, flags: list[list[str]]) -> tuple[list[subprocess.P
         cmd = [*CLI, "daemon", "--host", "127.0.0.1", "--port", str(port), "--name",
                f"node{i + 1}", "--data-dir", str(root / f"node{i + 1}"), "--peer",
                f"127.0.0.1:{ports[0]}", "--no-mdns", *extra]  # fmt: skip
+        if "--api" not in extra:  # one machine: not three HTTP servers on one port
+            cmd += ["--api", "off"]
         log = open(root / f"node{i + 1}.log", "w")  # noqa: SIM115 - the daemon writes it
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     addresses = [f"127.0.0.1:{p}" for p in ports]

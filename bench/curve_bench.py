@@ -1,0 +1,95 @@
+"""CurveZMQ's cost: the same three-daemon ring with and without a cluster secret.
+
+Both clusters (pinned thirds of the default model, on loopback) are up at once, and greedy
+generations of `--tokens` tokens alternate between them `--repeats` times, so that the
+machine's drift falls on both alike. Per run: time per token as the requester measures it,
+the per-hop latency left after the stages' compute (as ring_bench.py), and the bytes the
+daemons hand ZeroMQ per token (CURVE adds a 16-byte MAC and a little framing to each
+message on the wire, which this does not count). Medians; the goal is at most 3% slower.
+Writes bench/results/curve.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ring_bench import CLI, PROMPT, ROOT, model_config, ring_run, start_cluster, stop_cluster
+
+ENV = "RINGINFER_SECRET_FILE"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/curve.json")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="curve-bench-"))
+    key = root / "cluster.key"
+    subprocess.run([*CLI, "secret", str(key)], check=True, capture_output=True, cwd=ROOT)
+    config = model_config([])
+    cuts = [round(i * config.n_layers / 3) for i in range(4)]
+    flags = [["--layers", f"{cuts[i]}:{cuts[i + 1]}"] for i in range(3)]
+    common = ["--json", "--ignore-eos", "--max-tokens", str(args.tokens), PROMPT]
+    os.environ.pop(ENV, None)
+    clusters = {}
+    procs = []
+    try:
+        for name in ("plain", "curve"):
+            if name == "curve":
+                os.environ[ENV] = str(key)  # its daemons and clients find the secret here
+            started, addresses = start_cluster(root / name, flags)
+            procs += started
+            clusters[name] = addresses
+            os.environ.pop(ENV, None)
+        runs: dict[str, list[dict]] = {"plain": [], "curve": []}
+        for i in range(args.repeats):
+            for name in ("plain", "curve") if i % 2 == 0 else ("curve", "plain"):
+                if name == "curve":
+                    os.environ[ENV] = str(key)
+                runs[name].append(ring_run(clusters[name], common))
+                os.environ.pop(ENV, None)
+            print(f"repeat {i + 1}: plain {runs['plain'][-1]['tpot_ms']:.2f} ms/token, "
+                  f"CURVE {runs['curve'][-1]['tpot_ms']:.2f}", file=sys.stderr)  # fmt: skip
+    finally:
+        os.environ.pop(ENV, None)
+        stop_cluster(procs)
+        shutil.rmtree(root, ignore_errors=True)
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()  # fmt: skip
+    result = {
+        "commit": commit,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}",
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "plain_tpot_ms": med("plain", "tpot_ms"),
+        "curve_tpot_ms": med("curve", "tpot_ms"),
+        "tpot_ratio": med("curve", "tpot_ms") / med("plain", "tpot_ms"),
+        "plain_per_hop_ms": med("plain", "per_hop_ms"),
+        "curve_per_hop_ms": med("curve", "per_hop_ms"),
+        "ring_bytes_per_token": med("curve", "ring_bytes_per_token"),
+        "same_tokens": all(r["tokens"] == runs["plain"][0]["tokens"]
+                           for r in runs["plain"] + runs["curve"]),  # fmt: skip
+        "runs": {n: [{k: v for k, v in r.items() if k not in ("tokens", "plan")} for r in rs]
+                 for n, rs in runs.items()},  # fmt: skip
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
