@@ -59,6 +59,10 @@ class Lan:
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
 
+    def cable(self, i: int, up: bool) -> None:
+        """Pull (or plug back) host i's cable: its port on the bridge goes down (or up)."""
+        _ip("-n", self.bridge_ns, "link", "set", f"v{i + 1}", "up" if up else "down")
+
     def address(self, i: int) -> str:
         return f"{self.subnet}.{i + 1}"
 

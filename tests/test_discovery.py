@@ -140,6 +140,23 @@ def test_doctor_sees_multicast_and_the_peers(cluster):  # noqa: ANN001
     assert proc.returncode == 1, checks
 
 
+def test_a_cable_pulled_for_3s_mid_generation_loses_nothing(cluster, lan, expected):  # noqa: ANN001
+    n3 = cluster.nodes[2]
+    stages = [n for n in n3.status()["nodes"] if n["layers"] and n["name"] != "n3"]
+    cut = int(stages[0]["name"][1:]) - 1  # a stage that is not the requester
+    proc = generation(n3, LONG)
+    running(n3, proc)
+    time.sleep(0.5)
+    lan.cable(cut, up=False)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, "the generation did not wait for the cable"
+    finally:
+        lan.cable(cut, up=True)
+    assert finished(proc) == expected
+    assert n3.status()["live"]
+
+
 def test_a_joining_and_a_leaving_node_each_give_a_new_epoch_without_losing_a_request(
     cluster, lan, expected,  # noqa: ANN001
 ):  # fmt: skip
