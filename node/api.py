@@ -45,7 +45,7 @@ MAX_BODY = 16 * 2**20
 RETRY_AFTER_S = 5
 STATUS_EVERY_S = 0.5
 # What a failed request's error code means to an HTTP client: worth retrying, or not.
-RETRYABLE = ("no-plan", "node-gone", "stopping", "wrong-epoch", "not-a-stage")
+RETRYABLE = ("no-plan", "node-gone", "stopping", "wrong-epoch", "not-a-stage", "busy")
 
 
 @dataclass

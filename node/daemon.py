@@ -41,6 +41,7 @@ from node.planner import (
     DEFAULT_BANDWIDTH,
     DEFAULT_CONTEXT,
     DEFAULT_FLOPS,
+    HEADROOM,
     LAYER_OVERHEAD_S,
     NodeSpec,
     Plan,
@@ -901,7 +902,24 @@ class Daemon:
             and all(type(t) is int and 0 <= t < vocab for t in score)
         ):  # fmt: skip
             raise ProtocolError("bad-body", "score: token ids to score, fewer than the positions")
+        self._admit(shard, capacity)
         shard.open(msg.req, capacity, body["requester"], params, msg.epoch, score)
+
+    def _admit(self, shard: Shard, capacity: int) -> None:
+        """A request's caches only within the memory this node offered: beyond it, `busy`
+        (the requester's client gets one line, the API a 503), never an out-of-memory."""
+        plan_stage = self.plan.stage_of(self.id) if self.plan else None
+        if plan_stage is None:
+            return
+        room = self.cfg.memory * HEADROOM - stage_bytes(plan_stage, self.shape)
+        held = sum(e.cache.k.nbytes + e.cache.v.nbytes for e in shard.requests.values())
+        need = self.shape.kv_bytes * (shard.end - shard.start) * capacity
+        if held + need > room:
+            raise ProtocolError(
+                "busy", f"{self.cfg.name} is full: {len(shard.requests)} request(s) hold "
+                f"{held / 2**20:.0f} MiB of caches, this one needs {need / 2**20:.0f} MiB more "
+                f"of the {max(0, room) / 2**20:.0f} MiB offered; try again when one ends",
+            )  # fmt: skip
 
     def _send_or_fail(self, node: str | None, out: Message, msg: Message) -> None:
         try:

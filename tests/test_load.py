@@ -1,0 +1,61 @@
+"""Bounded load: a stage admits requests while their caches fit the memory it offered;
+beyond that a request gets `busy` (one line; a 503 through the API), never an OOM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.daemons import Cluster
+
+# The default model's weights and one 4096-position KV budget fit (the planner's rule), so
+# one request of 3000 positions is admitted and a second one is not.
+BIG = ["--max-tokens", "3000", "--ignore-eos"]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    c = Cluster(tmp_path_factory.mktemp("load"), 1, ["--max-memory", "320M"])
+    yield c.nodes[0]
+    c.stop()
+
+
+def streaming(address: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", address, "Once", *BIG]
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert client.stdout.read(5)
+    return client
+
+
+def test_a_request_beyond_the_offered_memory_is_busy_then_admitted_once_room_frees(node):  # noqa: ANN001
+    first = streaming(node.address)
+    try:
+        proc = run_cli("generate", "--node", node.address, "Twice", *BIG)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "[busy]" in proc.stderr and "is full" in proc.stderr
+        host, port = node.api.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = {"prompt": "Thrice", "max_tokens": 3000, "ignore_eos": True}
+        conn.request("POST", "/v1/completions", json.dumps(body))
+        response = conn.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == 503 and response.getheader("Retry-After") == "5"
+        assert error["code"] == "busy"
+        small = run_cli("generate", "--node", node.address, "Small", "--max-tokens", "4")
+        assert small.returncode == 0, small.stderr  # what fits beside it is still served
+    finally:
+        first.kill()
+        first.wait()
+    deadline = time.monotonic() + 10
+    while node.status()["stats"]["cached_requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = streaming(node.address)  # admitted now that the first one's caches are freed
+    second.kill()
+    second.wait()
+    assert node.proc.poll() is None
