@@ -18,16 +18,22 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ring_bench import PROMPT, ROOT, free_port, model_config, start_cluster, stop_cluster
+from ring_bench import (
+    PROMPT,
+    ROOT,
+    free_port,
+    model_config,
+    provenance,
+    start_cluster,
+    stop_cluster,
+)
 
 sys.path.insert(0, str(ROOT))
 from node.client import Client  # noqa: E402
@@ -121,11 +127,8 @@ def main() -> None:
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()  # fmt: skip
     result = {
-        "commit": commit,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}",
+        **provenance(),
         "tokens": args.tokens,
         "repeats": args.repeats,
         "cli_tpot_ms": med("cli", "tpot_ms"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -22,7 +21,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ring_bench import CLI, PROMPT, ROOT, model_config, ring_run, start_cluster, stop_cluster
+from ring_bench import (
+    CLI,
+    PROMPT,
+    ROOT,
+    model_config,
+    provenance,
+    ring_run,
+    start_cluster,
+    stop_cluster,
+)
 
 ENV = "RINGINFER_SECRET_FILE"
 
@@ -68,11 +76,8 @@ def main() -> None:
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()  # fmt: skip
     result = {
-        "commit": commit,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}",
+        **provenance(),
         "tokens": args.tokens,
         "repeats": args.repeats,
         "plain_tpot_ms": med("plain", "tpot_ms"),

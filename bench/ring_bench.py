@@ -41,6 +41,14 @@ def run(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def provenance() -> dict[str, str]:
+    """Which code ran on which machine, for a result file."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()  # fmt: skip
+    machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}"
+    return {"commit": commit, "machine": machine}
+
+
 def run_plain(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
 
@@ -180,11 +188,8 @@ def main() -> None:
     stage_ms = [r["stage_decode_ms"] for r in ring_runs]
     hops = 2  # stage-to-stage hops carrying hidden states in a three-stage ring
     ring_bytes = med(ring_runs, "ring_bytes_per_token")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()  # fmt: skip
     result = {
-        "commit": commit,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}",
+        **provenance(),
         "model": local_runs[0]["model"],
         "tokens": args.tokens,
         "repeats": args.repeats,
