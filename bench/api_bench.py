@@ -31,6 +31,7 @@ from ring_bench import (
     free_port,
     model_config,
     provenance,
+    side_by_side,
     start_cluster,
     stop_cluster,
 )
@@ -124,23 +125,12 @@ def main() -> None:
         stop_cluster(procs)
         shutil.rmtree(root, ignore_errors=True)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[name])
-
+    keys = ["tpot_ms", "median_gap_ms", "ttft_ms", "requester_cpu_ms_per_token"]
     result = {
         **provenance(),
         "tokens": args.tokens,
         "repeats": args.repeats,
-        "cli_tpot_ms": med("cli", "tpot_ms"),
-        "api_tpot_ms": med("api", "tpot_ms"),
-        "tpot_ratio": med("api", "tpot_ms") / med("cli", "tpot_ms"),
-        "cli_median_gap_ms": med("cli", "median_gap_ms"),
-        "api_median_gap_ms": med("api", "median_gap_ms"),
-        "median_gap_ratio": med("api", "median_gap_ms") / med("cli", "median_gap_ms"),
-        "cli_requester_cpu_ms_per_token": med("cli", "requester_cpu_ms_per_token"),
-        "api_requester_cpu_ms_per_token": med("api", "requester_cpu_ms_per_token"),
-        "cli_ttft_ms": med("cli", "ttft_ms"),
-        "api_ttft_ms": med("api", "ttft_ms"),
+        **side_by_side(runs, keys),
         "same_text": len(texts) == 1,
         "runs": runs,
     }

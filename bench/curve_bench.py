@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from ring_bench import (
     model_config,
     provenance,
     ring_run,
+    side_by_side,
     start_cluster,
     stop_cluster,
 )
@@ -73,19 +73,11 @@ def main() -> None:
         stop_cluster(procs)
         shutil.rmtree(root, ignore_errors=True)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[name])
-
     result = {
         **provenance(),
         "tokens": args.tokens,
         "repeats": args.repeats,
-        "plain_tpot_ms": med("plain", "tpot_ms"),
-        "curve_tpot_ms": med("curve", "tpot_ms"),
-        "tpot_ratio": med("curve", "tpot_ms") / med("plain", "tpot_ms"),
-        "plain_per_hop_ms": med("plain", "per_hop_ms"),
-        "curve_per_hop_ms": med("curve", "per_hop_ms"),
-        "ring_bytes_per_token": med("curve", "ring_bytes_per_token"),
+        **side_by_side(runs, ["tpot_ms", "per_hop_ms", "ring_bytes_per_token"]),
         "same_tokens": all(r["tokens"] == runs["plain"][0]["tokens"]
                            for r in runs["plain"] + runs["curve"]),  # fmt: skip
         "runs": {n: [{k: v for k, v in r.items() if k not in ("tokens", "plan")} for r in rs]

@@ -49,6 +49,19 @@ def provenance() -> dict[str, str]:
     return {"commit": commit, "machine": machine}
 
 
+def side_by_side(runs: dict[str, list[dict]], keys: list[str]) -> dict[str, float]:
+    """Each side's median of each key (as `{side}_{key}`), and for the first key the
+    second side's median over the first's (`{key}_ratio`... as `tpot_ratio`)."""
+    (a, a_runs), (b, b_runs) = runs.items()
+    out = {}
+    for key in keys:
+        for side, side_runs in ((a, a_runs), (b, b_runs)):
+            out[f"{side}_{key}"] = statistics.median(r[key] for r in side_runs)
+    first = keys[0]
+    out[f"{first.removesuffix('_ms')}_ratio"] = out[f"{b}_{first}"] / out[f"{a}_{first}"]
+    return out
+
+
 def run_plain(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
 

@@ -187,7 +187,8 @@ def test_daemon_start_errors_are_one_line(tmp_path, tiny_models):  # noqa: ANN00
         assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}")
     proc = run_cli("daemon", "--layers", "3:2", *model)
     assert_one_line_error(proc, "START < END")
-    proc = run_cli("daemon", "--data-dir", str(tmp_path / "b"), "--model", str(tmp_path / "none"))
+    proc = run_cli("daemon", "--data-dir", str(tmp_path / "b"), "--model", str(tmp_path / "none"),
+                   "--api", "off")  # fmt: skip
     assert_one_line_error(proc, "none")
 
 
