@@ -183,7 +183,7 @@ def test_daemon_start_errors_are_one_line(tmp_path, tiny_models):  # noqa: ANN00
         taken.listen()
         port = str(taken.getsockname()[1])
         proc = run_cli("daemon", "--host", "127.0.0.1", "--port", port, "--data-dir",
-                       str(tmp_path / "a"), *model)  # fmt: skip
+                       str(tmp_path / "a"), "--api", "off", *model)  # fmt: skip
         assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}")
     proc = run_cli("daemon", "--layers", "3:2", *model)
     assert_one_line_error(proc, "START < END")
