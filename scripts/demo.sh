@@ -49,7 +49,7 @@ echo '$ ringinfer generate --node' "$third" '--chat "What is the capital of Fran
 "$bin/ringinfer" generate --node "$third" --chat --max-tokens 48 "What is the capital of France?"
 
 echo
-echo "\$ curl http://127.0.0.1:$api/v1/chat/completions -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three colours.\"}], \"max_tokens\": 32}'"
+echo "\$ curl http://127.0.0.1:$api/v1/chat/completions -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three colours.\"}], \"max_tokens\": 32, \"temperature\": 0}'"
 curl -sS "http://127.0.0.1:$api/v1/chat/completions" -H 'Content-Type: application/json' \
   -d '{"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32, "temperature": 0}' |
   "$bin/python" -m json.tool
