@@ -30,6 +30,7 @@ from ring_bench import (
     ROOT,
     free_port,
     model_config,
+    pinned_thirds,
     provenance,
     side_by_side,
     start_cluster,
@@ -98,9 +99,9 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="api-bench-"))
     config = model_config([])
-    cuts = [round(i * config.n_layers / 3) for i in range(4)]  # pinned thirds, as ring_bench
     apis = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    flags = [["--layers", f"{cuts[i]}:{cuts[i + 1]}", "--api", apis[i]] for i in range(3)]
+    flags = [[*pin, "--api", api]
+             for pin, api in zip(pinned_thirds(config.n_layers), apis, strict=True)]  # fmt: skip
     procs, addresses = start_cluster(root, flags)
     try:
         through_api(apis[-1], 8)  # warm both paths

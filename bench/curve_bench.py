@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +24,10 @@ from ring_bench import (
     PROMPT,
     ROOT,
     model_config,
+    pinned_thirds,
     provenance,
     ring_run,
+    run_plain,
     side_by_side,
     start_cluster,
     stop_cluster,
@@ -43,10 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="curve-bench-"))
     key = root / "cluster.key"
-    subprocess.run([*CLI, "secret", str(key)], check=True, capture_output=True, cwd=ROOT)
-    config = model_config([])
-    cuts = [round(i * config.n_layers / 3) for i in range(4)]
-    flags = [["--layers", f"{cuts[i]}:{cuts[i + 1]}"] for i in range(3)]
+    run_plain([*CLI, "secret", str(key)])
+    flags = pinned_thirds(model_config([]).n_layers)
     common = ["--json", "--ignore-eos", "--max-tokens", str(args.tokens), PROMPT]
     os.environ.pop(ENV, None)
     clusters = {}

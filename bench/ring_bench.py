@@ -41,6 +41,14 @@ def run(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def pinned_thirds(n_layers: int) -> list[list[str]]:
+    """`--layers` for three daemons holding a third each. The ring's cost is measured, not
+    placement (placement_bench.py): the planner would rightly keep the model on one of three
+    daemons sharing these cores, their compute measured at once being each other's load."""
+    cuts = [round(i * n_layers / 3) for i in range(4)]
+    return [["--layers", f"{a}:{b}"] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
 def provenance() -> dict[str, str]:
     """Which code ran on which machine, for a result file."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -173,14 +181,10 @@ def main() -> None:
     if args.secret:  # daemons and the CLI's clients all find it in the environment
         run_plain([*CLI, "secret", str(root / "cluster.key")])
         os.environ["RINGINFER_SECRET_FILE"] = str(root / "cluster.key")
-    # Pinned thirds: the ring's cost is measured here, not placement (placement_bench.py).
-    # The planner would rightly keep the model on one of three daemons sharing these cores,
-    # and their compute, measured at the same moment, would be each other's load.
     config = model_config(engine)
     hidden_bytes = 2 * config.dim
-    cuts = [round(i * config.n_layers / 3) for i in range(4)]
-    flags = [[*engine, "--wire-dtype", args.wire_dtype, "--layers", f"{a}:{b}"]
-             for a, b in zip(cuts, cuts[1:], strict=False)]  # fmt: skip
+    flags = [[*engine, "--wire-dtype", args.wire_dtype, *pin]
+             for pin in pinned_thirds(config.n_layers)]  # fmt: skip
     procs, addresses = start_cluster(root, flags)
     try:
         local_runs, ring_runs = [], []

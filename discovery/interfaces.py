@@ -79,3 +79,13 @@ def best_address(addresses: list[str], interfaces: list[Interface]) -> str | Non
         if any(ipaddress.ip_address(a) in i.network for i in interfaces):
             return a
     return addresses[0] if addresses else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from discovery.interfaces import is_loopback
+from node.engine import PromptTooLong
 from node.errors import RinginferError
 from node.sampling import SamplingParams
 from protocol.openai import (
@@ -96,15 +97,6 @@ def _read_key(path: Path) -> str:
     if not key:
         raise RinginferError(f"--api-key-file {path} is empty")
     return key
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class API:
@@ -256,6 +248,9 @@ class API:
         try:
             req = self.daemon.new_request(queue.put, prompt, ask.max_tokens, params, ask.stop,
                                           ask.ignore_eos)  # fmt: skip
+        except PromptTooLong as e:
+            raise APIError(413, str(e), code="context_length_exceeded",
+                           param="messages" if chat else "prompt") from None  # fmt: skip
         except RinginferError as e:
             raise APIError(400, str(e)) from None
         task = self.daemon.start(req)
@@ -282,10 +277,6 @@ class API:
                 prompt = tokenizer.encode(ask.prompt)
         except RinginferError as e:
             raise APIError(400, str(e)) from None
-        if len(prompt) >= self.context:
-            raise APIError(413, f"the prompt is {len(prompt)} tokens; the model's context holds "
-                           f"{self.context}", code="context_length_exceeded",
-                           param="messages" if ask.chat else "prompt")  # fmt: skip
         return prompt
 
     async def _whole(

@@ -17,7 +17,7 @@ from node import __version__
 from node.client import DEFAULT_API, DEFAULT_PORT, Client, parse_address
 from node.cluster_file import BINARY, parse_amount, read_cluster
 from node.errors import RinginferError
-from node.secret import ENV, FILE_NAME, find_keys, new_secret
+from node.secret import ENV, FILE_NAME, ClusterKeys, find_keys, new_secret
 from protocol.wire import Kind
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
@@ -391,9 +391,14 @@ def _refuse_local_flags(args: argparse.Namespace, flags: Sequence[str]) -> None:
 
 def _client(args: argparse.Namespace) -> Client:
     """A client of --node, with the cluster secret's keys where there is one."""
+    return Client(parse_address(args.node), _client_keys(args))
+
+
+def _client_keys(args: argparse.Namespace) -> ClusterKeys | None:
+    """A client's cluster keys: --secret-file, $RINGINFER_SECRET_FILE or ~/.ringinfer's."""
     from node import data_dir
 
-    return Client(parse_address(args.node), find_keys(args.secret_file, data_dir.DEFAULT))
+    return find_keys(args.secret_file, data_dir.DEFAULT)
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
@@ -540,12 +545,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from node import data_dir
     from node.doctor import diagnose, render
 
-    keys = find_keys(args.secret_file, data_dir.DEFAULT)
     checks = diagnose(parse_address(args.node), args.cluster, args.listen, args.mdns_interface,
-                      keys)  # fmt: skip
+                      _client_keys(args))  # fmt: skip
     if args.json:
         print(json.dumps([c.to_json() for c in checks]))
     else:
@@ -561,10 +564,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     import asyncio
 
     from discovery.capabilities import load_or_measure
-    from discovery.interfaces import lan_interfaces
+    from discovery.interfaces import is_loopback, lan_interfaces
     from node import data_dir
     from node.api import bind as bind_api
-    from node.api import is_loopback
     from node.daemon import Daemon, DaemonConfig, listen
     from node.engine import available_memory
     from node.models.quantized import check_device

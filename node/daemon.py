@@ -28,10 +28,10 @@ import zmq
 import zmq.asyncio
 
 from discovery.capabilities import Capabilities
-from discovery.interfaces import Interface, primary_address
+from discovery.interfaces import Interface, is_loopback, primary_address
 from discovery.mdns import SERVICE, Advert, Discovery
 from node import __version__
-from node.api import API, Listener, is_loopback
+from node.api import API, Listener
 from node.engine import Timings, TokenLoop, fit_request, generation_result
 from node.errors import RinginferError
 from node.log_budget import LogBudget
@@ -361,9 +361,10 @@ class Daemon:
                 why = f"cluster '{cluster}'"
             elif protocol != VERSION:
                 why = f"protocol {protocol} (we speak {VERSION})"
+            elif not self.key:
+                why = "a cluster secret (we have none)"
             else:
-                why = "another cluster secret" if key and self.key else (
-                    "no cluster secret" if self.key else "a cluster secret (we have none)")
+                why = "another cluster secret" if key else "no cluster secret"
             log.warning("ignoring %s at %s: %s", name, address, why)
         self.foreign[node_id] = {
             "id": node_id, "name": name, "address": address, "cluster": cluster,
@@ -1021,10 +1022,8 @@ class Daemon:
             with contextlib.suppress(ClientGone, zmq.ZMQError):
                 await req.sink(error("stopping", "the daemon is shutting down", req.id))
         finally:
-            self._end(req)
+            self._release_plan(req)
             del self.requests[req.id]
-            if not any(r.plan for r in self.requests.values()):
-                self.drained.set()
 
     async def _accept(self, req: Request, prompt_tokens: int) -> list[dict[str, Any]]:
         """Wait for a live plan, bind the request to it and tell the client; the plan as JSON."""
@@ -1035,8 +1034,7 @@ class Daemon:
             except TimeoutError:
                 why = self.plan_error or "no live plan"
                 raise RequestFailed("no-plan", f"{why} after {self.cfg.plan_wait_s:.0f}s") from None
-        req.plan = self.plan  # from here on a new plan waits for this request
-        self.drained.clear()
+        self._hold_plan(req)
         plan_json = [
             {"node": s.node, "name": self._name(s.node), "start": s.start, "end": s.end}
             for s in req.plan.stages
@@ -1081,6 +1079,19 @@ class Daemon:
             raise RequestFailed(
                 "timeout", f"no answer from the ring in {self.cfg.request_timeout_s:.0f}s"
             ) from None
+
+    def _hold_plan(self, req: Request) -> None:
+        """Bind the request to the live plan: from here on a new plan waits for it."""
+        req.plan = self.plan
+        self.drained.clear()
+
+    def _release_plan(self, req: Request) -> None:
+        """Free the request's caches on its plan's stages, and let a waiting plan go ahead
+        once no request holds one."""
+        self._end(req)
+        req.plan = None
+        if not any(r.plan for r in self.requests.values()):
+            self.drained.set()
 
     def _end(self, req: Request) -> None:
         """Free the request's caches on every stage of its plan."""
@@ -1140,17 +1151,15 @@ class Daemon:
             failed_epoch = req.plan.epoch
             log.warning("request %s: %s; replaying its %d tokens into the next plan", req.id,
                         failure, len(req.prompt) + len(tokens))  # fmt: skip
-            self._end(req)
-            req.plan, req.result = None, None
-            if not any(r.plan for r in self.requests.values()):
-                self.drained.set()  # the re-plan may go ahead
+            self._release_plan(req)  # the re-plan may go ahead
+            req.result = None
             while not self._runnable(failed_epoch):
                 if time.monotonic() > deadline:
                     raise RequestFailed(failure.code, f"{failure} (no working plan for "
                                         f"{self.cfg.request_timeout_s:.0f}s)")  # fmt: skip
                 await asyncio.sleep(0.1)
-            req.plan, req.step = self.plan, 0
-            self.drained.clear()
+            self._hold_plan(req)
+            req.step = 0
             req.replays.append({"at_token": len(tokens), "why": str(failure),
                                 "epoch": req.plan.epoch})  # fmt: skip
             try:

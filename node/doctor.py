@@ -9,12 +9,11 @@ among them, and the local daemon's own view (its plan and the problems it report
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import secrets
 import socket
 from dataclasses import asdict, dataclass
 
-from discovery.interfaces import Interface, all_interfaces, lan_interfaces
+from discovery.interfaces import Interface, all_interfaces, is_loopback, lan_interfaces
 from discovery.mdns import PROBE_SERVICE, SERVICE, Advert, Discovery
 from node import __version__
 from node.client import Client
@@ -192,16 +191,18 @@ def _daemon_checks(node: str, daemon: dict | None) -> list[Check]:
         ]
     me = next(n for n in daemon["nodes"] if n["id"] == daemon["node"])
     plan = f"plan epoch {daemon['epoch']}" if daemon["live"] else "no live plan"
-    discovery = "mDNS on" if daemon.get("mdns") else "mDNS off (--no-mdns or no LAN interface)"
+    discovery = "mDNS on" if daemon.get("mdns") else (
+        "mDNS off (--no-mdns, no LAN interface, or listening on loopback)")
     checks = [Check(
         "ok", "daemon", f"{me['name']} at {me['address']}: {me['state']}, {plan}, "
         f"{len(daemon['nodes'])} node(s) in cluster '{daemon['cluster']}', {discovery}",
     )]  # fmt: skip
     host, _, port = me["address"].rpartition(":")
-    if ipaddress.ip_address(host).is_loopback:
+    if is_loopback(host):
         checks.append(Check(
             "warn", "port", f"the daemon listens on {me['address']}: other machines cannot "
-            "reach it", "start it with --host 0.0.0.0 (the default) or its LAN address",
+            "reach it", "give the cluster a secret (`ringinfer secret > cluster.key`, then "
+            "--secret-file on every machine): the daemon then listens on every address",
         ))  # fmt: skip
     else:
         checks.append(_reachable(me["name"], host, int(port)))

@@ -133,6 +133,10 @@ class LocalPipeline:
         return step
 
 
+class PromptTooLong(RinginferError):
+    """A prompt that leaves the model's context no room to generate (the API's 413)."""
+
+
 def fit_request(prompt_tokens: int, max_tokens: int, context: int) -> tuple[int, int]:
     """(KV capacity, tokens to generate) for a request, within the model's context.
 
@@ -142,7 +146,7 @@ def fit_request(prompt_tokens: int, max_tokens: int, context: int) -> tuple[int,
     if prompt_tokens == 0:
         raise RinginferError("the prompt is empty")
     if prompt_tokens >= context:
-        raise RinginferError(
+        raise PromptTooLong(
             f"the prompt is {prompt_tokens} tokens; the model's context holds {context}"
         )
     capacity = min(prompt_tokens + max_tokens - 1, context)

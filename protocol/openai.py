@@ -118,7 +118,8 @@ class _Fields:
     def typed(self, name: str, kind: type) -> Any:
         value = self.body.get(name)
         if value is not None and type(value) is not kind:
-            raise APIError(400, f"{name} must be {_A[kind]}, got {_json_type(value)}", param=name)
+            why = f"{name} must be {_JSON_NAMES[kind]}, got {_json_type(value)}"
+            raise APIError(400, why, param=name)
         return value
 
     def integer(self, name: str, low: int | None = None) -> int | None:
@@ -139,13 +140,13 @@ class _Fields:
         return float(value)
 
 
-_A = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}
+# JSON's types as an error message names them (what a field must be, what it was).
+_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               list: "an array", dict: "an object"}  # fmt: skip
 
 
 def _json_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "an array", dict: "an object"}  # fmt: skip
-    return names.get(type(value), "null")
+    return _JSON_NAMES.get(type(value), "null")
 
 
 def _messages(value: Any) -> list[dict[str, str]]:

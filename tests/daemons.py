@@ -24,6 +24,11 @@ from tests.conftest import run_cli
 SAME_CAPABILITIES = {"flops": 1e11, "bandwidth": 1e10, "layer_overhead_s": 5e-5}
 
 
+# Loopback clusters that compute what --local does. throughput: on one machine's equal
+# daemons, latency would rightly keep the model on one node. float32 activations on the wire:
+# the ring then computes bit for bit what --local does (float16 flips near-ties of greedy
+# decoding; test_ring's perplexity test bounds that path).
+EXACT_RING = ["--objective", "throughput", "--wire-dtype", "float32"]
 LAN_SECRET = "0" * 16 + "a test cluster's secret, not a secret"
 
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import run_cli
-from tests.daemons import Cluster, Daemon, free_port, seed_capabilities
+from tests.daemons import EXACT_RING, Cluster, Daemon, free_port, seed_capabilities
 
 MODEL = "SmolLM2-135M-Instruct"
 KEY = "s3cret-key"
@@ -28,9 +28,7 @@ TOKENS = 20
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     root = tmp_path_factory.mktemp("api")
     (root / "key").write_text(KEY + "\n")
-    # float32 on the wire: the ring computes bit for bit what --local does (tests/test_ring.py)
-    args = ["--objective", "throughput", "--wire-dtype", "float32"]
-    c = Cluster(root, 3, args, per_node={2: ["--api-key-file", str(root / "key")]})
+    c = Cluster(root, 3, EXACT_RING, per_node={2: ["--api-key-file", str(root / "key")]})
     yield c
     c.stop()
 

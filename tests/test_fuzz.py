@@ -18,7 +18,7 @@ import zmq
 
 from protocol.wire import VERSION, Kind, encode, message
 from tests.conftest import run_cli
-from tests.daemons import Cluster
+from tests.daemons import EXACT_RING, Cluster
 
 FRAMES_PER_NODE = 1200
 PROMPT = "The capital of France is"
@@ -26,8 +26,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    args = ["--objective", "throughput", "--wire-dtype", "float32"]
-    c = Cluster(tmp_path_factory.mktemp("fuzz"), 3, args)
+    c = Cluster(tmp_path_factory.mktemp("fuzz"), 3, EXACT_RING)
     yield c
     c.stop()
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.conftest import run_cli
-from tests.daemons import Cluster, Daemon
+from tests.daemons import EXACT_RING, Cluster, Daemon
 
 PROMPT = "Tell me about the history of Paris"
 TOKENS = 250
@@ -22,9 +22,7 @@ SEEDED = ("--temperature", "0.9", "--top-p", "0.9", "--seed", "5")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    # float32 on the wire: the ring computes bit for bit what --local does
-    args = ["--objective", "throughput", "--wire-dtype", "float32"]
-    c = Cluster(tmp_path_factory.mktemp("replay"), 3, args)
+    c = Cluster(tmp_path_factory.mktemp("replay"), 3, EXACT_RING)
     yield c
     c.stop()
 

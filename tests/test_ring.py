@@ -14,7 +14,7 @@ import zmq
 
 from protocol.wire import VERSION, Kind, encode, message
 from tests.conftest import TEXT, run_cli
-from tests.daemons import Cluster
+from tests.daemons import EXACT_RING, Cluster
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
 TOKENS = 24
@@ -69,11 +69,7 @@ def kill_while_streaming(cluster: Cluster, requester: int, killed: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    # throughput: on one machine's three equal daemons, latency would pick one node. float32
-    # activations on the wire: the ring then computes bit for bit what --local does (float16
-    # flips near-ties of greedy decoding; the perplexity test bounds that path).
-    args = ["--objective", "throughput", "--wire-dtype", "float32"]
-    c = Cluster(tmp_path_factory.mktemp("ring"), 3, args)
+    c = Cluster(tmp_path_factory.mktemp("ring"), 3, EXACT_RING)
     yield c
     c.stop()
 

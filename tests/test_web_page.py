@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from tests.conftest import run_cli
-from tests.daemons import Cluster
+from tests.daemons import EXACT_RING, Cluster
 
 KEY = "page-key"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -27,8 +27,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     root = tmp_path_factory.mktemp("page")
     (root / "key").write_text(KEY)
-    args = ["--objective", "throughput", "--wire-dtype", "float32"]
-    c = Cluster(root, 3, args, per_node={0: ["--api-key-file", str(root / "key")]})
+    c = Cluster(root, 3, EXACT_RING, per_node={0: ["--api-key-file", str(root / "key")]})
     yield c
     c.stop()
 
