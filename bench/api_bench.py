@@ -38,7 +38,7 @@ from ring_bench import (
 )
 
 sys.path.insert(0, str(ROOT))
-from node.client import Client  # noqa: E402
+from node.cluster.client import Client  # noqa: E402
 
 
 def timed(arrivals: list[float], began: float) -> dict[str, float]:

@@ -23,10 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from node.engine import DTYPES, LocalPipeline, Timings, generate  # noqa: E402
+from node.engine.local import DTYPES, LocalPipeline, Timings, generate  # noqa: E402
+from node.engine.sampling import SamplingParams  # noqa: E402
+from node.engine.weights import Checkpoint, load_stage, open_checkpoint  # noqa: E402
 from node.errors import RinginferError  # noqa: E402
-from node.sampling import SamplingParams  # noqa: E402
-from node.weights import Checkpoint, load_stage, open_checkpoint  # noqa: E402
 
 PROMPT = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle. "

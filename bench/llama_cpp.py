@@ -73,7 +73,7 @@ def main() -> None:
         print(build())
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from node.weights import default_model_path
+    from node.engine.weights import default_model_path
 
     model = args.model or default_model_path()
     print(json.dumps(run(model, args.threads, args.tokens, args.prompt), indent=1))

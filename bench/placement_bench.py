@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ring_bench import PROMPT, ROOT, run, start_cluster, stop_cluster  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from node.planner import largest_remainder  # noqa: E402
+from node.cluster.planner import largest_remainder  # noqa: E402
 
 
 def measure(address: str, common: list[str], repeats: int) -> tuple[float, list[int]]:

@@ -35,18 +35,18 @@ import llama_cpp  # noqa: E402
 
 sys.path.insert(0, str(BENCH.parent))
 from discovery.capabilities import measure_layer, synchronizer  # noqa: E402
-from node import shapes  # noqa: E402
-from node.models import LLAMA  # noqa: E402
-from node.models.linear import Linear  # noqa: E402
-from node.models.quantized import (  # noqa: E402
+from node.engine import shapes  # noqa: E402
+from node.engine.models import LLAMA  # noqa: E402
+from node.engine.models.linear import Linear  # noqa: E402
+from node.engine.models.quantized import (  # noqa: E402
     Int4Linear,
     Int8Linear,
     fill_random,
     quantize,
     swap_modules,
 )
-from node.shapes import BUILT_IN  # noqa: E402
-from node.weights import default_model_path  # noqa: E402
+from node.engine.shapes import BUILT_IN  # noqa: E402
+from node.engine.weights import default_model_path  # noqa: E402
 
 FORMATS = ("int4", "auto", "int8", "none")
 
@@ -154,7 +154,7 @@ def layers(args: argparse.Namespace) -> dict:
     if device.type == "cpu":
         settings["float32"] = (torch.float32, "none")
     else:
-        del settings["int8"]  # dequantized to bfloat16 on CUDA (node/models/quantized.py)
+        del settings["int8"]  # dequantized to bfloat16 on CUDA (node/engine/models/quantized.py)
     out = {}
     for name, (dtype, fmt) in settings.items():
         layer = 1e3 * measure_layer(LLAMA, cfg, device, dtype, fmt, max_bytes=1 << 40)

@@ -242,7 +242,7 @@ def main() -> None:
 def model_config(engine: list[str]) -> Any:
     """The model's config, read the way the daemons read it."""
     sys.path.insert(0, str(ROOT))
-    from node.weights import open_checkpoint
+    from node.engine.weights import open_checkpoint
 
     return open_checkpoint(engine[1] if engine[:1] == ["--model"] else None).config
 

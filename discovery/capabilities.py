@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from node import __version__
-from node.engine import available_memory
+from node.engine.local import available_memory
+from node.engine.models import GPT2, LLAMA
+from node.engine.models.linear import Linear
+from node.engine.models.quantized import fill_random, swap_modules
 from node.errors import RinginferError
-from node.models import GPT2, LLAMA
-from node.models.linear import Linear
-from node.models.quantized import fill_random, swap_modules
 
 CACHE_FILE = "capabilities.json"
 MEASURE_S = 0.4  # per measurement, after a warm-up

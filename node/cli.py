@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from node import __version__
-from node.client import DEFAULT_API, DEFAULT_PORT, Client, parse_address
-from node.cluster_file import BINARY, parse_amount, read_cluster
+from node.cluster.client import DEFAULT_API, DEFAULT_PORT, Client, parse_address
+from node.cluster.cluster_file import BINARY, parse_amount, read_cluster
+from node.cluster.secret import ENV, FILE_NAME, ClusterKeys, find_keys, new_secret
 from node.errors import RinginferError
-from node.secret import ENV, FILE_NAME, ClusterKeys, find_keys, new_secret
 from protocol.wire import Kind
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
-    from node.weights import Progress
+    from node.engine.weights import Progress
 
 EXIT_USAGE = 2
-QUANTIZE = ["auto", "none", "int8", "int4"]  # --quantize (node/models/quantized.py)
+QUANTIZE = ["auto", "none", "int8", "int4"]  # --quantize (node/engine/models/quantized.py)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -240,7 +240,7 @@ def _engine(args: argparse.Namespace) -> tuple[Any, Any]:
     """(device, dtype) from the engine flags, with torch threads set."""
     import torch
 
-    from node.engine import pick_device, pick_dtype
+    from node.engine.local import pick_device, pick_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,10 +260,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def generate_local(args: argparse.Namespace) -> int:
-    from node.engine import LocalPipeline, Timings, fit_request, generate, generation_result
-    from node.sampling import SamplingParams
-    from node.tokenizer import TextStream
-    from node.weights import open_checkpoint
+    from node.engine.local import LocalPipeline, Timings, fit_request, generate, generation_result
+    from node.engine.sampling import SamplingParams
+    from node.engine.tokenizer import TextStream
+    from node.engine.weights import open_checkpoint
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     device, dtype = _engine(args)
@@ -306,7 +306,7 @@ LOCAL_ONLY = ("model", "split", "device", "dtype", "threads", "quantize")
 def generate_remote(args: argparse.Namespace) -> int:
     """Through a daemon: it tokenizes, drives the ring and streams tokens back."""
     _refuse_local_flags(args, LOCAL_ONLY)
-    from node.sampling import SamplingParams
+    from node.engine.sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # errors here
     with _client(args) as client:
@@ -357,9 +357,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 def _perplexity_local(args: argparse.Namespace, text: str) -> dict:
     import torch
 
-    from node.engine import LocalPipeline
-    from node.perplexity import result, run_local, windows
-    from node.weights import open_checkpoint
+    from node.engine.local import LocalPipeline
+    from node.engine.perplexity import result, run_local, windows
+    from node.engine.weights import open_checkpoint
 
     device, dtype = _engine(args)
     ckpt = open_checkpoint(args.model)
@@ -490,8 +490,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """The planner on a described cluster: what a cluster would run, before buying it."""
     import torch
 
-    from node.planner import make_plan, predict
-    from node.shapes import find_shape
+    from node.cluster.planner import make_plan, predict
+    from node.engine.shapes import find_shape
 
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -545,7 +545,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from node.doctor import diagnose, render
+    from node.cluster.doctor import diagnose, render
 
     checks = diagnose(parse_address(args.node), args.cluster, args.listen, args.mdns_interface,
                       _client_keys(args))  # fmt: skip
@@ -566,11 +566,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from discovery.capabilities import load_or_measure
     from discovery.interfaces import is_loopback, lan_interfaces
     from node import data_dir
-    from node.api import bind as bind_api
-    from node.daemon import Daemon, DaemonConfig, listen
-    from node.engine import available_memory
-    from node.models.quantized import check_device
-    from node.weights import layer_format, open_checkpoint
+    from node.cluster.api import bind as bind_api
+    from node.cluster.daemon import Daemon, DaemonConfig, listen
+    from node.engine.local import available_memory
+    from node.engine.models.quantized import check_device
+    from node.engine.weights import layer_format, open_checkpoint
     from protocol.wire import ACTIVATION_DTYPES
 
     logging.basicConfig(

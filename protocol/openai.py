@@ -1,6 +1,6 @@
 """OpenAI's HTTP API as data: request bodies checked into what a generation needs, and the
 objects the API answers with (completions, stream chunks, errors). Pure: the server is
-node/api.py.
+node/cluster/api.py.
 
 Fields are checked as OpenAI checks them: unknown ones are ignored, known ones of the wrong
 type are a 400 naming the field, and features we do not have (n > 1, tools, logprobs) are

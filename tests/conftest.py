@@ -87,7 +87,7 @@ def llama_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer saved by transformers as tokenizer.json."""
     from transformers import AutoTokenizer
 
-    from node.weights import open_checkpoint
+    from node.engine.weights import open_checkpoint
 
     ckpt = open_checkpoint(None)
     dst = make_model("llama", tmp_path_factory.mktemp("tok") / "llama", vocab_size=49152)

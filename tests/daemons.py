@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from discovery.capabilities import CACHE_FILE, cache_key, model_key_of
-from node.secret import ENV
-from node.weights import layer_format, open_checkpoint
+from node.cluster.secret import ENV
+from node.engine.weights import layer_format, open_checkpoint
 from tests.conftest import run_cli
 
 # What loopback clusters' daemons find in their data dir instead of measuring: one machine

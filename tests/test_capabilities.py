@@ -10,8 +10,8 @@ import torch
 from discovery.capabilities import CACHE_FILE, load_or_measure
 from discovery.interfaces import Interface, best_address, lan_interfaces
 from discovery.mdns import Advert
+from node.engine.weights import open_checkpoint
 from node.errors import RinginferError
-from node.weights import open_checkpoint
 
 
 def test_capabilities_are_measured_once_then_read_from_the_data_dir(tmp_path):  # noqa: ANN001

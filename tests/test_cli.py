@@ -29,7 +29,7 @@ def test_default_model_knows_paris():
 def test_default_model_greedy_equals_transformers():
     from transformers import AutoModelForCausalLM
 
-    from node.weights import open_checkpoint
+    from node.engine.weights import open_checkpoint
 
     ckpt = open_checkpoint(None)
     prompt = "The capital of France is"
@@ -56,7 +56,7 @@ def test_plain_output_streams_the_same_text(tiny_models):  # noqa: ANN001
 def test_split_gpt2_equals_transformers(tiny_models, split):  # noqa: ANN001
     import tiktoken  # noqa: F401  (the CLI tokenizes with tiktoken; so do we, through it)
 
-    from node.tokenizer import Tokenizer
+    from node.engine.tokenizer import Tokenizer
 
     path = tiny_models["gpt2"]
     prompt = "Once upon a time"

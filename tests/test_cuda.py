@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.engine import LocalPipeline, generate
-from node.sampling import SamplingParams
-from node.weights import open_checkpoint
+from node.engine.local import LocalPipeline, generate
+from node.engine.sampling import SamplingParams
+from node.engine.weights import open_checkpoint
 from tests.conftest import FAMILIES, hf_greedy, hf_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -41,7 +41,7 @@ def test_cuda_logits_and_greedy_match_transformers(tiny_models, family, dtype): 
 def test_cuda_quantized_near_transformers_on_the_same_weights(tiny_models, family, fmt):  # noqa: ANN001
     """int4 packs for CUDA's own kernel; int8 is dequantized to bfloat16 there (the CUDA
     int8 kernel is slow). Oracle: transformers on the dequantized weights, bfloat16."""
-    from node.models.quantized import quantize
+    from node.engine.models.quantized import quantize
 
     model = hf_model(tiny_models[family])
     with torch.no_grad():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from node.engine import LocalPipeline
-from node.weights import open_checkpoint
+from node.engine.local import LocalPipeline
+from node.engine.weights import open_checkpoint
 from tests.conftest import hf_model, run_cli
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7, 9, 61, 88, 13, 200]
@@ -203,8 +203,8 @@ def test_lazy_reader_equals_gguf_reader(tiny_models, tmp_path, quant):  # noqa: 
     type, shape, offset and bytes."""
     from gguf import GGUFReader
 
-    from node.gguf_file import GGUFFile
-    from node.weights import default_model_path
+    from node.engine.gguf_file import GGUFFile
+    from node.engine.weights import default_model_path
 
     if quant == "default":
         path = default_model_path()
@@ -223,7 +223,7 @@ def test_lazy_reader_equals_gguf_reader(tiny_models, tmp_path, quant):  # noqa: 
 
 
 def test_truncated_gguf_is_one_line(tmp_path):  # noqa: ANN001
-    from node.weights import default_model_path
+    from node.engine.weights import default_model_path
 
     data = default_model_path().read_bytes()
     for cut in (100, 2_000_000, len(data) - 1000):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.engine import LocalPipeline
-from node.weights import open_checkpoint
+from node.engine.local import LocalPipeline
+from node.engine.weights import open_checkpoint
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7]
 STEPS = 20

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.membership import Member, Members
+from node.cluster.members import Member, Members
 
 
 def hello(node_id: str, boot: str, address: str, at: float) -> Member:

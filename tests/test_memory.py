@@ -51,8 +51,8 @@ def test_middle_third_peaks_well_below_whole_model(wide_model, model, third, who
 def test_default_model_stays_as_small_as_its_file():
     """Kept quantized, the default model's peak while loading is at most 1.3x the GGUF's
     tensor bytes (float32 was 7x), and a middle third at most 0.45x of the whole."""
-    from node.gguf_file import GGUFFile
-    from node.weights import default_model_path
+    from node.engine.gguf_file import GGUFFile
+    from node.engine.weights import default_model_path
 
     file_kib = sum(t.n_bytes for t in GGUFFile(default_model_path()).tensors.values()) / 1024
     whole, third = peak_growth_kib("", "0:30", "auto"), peak_growth_kib("", "10:20", "auto")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.engine import LocalPipeline, generate
-from node.sampling import SamplingParams
-from node.weights import open_checkpoint
+from node.engine.local import LocalPipeline, generate
+from node.engine.sampling import SamplingParams
+from node.engine.weights import open_checkpoint
 from tests.conftest import FAMILIES, hf_greedy, hf_model
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7, 9, 61, 88, 13, 200]

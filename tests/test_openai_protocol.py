@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.stop_strings import StopStrings
+from node.engine.stop_strings import StopStrings
 from protocol.openai import Answer, APIError, parse_request
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

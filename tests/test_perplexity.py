@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from node.engine.perplexity import score, windows
 from node.errors import RinginferError
-from node.perplexity import score, windows
 from tests.conftest import TEXT, run_cli
 
 CONTEXT = "256"
@@ -47,7 +47,7 @@ def test_float32_perplexity_equals_transformers_logits(float32):  # noqa: ANN001
     """The same windows scored on transformers' own logits of the same GGUF weights."""
     from transformers import AutoModelForCausalLM
 
-    from node.weights import open_checkpoint
+    from node.engine.weights import open_checkpoint
 
     ckpt = open_checkpoint(None)
     tok = ckpt.tokenizer()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.shapes import find_shape
+from node.engine.shapes import find_shape
 from tests.conftest import hf_model, run_cli
 
 GIB = 2**30

@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from node.errors import RinginferError
-from node.planner import (
+from node.cluster.planner import (
     HEADROOM,
     ModelShape,
     NodeSpec,
@@ -16,6 +15,7 @@ from node.planner import (
     make_plan,
     predict,
 )
+from node.errors import RinginferError
 
 GIB = 2**30
 # 30 layers of 0.1 GiB; the embedding and the head small, so layer counts tell the story.

@@ -13,9 +13,8 @@ import json
 import pytest
 import torch
 
-from node.engine import LocalPipeline
-from node.errors import RinginferError
-from node.models.quantized import (
+from node.engine.local import LocalPipeline
+from node.engine.models.quantized import (
     CHUNK,
     QuantizedTensor,
     check_device,
@@ -23,7 +22,8 @@ from node.models.quantized import (
     pack_int4,
     quantize,
 )
-from node.weights import open_checkpoint
+from node.engine.weights import open_checkpoint
+from node.errors import RinginferError
 from tests.conftest import hf_model, make_model, run_cli
 from tests.test_gguf import K_TYPES, PROMPT, write_gguf
 
@@ -132,7 +132,7 @@ def test_int4_packing_in_chunks_equals_packing_whole():
 def test_lm_head_top_logits_are_float32_exact(fmt):  # noqa: ANN001
     """The kernels' outputs are bfloat16; an LM head recomputes each row's logits near its
     maximum in float32 from the dequantized codes, so near-ties are not rounded into ties."""
-    from node.models.quantized import REFINE, QuantizedEmbedding, quantized_module
+    from node.engine.models.quantized import REFINE, QuantizedEmbedding, quantized_module
 
     torch.manual_seed(0)
     w = quantize(torch.randn(1000, 256) * 0.1, fmt)

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
+from node.engine.sampling import SamplingParams, sample
 from node.errors import RinginferError
-from node.sampling import SamplingParams, sample
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
 DRAWS = 4000

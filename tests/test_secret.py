@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from node.secret import ClusterKeys
+from node.cluster.secret import ClusterKeys
 from protocol.wire import Kind, encode, message
 from tests.conftest import run_cli
 from tests.daemons import Cluster, Daemon, free_port, seed_capabilities

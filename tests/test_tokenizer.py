@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node.tokenizer import TextStream, Tokenizer
-from node.weights import open_checkpoint
+from node.engine.tokenizer import TextStream, Tokenizer
+from node.engine.weights import open_checkpoint
 from tests.conftest import hf_greedy, hf_model, run_cli
 
 TEXTS = ["Hello world", "Numbers 12345, 3.14!\n\n\tok", "naïve café 日本語 🤖", "it's <|im_end|>"]

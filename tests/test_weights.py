@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from node.engine import LocalPipeline
-from node.weights import HFCheckpoint, open_checkpoint
+from node.engine.local import LocalPipeline
+from node.engine.weights import HFCheckpoint, open_checkpoint
 from tests.conftest import hf_model, make_model
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7]
@@ -35,7 +35,7 @@ def test_stage_reads_only_its_own_tensors(tiny_models, monkeypatch):  # noqa: AN
     monkeypatch.setattr(
         HFCheckpoint, "tensor", lambda self, n, fmt: read.append(n) or original(self, n, fmt)
     )
-    from node.weights import load_stage
+    from node.engine.weights import load_stage
 
     load_stage(open_checkpoint(str(tiny_models["llama"])), 1, 3, torch.device("cpu"), torch.float32)
     layers = {int(n.split(".")[2]) for n in read if n.startswith("model.layers.")}

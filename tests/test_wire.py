@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.log_budget import LogBudget
+from node.cluster.log_budget import LogBudget
 from protocol.wire import VERSION, Kind, ProtocolError, decode, encode, message
 
 

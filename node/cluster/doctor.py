@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from discovery.interfaces import Interface, all_interfaces, is_loopback, lan_interfaces
 from discovery.mdns import PROBE_SERVICE, SERVICE, Advert, Discovery
 from node import __version__
-from node.client import Client
+from node.cluster.client import Client
+from node.cluster.secret import ClusterKeys
 from node.errors import RinginferError
-from node.secret import ClusterKeys
 from protocol.wire import VERSION
 
 

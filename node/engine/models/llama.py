@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.engine.kv_cache import KVCache
+from node.engine.models.attention import Step, attend, causal_mask
+from node.engine.models.linear import Linear
+from node.engine.models.stage import Stage, embedding
 from node.errors import RinginferError
-from node.kv_cache import KVCache
-from node.models.attention import Step, attend, causal_mask
-from node.models.linear import Linear
-from node.models.stage import Stage, embedding
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 GGUF_ARCHITECTURES = ("llama", "qwen2")

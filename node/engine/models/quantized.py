@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from node.engine.models.linear import Linear
 from node.errors import RinginferError
-from node.models.linear import Linear
 
 GROUP = 32  # int4 group size: llama.cpp's block size, the smallest the kernels take
 CHUNK = 1 << 20  # values converted at a time: bounds the transient copies of a tensor (4 MiB)

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.kv_cache import KVCache
-from node.models.linear import Linear
+from node.engine.kv_cache import KVCache
+from node.engine.models.linear import Linear
 
 
 def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:

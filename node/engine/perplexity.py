@@ -7,7 +7,7 @@ tokenizer starts texts with BOS, every window's first token is replaced by BOS. 
 exp of the mean negative log-likelihood over all scored tokens.
 
 The decisions are pure functions; `run_local` evaluates windows in this process, and the
-daemon evaluates them over the ring (the last stage scores, see node/shard.py).
+daemon evaluates them over the ring (the last stage scores, see node/engine/shard.py).
 """
 
 from __future__ import annotations

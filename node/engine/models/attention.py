@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from node.kv_cache import KVCache
+from node.engine.kv_cache import KVCache
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
+from node.cluster.planner import ModelShape
+from node.engine.models import Family, family_for_hf
+from node.engine.models.quantized import BYTES_PER_WEIGHT, module_format, quantizable
+from node.engine.weights import layer_format, open_checkpoint
 from node.errors import RinginferError
 from node.json_file import read_json
-from node.models import Family, family_for_hf
-from node.models.quantized import BYTES_PER_WEIGHT, module_format, quantizable
-from node.planner import ModelShape
-from node.weights import layer_format, open_checkpoint
 
 _LAYER_PARAM = re.compile(r"(^|\.)\d+\.")
 

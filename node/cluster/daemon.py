@@ -31,13 +31,10 @@ from discovery.capabilities import Capabilities
 from discovery.interfaces import Interface, is_loopback, primary_address
 from discovery.mdns import SERVICE, Advert, Discovery
 from node import __version__
-from node.api import API, Listener
-from node.engine import Timings, TokenLoop, fit_request, generation_result
-from node.errors import RinginferError
-from node.log_budget import LogBudget
-from node.membership import Member, Members
-from node.perplexity import Scores, Tally, Window, result, windows
-from node.planner import (
+from node.cluster.api import API, Listener
+from node.cluster.log_budget import LogBudget
+from node.cluster.members import Member, Members
+from node.cluster.planner import (
     DEFAULT_BANDWIDTH,
     DEFAULT_CONTEXT,
     DEFAULT_FLOPS,
@@ -49,13 +46,16 @@ from node.planner import (
     predict,
     stage_bytes,
 )
-from node.sampling import Candidates, SamplingParams
-from node.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
-from node.shapes import shape_of
-from node.shard import Shard
-from node.stop_strings import StopStrings
-from node.tokenizer import TextStream, Tokenizer
-from node.weights import Checkpoint
+from node.cluster.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
+from node.engine.local import Timings, TokenLoop, fit_request, generation_result
+from node.engine.perplexity import Scores, Tally, Window, result, windows
+from node.engine.sampling import Candidates, SamplingParams
+from node.engine.shapes import shape_of
+from node.engine.shard import Shard
+from node.engine.stop_strings import StopStrings
+from node.engine.tokenizer import TextStream, Tokenizer
+from node.engine.weights import Checkpoint
+from node.errors import RinginferError
 from protocol.wire import (
     VERSION,
     Kind,
@@ -94,7 +94,7 @@ class DaemonConfig:
     plan_wait_s: float = 600.0
     leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node
     threads: int | None = None
-    quantize: str = "auto"  # how weights are kept in memory (node/models/quantized.py)
+    quantize: str = "auto"  # how weights are kept in memory (node/engine/models/quantized.py)
     layer_format: str = "none"  # what that makes of the layers' weights: none, int8, int4
     keys: ClusterKeys | None = None  # the cluster secret's keys; None: plain ZeroMQ
 

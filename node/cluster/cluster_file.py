@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.cluster.planner import DEFAULT_BANDWIDTH, DEFAULT_FLOPS, DEFAULT_RTT_S, Links, NodeSpec
 from node.errors import RinginferError
 from node.json_file import read_json
-from node.planner import DEFAULT_BANDWIDTH, DEFAULT_FLOPS, DEFAULT_RTT_S, Links, NodeSpec
 
 BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _DECIMAL = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}

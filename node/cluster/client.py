@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import zmq
 
+from node.cluster.secret import ClusterKeys
 from node.errors import RinginferError
-from node.secret import ClusterKeys
 from protocol.wire import Kind, Message, ProtocolError, decode, encode, message
 
 DEFAULT_PORT = 7710
-DEFAULT_API = "127.0.0.1:7700"  # the HTTP API and web page (node/api.py)
+DEFAULT_API = "127.0.0.1:7700"  # the HTTP API and web page (node/cluster/api.py)
 
 
 class Client:

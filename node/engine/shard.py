@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.engine.kv_cache import KVCache
+from node.engine.models.quantized import holdings, label
+from node.engine.models.stage import Stage
+from node.engine.perplexity import Scores, score
+from node.engine.sampling import Candidates, SamplingParams, candidates
+from node.engine.weights import Checkpoint, Progress, load_stage
 from node.errors import RinginferError
-from node.kv_cache import KVCache
-from node.models.quantized import holdings, label
-from node.models.stage import Stage
-from node.perplexity import Scores, score
-from node.sampling import Candidates, SamplingParams, candidates
-from node.weights import Checkpoint, Progress, load_stage
 from protocol.wire import ProtocolError
 
 

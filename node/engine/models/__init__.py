@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from node.engine.models import gpt2, llama
+from node.engine.models.stage import Stage
 from node.errors import RinginferError
-from node.models import gpt2, llama
-from node.models.stage import Stage
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from discovery.interfaces import is_loopback
-from node.engine import PromptTooLong
+from node.engine.local import PromptTooLong
+from node.engine.sampling import SamplingParams
 from node.errors import RinginferError
-from node.sampling import SamplingParams
 from protocol.openai import (
     Answer,
     APIError,
@@ -37,7 +37,7 @@ from protocol.openai import (
 from protocol.wire import Kind, Message
 
 if TYPE_CHECKING:
-    from node.daemon import Daemon
+    from node.cluster.daemon import Daemon
 
 log = logging.getLogger("ringinfer")
 
