@@ -567,7 +567,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from discovery.interfaces import is_loopback, lan_interfaces
     from node import data_dir
     from node.cluster.api import bind as bind_api
-    from node.cluster.daemon import Daemon, DaemonConfig, listen
+    from node.cluster.daemon import Daemon, DaemonConfig
+    from node.cluster.transport import listen
     from node.engine.local import available_memory
     from node.engine.models.quantized import check_device
     from node.engine.weights import layer_format, open_checkpoint

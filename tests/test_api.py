@@ -48,7 +48,7 @@ def expected() -> dict[str, dict]:
 
 
 def client(node: Daemon, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{node.cluster.api}/v1", api_key=key, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{node.api}/v1", api_key=key, max_retries=0, timeout=120)
 
 
 def ask(c: openai.OpenAI, question: str = QUESTION, **kw: object) -> object:
@@ -162,16 +162,16 @@ def test_bad_requests_get_openai_errors_and_the_next_good_one_works(cluster):  #
     node = cluster.nodes[0]
     for what, path, body, status in BAD:
         raw = body if isinstance(body, bytes) else None
-        got, payload, _ = post(node.cluster.api + path, body, raw=raw)
+        got, payload, _ = post(node.api + path, body, raw=raw)
         assert got == status, (what, payload)
         error = payload["error"]
         assert set(error) == {"message", "type", "param", "code"}, what
         assert error["message"] and "Traceback" not in error["message"], what
-        good, answer, _ = post(node.cluster.api + "/v1/chat/completions", CHAT)
+        good, answer, _ = post(node.api + "/v1/chat/completions", CHAT)
         assert good == 200 and answer["choices"][0]["message"]["content"], what
-    _, payload, _ = post(node.cluster.api + "/v1/chat/completions", {**CHAT, "n": 2})
+    _, payload, _ = post(node.api + "/v1/chat/completions", {**CHAT, "n": 2})
     assert "only 1" in payload["error"]["message"] and payload["error"]["param"] == "n"
-    got, payload, _ = post(node.cluster.api + "/v1/chat/completions", None, method="GET")
+    got, payload, _ = post(node.api + "/v1/chat/completions", None, method="GET")
     assert got == 405 and "POST" in payload["error"]["message"]
 
 
@@ -202,7 +202,7 @@ def cluster_idle(cluster: Cluster, timeout: float = 10) -> list[dict]:
 
 def test_a_client_gone_mid_stream_frees_every_stage(cluster):  # noqa: ANN001
     node = cluster.nodes[1]
-    parts = urlsplit(node.cluster.api)
+    parts = urlsplit(node.api)
     body = json.dumps({"prompt": "Tell me a long story", "max_tokens": 2000, "ignore_eos": True,
                        "stream": True}).encode()  # fmt: skip
     sock = socket.create_connection((parts.hostname, parts.port))
@@ -243,13 +243,13 @@ def test_without_a_live_plan_requests_get_503_with_retry_after(tmp_path: Path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                got, payload, headers = post(node.cluster.api + "/health", None, method="GET")
+                got, payload, headers = post(node.api + "/health", None, method="GET")
                 if "do not fit" in payload["error"]["message"] or time.monotonic() > deadline:
                     break
             except OSError:
                 assert node.proc.poll() is None, node.text()
             time.sleep(0.3)
-        got, payload, headers = post(node.cluster.api + "/v1/chat/completions", CHAT)
+        got, payload, headers = post(node.api + "/v1/chat/completions", CHAT)
         assert got == 503 and headers["Retry-After"] == "5", payload
         assert payload["error"]["code"] == "no_live_plan"
         assert "do not fit" in payload["error"]["message"]  # why: the plan's own error

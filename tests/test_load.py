@@ -39,7 +39,7 @@ def test_a_request_beyond_the_offered_memory_is_busy_then_admitted_once_room_fre
         proc = run_cli("generate", "--node", node.address, "Twice", *BIG)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert "[busy]" in proc.stderr and "is full" in proc.stderr
-        host, port = node.cluster.api.removeprefix("http://").split(":")
+        host, port = node.api.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         body = {"prompt": "Thrice", "max_tokens": 3000, "ignore_eos": True}
         conn.request("POST", "/v1/completions", json.dumps(body))

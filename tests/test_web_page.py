@@ -55,7 +55,7 @@ def cards(page: Page) -> dict[str, str]:
 
 def test_the_page_shows_the_ring_streams_a_chat_and_drops_a_dead_node(cluster, page):  # noqa: ANN001
     node = cluster.nodes[0]
-    page.goto(f"{node.cluster.api}/")
+    page.goto(f"{node.api}/")
     page.wait_for_selector("#key-form:not([hidden])")  # this daemon wants a key: asked once
     page.fill("#key-input", KEY)
     page.click("#key-form button[type=submit]")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from discovery.interfaces import is_loopback
+from node.cluster.status import status
 from node.engine.local import PromptTooLong
 from node.engine.sampling import SamplingParams
 from node.errors import RinginferError
@@ -184,8 +185,9 @@ class API:
         daemon = self.daemon
         if daemon.leaving.is_set():
             raise _unavailable("this daemon is shutting down", "stopping")
-        if daemon.plan is None or daemon.pending is not None:
-            why = daemon.plan_error or f"no live plan yet ({daemon.state()})"
+        plans = daemon.plans
+        if plans.plan is None or plans.pending is not None:
+            why = plans.error or f"no live plan yet ({plans.state()})"
             raise _unavailable(why, "no_live_plan")
 
     # ---------------------------------------------------------------- routes
@@ -215,7 +217,7 @@ class API:
         return web.json_response(model_card(self.daemon.ckpt.name, self.context, self.created))
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.daemon.status())
+        return web.json_response(status(self.daemon))
 
     async def status_stream(self, request: web.Request) -> web.StreamResponse:
         """The status object as server-sent events, each time it changes (for the page)."""
@@ -223,7 +225,7 @@ class API:
         last, quiet = "", 0.0
         with contextlib.suppress(ConnectionResetError):
             while not self.closing.is_set():
-                text = json.dumps(self.daemon.status())
+                text = json.dumps(status(self.daemon))
                 if text != last or quiet > 15:
                     await response.write(f"data: {text}\n\n".encode())
                     last, quiet = text, 0.0
@@ -246,14 +248,15 @@ class API:
         queue: asyncio.Queue[Message] = asyncio.Queue()
         params = SamplingParams(ask.temperature, ask.top_k, ask.top_p, ask.seed)
         try:
-            req = self.daemon.new_request(queue.put, prompt, ask.max_tokens, params, ask.stop,
-                                          ask.ignore_eos)  # fmt: skip
+            req = self.daemon.requester.new_request(
+                queue.put, prompt, ask.max_tokens, params, ask.stop, ask.ignore_eos
+            )  # fmt: skip
         except PromptTooLong as e:
             raise APIError(413, str(e), code="context_length_exceeded",
                            param="messages" if chat else "prompt") from None  # fmt: skip
         except RinginferError as e:
             raise APIError(400, str(e)) from None
-        task = self.daemon.start(req)
+        task = self.daemon.requester.start(req)
         answer = Answer(chat, self.daemon.ckpt.name)
         try:
             first = await queue.get()  # ACCEPTED, or why not: a plain error answer still

@@ -1,0 +1,269 @@
+"""Plan agreement: one plan epoch at a time for the whole cluster.
+
+The member with the smallest id coordinates: when the members change it makes a plan
+(node/cluster/planner.py, pure) and walks every member through three phases, each acked:
+`prepare` (requesters finish the requests on the old plan), `load` (each node loads its
+layers) and `live`. Nobody swaps layers under a running request, and a proposal that a
+member cannot follow (it left, failed to load, or saw a newer epoch) is abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from node.cluster.planner import (
+    DEFAULT_BANDWIDTH,
+    DEFAULT_CONTEXT,
+    DEFAULT_FLOPS,
+    LAYER_OVERHEAD_S,
+    NodeSpec,
+    Plan,
+    make_plan,
+)
+from node.engine.shard import Shard
+from node.errors import RinginferError
+from protocol.wire import Kind, Message, ProtocolError, message
+
+if TYPE_CHECKING:
+    from discovery.capabilities import Capabilities
+    from node.cluster.daemon import Daemon
+
+log = logging.getLogger("ringinfer")
+
+
+def node_spec(
+    node_id: str, memory: int, pin: tuple[int, int] | None, caps: Capabilities
+) -> NodeSpec:
+    """What the planner knows of a node; a peer that measured nothing gets the defaults."""
+    return NodeSpec(
+        node_id, memory, pin, caps.flops or DEFAULT_FLOPS, caps.bandwidth or DEFAULT_BANDWIDTH,
+        caps.layer_overhead_s or LAYER_OVERHEAD_S, caps.layer_s,
+    )  # fmt: skip
+
+
+class Plans:
+    def __init__(self, node: Daemon) -> None:
+        self.node = node
+        self.plan: Plan | None = None  # the live plan
+        self.live = asyncio.Event()
+        self.pending: Plan | None = None  # a proposal being prepared or loaded
+        self.seen_epoch = 0  # the newest proposal this node accepted
+        self.highest_epoch = 0  # the newest epoch this node heard of, as coordinator
+        self.error = ""  # why the last plan could not be made or loaded
+        self.planned_members: frozenset[tuple[str, Any]] = frozenset()
+        self.acks: dict[tuple[int, str], set[str]] = {}
+        self.ack_event = asyncio.Event()
+        self.replan = asyncio.Event()
+        self.loading = ""
+
+    def state(self) -> str:
+        """This node's state as members and `status` see it."""
+        node = self.node
+        if node.leaving.is_set():
+            return "leaving"
+        if node.membership.impostor_seen():
+            return "duplicate id"
+        if self.loading:
+            return self.loading
+        if self.pending:
+            return "replanning"
+        if self.plan is None:
+            return "waiting for a plan" if not self.error else "no plan"
+        return "ready" if self.plan.stage_of(node.id) else "idle"
+
+    def members_changed(self) -> None:
+        """Plan again, even for the same ids: a restarted node lost its layers."""
+        self.planned_members = frozenset()
+        self.replan.set()
+
+    def _is_coordinator(self) -> bool:
+        node = self.node
+        if node.membership.impostor_seen():
+            return False  # our id is not ours alone: others keep it out of plans
+        return all(node.id < m.id for m in node.membership.members.same_model(node.fingerprint))
+
+    def candidates(self) -> list[NodeSpec]:
+        """Nodes that may hold layers: ours and same-model members, except leaving ones."""
+        node, cfg = self.node, self.node.cfg
+        me = [] if node.leaving.is_set() else [node_spec(node.id, cfg.memory, cfg.pin, cfg.caps)]
+        others = [
+            node_spec(m.id, m.memory, m.pin, m.caps)
+            for m in node.membership.members.same_model(node.fingerprint)
+            if m.state != "leaving"
+        ]
+        return [*me, *others]
+
+    def links(self) -> dict[tuple[str, str], float]:
+        """Round trips we measured, and those our members measured and told us."""
+        members = self.node.membership.members
+        links = {(self.node.id, m.id): m.rtt for m in members if m.rtt is not None}
+        for m in members:
+            links.update({(m.id, other): rtt for other, rtt in m.rtts.items()})
+        return links
+
+    def _members(self) -> list[str]:
+        node = self.node
+        return [node.id, *(m.id for m in node.membership.members.same_model(node.fingerprint))]
+
+    async def loop(self) -> None:
+        """On the coordinator (smallest id): a new plan epoch whenever membership changes."""
+        node = self.node
+        while True:
+            await self.replan.wait()
+            await asyncio.sleep(0.3)  # joins come in bursts: plan once for all of them
+            self.replan.clear()
+            if not self._is_coordinator():
+                continue
+            nodes = self.candidates()
+            key = frozenset((n.id, n.pin) for n in nodes)
+            if key == self.planned_members:
+                continue  # planned already (or failed: wait for the membership to change)
+            seen = [self.seen_epoch, self.highest_epoch, *(m.seen for m in node.membership.members)]
+            epoch = max(seen) + 1
+            self.highest_epoch = epoch
+            context = min(DEFAULT_CONTEXT, node.ckpt.config.max_seq_len)
+            try:
+                plan = make_plan(node.ckpt.name, epoch, node.shape, nodes, node.cfg.objective,
+                                 self.links(), context)  # fmt: skip
+            except RinginferError as e:
+                if str(e) != self.error:
+                    log.error("cannot plan: %s", e)
+                self.error = str(e)
+                continue
+            self.error = ""
+            self.planned_members = key
+            node.spawn(self._propose(plan, key))
+
+    async def _propose(self, plan: Plan, key: frozenset) -> None:
+        """Prepare (requesters drain), load, live: nobody swaps layers under a request."""
+        members = self._members()
+        ranges = ", ".join(f"{self.node.name(s.node)} {s.start}-{s.end}" for s in plan.stages)
+        log.info("proposing plan epoch %d: %s", plan.epoch, ranges)
+        for phase in ("prepare", "load"):
+            for member in members:
+                self._send_plan(member, plan, phase)
+            why = await self._acked(plan.epoch, phase, members)
+            if why:
+                log.info("plan epoch %d abandoned during %s: %s", plan.epoch, phase, why)
+                if self.planned_members == key and not self.acks.get((plan.epoch, "failed")):
+                    self.members_changed()  # a member left: plan again
+                return
+        for member in members:
+            self._send_plan(member, plan, "live")
+
+    def _send_plan(self, member: str, plan: Plan, phase: str) -> None:
+        body = {"plan": plan.to_json(), "phase": phase, "from": self.node.id}
+        self.node.send_node(member, message(Kind.PLAN, epoch=plan.epoch, body=body))
+
+    async def _acked(self, epoch: int, phase: str, members: list[str]) -> str:
+        """'' once every member reached `phase`, else why the proposal is abandoned."""
+        node = self.node
+        while True:
+            if self.acks.get((epoch, phase), set()) >= set(members):
+                return ""
+            by_id = node.membership.members.by_id
+            gone = [node.name(n) for n in members if n != node.id and n not in by_id]
+            reasons = {
+                f"{', '.join(gone)} left": gone,
+                f"a member failed: {self.error}": self.acks.get((epoch, "failed")),
+                "a member had seen a newer epoch": self.acks.get((epoch, "stale")),
+                "superseded": self.seen_epoch > epoch or not self._is_coordinator(),
+                "stopping": node.stopping.is_set(),
+            }
+            for reason, happened in reasons.items():
+                if happened:
+                    return reason
+            self.ack_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ack_event.wait(), 1.0)
+
+    async def on_plan(self, identity: bytes, msg: Message, host: str) -> None:
+        node = self.node
+        try:
+            plan = Plan.from_json(msg.body["plan"], node.ckpt.n_layers)
+        except RinginferError as e:
+            raise ProtocolError("bad-plan", str(e)) from None
+        phase, source = msg.body["phase"], str(msg.body.get("from", ""))
+        if phase == "prepare" and plan.epoch <= self.seen_epoch:
+            # Another coordinator used this epoch (a race while members joined): tell this
+            # one to propose again above what we have seen.
+            self._ack(source, plan.epoch, "stale", seen=self.seen_epoch)
+            return
+        if plan.epoch < self.seen_epoch:
+            return  # superseded
+        if phase == "prepare":
+            self.seen_epoch, self.pending = plan.epoch, plan
+            self.live.clear()
+            node.spawn(self._prepare(plan, source))
+        elif phase == "load" and self.pending and self.pending.epoch == plan.epoch:
+            node.spawn(self._load(plan, source))
+        elif phase == "live" and self.pending and self.pending.epoch == plan.epoch:
+            self.plan, self.pending = plan, None
+            self.error = ""  # whoever failed to plan before, this one worked
+            self.live.set()
+            mine = plan.stage_of(node.id)
+            role = f"layers {mine.start}-{mine.end}" if mine else "no layers"
+            log.info("plan epoch %d live: %s", plan.epoch, role)
+
+    async def _prepare(self, plan: Plan, source: str) -> None:
+        requester = self.node.requester
+        if requester.requests:
+            log.info("plan epoch %d waits for %d request(s) to finish", plan.epoch,
+                     len(requester.requests))  # fmt: skip
+        await requester.drained.wait()
+        if self.pending is plan:
+            self._ack(source, plan.epoch, "prepare")
+
+    async def _load(self, plan: Plan, source: str) -> None:
+        node, stage = self.node, self.node.stage
+        self.plan = None
+        mine = plan.stage_of(node.id)
+        have = (stage.shard.start, stage.shard.end) if stage.shard else None
+        if mine is None:
+            stage.shard = None
+        elif have != (mine.start, mine.end):
+            stage.shard = None
+            label = f"layers {mine.start}-{mine.end}"
+            began, last = time.monotonic(), [0.0]
+
+            def progress(done: int, total: int) -> None:
+                self.loading = f"loading {100 * done // total}%"
+                if time.monotonic() - last[0] > 1.0 or done == total:
+                    last[0] = time.monotonic()
+                    log.info("loading %s: %d/%d tensors", label, done, total)
+
+            cfg = node.cfg
+            try:
+                stage.shard = await asyncio.get_running_loop().run_in_executor(
+                    node.compute,
+                    lambda: Shard(
+                        node.ckpt, mine.start, mine.end, cfg.device, cfg.dtype, progress,
+                        cfg.quantize,
+                    ),
+                )
+            except Exception as e:
+                log.error("could not load %s: %s", label, e)
+                self._ack(source, plan.epoch, "failed", f"{cfg.name} could not load: {e}")
+                return
+            finally:
+                self.loading = ""
+            log.info("loaded %s in %.1fs", label, time.monotonic() - began)
+        if self.pending and self.pending.epoch == plan.epoch:
+            self._ack(source, plan.epoch, "load")
+
+    def _ack(self, coordinator: str, epoch: int, phase: str, why: str = "", seen: int = 0) -> None:
+        body = {"id": self.node.id, "phase": phase, "error": why, "seen": seen}
+        self.node.send_node(coordinator, message(Kind.PLAN_ACK, epoch=epoch, body=body))
+
+    async def on_plan_ack(self, identity: bytes, msg: Message, host: str) -> None:
+        self.acks.setdefault((msg.epoch, msg.body["phase"]), set()).add(msg.body["id"])
+        if msg.body["phase"] == "failed":
+            self.error = str(msg.body.get("error", ""))[:500]
+        seen = msg.body.get("seen")
+        if type(seen) is int and seen > self.highest_epoch:
+            self.highest_epoch = seen
+        self.ack_event.set()

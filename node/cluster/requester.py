@@ -1,0 +1,380 @@
+"""The requester side: the requests this node was asked for, by a client or the HTTP API.
+
+The requester tokenizes, sends each step's positions into the ring and samples the next
+token from what the last stage returns, so the sampler's state never leaves this node. It
+keeps each request's token history: when a stage is lost under a request, the request is
+replayed into the next plan and goes on as if nothing happened (`_replay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import zmq
+
+from node.cluster.planner import Plan
+from node.cluster.transport import ClientGone
+from node.engine.local import Timings, TokenLoop, fit_request, generation_result
+from node.engine.perplexity import Tally, Window, result, windows
+from node.engine.sampling import Candidates, SamplingParams
+from node.engine.stop_strings import StopStrings
+from node.engine.tokenizer import TextStream
+from node.errors import RinginferError
+from protocol.wire import Kind, Message, ProtocolError, TensorSpec, error, message
+
+if TYPE_CHECKING:
+    from node.cluster.daemon import Daemon
+
+log = logging.getLogger("ringinfer")
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# Failures of a stage, not of the request: replayed into the next plan (see _replay).
+REPLAYABLE = ("node-gone", "wrong-epoch", "not-a-stage", "unknown-request", "bad-positions")
+MAX_REPLAYS = 8  # per request: a failure that comes back every time is not a lost stage
+
+
+Sink = Callable[[Message], Awaitable[None]]  # where a request's answers go: client or API
+
+
+@dataclass
+class Request:
+    """A generation this node is the requester of."""
+
+    id: str
+    sink: Sink  # ACCEPTED, TOKENs, DONE or an ERROR, in that order
+    prompt: list[int]
+    capacity: int  # KV positions every stage allocates
+    max_tokens: int
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    stop: list[str] = field(default_factory=list)  # stop strings
+    replays: list[dict[str, Any]] = field(default_factory=list)  # recoveries from lost stages
+    plan: Plan | None = None  # set once it runs on the ring
+    task: asyncio.Task | None = None
+    result: asyncio.Future | None = None  # the pending step's candidates
+    step: int = 0
+    scored: int = 0  # scoring a window: how many log-probabilities the last stage returns
+
+
+class Requester:
+    def __init__(self, node: Daemon) -> None:
+        self.node = node
+        self.requests: dict[str, Request] = {}
+        self.ended: deque[str] = deque(maxlen=256)  # a cancelled request's last step may come
+        self.drained = asyncio.Event()  # no request holds a plan: a new one may go live
+        self.drained.set()
+
+    def stage_lost(self, member: str, why: str) -> None:
+        """A member is gone: the steps of requests whose plan uses it fail now (and are
+        replayed), not after --request-timeout."""
+        for req in list(self.requests.values()):
+            if req.plan and member in req.plan.nodes and req.result and not req.result.done():
+                req.result.set_exception(RequestFailed("node-gone", why))
+
+    async def stop(self) -> None:
+        """Shutting down: every open request ends with an error to its client."""
+        tasks = [r.task for r in list(self.requests.values()) if r.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def on_generate(self, identity: bytes, msg: Message, host: str) -> None:
+        if self.node.leaving.is_set():
+            raise ProtocolError("stopping", "this daemon is shutting down")
+        body, reply = msg.body, functools.partial(self.node.transport.reply, identity)
+        try:
+            params = SamplingParams.from_json(body["sampling"])
+            prompt = self.node.tokenizer.encode_prompt(body["prompt"], body.get("chat") is True)
+            req = self.new_request(reply, prompt, max(1, body["max_tokens"]), params,
+                                   ignore_eos=body.get("ignore_eos") is True)  # fmt: skip
+        except RinginferError as e:
+            raise ProtocolError("bad-request", str(e)) from None
+        await self.serve(req, self._generate(req))
+
+    def new_request(
+        self, sink: Sink, prompt: list[int], max_tokens: int | None, params: SamplingParams,
+        stop: list[str] | None = None, ignore_eos: bool = False,
+    ) -> Request:  # fmt: skip
+        """A generation of up to `max_tokens` (None: to the end of the context); a prompt
+        that leaves no room is a RinginferError. Run it with `start`."""
+        context = self.node.ckpt.config.max_seq_len
+        capacity, max_tokens = fit_request(len(prompt), max_tokens or context, context)
+        stop_ids = frozenset() if ignore_eos else self.node.tokenizer.stop_ids
+        return Request(uuid.uuid4().hex[:16], sink, prompt, capacity, max_tokens, params,
+                       stop_ids, stop or [])  # fmt: skip
+
+    def start(self, req: Request) -> asyncio.Task:
+        """Run a generation in the background; cancelling the task ends it on every stage."""
+        return self.node.spawn(self.serve(req, self._generate(req)))
+
+    async def on_score(self, identity: bytes, msg: Message, host: str) -> None:
+        """A text's perplexity over the ring: one ring request per window, scored by the
+        last stage, the running perplexity sent to the client after each."""
+        if self.node.leaving.is_set():
+            raise ProtocolError("stopping", "this daemon is shutting down")
+        context = min(msg.body["context"], self.node.ckpt.config.max_seq_len)
+        try:
+            tokens = self.node.tokenizer.encode(msg.body["text"])
+            wins = windows(tokens, context, self.node.tokenizer.bos_id)
+        except RinginferError as e:
+            raise ProtocolError("bad-request", str(e)) from None
+        reply = functools.partial(self.node.transport.reply, identity)
+        req = Request(uuid.uuid4().hex[:16], reply, [], context, 0, SamplingParams(), frozenset())
+        await self.serve(req, self._perplexity(req, wins, context))
+
+    async def serve(self, req: Request, work: Coroutine[Any, Any, None]) -> None:
+        """Run a client's request to its end, whatever that is, freeing its caches."""
+        self.requests[req.id] = req
+        req.task = asyncio.current_task()
+        try:
+            await work
+        except ClientGone:
+            log.info("request %s: client went away, cancelled", req.id)
+        except RequestFailed as e:
+            log.warning("request %s failed: %s", req.id, e)
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await req.sink(error(e.code, str(e), req.id))
+        except asyncio.CancelledError:
+            if not self.node.leaving.is_set():  # the API cancels when its client disconnects
+                log.info("request %s: client went away, cancelled", req.id)
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await req.sink(error("stopping", "the daemon is shutting down", req.id))
+        finally:
+            self._release_plan(req)
+            del self.requests[req.id]
+
+    async def _accept(self, req: Request, prompt_tokens: int) -> list[dict[str, Any]]:
+        """Wait for a live plan, bind the request to it and tell the client; the plan as JSON."""
+        plans, wait_s = self.node.plans, self.node.cfg.plan_wait_s
+        while plans.plan is None or plans.pending:
+            log.info("request %s waits for the plan", req.id)
+            try:
+                await asyncio.wait_for(plans.live.wait(), wait_s)
+            except TimeoutError:
+                why = plans.error or "no live plan"
+                raise RequestFailed("no-plan", f"{why} after {wait_s:.0f}s") from None
+        self._hold_plan(req)
+        plan_json = [
+            {"node": s.node, "name": self.node.name(s.node), "start": s.start, "end": s.end}
+            for s in req.plan.stages
+        ]
+        body = {"plan": plan_json, "prompt_tokens": prompt_tokens}
+        await req.sink(message(Kind.ACCEPTED, req=req.id, body=body))
+        return plan_json
+
+    async def _perplexity(self, req: Request, wins: list[Window], context: int) -> None:
+        await self._accept(req, sum(len(w.ids) for w in wins))
+        assert req.plan is not None
+        began, tally = time.perf_counter(), Tally()
+        for i, window in enumerate(wins):
+            part = Request(f"{req.id}.{i}", req.sink, window.ids, len(window.ids), 0,
+                           req.params, frozenset(), plan=req.plan,
+                           scored=len(window.targets))  # fmt: skip
+            self.requests[part.id] = part
+            try:
+                self._step_into_ring(part, torch.tensor([window.ids]), score=window.targets)
+                tally.add(await self._ring_result(part))
+            finally:
+                del self.requests[part.id]
+                self._end(part)
+            body = {"window": i + 1, "windows": len(wins), "perplexity": tally.perplexity}
+            await req.sink(message(Kind.SCORED, req=req.id, body=body))
+        formats = {self.node.quantization_of(s.node): None for s in req.plan.stages}
+        out = result(tally, time.perf_counter() - began, self.node.ckpt.name, ", ".join(formats),
+                     context)  # fmt: skip
+        await req.sink(message(Kind.DONE, req=req.id, body={"result": out}))
+
+    async def _ring_result(self, req: Request) -> Any:
+        """What the ring sends back for the request's pending step."""
+        try:
+            return await asyncio.wait_for(req.result, self.node.cfg.request_timeout_s)
+        except TimeoutError:
+            raise RequestFailed(
+                "timeout", f"no answer from the ring in {self.node.cfg.request_timeout_s:.0f}s"
+            ) from None
+
+    def _hold_plan(self, req: Request) -> None:
+        """Bind the request to the live plan: from here on a new plan waits for it."""
+        req.plan = self.node.plans.plan
+        self.drained.clear()
+
+    def _release_plan(self, req: Request) -> None:
+        """Free the request's caches on its plan's stages, and let a waiting plan go ahead
+        once no request holds one."""
+        self._end(req)
+        req.plan = None
+        if not any(r.plan for r in self.requests.values()):
+            self.drained.set()
+
+    def _end(self, req: Request) -> None:
+        """Free the request's caches on every stage of its plan."""
+        self.ended.append(req.id)
+        for node in req.plan.nodes if req.plan else ():
+            self.node.send_node(node, message(Kind.END, req=req.id, epoch=req.plan.epoch))
+
+    async def _generate(self, req: Request) -> None:
+        timings = Timings()
+        plan_json = await self._accept(req, len(req.prompt))
+        stop_ids = req.stop_ids
+        loop = TokenLoop(req.prompt, req.max_tokens, req.params, stop_ids)
+        stream, stops = TextStream(self.node.tokenizer), StopStrings(req.stop)
+        pieces = []
+        self._step_into_ring(req, loop.ids, loop.positions)
+        while True:
+            try:
+                cands = await self._ring_result(req)
+            except RequestFailed as e:
+                if e.code not in REPLAYABLE:
+                    raise
+                cands = await self._replay(req, loop.tokens, e)
+            token = loop.take(cands)
+            timings.mark()
+            req.step += 1
+            piece = "" if token in stop_ids else stops.push(stream.push(token))
+            done = loop.done or stops.hit
+            if done:
+                piece += stops.flush()
+            else:  # the ring computes the next token while we serve the client
+                self._step_into_ring(req, loop.ids, loop.positions)
+            pieces.append(piece)
+            await req.sink(message(Kind.TOKEN, req=req.id, body={"token": token, "text": piece}))
+            if done:
+                break
+        finish_reason = "stop" if stops.hit else loop.finish_reason
+        result = generation_result("".join(pieces), loop.tokens, len(req.prompt),
+                                   self.node.ckpt.name, finish_reason, timings)  # fmt: skip
+        result["plan"] = plan_json
+        if req.replays:
+            result["replays"] = req.replays
+        await req.sink(message(Kind.DONE, req=req.id, body={"result": result}))
+
+    async def _replay(self, req: Request, tokens: list[int], failure: RequestFailed) -> Any:
+        """A stage failed under the request: free what is left of it, wait for a plan the
+        cluster can run (a new epoch without the lost node, or the same one if every stage
+        is still a member) and feed it the whole history. What comes back is what the lost
+        step would have returned; the sampler's state never left this node.
+        Gives up, raising, once --request-timeout passes without a working plan."""
+        deadline = time.monotonic() + self.node.cfg.request_timeout_s
+        while True:
+            assert req.plan is not None
+            if len(req.replays) >= MAX_REPLAYS:
+                raise RequestFailed(failure.code, f"{failure} (after {MAX_REPLAYS} replays)")
+            failed_epoch = req.plan.epoch
+            log.warning("request %s: %s; replaying its %d tokens into the next plan", req.id,
+                        failure, len(req.prompt) + len(tokens))  # fmt: skip
+            self._release_plan(req)  # the re-plan may go ahead
+            req.result = None
+            while not self._runnable(failed_epoch):
+                if time.monotonic() > deadline:
+                    raise RequestFailed(failure.code, f"{failure} (no working plan for "
+                                        f"{self.node.cfg.request_timeout_s:.0f}s)")  # fmt: skip
+                await asyncio.sleep(0.1)
+            self._hold_plan(req)
+            req.step = 0
+            req.replays.append({"at_token": len(tokens), "why": str(failure),
+                                "epoch": req.plan.epoch})  # fmt: skip
+            try:
+                return await self._feed_history(req, tokens)
+            except RequestFailed as e:
+                if e.code not in REPLAYABLE or time.monotonic() > deadline:
+                    raise
+                failure = e
+
+    async def _feed_history(self, req: Request, tokens: list[int]) -> Any:
+        """The prompt in one prefill, then each generated token in one step, as they were
+        first computed: a single prefill of it all is faster, but batched matmuls round
+        differently from one-row ones, and greedy decoding then drifts (seen at token 89).
+        Returns what the last step sends back: the candidates for the next token."""
+        self._step_into_ring(req, torch.tensor([req.prompt]))
+        result = await self._ring_result(req)
+        for i, token in enumerate(tokens):
+            req.step += 1
+            self._step_into_ring(req, torch.tensor([[token]]), torch.tensor([len(req.prompt) + i]))
+            result = await self._ring_result(req)
+        return result
+
+    def _runnable(self, failed_epoch: int) -> bool:
+        plan = self.node.plans.plan
+        if plan is None or self.node.plans.pending is not None or self.node.leaving.is_set():
+            return False
+        return plan.epoch > failed_epoch or all(
+            n == self.node.id or n in self.node.membership.members.by_id for n in plan.nodes
+        )
+
+    def _step_into_ring(
+        self,
+        req: Request,
+        ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        score: list[int] | None = None,
+    ) -> None:
+        """Send the request's next positions (from 0 if not given) to the first stage; its
+        result, candidates or the log-probabilities of `score`, will come back."""
+        assert req.plan is not None
+        body: dict[str, Any] = {"requester": self.node.id}
+        if req.step == 0:  # the prefill opens the request on every stage
+            body.update(capacity=req.capacity, sampling=req.params.to_json())
+        if score is not None:
+            body["score"] = score
+        start = int(positions[0]) if positions is not None else 0
+        forward = message(
+            Kind.FORWARD, (ids,), req=req.id, epoch=req.plan.epoch, step=req.step,
+            start=start, count=ids.shape[1], body=body,
+        )  # fmt: skip
+        req.result = asyncio.get_running_loop().create_future()
+        if not self.node.send_node(req.plan.nodes[0], forward):  # replayed like any lost step
+            gone = RequestFailed("node-gone", "the plan's first stage is no longer a member")
+            req.result.set_exception(gone)
+
+    async def on_result(self, identity: bytes, msg: Message, host: str) -> None:
+        req = self.requests.get(msg.req)
+        if req is None and msg.req in self.ended:
+            return  # the step that was under way when its request was cancelled
+        if req is None or req.result is None or req.result.done() or msg.step != req.step:
+            raise ProtocolError(
+                "unknown-request", f"no step {msg.step} of request {msg.req} waits here"
+            )
+        vocab = self.node.ckpt.config.vocab_size
+        specs = msg.specs
+        if req.scored:
+            if len(specs) != 1 or specs[0] != TensorSpec("float32", (req.scored,)):
+                raise ProtocolError("bad-tensor", f"a score is float32 [{req.scored}]")
+            req.result.set_result(msg.tensor(0))
+            return
+        ok = 1 <= len(specs) <= 2 and specs[0].dtype == "float32" and len(specs[0].shape) == 1
+        n = specs[0].shape[0] if ok else 0
+        if len(specs) == 2:
+            ok = ok and specs[1].dtype == "int64" and specs[1].shape == (n,)
+        if not ok or not 0 < n <= vocab or (len(specs) == 1 and n != vocab):
+            raise ProtocolError("bad-tensor", "a result is float32 logits [n] and int64 ids [n]")
+        ids = msg.tensor(1) if len(specs) == 2 else None
+        if ids is not None and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            raise ProtocolError("bad-tensor", "candidate ids outside the vocabulary")
+        req.result.set_result(Candidates(msg.tensor(0), ids))
+
+    async def on_error(self, identity: bytes, msg: Message, host: str) -> None:
+        code, text = msg.body["code"], msg.body["message"]
+        req = self.requests.get(msg.req)
+        if req and req.result and not req.result.done():
+            req.result.set_exception(RequestFailed(code, text))
+            return
+        if code == "version":
+            log.error("a peer at %s refused us: %s", host or "?", text)
+        else:
+            log.info("error from %s: %s: %s", host or "self", code, text)

@@ -1,0 +1,221 @@
+"""The daemon's sockets: one ROUTER takes everything in (peers' DEALERs and local clients), one
+DEALER per peer sends out. With a cluster secret every connection is CurveZMQ and a ZAP
+handler admits only handshakes made with the cluster's key. Each frame is decoded, checked
+and handed to its handler here; a bad one gets an error reply, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from node.cluster.log_budget import LogBudget
+from node.cluster.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
+from node.cluster.status import Stats
+from node.errors import RinginferError
+from protocol.wire import Kind, Message, ProtocolError, decode, encode, error
+
+log = logging.getLogger("ringinfer")
+
+HARD_MAX_MESSAGE = 1 << 30  # ZeroMQ drops the connection above this; below, we answer errors
+
+Handler = Callable[[bytes, Message, str], Awaitable[None]]  # (client identity, message, host)
+Refused = Callable[[Message, str, str], None]  # a refused message, its error code and text
+
+
+class ClientGone(Exception):
+    """The client a reply was for has disconnected."""
+
+
+@dataclass
+class Listening:
+    """The daemon's ROUTER, and with a cluster secret the ZAP socket that vets handshakes."""
+
+    ctx: zmq.asyncio.Context
+    router: zmq.asyncio.Socket
+    zap: zmq.asyncio.Socket | None
+
+
+def listen(host: str, port: int, keys: ClusterKeys | None = None) -> Listening:
+    """The daemon's ROUTER, bound before anything slow so a taken port fails at once. With
+    `keys` it is a CURVE server, and handshakes wait for the ZAP handler (bound first, so no
+    connection is ever admitted unchecked)."""
+    ctx = zmq.asyncio.Context()  # its own: the ZAP endpoint is bound once per context
+    zap = None
+    if keys:
+        zap = ctx.socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind(ZAP_ENDPOINT)
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+    router.setsockopt(zmq.LINGER, 0)
+    if keys:
+        keys.serve(router)
+    try:
+        router.bind(f"tcp://{host}:{port}")
+    except zmq.ZMQError as e:
+        ctx.destroy(linger=0)
+        raise RinginferError(
+            f"cannot listen on {host}:{port}: {os.strerror(e.errno)} (another daemon there? "
+            "pass --port)"
+        ) from None
+    return Listening(ctx, router, zap)
+
+
+class Transport:
+    """Sending to addresses, replying to clients, and dispatching what comes in."""
+
+    def __init__(
+        self,
+        listening: Listening,
+        keys: ClusterKeys | None,
+        handlers: dict[Kind, Handler],
+        stats: Stats,
+        max_tensor_bytes: int,
+        refused: Refused,
+    ) -> None:
+        self.ctx, self.router, self.zap = listening.ctx, listening.router, listening.zap
+        self.keys, self.handlers, self.stats = keys, handlers, stats
+        self.max_tensor_bytes, self.refused = max_tensor_bytes, refused
+        self.links: dict[str, zmq.asyncio.Socket] = {}
+        self.tasks: list[asyncio.Task] = []  # the receive loops and the ZAP handler
+        self.dispatching: set[asyncio.Task] = set()  # a task per message being handled
+        self.strangers: dict[str, float] = {}  # address -> when it failed the handshake
+        self.refusals, self.internal_errors = LogBudget(), LogBudget(burst=5)
+
+    def start(self) -> None:
+        self.tasks.append(asyncio.ensure_future(self._receive(self.router, from_router=True)))
+        if self.zap is not None:
+            self.tasks.append(asyncio.ensure_future(self._authenticate()))
+
+    async def close(self) -> None:
+        tasks = [*self.tasks, *self.dispatching]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.ctx.destroy(linger=0)
+
+    def _link(self, address: str) -> zmq.asyncio.Socket:
+        sock = self.links.get(address)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 200)
+            sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+            if self.keys:
+                self.keys.connect_as_client(sock)
+            sock.connect(f"tcp://{address}")
+            self.links[address] = sock
+            # Replies on a link are errors about what we sent (a version mismatch, say).
+            self.tasks.append(asyncio.ensure_future(self._receive(sock, from_router=False)))
+        return sock
+
+    def send_to(self, address: str, msg: Message) -> None:
+        """Queue a message for a peer; ZeroMQ connects (and reconnects) in the background."""
+        frames = encode(msg)
+        try:
+            self._link(address).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            log.warning("could not send %s to %s: %s", msg.kind.value, address, e.strerror)
+            return
+        self.stats.sent(msg.kind, frames)
+
+    async def reply(self, identity: bytes, msg: Message) -> None:
+        """To the client (or peer DEALER) with this ROUTER identity; b'': ourselves, dropped."""
+        if not identity:
+            return
+        frames = encode(msg)
+        try:
+            await self.router.send_multipart([identity, *frames], copy=False)
+        except zmq.ZMQError as e:
+            if e.errno == errno.EHOSTUNREACH:
+                raise ClientGone from None
+            raise
+        self.stats.sent(msg.kind, frames)
+
+    def deliver(self, msg: Message) -> None:
+        """A message to this daemon itself, handled as if it had come in over the wire."""
+        self._dispatch_later(b"", encode(msg), "self")
+
+    def _dispatch_later(self, identity: bytes, frames: list[bytes], host: str) -> None:
+        task = asyncio.ensure_future(self.dispatch(identity, frames, host))
+        self.dispatching.add(task)
+        task.add_done_callback(self.dispatching.discard)
+
+    async def _receive(self, sock: zmq.asyncio.Socket, from_router: bool) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            if from_router:
+                identity, frames = frames[0].bytes, frames[1:]
+            else:
+                identity = b""
+            try:
+                host = frames[0].get("Peer-Address") if frames else ""
+            except zmq.ZMQError:
+                host = ""
+            # Each message is its own task: a FORWARD waits for compute, and the socket must
+            # keep being read meanwhile (status, heartbeats, other requests).
+            self._dispatch_later(identity, [f.bytes for f in frames], host)
+
+    async def _authenticate(self) -> None:
+        """The ZAP handler: a handshake completes only with the cluster's client key."""
+        assert self.zap is not None and self.keys is not None
+        while True:
+            frames = await self.zap.recv_multipart()
+            reply, admitted, address = zap_reply(frames, self.keys)
+            await self.zap.send_multipart(reply)
+            if not admitted:
+                self.stats.errors["unauthenticated"] += 1
+                self.strangers[address] = time.monotonic()
+                if self.may_log(self.refusals):
+                    log.warning("refused a connection from %s: not this cluster's secret", address)
+
+    async def dispatch(self, identity: bytes, frames: list[bytes], host: str) -> None:
+        """Decode, validate and handle one message; a bad one gets an error reply, never a crash."""
+        msg: Message | None = None
+        try:
+            msg = decode(frames, self.max_tensor_bytes)
+            handler = self.handlers.get(msg.kind)
+            if handler is None:
+                raise ProtocolError(
+                    "unexpected", f"{msg.kind.value} is sent by daemons, not to them"
+                )
+            await handler(identity, msg, host)
+        except ProtocolError as e:
+            self.stats.errors[e.code] += 1
+            what = msg.kind.value if msg else "frame"
+            if self.may_log(self.refusals):
+                log.warning("refused %s from %s: %s: %s", what, host or "self", e.code, e)
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await self.reply(identity, error(e.code, str(e), msg.req if msg else ""))
+            if msg:
+                self.refused(msg, e.code, str(e))
+        except ClientGone:
+            pass
+        except Exception as e:  # a bug must not take the daemon down with everyone's requests
+            self.stats.errors["internal"] += 1
+            if self.may_log(self.internal_errors):
+                log.exception("internal error handling %s", msg.kind.value if msg else "frame")
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await self.reply(identity, error("internal", f"{type(e).__name__}: {e}"))
+
+    def may_log(self, budget: LogBudget) -> bool:
+        """Whether a refusal or an internal error may be logged now, saying what was held back."""
+        ok, held = budget.take(time.monotonic())
+        if held:
+            log.warning("%d more like it in %.0fs not logged (status counts them: stats.errors)",
+                        held, budget.window_s)  # fmt: skip
+        return ok
+
+    def forget_strangers(self, after_s: float = 60.0) -> None:
+        now = time.monotonic()
+        self.strangers = {a: t for a, t in self.strangers.items() if now - t < after_s}
