@@ -40,6 +40,12 @@ def _split_points(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got '{text}'")
+    return int(text)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -139,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     daemon.add_argument("--max-memory", type=_size, help="memory to offer for weights, e.g. 4G")
     daemon.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
+    daemon.add_argument("--max-queue", type=_count, default=32, metavar="N",
+                        help="requests that wait for the stages' cache room (beyond: busy)")
     daemon.add_argument("--cluster", default="default", help="join only nodes of this cluster")
     daemon.add_argument("--no-mdns", action="store_true", help="no mDNS: find peers by --peer")
     daemon.add_argument("--mdns-interface", action="append", metavar="NAME|ADDRESS",
@@ -315,8 +323,13 @@ def generate_remote(args: argparse.Namespace) -> int:
             args.timeout, prompt=args.prompt, max_tokens=args.max_tokens, sampling=params.to_json(),
             chat=args.chat, ignore_eos=args.ignore_eos,
         )  # fmt: skip
+        place = 0
         for msg in replies:
-            if msg.kind.value == "token" and not args.json:
+            if msg.kind == Kind.QUEUED and msg.body["position"] != place:
+                place = msg.body["position"]
+                print(f"queued: {place} of {msg.body['queued']} waiting for the ring's cache "
+                      "room", file=sys.stderr)  # fmt: skip
+            elif msg.kind.value == "token" and not args.json:
                 sys.stdout.write(msg.body["text"])
                 sys.stdout.flush()
             elif msg.kind.value == "done":
@@ -635,7 +648,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         wire_dtype=wire, memory=args.max_memory or available_memory(device), caps=caps,
         cluster=args.cluster, objective=args.objective, mdns=mdns, pin=args.layers,
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
-        threads=args.threads, quantize=quantize, layer_format=fmt, keys=keys,
+        max_queue=args.max_queue, threads=args.threads, quantize=quantize, layer_format=fmt,
+        keys=keys,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(

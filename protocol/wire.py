@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the codec needs torch only to turn frames into tensors
     import torch
 
-VERSION = 3  # 2: cluster names, capabilities, RTTs in HELLO; PING/PONG. 3: SCORE, quantization
+VERSION = 4  # 2: cluster names, capabilities, RTTs, PING/PONG. 3: SCORE, quantization. 4: QUEUED
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 4
 MAX_DIMS = 4
@@ -40,6 +40,7 @@ class Kind(str, Enum):
     ERROR = "error"  # anyone -> anyone: what went wrong, for which request
     GENERATE = "generate"  # client -> daemon
     ACCEPTED = "accepted"  # daemon -> client: request id and plan
+    QUEUED = "queued"  # daemon -> client: waiting for cache room, at this place in the queue
     TOKEN = "token"  # daemon -> client: one token and its text
     DONE = "done"  # daemon -> client: the result object
     STATUS = "status"  # client -> daemon
@@ -80,6 +81,7 @@ BODY_FIELDS: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.ERROR: {"code": _STR, "message": _STR},
     Kind.GENERATE: {"prompt": _STR, "max_tokens": _INT, "sampling": _DICT},
     Kind.ACCEPTED: {"plan": _LIST, "prompt_tokens": _INT},
+    Kind.QUEUED: {"position": _INT, "queued": _INT},
     Kind.TOKEN: {"token": _INT, "text": _STR},
     Kind.DONE: {"result": _DICT},
     Kind.STATUS: {},

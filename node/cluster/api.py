@@ -263,7 +263,12 @@ class API:
             if first.kind == Kind.ERROR:
                 raise _ring_error(first)
             if ask.stream:
-                return await self._stream(request, ask, answer, queue, len(prompt))
+                # The first token, or a place in the queue, or why not (the ring is full
+                # and so is the queue: a 503 still, not an event in a 200 stream).
+                first = await queue.get()
+                if first.kind == Kind.ERROR:
+                    raise _ring_error(first)
+                return await self._stream(request, ask, answer, first, queue, len(prompt))
             return await self._whole(answer, queue, len(prompt))
         finally:
             if not task.done():  # the client went away: every stage frees the request
@@ -295,7 +300,7 @@ class API:
                 return web.json_response(answer.whole(result["text"], result["finish_reason"], use))
 
     async def _stream(
-        self, request: web.Request, ask: CompletionRequest, answer: Answer,
+        self, request: web.Request, ask: CompletionRequest, answer: Answer, first: Message,
         queue: asyncio.Queue[Message], prompt_tokens: int,
     ) -> web.StreamResponse:  # fmt: skip
         response = await _event_stream(request)
@@ -306,10 +311,13 @@ class API:
         try:
             if ask.chat:  # OpenAI's first chat chunk says who speaks
                 await send(answer.chunk("", usage=ask.include_usage, first=True))
+            msg = first
             while True:
-                msg = await queue.get()
                 if msg.kind == Kind.TOKEN and msg.body["text"]:
                     await send(answer.chunk(msg.body["text"], usage=ask.include_usage))
+                elif msg.kind == Kind.QUEUED:  # an SSE comment: clients skip it, people see it
+                    place, waiting = msg.body["position"], msg.body["queued"]
+                    await response.write(f": queued {place} of {waiting}\n\n".encode())
                 elif msg.kind == Kind.ERROR:  # headers are gone: the error is an event
                     await send(_ring_error(msg).to_json())
                     break
@@ -321,6 +329,7 @@ class API:
                         await send(answer.usage_chunk(use))
                     await response.write(b"data: [DONE]\n\n")
                     break
+                msg = await queue.get()
         except ConnectionResetError:
             raise asyncio.CancelledError from None  # the client went away mid-stream
         return response

@@ -3,7 +3,9 @@
 The requester tokenizes, sends each step's positions into the ring and samples the next
 token from what the last stage returns, so the sampler's state never leaves this node. It
 keeps each request's token history: when a stage is lost under a request, the request is
-replayed into the next plan and goes on as if nothing happened (`_replay`).
+replayed into the next plan and goes on as if nothing happened. A request that a stage has
+no cache room for waits in a bounded queue, told its place, and is tried again as room
+frees (`_recover` does both).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class RequestFailed(Exception):
         self.code = code
 
 
-# Failures of a stage, not of the request: replayed into the next plan (see _replay).
+# Failures of a stage, not of the request: replayed into the next plan (see _recover).
 REPLAYABLE = ("node-gone", "wrong-epoch", "not-a-stage", "unknown-request", "bad-positions")
 MAX_REPLAYS = 8  # per request: a failure that comes back every time is not a lost stage
+QUEUED_EVERY_S = 5.0  # a queued request's client hears its place at least this often
 
 
 Sink = Callable[[Message], Awaitable[None]]  # where a request's answers go: client or API
@@ -79,6 +82,8 @@ class Requester:
         self.ended: deque[str] = deque(maxlen=256)  # a cancelled request's last step may come
         self.drained = asyncio.Event()  # no request holds a plan: a new one may go live
         self.drained.set()
+        self.queue: deque[Request] = deque()  # waiting for cache room, first come first
+        self.finished = 0  # requests of ours that ended: the queue's head may try again
 
     def stage_lost(self, member: str, why: str) -> None:
         """A member is gone: the steps of requests whose plan uses it fail now (and are
@@ -158,6 +163,9 @@ class Requester:
         finally:
             self._release_plan(req)
             del self.requests[req.id]
+            if req in self.queue:
+                self.queue.remove(req)
+            self.finished += 1
 
     async def _accept(self, req: Request, prompt_tokens: int) -> list[dict[str, Any]]:
         """Wait for a live plan, bind the request to it and tell the client; the plan as JSON."""
@@ -240,9 +248,7 @@ class Requester:
             try:
                 cands = await self._ring_result(req)
             except RequestFailed as e:
-                if e.code not in REPLAYABLE:
-                    raise
-                cands = await self._replay(req, loop.tokens, e)
+                cands = await self._recover(req, loop.tokens, e)
             token = loop.take(cands)
             timings.mark()
             req.step += 1
@@ -264,37 +270,75 @@ class Requester:
             result["replays"] = req.replays
         await req.sink(message(Kind.DONE, req=req.id, body={"result": result}))
 
-    async def _replay(self, req: Request, tokens: list[int], failure: RequestFailed) -> Any:
-        """A stage failed under the request: free what is left of it, wait for a plan the
-        cluster can run (a new epoch without the lost node, or the same one if every stage
-        is still a member) and feed it the whole history. What comes back is what the lost
-        step would have returned; the sampler's state never left this node.
-        Gives up, raising, once --request-timeout passes without a working plan."""
+    async def _recover(self, req: Request, tokens: list[int], failure: RequestFailed) -> Any:
+        """A step failed: wait for what it needs and feed the whole history again.
+
+        A lost stage (REPLAYABLE) waits for a plan the cluster can run: a new epoch without
+        the lost node, or the same one if every stage is still a member. A full stage
+        (`busy`) waits in the queue for room. What comes back is what the failed step would
+        have returned; the sampler's state never left this node. Gives up, raising, once
+        --request-timeout passes, or at once when the queue is full."""
         deadline = time.monotonic() + self.node.cfg.request_timeout_s
+        try:
+            while True:
+                assert req.plan is not None
+                failed_epoch, lost = req.plan.epoch, failure.code in REPLAYABLE
+                if lost:
+                    if len(req.replays) >= MAX_REPLAYS:
+                        raise RequestFailed(failure.code,
+                                            f"{failure} (after {MAX_REPLAYS} replays)")  # fmt: skip
+                    log.warning("request %s: %s; replaying its %d tokens into the next plan",
+                                req.id, failure, len(req.prompt) + len(tokens))  # fmt: skip
+                elif failure.code != "busy":
+                    raise failure
+                self._release_plan(req)  # a re-plan may go ahead, and the stages free it
+                req.result = None
+                if not lost:
+                    await self._wait_in_queue(req, failure, deadline)
+                while not self._runnable(failed_epoch):
+                    if time.monotonic() > deadline:
+                        raise RequestFailed(failure.code, f"{failure} (no working plan for "
+                                            f"{self.node.cfg.request_timeout_s:.0f}s)")  # fmt: skip
+                    await asyncio.sleep(0.1)
+                self._hold_plan(req)
+                req.step = 0
+                if lost:
+                    req.replays.append({"at_token": len(tokens), "why": str(failure),
+                                        "epoch": req.plan.epoch})  # fmt: skip
+                try:
+                    return await self._feed_history(req, tokens)
+                except RequestFailed as e:
+                    if time.monotonic() > deadline:
+                        raise
+                    failure = e
+        finally:
+            if req in self.queue:  # admitted, or given up
+                self.queue.remove(req)
+
+    async def _wait_in_queue(self, req: Request, failure: RequestFailed, deadline: float) -> None:
+        """Until this request heads the queue and room may have freed: a request of ours
+        ended, or a second passed (another requester's may have). Its client hears its
+        place whenever it changes, and every few seconds meanwhile so it does not give up."""
+        cfg = self.node.cfg
+        if req not in self.queue:
+            if len(self.queue) >= cfg.max_queue:
+                raise RequestFailed("busy", f"{failure}; {len(self.queue)} request(s) wait "
+                                    "here already (--max-queue)")  # fmt: skip
+            self.queue.append(req)
+            log.info("request %s queued at %d: %s", req.id, len(self.queue), failure)
+        began, finished, told, last = time.monotonic(), self.finished, 0.0, 0
         while True:
-            assert req.plan is not None
-            if len(req.replays) >= MAX_REPLAYS:
-                raise RequestFailed(failure.code, f"{failure} (after {MAX_REPLAYS} replays)")
-            failed_epoch = req.plan.epoch
-            log.warning("request %s: %s; replaying its %d tokens into the next plan", req.id,
-                        failure, len(req.prompt) + len(tokens))  # fmt: skip
-            self._release_plan(req)  # the re-plan may go ahead
-            req.result = None
-            while not self._runnable(failed_epoch):
-                if time.monotonic() > deadline:
-                    raise RequestFailed(failure.code, f"{failure} (no working plan for "
-                                        f"{self.node.cfg.request_timeout_s:.0f}s)")  # fmt: skip
-                await asyncio.sleep(0.1)
-            self._hold_plan(req)
-            req.step = 0
-            req.replays.append({"at_token": len(tokens), "why": str(failure),
-                                "epoch": req.plan.epoch})  # fmt: skip
-            try:
-                return await self._feed_history(req, tokens)
-            except RequestFailed as e:
-                if e.code not in REPLAYABLE or time.monotonic() > deadline:
-                    raise
-                failure = e
+            place, now = self.queue.index(req) + 1, time.monotonic()
+            if place != last or now - told > QUEUED_EVERY_S:
+                body = {"position": place, "queued": len(self.queue)}
+                await req.sink(message(Kind.QUEUED, req=req.id, body=body))
+                told, last = now, place
+            if place == 1 and (self.finished != finished or now - began > 1.0):
+                return
+            if now > deadline:
+                raise RequestFailed("busy", f"{failure} (queued for "
+                                    f"{cfg.request_timeout_s:.0f}s)")  # fmt: skip
+            await asyncio.sleep(0.05)
 
     async def _feed_history(self, req: Request, tokens: list[int]) -> Any:
         """The prompt in one prefill, then each generated token in one step, as they were

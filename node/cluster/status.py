@@ -93,6 +93,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "api": d.api.listener.address if d.api else None,
         "stats": {
             "requests_in_flight": len(d.requester.requests),
+            "queued": len(d.requester.queue),
             "cached_requests": me["requests"],
             "errors": dict(stats.errors),
             "bytes_sent": dict(stats.bytes_sent),
