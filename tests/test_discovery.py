@@ -159,6 +159,47 @@ def test_a_cable_pulled_for_3s_mid_generation_loses_nothing(cluster, lan, expect
     cluster.wait_live(3)
 
 
+def frames(path: Path) -> list[bytes]:
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        out.append(data[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def tcp_payload(frame: bytes, port: int) -> bytes:
+    """The TCP payload of an IPv4 Ethernet frame to or from `port`, else b''."""
+    if frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return b""
+    ip = frame[14:]
+    tcp = ip[(ip[0] & 0x0F) * 4:]
+    ports = int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big")
+    return tcp[(tcp[12] >> 4) * 4:] if port in ports else b""
+
+
+def test_a_capture_on_the_bridge_shows_no_plaintext_between_daemons(cluster, lan, expected):  # noqa: ANN001
+    out = cluster.root / "bridge.cap"
+    capture = subprocess.Popen(
+        ["ip", "netns", "exec", lan.bridge_ns, sys.executable, "tests/capture.py", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert capture.stdout.readline() == "capturing\n"
+        assert finished(generation(cluster.nodes[2], LONG)) == expected
+        time.sleep(1.5)  # a heartbeat or two
+    finally:
+        capture.terminate()
+        capture.wait(timeout=10)
+    captured = frames(out)
+    ring = b"".join(tcp_payload(f, PORT) for f in captured)
+    assert len(ring) > LONG * 576 * 4, f"the ring's activations missed: {len(captured)} frames"
+    # Every plaintext frame of ours starts with a JSON header naming its type.
+    for marker in (b'"type":"forward"', b'"type":"result"', b'"type":"hello"', b'"requester"',
+                   b'"type":"ping"', b"SmolLM2"):  # fmt: skip
+        assert marker not in ring, marker
+
+
 def test_a_joining_and_a_leaving_node_each_give_a_new_epoch_without_losing_a_request(
     cluster, lan, expected,  # noqa: ANN001
 ):  # fmt: skip

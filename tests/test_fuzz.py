@@ -2,8 +2,10 @@
 keeps its plan, fails nothing as an internal error, logs within its budget, and then
 generates exactly what --local does.
 
-Membership and plan messages (HELLO, BYE, PLAN) are left out: without a cluster secret a
-well-formed one from anybody is, by design today, obeyed (issue 11 part 1 closes that).
+Membership and plan messages (HELLO, BYE, PLAN) may change the cluster when well formed
+(a member saying goodbye is obeyed): they are fuzzed second, as a member holding the secret
+could send them, and the cluster must come back to one live plan that computes exactly.
+A stranger without the secret gets nothing through at all (tests/test_secret.py).
 """
 
 from __future__ import annotations
@@ -129,8 +131,60 @@ def test_mutated_frames_of_every_type_leave_the_ring_serving_exactly(cluster):  
         assert "Traceback" not in d.text()
         refusals = d.text().count(" refused ")
         assert refusals <= 20 * 4, refusals  # the log budget: 20 lines per 10 s
+    generates_exactly(cluster)
+
+
+def generates_exactly(cluster: Cluster) -> None:
     local = run_cli("generate", "--local", "--json", "--max-tokens", "16", PROMPT)
     for d in cluster.nodes:
         ring = run_cli("generate", "--node", d.address, "--json", "--max-tokens", "16", PROMPT)
         assert ring.returncode == 0, ring.stderr
         assert json.loads(ring.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
+
+
+def membership_templates(rng: random.Random, status: dict) -> list[list[bytes]]:
+    """HELLOs of a node that does not exist, BYEs, and plans in every phase."""
+    members = [n["id"] for n in status["nodes"]]
+    stages = [[n["id"], *n["layers"]] for n in status["nodes"] if n["layers"]]
+    plan = {"model": status["model"], "epoch": status["epoch"] + rng.randint(-1, 2),
+            "stages": stages}  # fmt: skip
+    hello = {
+        "id": "fuzz" + str(rng.randrange(4)), "name": "fuzz", "port": 9, "model": status["model"],
+        "fingerprint": "elsewhere", "memory": 1 << 30, "state": "ready", "cluster": "default",
+        "members": [{"id": members[0], "address": "127.0.0.1:9"}], "caps": {}, "rtt": {},
+        "pin": [0, 1], "epoch": 1, "seen": 1, "boot": "b",
+    }  # fmt: skip
+    msgs = [
+        message(Kind.HELLO, body=hello),
+        message(Kind.BYE, body={"id": rng.choice(["fuzz0", "nobody", *members])}),
+        *(message(Kind.PLAN, epoch=plan["epoch"],
+                  body={"plan": plan, "phase": phase, "from": members[0]})
+          for phase in ("prepare", "load", "live", "nonsense")),
+    ]  # fmt: skip
+    return [encode(m) for m in msgs]
+
+
+def test_mutated_membership_and_plan_messages_leave_one_exact_cluster(cluster):  # noqa: ANN001
+    rng = random.Random(12)
+    status = cluster.nodes[0].status()
+    ctx = zmq.Context()
+    try:
+        for d in cluster.nodes:
+            base = membership_templates(rng, status)
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{d.address}")
+            for _ in range(FRAMES_PER_NODE // 2):
+                sock.send_multipart(mutate(rng, rng.choice(base)))
+            time.sleep(1.0)
+            sock.close()
+    finally:
+        ctx.destroy(linger=0)
+    time.sleep(8.0)  # the made-up members go silent past the dead bound
+    for d in cluster.nodes:
+        assert d.proc.poll() is None, d.text()[-3000:]
+        now = d.status()
+        assert now["stats"]["errors"].get("internal", 0) == 0, d.text()[-3000:]
+        assert "Traceback" not in d.text()
+    cluster.wait_live(3)
+    generates_exactly(cluster)

@@ -77,3 +77,23 @@ def test_a_killed_last_stage_is_replayed_around_exactly_when_sampling(cluster): 
     cluster.nodes.remove(last)
     status = cluster.wait_live(1)
     assert status["stats"]["cached_requests"] == 0
+
+
+def test_in_a_4_node_ring_a_killed_middle_stage_is_replayed_around_exactly(
+    tmp_path_factory: pytest.TempPathFactory,
+):  # fmt: skip
+    want = local()
+    cluster = Cluster(tmp_path_factory.mktemp("replay4"), 4, EXACT_RING)
+    try:
+        stages = sorted((n["layers"][0], n["name"]) for n in cluster.nodes[0].status()["nodes"])
+        assert len(stages) == 4, stages
+        by_name = {d.name: d for d in cluster.nodes}
+        first, third = by_name[stages[0][1]], by_name[stages[2][1]]
+        result = kill_at_token_50(first, third)
+        assert result["tokens"] == want
+        assert len(result["replays"]) == 1 and third.name in result["replays"][0]["why"]
+        cluster.nodes.remove(third)
+        status = cluster.wait_live(3)
+        assert len([n for n in status["nodes"] if n["layers"]]) == 3
+    finally:
+        cluster.stop()
