@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     daemon.add_argument("--max-memory", type=_size, help="memory to offer for weights, e.g. 4G")
     daemon.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
+    daemon.add_argument("--step-timeout", type=float, default=30.0,
+                        help="seconds after which an unanswered decode step is presumed lost "
+                             "on a link and the request replayed")  # fmt: skip
     daemon.add_argument("--max-queue", type=_count, default=32, metavar="N",
                         help="requests that wait for the stages' cache room (beyond: busy)")
     daemon.add_argument("--cluster", default="default", help="join only nodes of this cluster")
@@ -648,8 +651,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         wire_dtype=wire, memory=args.max_memory or available_memory(device), caps=caps,
         cluster=args.cluster, objective=args.objective, mdns=mdns, pin=args.layers,
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
-        max_queue=args.max_queue, threads=args.threads, quantize=quantize, layer_format=fmt,
-        keys=keys,
+        max_queue=args.max_queue, step_timeout_s=args.step_timeout, threads=args.threads,
+        quantize=quantize, layer_format=fmt, keys=keys,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(

@@ -25,7 +25,7 @@ PORT = 7710
 # cannot, so every plan here has at least two stages. Activations cross the wire as float32,
 # so the ring computes bit for bit what --local does (float16 flips near-ties of greedy
 # decoding over 250 tokens; the perplexity test in test_ring.py bounds that path).
-MEMORY = ["--max-memory", "256M", "--wire-dtype", "float32"]
+MEMORY = ["--max-memory", "256M", "--wire-dtype", "float32", "--step-timeout", "3"]
 PROMPT = "Tell me about the history of Paris"
 LONG = 250  # tokens: a generation that is still running while the membership changes
 
@@ -157,6 +157,38 @@ def test_a_cable_pulled_for_3s_mid_generation_loses_nothing(cluster, lan, expect
     # A cut past TCP's retransmission backoff can outlast the 6 s dead bound: the stage is
     # then dropped and the request replayed (identical still), and the stage rejoins.
     cluster.wait_live(3)
+
+
+def test_a_step_lost_with_a_reset_link_is_replayed_exactly(cluster, lan, expected):  # noqa: ANN001
+    """A stage's cable is out for a second, so the step bound for it waits unacknowledged
+    in a send buffer; every connection across the cut is then reset, which drops that
+    step (ZeroMQ reconnects, it does not resend). The cable comes back within the dead
+    bound: nobody leaves, and after --step-timeout the request is replayed into the same
+    ring."""
+    if shutil.which("ss") is None:
+        pytest.skip("resetting connections needs iproute2's ss")
+    n3 = cluster.nodes[2]
+    epoch = n3.status()["epoch"]
+    stages = [n for n in n3.status()["nodes"] if n["layers"] and n["name"] != "n3"]
+    cut = int(stages[0]["name"][1:]) - 1
+    proc = generation(n3, LONG)
+    running(n3, proc)
+    time.sleep(0.5)
+    lan.cable(cut, up=False)
+    try:
+        time.sleep(1.0)  # the ring stalls at the cut, its step in a send buffer
+        reset = [("ip", "netns", "exec", lan.hosts[cut], "ss", "-K", "dport", "=", f":{PORT}")]
+        reset += [("ip", "netns", "exec", lan.hosts[i], "ss", "-K", "dst", lan.address(cut))
+                  for i in range(3) if i != cut]  # fmt: skip
+        killed = sum(subprocess.run(cmd, capture_output=True, text=True, check=True)
+                     .stdout.count("ESTAB") for cmd in reset)  # fmt: skip
+    finally:
+        lan.cable(cut, up=True)
+    assert killed >= 2, killed  # the links into and out of the cut stage
+    assert finished(proc) == expected
+    status = n3.status()
+    assert status["epoch"] == epoch and len(status["nodes"]) == 3, status
+    assert "no answer in 3s (lost on a link?); replaying" in n3.text()
 
 
 def frames(path: Path) -> list[bytes]:

@@ -34,8 +34,8 @@ def local(*args: str) -> list[int]:
     return json.loads(proc.stdout)["tokens"]
 
 
-def kill_at_token_50(requester: Daemon, victim: Daemon, *args: str) -> dict:
-    """A generation through `requester`; `victim` SIGKILLed once ~50 tokens have come."""
+def at_token_50(requester: Daemon, *args: str) -> subprocess.Popen:
+    """A generation through `requester`, once ~50 of its tokens have come."""
     steps = requester.status()["stats"]["decode_steps"]  # the requester is the first stage
     cmd = [sys.executable, "-m", "node.cli", "generate", "--node", requester.address, PROMPT,
            "--max-tokens", str(TOKENS), "--ignore-eos", "--json", *args]  # fmt: skip
@@ -45,11 +45,21 @@ def kill_at_token_50(requester: Daemon, victim: Daemon, *args: str) -> dict:
     while requester.status()["stats"]["decode_steps"] - steps < 50:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    victim.stop(signal.SIGKILL)
+    return proc
+
+
+def result_of(proc: subprocess.Popen) -> dict:
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert err == "", err  # the client sees no error
     return json.loads(out)
+
+
+def kill_at_token_50(requester: Daemon, victim: Daemon, *args: str) -> dict:
+    """A generation through `requester`; `victim` SIGKILLed once ~50 tokens have come."""
+    proc = at_token_50(requester, *args)
+    victim.stop(signal.SIGKILL)
+    return result_of(proc)
 
 
 def test_a_killed_middle_stage_is_replayed_around_exactly(cluster):  # noqa: ANN001

@@ -62,6 +62,7 @@ class DaemonConfig:
     heartbeat_s: float = 1.0
     dead_after_s: float = 6.0
     request_timeout_s: float = 120.0
+    step_timeout_s: float = 30.0  # a decode step unanswered this long was lost: replayed
     max_queue: int = 32  # requests waiting here for cache room on the stages; beyond: busy
     plan_wait_s: float = 600.0
     leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node

@@ -47,7 +47,8 @@ class RequestFailed(Exception):
 
 
 # Failures of a stage, not of the request: replayed into the next plan (see _recover).
-REPLAYABLE = ("node-gone", "wrong-epoch", "not-a-stage", "unknown-request", "bad-positions")
+REPLAYABLE = ("node-gone", "wrong-epoch", "not-a-stage", "unknown-request", "bad-positions",
+              "no-answer")
 MAX_REPLAYS = 8  # per request: a failure that comes back every time is not a lost stage
 QUEUED_EVERY_S = 5.0  # a queued request's client hears its place at least this often
 
@@ -72,6 +73,7 @@ class Request:
     task: asyncio.Task | None = None
     result: asyncio.Future | None = None  # the pending step's candidates
     step: int = 0
+    patience: float = 0.0  # seconds the pending step may take before it is presumed lost
     scored: int = 0  # scoring a window: how many log-probabilities the last stage returns
 
 
@@ -209,13 +211,35 @@ class Requester:
         await req.sink(message(Kind.DONE, req=req.id, body={"result": out}))
 
     async def _ring_result(self, req: Request) -> Any:
-        """What the ring sends back for the request's pending step."""
-        try:
-            return await asyncio.wait_for(req.result, self.node.cfg.request_timeout_s)
-        except TimeoutError:
-            raise RequestFailed(
-                "timeout", f"no answer from the ring in {self.node.cfg.request_timeout_s:.0f}s"
-            ) from None
+        """What the ring sends back for the request's pending step.
+
+        A step with no answer in its patience while every stage still answers heartbeats
+        was lost on a link (a connection reset drops what was in flight; ZeroMQ reconnects
+        but does not resend): `no-answer`, and the request is replayed into the same ring."""
+        assert req.result is not None
+        timeout = self.node.cfg.request_timeout_s
+        deadline, wait = time.monotonic() + timeout, req.patience
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(req.result), wait)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise RequestFailed("timeout", f"no answer from the ring in {timeout:.0f}s"
+                                        ) from None  # fmt: skip
+                if self._ring_answers(req):  # else a silent stage: membership will tell
+                    why = f"step {req.step} had no answer in {req.patience:.0f}s (lost on a link?)"
+                    raise RequestFailed("no-answer", why) from None
+                wait = min(1.0, max(0.01, deadline - time.monotonic()))
+
+    def _ring_answers(self, req: Request) -> bool:
+        """Every stage of the request's plan was heard from in the last heartbeats."""
+        node, now = self.node, time.monotonic()
+        recent = 2.5 * node.cfg.heartbeat_s
+        for n in req.plan.nodes if req.plan else ():
+            member = node.membership.members.by_id.get(n)
+            if n != node.id and (member is None or now - member.last_seen > recent):
+                return False
+        return True
 
     def _hold_plan(self, req: Request) -> None:
         """Bind the request to the live plan: from here on a new plan waits for it."""
@@ -382,6 +406,8 @@ class Requester:
             start=start, count=ids.shape[1], body=body,
         )  # fmt: skip
         req.result = asyncio.get_running_loop().create_future()
+        cfg = self.node.cfg  # a prefill may take longer: patience grows with its positions
+        req.patience = min(cfg.request_timeout_s, cfg.step_timeout_s * max(1, ids.shape[1] / 32))
         if not self.node.send_node(req.plan.nodes[0], forward):  # replayed like any lost step
             gone = RequestFailed("node-gone", "the plan's first stage is no longer a member")
             req.result.set_exception(gone)
