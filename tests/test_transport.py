@@ -5,19 +5,13 @@ handlers."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 from node.cluster.secret import ClusterKeys, new_secret
 from node.cluster.status import Stats
 from node.cluster.transport import Transport, listen
 from protocol.wire import Kind, Message, ProtocolError, encode, message
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.daemons import free_port
 
 
 class Endpoint:
