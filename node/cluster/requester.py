@@ -73,8 +73,15 @@ class Request:
     task: asyncio.Task | None = None
     result: asyncio.Future | None = None  # the pending step's candidates
     step: int = 0
+    attempt: int = 0  # replays so far, and queue retries: each opens the request anew
     patience: float = 0.0  # seconds the pending step may take before it is presumed lost
     scored: int = 0  # scoring a window: how many log-probabilities the last stage returns
+
+    @property
+    def ring_id(self) -> str:
+        """Its id on the stages: another for each attempt, so that a late END or step of an
+        earlier attempt (on another path through the ring) never meets the next one."""
+        return f"{self.id}~{self.attempt}" if self.attempt else self.id
 
 
 class Requester:
@@ -256,9 +263,9 @@ class Requester:
 
     def _end(self, req: Request) -> None:
         """Free the request's caches on every stage of its plan."""
-        self.ended.append(req.id)
+        self.ended.append(req.ring_id)
         for node in req.plan.nodes if req.plan else ():
-            self.node.send_node(node, message(Kind.END, req=req.id, epoch=req.plan.epoch))
+            self.node.send_node(node, message(Kind.END, req=req.ring_id, epoch=req.plan.epoch))
 
     async def _generate(self, req: Request) -> None:
         timings = Timings()
@@ -316,7 +323,7 @@ class Requester:
                 elif failure.code != "busy":
                     raise failure
                 self._release_plan(req)  # a re-plan may go ahead, and the stages free it
-                req.result = None
+                req.result, req.attempt = None, req.attempt + 1
                 if not lost:
                     await self._wait_in_queue(req, failure, deadline)
                 while not self._runnable(failed_epoch):
@@ -402,7 +409,7 @@ class Requester:
             body["score"] = score
         start = int(positions[0]) if positions is not None else 0
         forward = message(
-            Kind.FORWARD, (ids,), req=req.id, epoch=req.plan.epoch, step=req.step,
+            Kind.FORWARD, (ids,), req=req.ring_id, epoch=req.plan.epoch, step=req.step,
             start=start, count=ids.shape[1], body=body,
         )  # fmt: skip
         req.result = asyncio.get_running_loop().create_future()
@@ -412,10 +419,15 @@ class Requester:
             gone = RequestFailed("node-gone", "the plan's first stage is no longer a member")
             req.result.set_exception(gone)
 
+    def _waiting(self, ring_id: str) -> Request | None:
+        """The request whose current attempt has this id on the stages."""
+        req = self.requests.get(ring_id.partition("~")[0])
+        return req if req is not None and req.ring_id == ring_id else None
+
     async def on_result(self, identity: bytes, msg: Message, host: str) -> None:
-        req = self.requests.get(msg.req)
+        req = self._waiting(msg.req)
         if req is None and msg.req in self.ended:
-            return  # the step that was under way when its request was cancelled
+            return  # the step under way when its request was cancelled, or an older attempt
         if req is None or req.result is None or req.result.done() or msg.step != req.step:
             raise ProtocolError(
                 "unknown-request", f"no step {msg.step} of request {msg.req} waits here"
@@ -440,7 +452,7 @@ class Requester:
 
     async def on_error(self, identity: bytes, msg: Message, host: str) -> None:
         code, text = msg.body["code"], msg.body["message"]
-        req = self.requests.get(msg.req)
+        req = self._waiting(msg.req)
         if req and req.result and not req.result.done():
             req.result.set_exception(RequestFailed(code, text))
             return
