@@ -308,12 +308,19 @@ class Requester:
         the lost node, or the same one if every stage is still a member. A full stage
         (`busy`) waits in the queue for room. What comes back is what the failed step would
         have returned; the sampler's state never left this node. Gives up, raising, once
-        --request-timeout passes, or at once when the queue is full."""
+        --request-timeout passes, or at once when the queue is full.
+
+        A replay into the same ring that fails again waits longer each time (0.25 s, 0.5 s,
+        ... 8 s) for the cluster to move on: after a partition heals, this node may hold a
+        plan its stages have already left, until the coordinator learns of it again."""
         deadline = time.monotonic() + self.node.cfg.request_timeout_s
+        previous, again = 0, 0  # the last failed epoch; replays into it that failed
         try:
             while True:
                 assert req.plan is not None
                 failed_epoch, lost = req.plan.epoch, failure.code in REPLAYABLE
+                again = again + 1 if lost and failed_epoch == previous else 0
+                previous = failed_epoch
                 if lost:
                     if len(req.replays) >= MAX_REPLAYS:
                         raise RequestFailed(failure.code,
@@ -326,6 +333,8 @@ class Requester:
                 req.result, req.attempt = None, req.attempt + 1
                 if not lost:
                     await self._wait_in_queue(req, failure, deadline)
+                elif again:
+                    await self._settle(failed_epoch, min(8.0, 0.25 * 2 ** (again - 1)))
                 while not self._runnable(failed_epoch):
                     if time.monotonic() > deadline:
                         raise RequestFailed(failure.code, f"{failure} (no working plan for "
@@ -345,6 +354,14 @@ class Requester:
         finally:
             if req in self.queue:  # admitted, or given up
                 self.queue.remove(req)
+
+    async def _settle(self, epoch: int, seconds: float) -> None:
+        """Up to `seconds`, or until the cluster has moved past `epoch`."""
+        plans, until = self.node.plans, time.monotonic() + seconds
+        while time.monotonic() < until and plans.pending is None and (
+            plans.plan is None or plans.plan.epoch <= epoch
+        ):
+            await asyncio.sleep(0.05)
 
     async def _wait_in_queue(self, req: Request, failure: RequestFailed, deadline: float) -> None:
         """Until this request heads the queue and room may have freed: a request of ours
