@@ -125,8 +125,8 @@ def test_mutated_real_frames_give_a_message_or_a_protocol_error(noise, at):  # n
 
 @pytest.mark.parametrize(
     "head",
-    [b"[" * 40000, b'{"v":3,"type":"status","epoch":' + b"9" * 5000 + b"}", b"\xff\xfe",
-     b'{"v":3,"type":"status","pos":[1e999,1]}'],  # fmt: skip
+    [b"[" * 40000, b'{"v":%d,"type":"status","epoch":%s}' % (VERSION, b"9" * 5000), b"\xff\xfe",
+     b'{"v":%d,"type":"status","pos":[1e999,1]}' % VERSION],  # fmt: skip
 )
 def test_deep_nesting_and_huge_numbers_are_refused_as_malformed(head):  # noqa: ANN001
     with pytest.raises(ProtocolError) as e:
