@@ -4,6 +4,7 @@ and the daemons' memory stays bounded by what they offered."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -15,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from node.cluster.planner import HEADROOM, StageSpec, stage_bytes
+from node.cluster.planner import HEADROOM, ModelShape, StageSpec, stage_bytes
 from node.engine.shapes import shape_of
 from node.engine.weights import layer_format, open_checkpoint
 from tests.conftest import run_cli
@@ -31,12 +32,18 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):",
            "The three primary colors are"]  # fmt: skip
 
 
+@functools.cache
+def default_shape() -> ModelShape:
+    """The default model's shape as a daemon on this CPU holds it."""
+    ckpt = open_checkpoint(None)
+    fmt = layer_format(ckpt, "auto", torch.device("cpu"))
+    return shape_of(ckpt.family, ckpt.config, torch.float32, torch.float32, fmt)
+
+
 def memory_for(start: int, end: int) -> tuple[int, int]:
     """(--max-memory that fits FITS and a half requests beside the stage's weights, the
     bytes one request's caches take there), by the sizes the daemon itself uses."""
-    ckpt = open_checkpoint(None)
-    fmt = layer_format(ckpt, "auto", torch.device("cpu"))
-    shape = shape_of(ckpt.family, ckpt.config, torch.float32, torch.float32, fmt)
+    shape = default_shape()
     need = shape.kv_bytes * (end - start) * CAPACITY
     weights = stage_bytes(StageSpec("", start, end), shape)
     return int((weights + (FITS + 0.5) * need) / HEADROOM), need

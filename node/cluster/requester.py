@@ -172,8 +172,6 @@ class Requester:
         finally:
             self._release_plan(req)
             del self.requests[req.id]
-            if req in self.queue:
-                self.queue.remove(req)
             self.finished += 1
 
     async def _accept(self, req: Request, prompt_tokens: int) -> list[dict[str, Any]]:
@@ -352,7 +350,7 @@ class Requester:
                         raise
                     failure = e
         finally:
-            if req in self.queue:  # admitted, or given up
+            if req in self.queue:  # admitted, given up or cancelled: the one place it leaves
                 self.queue.remove(req)
 
     async def _settle(self, epoch: int, seconds: float) -> None:

@@ -63,7 +63,9 @@ class StageServer:
         if msg.count == 1:
             stats.decode_compute_s += took
             stats.decode_steps += 1
-        if target is None or not node.send_node(target, out):
+        if target is None:
+            self.fail_upstream(msg, "node-gone", "the plan has no next stage")
+        elif not node.send_node(target, out):
             self.fail_upstream(msg, "node-gone", "the plan's next stage is no longer a member")
 
     def _step(
