@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "on a link and the request replayed")  # fmt: skip
     daemon.add_argument("--max-queue", type=_count, default=32, metavar="N",
                         help="requests that wait for the stages' cache room (beyond: busy)")
+    daemon.add_argument("--prefill-chunk", type=_count, default=256, metavar="N",
+                        help="prompt positions this node's stage computes per pass: a long "
+                             "prompt goes in chunks of N, next to the running decodes")  # fmt: skip
     daemon.add_argument("--cluster", default="default", help="join only nodes of this cluster")
     daemon.add_argument("--no-mdns", action="store_true", help="no mDNS: find peers by --peer")
     daemon.add_argument("--mdns-interface", action="append", metavar="NAME|ADDRESS",
@@ -479,7 +482,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"model {status['model']} · cluster {status['cluster']} · {plan} · "
           f"{status['stats']['requests_in_flight']} request(s) in flight here")  # fmt: skip
     rows = [("NAME", "ADDRESS", "DEVICE", "MEMORY", "COMPUTE", "LAYERS", "WEIGHTS", "STATE",
-             "RTT", "REQS")]  # fmt: skip
+             "RTT", "REQS", "BATCH", "WAITING", "TOK/S")]  # fmt: skip
     for n in status["nodes"]:
         layers = f"{n['layers'][0]}-{n['layers'][1]}" if n["layers"] else "-"
         here = " *" if n["id"] == status["node"] else ""
@@ -488,7 +491,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         rtt = f"{n['rtt_ms']:.2f} ms" if n["rtt_ms"] is not None else "-"
         weights = n.get("quantization") or "-"
         rows.append((n["name"] + here, n["address"], n["device"], memory, compute, layers,
-                     weights, n["state"], rtt, str(n["requests"])))  # fmt: skip
+                     weights, n["state"], rtt, str(n["requests"]), f"{n['batch']:.1f}",
+                     f"{n['waiting']:.0f}+{n['queued']:.0f}q", f"{n['tokens_per_s']:.1f}"))
     _print_table(rows)
     for p in status["problems"]:
         print(f"! {p['problem']}: {p['fix']}")
@@ -652,7 +656,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         cluster=args.cluster, objective=args.objective, mdns=mdns, pin=args.layers,
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
         max_queue=args.max_queue, step_timeout_s=args.step_timeout, threads=args.threads,
-        quantize=quantize, layer_format=fmt, keys=keys,
+        prefill_chunk=args.prefill_chunk, quantize=quantize, layer_format=fmt, keys=keys,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(

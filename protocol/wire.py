@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the codec needs torch only to turn frames into tensors
     import torch
 
-VERSION = 4  # 2: cluster names, capabilities, RTTs, PING/PONG. 3: SCORE, quantization. 4: QUEUED
+# 2: cluster names, capabilities, RTTs, PING/PONG. 3: SCORE, quantization. 4: QUEUED.
+# 5: a FORWARD carries the positions of several requests (its `parts`), packed.
+VERSION = 5
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 4
 MAX_DIMS = 4
@@ -34,7 +36,7 @@ class Kind(str, Enum):
     PONG = "pong"  # the echo, on the same connection
     PLAN = "plan"  # coordinator -> members: a plan and the phase it is in
     PLAN_ACK = "plan_ack"  # member -> coordinator: phase reached
-    FORWARD = "forward"  # into a stage: token ids or hidden states
+    FORWARD = "forward"  # into a stage: token ids or hidden states of one or more requests
     RESULT = "result"  # last stage -> requester: sampling candidates
     END = "end"  # requester -> stages: free the request's caches
     ERROR = "error"  # anyone -> anyone: what went wrong, for which request
@@ -75,7 +77,7 @@ BODY_FIELDS: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.PONG: {"id": _STR, "t": _NUM},
     Kind.PLAN: {"plan": _DICT, "phase": _STR},
     Kind.PLAN_ACK: {"id": _STR, "phase": _STR},
-    Kind.FORWARD: {"requester": _STR},
+    Kind.FORWARD: {"parts": _LIST},
     Kind.RESULT: {},
     Kind.END: {},
     Kind.ERROR: {"code": _STR, "message": _STR},
@@ -89,6 +91,9 @@ BODY_FIELDS: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.SCORE: {"text": _STR, "context": _INT},
     Kind.SCORED: {"window": _INT, "windows": _INT, "perplexity": _NUM},
 }
+
+
+MAX_PARTS = 1024  # requests in one FORWARD
 
 
 class ProtocolError(Exception):
@@ -253,6 +258,59 @@ def _specs(raw: Any, frames: list[bytes], max_bytes: int) -> list[TensorSpec]:
 
 def _len(value: Any) -> int | str:
     return len(value) if isinstance(value, list) else "no"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One request's positions in a FORWARD, whose tensor packs the rows of all its pieces in
+    order (token ids [N] into the first stage, hidden states [N, dim] after it)."""
+
+    req: str
+    step: int
+    start: int
+    count: int
+    end: int  # where the step's positions end: a long prompt may go on in chunks
+    body: dict[str, Any]  # "requester", and on a request's first positions how to open it
+
+    @property
+    def requester(self) -> str:
+        return self.body["requester"]
+
+    @property
+    def final(self) -> bool:
+        """These positions end the step: the last stage answers them."""
+        return self.start + self.count == self.end
+
+    def to_json(self) -> dict[str, Any]:
+        return {"req": self.req, "step": self.step, "start": self.start, "count": self.count,
+                "end": self.end, **self.body}  # fmt: skip
+
+
+def pieces(msg: Message) -> list[Piece]:
+    """A FORWARD's pieces, checked: well formed, and their rows add up to its one tensor's."""
+    raw = msg.body["parts"]
+    if not 0 < len(raw) <= MAX_PARTS:
+        raise ProtocolError("malformed", f"a forward carries 1 to {MAX_PARTS} parts")
+    out, seen = [], set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ProtocolError("malformed", f"part {i} is not an object")
+        req = item.get("req")
+        if not isinstance(req, str) or not 0 < len(req) <= 64 or req in seen:
+            raise ProtocolError("malformed", f"part {i}: a distinct request id of 1-64 characters")
+        if not isinstance(item.get("requester"), str):
+            raise ProtocolError("bad-body", f"part {i} needs 'requester' of type str")
+        seen.add(req)
+        start = _int(item.get("start"), f"part {i} start")
+        count = _int(item.get("count"), f"part {i} count", low=1)
+        body = {k: v for k, v in item.items() if k not in ("req", "step", "start", "count", "end")}
+        piece = Piece(req, _int(item.get("step"), f"part {i} step"), start, count,
+                      _int(item.get("end"), f"part {i} end", low=start + count), body)  # fmt: skip
+        out.append(piece)
+    rows = sum(p.count for p in out)
+    if len(msg.specs) != 1 or not msg.specs[0].shape or msg.specs[0].shape[0] != rows:
+        raise ProtocolError("bad-tensor", f"a forward's parts cover {rows} rows of one tensor")
+    return out
 
 
 def error(code: str, text: str, req: str = "", epoch: int = 0) -> Message:

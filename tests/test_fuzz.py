@@ -37,15 +37,15 @@ def templates(rng: random.Random, status: dict, node: dict) -> list[list[bytes]]
     """Well-formed messages of every other type, addressed to `node`'s stage."""
     epoch, first = status["epoch"], node["layers"][0] == 0
     members = [n["id"] for n in status["nodes"]]
-    x = torch.tensor([[1, 2, 3]]) if first else torch.randn(1, 3, 576)
-    open_body = {"requester": rng.choice([*members, "nobody"]), "capacity": 8,
-                 "sampling": {"temperature": 0.7, "top_k": 5}}  # fmt: skip
+    x = torch.tensor([1, 2, 3, 4]) if first else torch.randn(4, 576)
+    opening = {"req": "f1", "step": 0, "start": 0, "count": 3, "end": 3,
+               "requester": rng.choice([*members, "nobody"]), "capacity": 8,
+               "sampling": {"temperature": 0.7, "top_k": 5}}  # fmt: skip
+    decoding = {"req": "f2", "step": 1, "start": 3, "count": 1, "end": 4, "requester": members[0]}
     logits, ids = torch.randn(16), torch.arange(16)
     msgs = [
-        message(Kind.FORWARD, (x,), req="f1", epoch=epoch, step=0, start=0, count=3,
-                body=open_body),
-        message(Kind.FORWARD, (x[:, :1],), req="f1", epoch=epoch, step=1, start=3, count=1,
-                body={"requester": members[0]}),
+        message(Kind.FORWARD, (x[:3],), epoch=epoch, body={"parts": [opening]}),
+        message(Kind.FORWARD, (x,), epoch=epoch, body={"parts": [opening, decoding]}),
         message(Kind.RESULT, (logits, ids), req="r1", epoch=epoch, step=1),
         message(Kind.END, req="f1", epoch=epoch),
         message(Kind.ERROR, req="r1", body={"code": "node-gone", "message": "x"}),
@@ -79,6 +79,8 @@ def mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
     elif how in (1, 2):  # a header or body field becomes any JSON
         head = json.loads(frames[0])
         target = head if how == 1 or not head.get("body") else head["body"]
+        if target is head.get("body") and target.get("parts") and rng.random() < 0.7:
+            target = rng.choice(target["parts"])  # one request of a forward
         key = rng.choice([*target, "extra"])
         target[key] = any_json(rng)
         frames[0] = json.dumps(head).encode()

@@ -214,12 +214,14 @@ def raw_exchange(address: str, frames: list[bytes]) -> dict:
         ctx.destroy(linger=0)
 
 
-def frames(tensor: bytes = b"", **fields: object) -> list[bytes]:
-    """A FORWARD to the second stage (hidden size 576), with `fields` overriding the header."""
+def frames(tensor: bytes = b"", part: dict | None = None, **fields: object) -> list[bytes]:
+    """A FORWARD of one request to the second stage (hidden size 576), with `part` overriding
+    the request's piece and `fields` the header."""
+    piece = {"req": "x1", "step": 0, "start": 0, "count": 1, "end": 1, "requester": "nobody",
+             "capacity": 8, "sampling": {}, **(part or {})}  # fmt: skip
     header = {
-        "v": VERSION, "type": "forward", "req": "x1", "epoch": 1, "step": 0, "pos": [0, 1],
-        "body": {"requester": "nobody", "capacity": 8, "sampling": {}},
-        "tensors": [{"dtype": "float16", "shape": [1, 1, 576]}],
+        "v": VERSION, "type": "forward", "epoch": 1, "body": {"parts": [piece]},
+        "tensors": [{"dtype": "float16", "shape": [1, 576]}],
     }  # fmt: skip
     return [json.dumps({**header, **fields}).encode(), tensor]
 
@@ -238,12 +240,14 @@ def test_bad_frames_get_errors_and_the_daemon_still_serves(cluster, expected):  
         (frames(hidden[:-2], epoch=epoch), "bad-tensor"),  # truncated
         (frames(bytes(64 << 20), tensors=[{"dtype": "float32", "shape": [16 << 20]}]), "too-large"),
         (frames(hidden, epoch=epoch + 100), "wrong-epoch"),
-        (frames(hidden, epoch=epoch, step=3), "unknown-request"),
+        (frames(hidden, {"step": 3}, epoch=epoch), "unknown-request"),
         (
-            frames(bytes(14), epoch=epoch, tensors=[{"dtype": "float16", "shape": [1, 1, 7]}]),
+            frames(bytes(14), epoch=epoch, tensors=[{"dtype": "float16", "shape": [1, 7]}]),
             "bad-tensor",
         ),  # fmt: skip
-        (frames(hidden, epoch=epoch, pos=[5, 1]), "bad-positions"),
+        (frames(hidden, {"end": 9}, epoch=epoch), "bad-positions"),  # past its capacity
+        (frames(hidden, {"count": 2, "end": 2}, epoch=epoch), "bad-tensor"),  # rows != counts
+        (frames(hidden, {"req": ""}, epoch=epoch), "malformed"),
         (encode(message(Kind.TOKEN, body={"token": 1, "text": "x"})), "unexpected"),
         (encode(message(Kind.GENERATE, body=bad_request)), "bad-request"),
     ]
@@ -323,10 +327,11 @@ def test_an_abandoned_request_is_freed_after_the_idle_timeout(tiny_models, tmp_p
         last = next(n for n in status["nodes"] if n["layers"][0] != 0)
         # a prefill whose requester never asks again: no END will ever come
         ids = bytes(8 * 3)  # token ids 0, 0, 0
+        piece = {"req": "abandoned", "step": 0, "start": 0, "count": 3, "end": 3,
+                 "requester": last["id"], "capacity": 8, "sampling": {}}  # fmt: skip
         header = {
-            "v": VERSION, "type": "forward", "req": "abandoned", "epoch": status["epoch"],
-            "step": 0, "pos": [0, 3], "tensors": [{"dtype": "int64", "shape": [1, 3]}],
-            "body": {"requester": last["id"], "capacity": 8, "sampling": {}},
+            "v": VERSION, "type": "forward", "epoch": status["epoch"], "body": {"parts": [piece]},
+            "tensors": [{"dtype": "int64", "shape": [3]}],
         }  # fmt: skip
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)

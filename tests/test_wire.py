@@ -10,13 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.cluster.log_budget import LogBudget
-from protocol.wire import VERSION, Kind, ProtocolError, decode, encode, message
+from protocol.wire import VERSION, Kind, Piece, ProtocolError, decode, encode, message, pieces
+
+
+def part(**fields: object) -> dict:
+    return {"req": "r1", "step": 0, "start": 0, "count": 3, "end": 3, "requester": "n1", **fields}
 
 
 def header(**fields: object) -> bytes:
-    base = {"v": VERSION, "type": "forward", "req": "r1", "epoch": 2, "step": 0, "pos": [0, 3]}
-    base["body"] = {"requester": "n1"}
-    base["tensors"] = [{"dtype": "float16", "shape": [1, 3, 4]}]
+    base = {"v": VERSION, "type": "forward", "epoch": 2, "step": 0, "pos": [0, 3]}
+    base["body"] = {"parts": [part()]}
+    base["tensors"] = [{"dtype": "float16", "shape": [3, 4]}]
     return json.dumps({**base, **fields}).encode()
 
 
@@ -24,7 +28,7 @@ def header(**fields: object) -> bytes:
 def test_tensors_round_trip_bit_exact(dtype):  # noqa: ANN001
     t = (torch.randn(1, 3, 5) * 100).to(dtype)
     msg = message(
-        Kind.FORWARD, (t,), req="r", epoch=4, step=7, start=9, count=3, body={"requester": "n"}
+        Kind.FORWARD, (t,), req="r", epoch=4, step=7, start=9, count=3, body={"parts": []}
     )
     got = decode(encode(msg))
     assert (got.kind, got.req, got.epoch, got.step, got.start, got.count) == (
@@ -61,6 +65,36 @@ def test_tensors_round_trip_bit_exact(dtype):  # noqa: ANN001
 def test_bad_frames_are_refused_with_a_code(frames, code):  # noqa: ANN001
     with pytest.raises(ProtocolError) as e:
         decode(frames)
+    assert e.value.code == code
+
+
+def test_a_forward_packs_its_pieces_rows_in_order():
+    parts = [part(), part(req="r2", step=4, start=7, count=1, end=8, sampling={})]
+    msg = decode(encode(message(Kind.FORWARD, (torch.zeros(4, 2),), body={"parts": parts})))
+    got = pieces(msg)
+    assert got[1] == Piece("r2", 4, 7, 1, 8, {"requester": "n1", "sampling": {}})
+    assert [p.final for p in got] == [True, True] and got[0].requester == "n1"
+    assert not Piece("r", 0, 0, 2, 5, {"requester": "n"}).final  # a prompt's first chunk
+
+
+@pytest.mark.parametrize(
+    "parts, rows, code",
+    [
+        ([], 0, "malformed"),
+        ([part()], 2, "bad-tensor"),  # rows do not add up
+        ([part(), part()], 6, "malformed"),  # one request twice
+        ([part(count=0, end=0)], 0, "malformed"),
+        ([part(end=2)], 3, "malformed"),  # ends before its positions do
+        ([part(req="x" * 65)], 3, "malformed"),
+        ([part(requester=None)], 3, "bad-body"),
+        (["r1"], 3, "malformed"),
+        ([part(step=-1)], 3, "malformed"),
+    ],
+)
+def test_bad_pieces_are_refused_with_a_code(parts, rows, code):  # noqa: ANN001
+    msg = decode(encode(message(Kind.FORWARD, (torch.zeros(rows, 2),), body={"parts": parts})))
+    with pytest.raises(ProtocolError) as e:
+        pieces(msg)
     assert e.value.code == code
 
 
@@ -117,8 +151,7 @@ def test_any_json_header_gives_a_message_or_a_protocol_error(head, tensors):  # 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200), st.integers(0, 200))
 def test_mutated_real_frames_give_a_message_or_a_protocol_error(noise, at):  # noqa: ANN001
-    frames = encode(message(Kind.FORWARD, (torch.zeros(1, 3, 4),), start=0, count=3,
-                            body={"requester": "n"}))  # fmt: skip
+    frames = encode(message(Kind.FORWARD, (torch.zeros(3, 4),), body={"parts": [part()]}))
     head = frames[0][:at] + noise + frames[0][at:]
     decodes_or_refuses([head, frames[1]])
 

@@ -64,6 +64,7 @@ class DaemonConfig:
     request_timeout_s: float = 120.0
     step_timeout_s: float = 30.0  # a decode step unanswered this long was lost: replayed
     max_queue: int = 32  # requests waiting here for cache room on the stages; beyond: busy
+    prefill_chunk: int = 256  # prompt positions a stage computes per pass, next to decodes
     plan_wait_s: float = 600.0
     leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node
     threads: int | None = None
@@ -141,6 +142,7 @@ class Daemon:
             self.spawn(self.membership.heartbeat()),
             self.spawn(self.plans.loop()),
             self.spawn(self.stage.expire_requests()),
+            self.spawn(self.stage.run_batches()),
         ]
         self.plans.replan.set()
         if self.api:

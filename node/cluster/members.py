@@ -36,6 +36,7 @@ class Member:
     caps: Capabilities = field(default_factory=lambda: Capabilities.from_json({}))
     quant: str = ""  # the formats its stage holds weights in (int4, int8+float32...)
     rtts: dict[str, float] = field(default_factory=dict)  # its round trips to others, seconds
+    load: dict[str, float] = field(default_factory=dict)  # batch, tokens/s, waiting, queued
     last_seen: float = field(default_factory=time.monotonic)
     samples: list[float] = field(default_factory=list)  # our round trips to it, newest last
 
@@ -47,7 +48,7 @@ class Member:
     @classmethod
     def from_hello(cls, body: dict[str, Any], host: str) -> Member:
         """A member from a HELLO body (already type-checked), reached at `host`."""
-        pin = body.get("pin")
+        pin, load = body.get("pin"), body.get("load")
         pin_ok = isinstance(pin, list) and len(pin) == 2 and all(type(p) is int for p in pin)
         return cls(
             id=body["id"][:64],
@@ -69,6 +70,11 @@ class Member:
                 str(k)[:64]: float(v)
                 for k, v in list(body["rtt"].items())[:256]
                 if type(v) in (int, float) and 0 < v < 60
+            },
+            load={
+                str(k)[:32]: float(v)
+                for k, v in list(load.items() if isinstance(load, dict) else ())[:16]
+                if type(v) in (int, float) and 0 <= v < 1e9
             },
         )
 

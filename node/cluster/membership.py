@@ -17,6 +17,7 @@ import zmq
 from discovery.mdns import SERVICE, Advert, Discovery
 from node import __version__
 from node.cluster.members import Member, Members
+from node.cluster.status import load
 from node.cluster.transport import ClientGone
 from protocol.wire import VERSION, Kind, Message, ProtocolError, message
 
@@ -120,7 +121,7 @@ class Membership:
             "requests": len(shard.requests) if shard else 0, "version": __version__,
             "boot": node.boot, "cluster": cfg.cluster, "caps": cfg.caps.to_json(),
             "rtt": {m.id: m.rtt for m in self.members if m.rtt is not None},
-            "quant": node.quantization,
+            "quant": node.quantization, "load": load(node),
         }  # fmt: skip
         return message(Kind.HELLO, body=body)
 

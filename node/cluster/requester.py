@@ -93,6 +93,8 @@ class Requester:
         self.drained.set()
         self.queue: deque[Request] = deque()  # waiting for cache room, first come first
         self.finished = 0  # requests of ours that ended: the queue's head may try again
+        # Steps to send at the end of this event-loop turn: (first stage, epoch) -> steps.
+        self.outbox: dict[tuple[str, int], list[tuple[Request, dict[str, Any], torch.Tensor]]] = {}
 
     def stage_lost(self, member: str, why: str) -> None:
         """A member is gone: the steps of requests whose plan uses it fail now (and are
@@ -417,22 +419,42 @@ class Requester:
         """Send the request's next positions (from 0 if not given) to the first stage; its
         result, candidates or the log-probabilities of `score`, will come back."""
         assert req.plan is not None
-        body: dict[str, Any] = {"requester": self.node.id}
-        if req.step == 0:  # the prefill opens the request on every stage
-            body.update(capacity=req.capacity, sampling=req.params.to_json())
-        if score is not None:
-            body["score"] = score
         start = int(positions[0]) if positions is not None else 0
-        forward = message(
-            Kind.FORWARD, (ids,), req=req.ring_id, epoch=req.plan.epoch, step=req.step,
-            start=start, count=ids.shape[1], body=body,
-        )  # fmt: skip
-        req.result = asyncio.get_running_loop().create_future()
+        count = ids.shape[1]
+        piece: dict[str, Any] = {"req": req.ring_id, "step": req.step, "start": start,
+                                 "count": count, "end": start + count, "requester": self.node.id}
+        if req.step == 0:  # the prefill opens the request on every stage
+            piece.update(capacity=req.capacity, sampling=req.params.to_json())
+        if score is not None:
+            piece["score"] = score
+        loop = asyncio.get_running_loop()
+        req.result = loop.create_future()
         cfg = self.node.cfg  # a prefill may take longer: patience grows with its positions
         req.patience = min(cfg.request_timeout_s, cfg.step_timeout_s * max(1, ids.shape[1] / 32))
-        if not self.node.send_node(req.plan.nodes[0], forward):  # replayed like any lost step
-            gone = RequestFailed("node-gone", "the plan's first stage is no longer a member")
-            req.result.set_exception(gone)
+        if not self.outbox:
+            loop.call_soon(self._flush)
+        self.outbox.setdefault((req.plan.nodes[0], req.plan.epoch), []).append((req, piece, ids[0]))
+
+    def _flush(self) -> None:
+        """Send this event-loop turn's steps: one FORWARD to each first stage, which takes
+        them into one pass (the results of a batch come back together, and each request's
+        next step follows within the turn)."""
+        outbox, self.outbox = self.outbox, {}
+        for (first, epoch), steps in outbox.items():
+            steps = [s for s in steps if s[0].plan and s[0].ring_id == s[1]["req"]]  # not ended
+            if not steps:
+                continue
+            ids = torch.cat([s[2] for s in steps])
+            forward = message(
+                Kind.FORWARD, (ids,), epoch=epoch, body={"parts": [s[1] for s in steps]}
+            )
+            if not self.node.send_node(first, forward):  # replayed like any lost step
+                for req, _, _ in steps:
+                    if req.result and not req.result.done():
+                        gone = RequestFailed(
+                            "node-gone", "the plan's first stage is no longer a member"
+                        )
+                        req.result.set_exception(gone)
 
     def _waiting(self, ring_id: str) -> Request | None:
         """The request whose current attempt has this id on the stages."""

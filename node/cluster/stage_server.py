@@ -1,37 +1,71 @@
 """The stage side: this node's layers under the live plan (a Shard) serving FORWARDs.
 
-A FORWARD's first step opens the request (its KV caches, admitted only within the memory
-this node offered); each step runs on the compute thread and goes on to the next stage, or
-back to the requester as a RESULT from the last one. A step that fails here is reported to
-the requester, which replays the request (node/cluster/requester.py).
+A FORWARD brings the positions of one or more requests. A request's first positions open it
+here (its KV caches, admitted only within the memory this node offered); each piece waits as
+Work until the batch loop runs it with everything else that is waiting, in one forward pass
+on the compute thread (node/engine/batching.py decides what goes together). The pass's
+hidden states go on to the next stage as one FORWARD; the last stage answers each request's
+requester with a RESULT. A piece that fails here is reported to its requester alone, which
+replays the request (node/cluster/requester.py); the others go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 import torch
+import zmq
 
 from node.cluster.planner import HEADROOM, Plan, stage_bytes
-from node.engine.perplexity import Scores
-from node.engine.sampling import Candidates, SamplingParams
-from node.engine.shard import Shard
+from node.cluster.transport import ClientGone
+from node.engine.batching import Work, next_batch
+from node.engine.sampling import SamplingParams
+from node.engine.shard import Entry, Shard
 from node.errors import RinginferError
-from protocol.wire import Kind, Message, ProtocolError, error, message
+from protocol.wire import Kind, Message, Piece, ProtocolError, error, message, pieces
 
 if TYPE_CHECKING:
     from node.cluster.daemon import Daemon
 
 log = logging.getLogger("ringinfer")
 
+LOAD_WINDOW_S = 10.0  # status's batch size and tokens/s are over this many recent seconds
+GATHER_MAX_S = 0.1  # the longest a pass waits for steps on their way (see _gather)
+ACTIVE_S = 1.0  # a request with no step here for this long is not waited for
+
+
+class Load:
+    """The stage's recent passes: mean decode batch and decode tokens per second."""
+
+    def __init__(self) -> None:
+        self.passes: deque[tuple[float, int]] = deque()  # (when, decode rows)
+
+    def add(self, rows: int) -> None:
+        now = time.monotonic()
+        self.passes.append((now, rows))
+        while self.passes and now - self.passes[0][0] > LOAD_WINDOW_S:
+            self.passes.popleft()
+
+    def to_json(self) -> dict[str, float]:
+        now = time.monotonic()
+        recent = [rows for t, rows in self.passes if now - t <= LOAD_WINDOW_S and rows]
+        batch = sum(recent) / len(recent) if recent else 0.0
+        return {"batch": round(batch, 2), "tokens_per_s": round(sum(recent) / LOAD_WINDOW_S, 2)}
+
 
 class StageServer:
     def __init__(self, node: Daemon) -> None:
         self.node = node
         self.shard: Shard | None = None  # loaded by the plan agreement (node/cluster/plans.py)
+        self.waiting: list[Work] = []
+        self.arrived = asyncio.Event()
+        self.load = Load()
+        self.pass_s = 0.01  # recent passes' duration, a running mean
 
     async def on_forward(self, identity: bytes, msg: Message, host: str) -> None:
         node = self.node
@@ -39,59 +73,147 @@ class StageServer:
         if plan is None or msg.epoch != plan.epoch:
             live = plan.epoch if plan else "none"
             raise ProtocolError("wrong-epoch", f"epoch {msg.epoch} is not the live plan ({live})")
-        if shard is None or len(msg.specs) != 1:
+        if shard is None:
             raise ProtocolError("not-a-stage", "this node holds no layers in the live plan")
-        x = msg.tensor()
-        opened = False
-        if msg.step == 0:
-            self._open(shard, msg)
-            opened = True
+        parts, x, at = pieces(msg), msg.tensor(), 0
+        refusal = None
+        for piece in parts:
+            rows, at = x[at : at + piece.count], at + piece.count
+            try:
+                self.waiting.append(self._accept(shard, msg.epoch, piece, rows))
+            except ProtocolError as e:
+                node.stats.errors[e.code] += 1
+                if node.transport.may_log(node.transport.refusals):
+                    log.warning("refused request %s from %s: %s: %s", piece.req, host or "self",
+                                e.code, e)  # fmt: skip
+                self.fail(piece.requester, piece.req, msg.epoch, e.code, str(e))
+                refusal = refusal or error(e.code, str(e), piece.req, msg.epoch)
+        self.arrived.set()
+        if refusal:  # the sender hears of the first, as of a message refused whole
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await node.transport.reply(identity, refusal)
+
+    def _accept(self, shard: Shard, epoch: int, piece: Piece, x: torch.Tensor) -> Work:
+        opened = piece.step == 0 and piece.start == 0
+        if opened:
+            self._open(shard, piece, epoch)
         try:
-            shard.check_input(msg.req, msg.start, msg.count, x)
-            began = time.perf_counter()
-            target, out = await asyncio.get_running_loop().run_in_executor(
-                node.compute, self._step, shard, plan, msg, x
-            )
+            return shard.accept(piece, x, epoch)
         except ProtocolError:
             if opened:
-                shard.close(msg.req)
+                shard.close(piece.req)
             raise
+
+    async def run_batches(self) -> None:
+        """Forever: run what waits, in passes, until nothing does."""
+        while True:
+            if not self.waiting:  # idle: the next arrival starts a pass, with what follows it
+                self.arrived.clear()
+                await self.arrived.wait()
+                await self._gather()
+            batch, self.waiting = next_batch(self.waiting, self.node.cfg.prefill_chunk)
+            try:
+                await self._pass(batch)
+            except Exception:  # a bug must not stop the loop that every request needs
+                log.exception("a batch of %d failed", len(batch))
+                for w in batch:
+                    self.fail(w.piece.requester, w.req, w.epoch, "internal", "batch failed")
+
+    async def _gather(self) -> None:
+        """Wait a little for the steps that are on their way to join this pass.
+
+        A batch's next steps come back to the first stage from its requesters one after
+        another, a few milliseconds apart on a busy machine; a stage that ran each as it came
+        would split the batch into passes that each read every weight again, and the pieces
+        would travel the ring apart from then on. So while requests open here are expected
+        (active lately, not waiting), the stage waits for them, up to one pass's time: the
+        cost of waiting is bounded by the pass it saves. One request alone goes at once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(GATHER_MAX_S, self.pass_s)
+        while self._expected():
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), deadline - loop.time())
+            except TimeoutError:
+                return
+
+    def _expected(self) -> bool:
+        """Some request open here is active but has no step waiting."""
+        shard = self.shard
+        if shard is None:
+            return False
+        waiting = {w.req for w in self.waiting}
+        recent = time.monotonic() - ACTIVE_S
+        return any(r not in waiting and e.last_used > recent for r, e in shard.requests.items())
+
+    async def _pass(self, batch: list[Work]) -> None:
+        node, shard, plan = self.node, self.shard, self.node.plans.plan
+        live, entries = [], []
+        for w in batch:
+            if plan is None or w.epoch != plan.epoch or shard is None:
+                self.fail(w.piece.requester, w.req, w.epoch, "wrong-epoch", "the plan changed")
+            elif w.req in shard.requests:
+                live.append(w)
+                entries.append(shard.requests[w.req])
+            # else ended (END, a timeout, its requester lost) while it waited: dropped
+        if not live:
+            return
+        began = time.perf_counter()
+        try:
+            sends = await asyncio.get_running_loop().run_in_executor(
+                node.compute, self._compute, shard, plan, live, entries
+            )
+        except ProtocolError as e:
+            for w in live:
+                self.fail(w.piece.requester, w.req, w.epoch, e.code, str(e))
+            return
         took = time.perf_counter() - began
+        decodes = sum(1 for w in live if w.count == 1)
         stats = node.stats
         stats.compute_s += took
         stats.steps += 1
-        if msg.count == 1:
+        stats.rows += sum(w.count for w in live)
+        if decodes == len(live):
             stats.decode_compute_s += took
             stats.decode_steps += 1
-        if target is None:
-            self.fail_upstream(msg, "node-gone", "the plan has no next stage")
-        elif not node.send_node(target, out):
-            self.fail_upstream(msg, "node-gone", "the plan's next stage is no longer a member")
+        self.load.add(decodes)
+        self.pass_s += 0.2 * (took - self.pass_s)
+        for target, out, works in sends:
+            if target is None:
+                why = "the plan has no next stage"
+            elif not node.send_node(target, out):
+                why = "the plan's next stage is no longer a member"
+            else:
+                continue
+            for w in works:
+                self.fail(w.piece.requester, w.req, w.epoch, "node-gone", why)
 
-    def _step(
-        self, shard: Shard, plan: Plan, msg: Message, x: torch.Tensor
-    ) -> tuple[str | None, Message]:
-        """On the compute thread: run the stage, and build what goes next and where.
+    def _compute(
+        self, shard: Shard, plan: Plan, batch: list[Work], entries: list[Entry]
+    ) -> list[tuple[str | None, Message, list[Work]]]:
+        """On the compute thread: run the pass, and build what goes where (for which works).
 
         The event loop then only sends: the wire conversion and tensor bytes are made here,
         while the loop thread would otherwise wait for a core right after the compute.
         """
-        out = shard.forward(msg.req, msg.start, x)
-        if isinstance(out, Candidates | Scores):
-            tensors = out.tensors()
-            reply = message(Kind.RESULT, tensors, req=msg.req, epoch=msg.epoch, step=msg.step)
-            return msg.body["requester"], reply
+        out = shard.run(batch, entries)
+        if isinstance(out, list):
+            return [
+                (w.piece.requester, message(Kind.RESULT, answer.tensors(), req=w.req,
+                                            epoch=w.epoch, step=w.piece.step), [w])
+                for w, answer in zip(batch, out, strict=True)
+                if answer is not None
+            ]  # fmt: skip
         sent = out.to(getattr(torch, self.node.cfg.wire_dtype))
         if sent.dtype != out.dtype and not bool(torch.isfinite(sent).all()):
-            sent = out.float()  # out of float16's range: this step goes at full precision
-        forward = message(
-            Kind.FORWARD, (sent,), req=msg.req, epoch=msg.epoch, step=msg.step,
-            start=msg.start, count=msg.count, body=msg.body,
-        )  # fmt: skip
-        return plan.next_node(self.node.id), forward
+            sent = out.float()  # out of float16's range: this pass goes at full precision
+        body: dict[str, Any] = {"parts": [w.piece.to_json() for w in batch]}
+        forward = message(Kind.FORWARD, (sent,), epoch=batch[0].epoch, body=body)
+        return [(plan.next_node(self.node.id), forward, batch)]
 
-    def _open(self, shard: Shard, msg: Message) -> None:
-        body = msg.body
+    def _open(self, shard: Shard, piece: Piece, epoch: int) -> None:
+        body = piece.body
         capacity, sampling = body.get("capacity"), body.get("sampling")
         if type(capacity) is not int or not isinstance(sampling, dict):
             raise ProtocolError("bad-body", "a request's first step needs capacity and sampling")
@@ -102,12 +224,12 @@ class StageServer:
         score = body.get("score")
         vocab = self.node.ckpt.config.vocab_size
         if score is not None and not (
-            isinstance(score, list) and 0 < len(score) < msg.count
+            isinstance(score, list) and 0 < len(score) < piece.end
             and all(type(t) is int and 0 <= t < vocab for t in score)
         ):  # fmt: skip
             raise ProtocolError("bad-body", "score: token ids to score, fewer than the positions")
         self._admit(shard, capacity)
-        shard.open(msg.req, capacity, body["requester"], params, msg.epoch, score)
+        shard.open(piece.req, capacity, piece.requester, params, epoch, score)
 
     def _admit(self, shard: Shard, capacity: int) -> None:
         """A request's caches only within the memory this node offered: beyond it, `busy`
@@ -128,18 +250,23 @@ class StageServer:
             )  # fmt: skip
 
     def refused(self, msg: Message, code: str, text: str) -> None:
-        """A message the transport refused: a FORWARD's requester hears of it."""
-        if msg.kind == Kind.FORWARD:
-            self.fail_upstream(msg, code, text)
+        """A message the transport refused: the requester of each request in a FORWARD
+        hears of it (when the FORWARD was whole enough to say who they are)."""
+        if msg.kind != Kind.FORWARD:
+            return
+        try:
+            parts = pieces(msg)
+        except ProtocolError:
+            return
+        for piece in parts:
+            self.fail(piece.requester, piece.req, msg.epoch, code, text)
 
-    def fail_upstream(self, msg: Message, code: str, text: str) -> None:
-        """Tell the request's requester its request failed here (it may be us)."""
+    def fail(self, requester: str, req: str, epoch: int, code: str, text: str) -> None:
+        """Tell a request's requester (it may be us) that it failed here, and free it."""
         node = self.node
-        requester = msg.body.get("requester")
-        if isinstance(requester, str):
-            node.send_node(requester, error(code, f"{node.cfg.name}: {text}", msg.req, msg.epoch))
+        node.send_node(requester, error(code, f"{node.cfg.name}: {text}", req, epoch))
         if self.shard:
-            self.shard.close(msg.req)
+            self.shard.close(req)
 
     async def on_end(self, identity: bytes, msg: Message, host: str) -> None:
         if self.shard and self.shard.close(msg.req):

@@ -27,12 +27,23 @@ class Stats:
     messages_sent: Counter = field(default_factory=Counter)
     compute_s: float = 0.0  # stage compute, as the event loop waits for it
     steps: int = 0
-    decode_compute_s: float = 0.0  # the part spent on one-position steps
+    decode_compute_s: float = 0.0  # the part spent on passes of one-position steps only
     decode_steps: int = 0
+    rows: int = 0  # positions computed, over all passes
 
     def sent(self, kind: Kind, frames: list[bytes]) -> None:
         self.messages_sent[kind.value] += 1
         self.bytes_sent[kind.value] += sum(len(f) for f in frames)
+
+
+LOAD_FIELDS = ("batch", "tokens_per_s", "waiting", "queued")
+
+
+def load(d: Daemon) -> dict[str, float]:
+    """How busy this node is, for status and its HELLOs: its stage's mean decode batch and
+    decode tokens/s lately, the steps waiting for its stage, requests queued for room."""
+    stage = d.stage.load.to_json()
+    return {**stage, "waiting": len(d.stage.waiting), "queued": len(d.requester.queue)}
 
 
 def status(d: Daemon) -> dict[str, Any]:
@@ -46,7 +57,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "device": caps.device, "device_name": caps.device_name,
         "memory_total": caps.memory_total, "flops": caps.flops, "bandwidth": caps.bandwidth,
         "layer_ms": round(caps.layer_s * 1e3, 4), "rtt_ms": None, "version": __version__,
-        "quantization": d.quantization,
+        "quantization": d.quantization, **load(d),
     }  # fmt: skip
     members = [
         {"id": m.id, "name": m.name, "address": m.address, "state": m.state,
@@ -55,7 +66,8 @@ def status(d: Daemon) -> dict[str, Any]:
          "flops": m.caps.flops, "bandwidth": m.caps.bandwidth,
          "layer_ms": round(m.caps.layer_s * 1e3, 4),
          "rtt_ms": round(m.rtt * 1e3, 3) if m.rtt is not None else None,
-         "version": m.version, "quantization": m.quant}
+         "version": m.version, "quantization": m.quant,
+         **{k: m.load.get(k, 0) for k in LOAD_FIELDS}}
         for m in d.membership.members
     ]  # fmt: skip
     nodes = []
@@ -102,6 +114,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "steps": stats.steps,
             "decode_compute_s": round(stats.decode_compute_s, 6),
             "decode_steps": stats.decode_steps,
+            "rows": stats.rows,
         },
     }
 

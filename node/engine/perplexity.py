@@ -52,8 +52,19 @@ def windows(tokens: list[int], context: int, bos: int | None) -> list[Window]:
 def score(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
     """Log-probabilities [n] of the n targets, which the last n + 1 of logits [T, vocab] but
     the very last predict."""
-    rows = logits[-len(targets) - 1 : -1].float().log_softmax(-1)
-    return rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0]
+    return score_rows(logits, 0, logits.shape[0], targets)
+
+
+def score_rows(logits: torch.Tensor, start: int, end: int, targets: list[int]) -> torch.Tensor:
+    """`score` for a window's logits given in chunks: these are its rows from `start`, and
+    its positions end at `end`. The log-probabilities of the targets these rows predict."""
+    first = end - len(targets) - 1  # the row that predicts the first target
+    lo, hi = max(start, first), min(start + logits.shape[0], end - 1)
+    if hi <= lo:
+        return torch.empty(0, device=logits.device)
+    rows = logits[lo - start : hi - start].float().log_softmax(-1)
+    wanted = torch.tensor(targets[lo - first : hi - first], device=rows.device)
+    return rows.gather(1, wanted[:, None])[:, 0]
 
 
 @dataclass(frozen=True)

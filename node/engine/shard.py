@@ -1,6 +1,7 @@
 """The layers one node serves under a plan, and the KV caches of the requests passing through.
 
-Everything here is synchronous and runs on the daemon's single compute thread; the daemon's
+`run` computes a batch of requests' positions in one forward pass (node/engine/batching.py
+picks them). It is synchronous and runs on the daemon's single compute thread; the daemon's
 event loop only hands inputs in and takes outputs out.
 """
 
@@ -11,14 +12,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.engine.batching import Work
 from node.engine.kv_cache import KVCache
+from node.engine.models.attention import Part
 from node.engine.models.quantized import holdings, label
 from node.engine.models.stage import Stage
-from node.engine.perplexity import Scores, score
+from node.engine.perplexity import Scores, score_rows
 from node.engine.sampling import Candidates, SamplingParams, candidates
 from node.engine.weights import Checkpoint, Progress, load_stage
 from node.errors import RinginferError
-from protocol.wire import ProtocolError
+from protocol.wire import Piece, ProtocolError
 
 
 @dataclass
@@ -30,6 +33,8 @@ class Entry:
     sampling: SamplingParams
     epoch: int
     score: list[int] | None = None  # a scored window's targets (last stage only uses them)
+    scored: list[torch.Tensor] = field(default_factory=list)  # their log-probs, chunk by chunk
+    accepted: int = 0  # positions taken in (computed or waiting): where the next must start
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -77,54 +82,83 @@ class Shard:
         cache = self.stage.new_cache(1, capacity, self.dtype, self.device)
         self.requests[req] = Entry(cache, requester, sampling, epoch, score)
 
-    def check_input(self, req: str, start: int, count: int, x: torch.Tensor) -> Entry:
-        """Refuse input that does not fit this stage or the request before computing on it."""
-        entry = self.requests.get(req)
+    def accept(self, piece: Piece, x: torch.Tensor, epoch: int) -> Work:
+        """Work for a piece, refused before any compute if it does not fit this stage or
+        continue what the request has sent."""
+        entry = self.requests.get(piece.req)
         if entry is None:
-            raise ProtocolError("unknown-request", f"request {req} is not open on this stage")
+            raise ProtocolError("unknown-request", f"request {piece.req} is not open on this stage")
         c = self.ckpt.config
+        start, count = piece.start, piece.count
         if self.is_first:
-            expected, ok_dtype = (1, count), x.dtype == torch.int64
+            expected, ok_dtype = (count,), x.dtype == torch.int64
         else:
-            expected, ok_dtype = (1, count, c.dim), x.is_floating_point()
+            expected, ok_dtype = (count, c.dim), x.is_floating_point()
         if tuple(x.shape) != expected or not ok_dtype:
             kind = "token ids" if self.is_first else "hidden states"
             raise ProtocolError(
                 "bad-tensor",
                 f"expected {kind} of shape {list(expected)}, got {x.dtype} {list(x.shape)}",
             )
-        if self.is_first and count and not 0 <= int(x.min()) <= int(x.max()) < c.vocab_size:
+        if self.is_first and not 0 <= int(x.min()) <= int(x.max()) < c.vocab_size:
             raise ProtocolError("bad-tensor", f"token ids outside the vocabulary of {c.vocab_size}")
-        if count == 0 or start != entry.cache.length or start + count > entry.cache.capacity:
+        if start != entry.accepted or piece.end > entry.cache.capacity:
             raise ProtocolError(
                 "bad-positions",
-                f"positions {start}..{start + count} do not continue the {entry.cache.length} "
-                f"cached of {entry.cache.capacity}",
+                f"positions {start}..{piece.end} do not continue the {entry.accepted} taken "
+                f"of {entry.cache.capacity}",
             )
-        return entry
+        entry.accepted = start + count
+        entry.last_used = time.monotonic()
+        return Work(piece, x, epoch)
 
     @torch.inference_mode()
-    def forward(
-        self, req: str, start: int, x: torch.Tensor
-    ) -> torch.Tensor | Candidates | Scores:
-        """Run the request's next positions: hidden states out, or on the last stage
-        candidates (or the scored window's log-probabilities)."""
-        entry = self.requests.get(req)
-        if entry is None:  # ended (END, a timeout) while this step waited for the compute thread
-            raise ProtocolError("unknown-request", f"request {req} ended before this step ran")
-        entry.last_used = time.monotonic()
-        positions = torch.arange(start, start + x.shape[1], device=self.device)
+    def run(
+        self, batch: list[Work], entries: list[Entry] | None = None
+    ) -> torch.Tensor | list[Candidates | Scores | None]:
+        """One forward pass over the batch's positions, packed. Hidden states [N, dim] out,
+        or on the last stage each work's answer: candidates (or a scored window's
+        log-probabilities) where it ends its step, None for a prompt's earlier chunks.
+
+        `entries` are the works' requests as the caller found them open (a request may be
+        closed on another thread meanwhile; its pass then computes into a dropped cache)."""
+        if entries is None:
+            entries = [self.requests[w.req] for w in batch]
+        x = torch.cat([w.x for w in batch]) if len(batch) > 1 else batch[0].x
         x = x.to(self.device) if self.is_first else x.to(self.device, self.dtype)
-        scoring = self.is_last and entry.score is not None
+        parts = [Part(e.cache, w.piece.start, w.count) for w, e in zip(batch, entries, strict=True)]
+        keep, at = [], 0  # the rows the last stage's head runs on
+        for w, e in zip(batch, entries, strict=True):
+            if e.score is not None:
+                keep.extend(range(at, at + w.count))
+            elif w.piece.final:
+                keep.append(at + w.count - 1)
+            at += w.count
+        for e in entries:
+            e.last_used = time.monotonic()
         try:
-            out = self.stage(x, positions, entry.cache, last_only=not scoring)
+            out = self.stage.run(
+                x[None], parts, torch.tensor(keep, dtype=torch.long, device=self.device)
+            )
         except RinginferError as e:
             raise ProtocolError("bad-positions", str(e)) from None
-        if scoring:
-            return Scores(score(out[0], entry.score))
-        if self.is_last:
-            return candidates(out[0, -1], entry.sampling)
-        return out
+        if not self.is_last:
+            return out[0]
+        answers: list[Candidates | Scores | None] = []
+        at = 0
+        for w, e in zip(batch, entries, strict=True):
+            piece = w.piece
+            if e.score is not None:
+                e.scored.append(score_rows(out[0, at : at + w.count], piece.start, piece.end,
+                                           e.score))  # fmt: skip
+                answers.append(Scores(torch.cat(e.scored)) if piece.final else None)
+                at += w.count
+            elif piece.final:
+                answers.append(candidates(out[0, at], e.sampling))
+                at += 1
+            else:
+                answers.append(None)
+        return answers
 
     def close(self, req: str) -> bool:
         return self.requests.pop(req, None) is not None

@@ -194,6 +194,7 @@ function drawCards(nodes, s) {
       compute,
       n.rtt_ms !== null ? `RTT ${n.rtt_ms.toFixed(2)} ms` : n.id === s.node ? "" : "RTT —",
       `${n.requests} request${n.requests === 1 ? "" : "s"} in flight`,
+      `batch ${n.batch.toFixed(1)} · ${n.tokens_per_s.toFixed(1)} tok/s · ${n.waiting} waiting, ${n.queued} queued`,
       n.address,
     ].filter(Boolean);
     const memory = el("div", "facts", `weights ${mib(n.weights)} of ${mib(n.memory)} offered (${mib(n.memory_total)} total)`);

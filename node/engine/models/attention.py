@@ -1,7 +1,13 @@
-"""Causal attention over a KV cache, shared by every architecture."""
+"""Causal attention over KV caches, shared by every architecture.
+
+A forward pass packs the new positions of one or more requests into one sequence (batch 1,
+ragged, no padding): the matmuls read each weight once for all of them, and attention runs
+per request over that request's own cache.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,14 +17,49 @@ from node.engine.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
-class Step:
-    """What every layer of one forward pass shares: the cache, where it writes, the mask,
-    and (for RoPE models) the rotation tables of these positions."""
+class Part:
+    """One request's positions in a packed forward: `count` of them from `start`."""
 
     cache: KVCache
     start: int
-    mask: torch.Tensor | None
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    count: int
+
+
+def positions_of(parts: Sequence[Part], device: torch.device) -> torch.Tensor:
+    """The packed positions of `parts`, in order."""
+    if len(parts) == 1:
+        p = parts[0]
+        return torch.arange(p.start, p.start + p.count, device=device)
+    return torch.cat([torch.arange(p.start, p.start + p.count) for p in parts]).to(device)
+
+
+class Step:
+    """What every layer of one forward pass shares: the parts, their masks, and (for RoPE
+    models) the rotation tables of the packed positions."""
+
+    def __init__(
+        self,
+        parts: Sequence[Part],
+        window: int | None,
+        device: torch.device,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self.parts, self.rope = parts, rope
+        self.masks = [causal_mask(p.start, p.count, window, device) for p in parts]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1, H, N, D] and the new k, v [1, Hkv, N, D] of all parts packed: each part's
+        keys and values go into its cache, its queries attend to that cache alone."""
+        if len(self.parts) == 1:
+            p = self.parts[0]
+            return attend(q, *p.cache.update(layer, p.start, k, v), self.masks[0])
+        out, at = [], 0
+        for p, mask in zip(self.parts, self.masks, strict=True):
+            span = slice(at, at + p.count)
+            keys, values = p.cache.update(layer, p.start, k[:, :, span], v[:, :, span])
+            out.append(attend(q[:, :, span], keys, values, mask))
+            at += p.count
+        return torch.cat(out, dim=2)
 
 
 def causal_mask(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node.engine.kv_cache import KVCache
-from node.engine.models.attention import Step, attend, causal_mask
+from node.engine.models.attention import Part, Step, positions_of
 from node.engine.models.linear import Linear
 from node.engine.models.stage import Stage, embedding
 from node.errors import RinginferError
@@ -71,8 +71,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.c_attn(x).view(b, t, -1, self.head_dim).transpose(1, 2).chunk(3, dim=1)
-        k, v = step.cache.update(layer, step.start, k, v)
-        y = attend(q, k, v, step.mask)
+        y = step.attend(layer, q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -123,12 +122,10 @@ class GPT2Stage(Stage):
     def from_checkpoint_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.t() if _CONV1D.match(hf_name) else tensor
 
-    def layers_forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int
-    ) -> torch.Tensor:
+    def layers_forward(self, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         if self.is_first:
-            x = self.wte(x) + self.wpe(positions.to(x.device))
-        step = Step(cache, start, causal_mask(start, len(positions), None, x.device))
+            x = self.wte(x) + self.wpe(positions_of(parts, x.device))
+        step = Step(parts, None, x.device)
         for i, block in enumerate(self.h):
             x = block(x, step, i)
         return x

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node.engine.kv_cache import KVCache
-from node.engine.models.attention import Step, attend, causal_mask
+from node.engine.models.attention import Part, Step, positions_of
 from node.engine.models.linear import Linear
 from node.engine.models.stage import Stage, embedding
 from node.errors import RinginferError
@@ -185,8 +185,7 @@ class Attention(nn.Module):
         qk = rotate(heads[:, : self.n_heads + self.n_kv_heads], *step.rope)  # q, k in one go
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
         v = heads[:, self.n_heads + self.n_kv_heads :]
-        k, v = step.cache.update(layer, step.start, k, v)
-        y = attend(q, k, v, step.mask)
+        y = step.attend(layer, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -239,12 +238,10 @@ class LlamaStage(Stage):
             return ["model.embed_tokens.weight" if self.cfg.tie_embeddings else key]
         return [f"model.{key}"]
 
-    def layers_forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int
-    ) -> torch.Tensor:
+    def layers_forward(self, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         h = self.embed_tokens(x) if self.is_first else x
-        mask = causal_mask(start, len(positions), self.cfg.sliding_window, h.device)
-        step = Step(cache, start, mask, rope_tables(self.inv_freq, positions, h.dtype))
+        rope = rope_tables(self.inv_freq, positions_of(parts, h.device), h.dtype)
+        step = Step(parts, self.cfg.sliding_window, h.device, rope)
         for i, layer in enumerate(self.layers):
             h = layer(h, step, i)
         return h

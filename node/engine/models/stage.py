@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from node.engine.kv_cache import KVCache
+from node.engine.models.attention import Part
 from node.engine.models.linear import Linear
 
 
@@ -21,10 +23,11 @@ def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
 
 
 class Stage(nn.Module):
-    """Layers [start, end) of a model; `forward(x, positions, cache, last_only)` runs them.
+    """Layers [start, end) of a model; `run(x, parts, keep)` runs them for a packed batch of
+    requests, `forward(x, positions, cache, last_only)` for one.
 
-    The first stage takes token ids [B, T], later ones hidden states [B, T, D]; the last
-    returns logits, for the final position only when `last_only` (all a sampler needs).
+    The first stage takes token ids [1, N], later ones hidden states [1, N, D]; the last
+    returns logits, of the rows a sampler needs only.
 
     Subclasses build their modules in `__init__` (on the meta device while loading) for a
     device type, which decides weight layouts, and map each parameter to the Hugging Face
@@ -39,18 +42,27 @@ class Stage(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False
     ) -> torch.Tensor:
-        start, count = int(positions[0]), int(positions.shape[0])
-        cache.check_room(start, count)
-        h = self.layers_forward(x, positions, cache, start)
-        cache.advance(start, count)
+        """One request's positions; the last stage's logits of the final one if `last_only`."""
+        part = Part(cache, int(positions[0]), int(positions.shape[0]))
+        return self.run(x, [part], slice(-1, None) if last_only else None)
+
+    def run(
+        self, x: torch.Tensor, parts: Sequence[Part], keep: torch.Tensor | slice | None = None
+    ) -> torch.Tensor:
+        """The packed positions of `parts`, in order; the last stage runs its head on the
+        rows `keep` picks (None: all)."""
+        for p in parts:
+            p.cache.check_room(p.start, p.count)
+        h = self.layers_forward(x, parts)
+        for p in parts:
+            p.cache.advance(p.start, p.count)
         if not self.is_last:
             return h
-        return self.head(h[:, -1:] if last_only else h)
+        rows = h if keep is None else h[:, keep]
+        return self.head(rows) if rows.shape[1] else rows  # no rows: a prompt's early chunk
 
-    def layers_forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int
-    ) -> torch.Tensor:
-        """Embedding (first stage) and the owned layers, writing keys/values at `start`."""
+    def layers_forward(self, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
+        """Embedding (first stage) and the owned layers, writing each part's keys/values."""
         raise NotImplementedError
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
