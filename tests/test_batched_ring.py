@@ -194,7 +194,8 @@ def test_a_long_prompt_goes_in_chunks_beside_the_running_streams(cluster):  # no
           f"{max(during) * 1e3:.0f} ms over {len(during)} tokens")  # fmt: skip
     assert len(during) >= 8, "the streams stopped while the prompt was computed"
     # A step crosses three stages; at each it may wait for the pass under way, then go in
-    # the next: two chunks' time a stage. Unchunked, the prompt holds each stage for a
-    # third of the prefill or more.
-    assert max(during) < 6 * chunk_s + 3 * tpot, (max(during), chunk_s, tpot)
+    # the next: two passes with a chunk a stage, the late chunks (attending to most of the
+    # prompt) up to 1.5x the mean. Unchunked, the prompt would hold each stage for a third
+    # of the prefill or more.
+    assert max(during) < 9 * chunk_s + 3 * tpot, (max(during), chunk_s, tpot)
     assert max(during) < prefill / 4

@@ -117,7 +117,8 @@ def test_daemons_find_each_other_by_mdns_plan_and_generate_like_local(cluster, l
     table = n3.cli("status", "--node", n3.address).stdout.splitlines()
     assert table[0].startswith("model SmolLM2-135M-Instruct · cluster default · plan epoch")
     assert table[1].split() == ["NAME", "ADDRESS", "DEVICE", "MEMORY", "COMPUTE", "LAYERS",
-                                "WEIGHTS", "STATE", "RTT", "REQS"]  # fmt: skip
+                                "WEIGHTS", "STATE", "RTT", "REQS", "BATCH", "WAITING",
+                                "TOK/S"]  # fmt: skip
     assert sum(" ms " in row for row in table[2:5]) == 2  # RTT to the two others
     assert any(row.startswith("! n4 at ") and "cluster 'lab'" in row for row in table)
     assert any(row.startswith("! n5 at ") and "another cluster secret" in row for row in table)

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 
 from node.engine.kv_cache import KVCache
 
+# cuDNN's attention builds an execution plan for each new shape, about 0.1 s each, and
+# decoding meets a new cache length at every step of every request (a daemon's first
+# requests on a GPU ran at ~170 ms a token, repeats of the same lengths at ~15). Flash and
+# memory-efficient attention take any length.
+torch.backends.cuda.enable_cudnn_sdp(False)
+
 
 @dataclass(frozen=True)
 class Part:
