@@ -67,3 +67,27 @@ def test_cuda_quantized_near_transformers_on_the_same_weights(tiny_models, famil
     )
     tolerance = 0.03 * expected.abs().max().item()
     torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_ragged_decode_pass_on_cuda_equals_each_request_alone(tiny_models, family):  # noqa: ANN001
+    """Several requests' decode steps in one pass take one flash-attention call over their
+    ragged cache lengths (attention.py's _attend_ragged); each equals its own pass."""
+    from node.engine.models.attention import Part
+
+    pipeline = LocalPipeline(open_checkpoint(str(tiny_models[family])), (), CUDA, torch.bfloat16)
+    stage = pipeline.stages[0]
+    lengths, gen = (3, 11, 20), torch.Generator().manual_seed(3)
+    prompts = [torch.randint(300, (n,), generator=gen) for n in lengths]
+    alone = [pipeline.new_caches(32)[0] for _ in prompts]
+    packed = [pipeline.new_caches(32)[0] for _ in prompts]
+    with torch.inference_mode():
+        for prompt, a, b in zip(prompts, alone, packed, strict=True):
+            for cache in (a, b):
+                stage.run(prompt[None].to(CUDA), [Part(cache, 0, len(prompt))])
+        for _ in range(4):
+            tokens = torch.randint(300, (len(prompts),), generator=gen).to(CUDA)
+            got = stage.run(tokens[None], [Part(c, c.length, 1) for c in packed])[0]
+            for i, cache in enumerate(alone):
+                want = stage.run(tokens[None, i : i + 1], [Part(cache, cache.length, 1)])[0, 0]
+                torch.testing.assert_close(got[i].float(), want.float(), atol=0.02, rtol=0.02)

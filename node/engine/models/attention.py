@@ -52,6 +52,18 @@ class Step:
     ) -> None:
         self.parts, self.rope = parts, rope
         self.masks = [causal_mask(p.start, p.count, window, device) for p in parts]
+        # A decode pass of several requests on a GPU: one attention call for all of them
+        # (see _attend_ragged), with the cumulative key lengths it needs made once a pass.
+        self.ragged = None
+        if device.type == "cuda" and window is None and len(parts) > 1 and all(
+            p.count == 1 for p in parts
+        ):
+            lengths = torch.tensor([0] + [p.start + 1 for p in parts], dtype=torch.int32)
+            self.ragged = (
+                torch.arange(len(parts) + 1, dtype=torch.int32).to(device, non_blocking=True),
+                lengths.cumsum(0, dtype=torch.int32).to(device, non_blocking=True),
+                int(lengths.max()),
+            )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, H, N, D] and the new k, v [1, Hkv, N, D] of all parts packed: each part's
@@ -59,6 +71,8 @@ class Step:
         if len(self.parts) == 1:
             p = self.parts[0]
             return attend(q, *p.cache.update(layer, p.start, k, v), self.masks[0])
+        if self.ragged is not None and q.dtype in (torch.bfloat16, torch.float16):
+            return self._attend_ragged(layer, q, k, v)
         out, at = [], 0
         for p, mask in zip(self.parts, self.masks, strict=True):
             span = slice(at, at + p.count)
@@ -66,6 +80,27 @@ class Step:
             out.append(attend(q[:, :, span], keys, values, mask))
             at += p.count
         return torch.cat(out, dim=2)
+
+    def _attend_ragged(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """One query per part, on a GPU: the new keys and values written in one call, the
+        parts' caches packed, and one flash-attention call over their ragged lengths. A
+        kernel launch per request and layer would cost more than the attention itself."""
+        slots, new = [], []
+        for i, p in enumerate(self.parts):
+            at = slice(p.start, p.start + 1)
+            slots += [p.cache.k[layer, 0, :, at], p.cache.v[layer, 0, :, at]]
+            new += [k[0, :, i : i + 1], v[0, :, i : i + 1]]
+        torch._foreach_copy_(slots, new)
+        keys = torch.cat([p.cache.k[layer, 0, :, : p.start + 1] for p in self.parts], dim=1)
+        values = torch.cat([p.cache.v[layer, 0, :, : p.start + 1] for p in self.parts], dim=1)
+        cum_q, cum_k, max_k = self.ragged
+        out = torch.ops.aten._flash_attention_forward(
+            q[0].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            cum_q, cum_k, 1, max_k, 0.0, False, False,
+        )[0]  # fmt: skip
+        return out.transpose(0, 1)[None]
 
 
 def causal_mask(
