@@ -168,12 +168,12 @@ def main() -> None:
     parser.add_argument("--wire-dtype", default="auto")
     parser.add_argument("--secret", action="store_true",
                         help="give the cluster a secret: every connection CurveZMQ-encrypted")
-    for flag in ("--device", "--dtype", "--threads"):
+    for flag in ("--device", "--dtype", "--threads", "--quantize"):
         parser.add_argument(flag, help="passed to the daemons and to --local alike")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ring.json")
     args = parser.parse_args()
     engine = ["--model", args.model] if args.model else []
-    for flag in ("device", "dtype", "threads"):
+    for flag in ("device", "dtype", "threads", "quantize"):
         if getattr(args, flag):
             engine += [f"--{flag}", getattr(args, flag)]
     common = ["--json", "--ignore-eos", "--max-tokens", str(args.tokens), PROMPT]
