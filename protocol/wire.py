@@ -286,6 +286,31 @@ class Piece:
                 "end": self.end, **self.body}  # fmt: skip
 
 
+def forwards(
+    epoch: int, parts: list[dict[str, Any]], rows: torch.Tensor
+) -> list[tuple[Message, slice]]:
+    """FORWARDs carrying `parts` (as Piece.to_json gives them), whose rows `rows` packs in
+    order: as few as keep every header within MAX_HEADER_BYTES (a scored window's targets
+    travel in its part). Each with the slice of `parts` it carries."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, part in enumerate(parts):
+        n = len(json.dumps(part, separators=(",", ":"))) + 1
+        if groups[-1] and size + n > MAX_HEADER_BYTES - 1024:  # room for the other fields
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    out, at = [], 0
+    for group in groups:
+        count = sum(parts[i]["count"] for i in group)
+        body = {"parts": [parts[i] for i in group]}
+        out.append((message(Kind.FORWARD, (rows[at : at + count],), epoch=epoch, body=body),
+                    slice(group[0], group[-1] + 1)))  # fmt: skip
+        at += count
+    return out
+
+
 def pieces(msg: Message) -> list[Piece]:
     """A FORWARD's pieces, checked: well formed, and their rows add up to its one tensor's."""
     raw = msg.body["parts"]

@@ -18,10 +18,13 @@ trap cleanup EXIT
 
 # On one machine: found by --peer, not mDNS (which would advertise on the LAN), and planned
 # for throughput: for one request at a time the planner would rightly keep the model on
-# one node, since three daemons here share the same cores.
+# one node, since three daemons here share the same cores. Each takes a third of them:
+# stages computing at once (several requests in flight) would otherwise fight for them.
+threads=$(( ($(nproc) + 2) / 3 ))
 for i in 1 2 3; do
   "$bin/ringinfer" daemon --host 127.0.0.1 --port $((base + i - 1)) --name "node$i" \
     --data-dir "$dir/node$i" --peer "127.0.0.1:$base" --no-mdns --objective throughput \
+    --threads "$threads" \
     --api "127.0.0.1:$((api + i - 1))" \
     >"$dir/node$i.log" 2>&1 &
   pids+=($!)

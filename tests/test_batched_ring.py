@@ -28,8 +28,11 @@ from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster
 
 TOLERANCE = 1e-3  # logits
-CHUNK = 64  # small: three daemons share two cores here, so a pass takes ~5x its own time
-RING = [*EXACT_RING, "--quantize", "none", "--prefill-chunk", str(CHUNK)]
+CHUNK = 64
+# One thread each: three daemons share two cores here, and with two each the stages that
+# compute at once (a prompt's chunks in a pipeline) spin on OpenMP barriers while their
+# partner thread waits for a core: a 64-position pass took 0.3-0.4 s instead of 0.05.
+RING = [*EXACT_RING, "--quantize", "none", "--prefill-chunk", str(CHUNK), "--threads", "1"]
 THIRDS = {0: ["--layers", "0:10"], 1: ["--layers", "10:20"], 2: ["--layers", "20:30"]}
 PROMPTS = [
     "The capital of France is",
@@ -126,8 +129,8 @@ def test_seeded_sampling_is_reproducible_per_request_in_a_batch(cluster):  # noq
         time.sleep(0.1)
     ring = results(procs)
     for i, sampling in enumerate(seeds):
-        local = run_cli("generate", "--local", "--quantize", "none", "--json", "--ignore-eos",
-                        PROMPTS[i], "--max-tokens", "16", *sampling)  # fmt: skip
+        local = run_cli("generate", "--local", "--quantize", "none", "--threads", "1", "--json",
+                        "--ignore-eos", PROMPTS[i], "--max-tokens", "16", *sampling)  # fmt: skip
         assert local.returncode == 0, local.stderr
         assert ring[i]["tokens"] == json.loads(local.stdout)["tokens"], sampling
 

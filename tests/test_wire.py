@@ -10,7 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.cluster.log_budget import LogBudget
-from protocol.wire import VERSION, Kind, Piece, ProtocolError, decode, encode, message, pieces
+from protocol.wire import (
+    MAX_HEADER_BYTES,
+    VERSION,
+    Kind,
+    Piece,
+    ProtocolError,
+    decode,
+    encode,
+    forwards,
+    message,
+    pieces,
+)
 
 
 def part(**fields: object) -> dict:
@@ -75,6 +86,26 @@ def test_a_forward_packs_its_pieces_rows_in_order():
     assert got[1] == Piece("r2", 4, 7, 1, 8, {"requester": "n1", "sampling": {}})
     assert [p.final for p in got] == [True, True] and got[0].requester == "n1"
     assert not Piece("r", 0, 0, 2, 5, {"requester": "n"}).final  # a prompt's first chunk
+
+
+def test_forwards_split_where_a_header_would_pass_the_limit():
+    """Scored windows carry their targets: many in one pass take several FORWARDs, each
+    header within the limit, the rows going with their parts in order."""
+    parts = [part(req=f"w{i}", count=i + 1, end=i + 1, score=list(range(2000)))
+             for i in range(12)]  # fmt: skip
+    rows = torch.arange(sum(p["count"] for p in parts), dtype=torch.float32)[:, None]
+    sent = forwards(3, parts, rows)
+    assert len(sent) > 1
+    got, order = [], []
+    for msg, which in sent:
+        frames = encode(msg)
+        assert len(frames[0]) <= MAX_HEADER_BYTES
+        back = decode(frames)
+        got.append(back.tensor())
+        order += [p.req for p in pieces(back)]
+        assert [p.req for p in pieces(back)] == [p["req"] for p in parts[which]]
+    assert order == [p["req"] for p in parts] and torch.equal(torch.cat(got), rows)
+    assert len(forwards(3, parts[:2], rows[:3])) == 1  # what fits goes as one
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from node.engine.sampling import Candidates, SamplingParams
 from node.engine.stop_strings import StopStrings
 from node.engine.tokenizer import TextStream
 from node.errors import RinginferError
-from protocol.wire import Kind, Message, ProtocolError, TensorSpec, error, message
+from protocol.wire import Kind, Message, ProtocolError, TensorSpec, error, forwards, message
 
 if TYPE_CHECKING:
     from node.cluster.daemon import Daemon
@@ -445,16 +445,13 @@ class Requester:
             if not steps:
                 continue
             ids = torch.cat([s[2] for s in steps])
-            forward = message(
-                Kind.FORWARD, (ids,), epoch=epoch, body={"parts": [s[1] for s in steps]}
-            )
-            if not self.node.send_node(first, forward):  # replayed like any lost step
-                for req, _, _ in steps:
+            for forward, sent in forwards(epoch, [s[1] for s in steps], ids):
+                if self.node.send_node(first, forward):
+                    continue
+                why = "the plan's first stage is no longer a member"
+                for req, _, _ in steps[sent]:  # replayed like any lost step
                     if req.result and not req.result.done():
-                        gone = RequestFailed(
-                            "node-gone", "the plan's first stage is no longer a member"
-                        )
-                        req.result.set_exception(gone)
+                        req.result.set_exception(RequestFailed("node-gone", why))
 
     def _waiting(self, ring_id: str) -> Request | None:
         """The request whose current attempt has this id on the stages."""

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import zmq
@@ -27,7 +27,7 @@ from node.engine.batching import Work, next_batch
 from node.engine.sampling import SamplingParams
 from node.engine.shard import Entry, Shard
 from node.errors import RinginferError
-from protocol.wire import Kind, Message, Piece, ProtocolError, error, message, pieces
+from protocol.wire import Kind, Message, Piece, ProtocolError, error, forwards, message, pieces
 
 if TYPE_CHECKING:
     from node.cluster.daemon import Daemon
@@ -208,9 +208,9 @@ class StageServer:
         sent = out.to(getattr(torch, self.node.cfg.wire_dtype))
         if sent.dtype != out.dtype and not bool(torch.isfinite(sent).all()):
             sent = out.float()  # out of float16's range: this pass goes at full precision
-        body: dict[str, Any] = {"parts": [w.piece.to_json() for w in batch]}
-        forward = message(Kind.FORWARD, (sent,), epoch=batch[0].epoch, body=body)
-        return [(plan.next_node(self.node.id), forward, batch)]
+        target = plan.next_node(self.node.id)
+        parts = [w.piece.to_json() for w in batch]
+        return [(target, msg, batch[s]) for msg, s in forwards(batch[0].epoch, parts, sent)]
 
     def _open(self, shard: Shard, piece: Piece, epoch: int) -> None:
         body = piece.body
