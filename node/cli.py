@@ -17,6 +17,7 @@ from node import __version__
 from node.cluster.client import DEFAULT_API, DEFAULT_PORT, Client, parse_address
 from node.cluster.cluster_file import BINARY, parse_amount, read_cluster
 from node.cluster.secret import ENV, FILE_NAME, ClusterKeys, find_keys, new_secret
+from node.engine.batching import PREFILL_CHUNK
 from node.errors import RinginferError
 from protocol.wire import Kind
 
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--secret-file", type=Path, help=secret_help)
     gen.add_argument("--local", action="store_true", help="run in this process, no daemon")
     gen.add_argument("--split", type=_split_points, help="with --local: stage cuts, e.g. 10,20")
+    gen.add_argument("--prefill-chunk", type=_count, metavar="N",
+                     help="with --local: a prompt longer than N goes in chunks of N, as a "
+                          "daemon's stage takes it (default 256)")  # fmt: skip
     _sampling_flags(gen)
     _engine_flags(gen)
     gen.add_argument("--wait", type=float, default=600, help="seconds to wait for a live plan")
@@ -150,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "on a link and the request replayed")  # fmt: skip
     daemon.add_argument("--max-queue", type=_count, default=32, metavar="N",
                         help="requests that wait for the stages' cache room (beyond: busy)")
-    daemon.add_argument("--prefill-chunk", type=_count, default=256, metavar="N",
+    daemon.add_argument("--prefill-chunk", type=_count, default=PREFILL_CHUNK, metavar="N",
                         help="prompt positions this node's stage computes per pass: a long "
                              "prompt goes in chunks of N, next to the running decodes")  # fmt: skip
     daemon.add_argument("--cluster", default="default", help="join only nodes of this cluster")
@@ -294,7 +298,7 @@ def generate_local(args: argparse.Namespace) -> int:
     stream = TextStream(tokenizer)
     tokens: list[int] = []
     pieces: list[str] = []
-    step = pipeline.session(capacity, params)
+    step = pipeline.session(capacity, params, args.prefill_chunk or PREFILL_CHUNK)
     stop_ids = frozenset() if args.ignore_eos else tokenizer.stop_ids
     for token in generate(step, prompt, max_tokens, params, stop_ids, timings):
         tokens.append(token)
@@ -314,7 +318,7 @@ def generate_local(args: argparse.Namespace) -> int:
     return 0
 
 
-LOCAL_ONLY = ("model", "split", "device", "dtype", "threads", "quantize")
+LOCAL_ONLY = ("model", "split", "device", "dtype", "threads", "quantize", "prefill_chunk")
 
 
 def generate_remote(args: argparse.Namespace) -> int:
@@ -400,7 +404,7 @@ def _perplexity_local(args: argparse.Namespace, text: str) -> dict:
 
 
 def _refuse_local_flags(args: argparse.Namespace, flags: Sequence[str]) -> None:
-    given = [f"--{f}" for f in flags if getattr(args, f, None) is not None]
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f, None) is not None]
     if given:
         raise RinginferError(
             f"{', '.join(given)} apply to --local; daemons run the model and devices they were "

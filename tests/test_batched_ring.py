@@ -135,6 +135,21 @@ def test_seeded_sampling_is_reproducible_per_request_in_a_batch(cluster):  # noq
         assert ring[i]["tokens"] == json.loads(local.stdout)["tokens"], sampling
 
 
+def test_a_lone_prompt_longer_than_a_chunk_computes_what_local_computes(cluster):  # noqa: ANN001
+    """The stages take it in chunks; `generate --local` chunks its prefill the same way, so
+    one request alone is bit for bit the same run (greedy tokens equal, not within a
+    tolerance)."""
+    prompt = " ".join(PROMPTS) * 2  # ~190 tokens: three chunks of 64
+    args = ("--json", "--ignore-eos", "--max-tokens", "24", prompt)
+    ring = cluster.nodes[1].cli("generate", "--node", cluster.nodes[1].address, *args)
+    local = run_cli("generate", "--local", "--quantize", "none", "--threads", "1",
+                    "--prefill-chunk", str(CHUNK), *args)  # fmt: skip
+    assert ring.returncode == 0 and local.returncode == 0, (ring.stderr, local.stderr)
+    ring_out, local_out = json.loads(ring.stdout), json.loads(local.stdout)
+    assert ring_out["prompt_tokens"] > 2 * CHUNK
+    assert ring_out["tokens"] == local_out["tokens"]
+
+
 def test_a_request_cancelled_mid_batch_leaves_the_others_exact(cluster, alone):  # noqa: ANN001
     pipeline, tokenizer = alone
     procs = [start_client(cluster.nodes[i % 3], PROMPTS[i], "--max-tokens", "40")

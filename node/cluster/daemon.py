@@ -36,6 +36,7 @@ from node.cluster.secret import ClusterKeys
 from node.cluster.stage_server import StageServer
 from node.cluster.status import Stats, status
 from node.cluster.transport import Listening, Transport
+from node.engine.batching import PREFILL_CHUNK
 from node.engine.shapes import shape_of
 from node.engine.tokenizer import Tokenizer
 from node.engine.weights import Checkpoint
@@ -64,7 +65,7 @@ class DaemonConfig:
     request_timeout_s: float = 120.0
     step_timeout_s: float = 30.0  # a decode step unanswered this long was lost: replayed
     max_queue: int = 32  # requests waiting here for cache room on the stages; beyond: busy
-    prefill_chunk: int = 256  # prompt positions a stage computes per pass, next to decodes
+    prefill_chunk: int = PREFILL_CHUNK  # prompt positions a stage computes per pass
     plan_wait_s: float = 600.0
     leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node
     threads: int | None = None

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from protocol.wire import Piece
+
+if TYPE_CHECKING:  # the CLI reads PREFILL_CHUNK without importing torch
+    import torch
+
+PREFILL_CHUNK = 256  # prompt positions a stage computes a pass, by default (--prefill-chunk)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from node.engine.batching import PREFILL_CHUNK
 from node.engine.kv_cache import KVCache
 from node.engine.models.quantized import holdings, label
 from node.engine.sampling import Candidates, SamplingParams, candidates, pick
@@ -122,13 +123,21 @@ class LocalPipeline:
             x = stage(x, positions, cache, last_only)
         return x
 
-    def session(self, capacity: int, params: SamplingParams) -> Step:
-        """A step function bound to fresh caches: what one request decodes with."""
+    def session(
+        self, capacity: int, params: SamplingParams, chunk: int = PREFILL_CHUNK
+    ) -> Step:
+        """A step function bound to fresh caches: what one request decodes with. A prompt
+        longer than `chunk` goes in chunks of it, as a ring's stages take it, so that one
+        request alone computes here exactly what it computes in a ring."""
         caches = self.new_caches(capacity)
 
         @torch.inference_mode()
         def step(ids: torch.Tensor, positions: torch.Tensor) -> Candidates:
-            return candidates(self.forward(ids, positions, caches, last_only=True)[0, -1], params)
+            last = (ids.shape[1] - 1) // chunk * chunk  # where the final chunk starts
+            for at in range(0, last, chunk):
+                self.forward(ids[:, at : at + chunk], positions[at : at + chunk], caches, True)
+            out = self.forward(ids[:, last:], positions[last:], caches, last_only=True)
+            return candidates(out[0, -1], params)
 
         return step
 
