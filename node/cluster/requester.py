@@ -32,7 +32,16 @@ from node.engine.sampling import Candidates, SamplingParams
 from node.engine.stop_strings import StopStrings
 from node.engine.tokenizer import TextStream
 from node.errors import RinginferError
-from protocol.wire import Kind, Message, ProtocolError, TensorSpec, error, forwards, message
+from protocol.wire import (
+    Kind,
+    Message,
+    Piece,
+    ProtocolError,
+    TensorSpec,
+    error,
+    forwards,
+    message,
+)
 
 if TYPE_CHECKING:
     from node.cluster.daemon import Daemon
@@ -421,12 +430,12 @@ class Requester:
         assert req.plan is not None
         start = int(positions[0]) if positions is not None else 0
         count = ids.shape[1]
-        piece: dict[str, Any] = {"req": req.ring_id, "step": req.step, "start": start,
-                                 "count": count, "end": start + count, "requester": self.node.id}
+        body: dict[str, Any] = {"requester": self.node.id}
         if req.step == 0:  # the prefill opens the request on every stage
-            piece.update(capacity=req.capacity, sampling=req.params.to_json())
+            body.update(capacity=req.capacity, sampling=req.params.to_json())
         if score is not None:
-            piece["score"] = score
+            body["score"] = score
+        piece = Piece(req.ring_id, req.step, start, count, start + count, body).to_json()
         loop = asyncio.get_running_loop()
         req.result = loop.create_future()
         cfg = self.node.cfg  # a prefill may take longer: patience grows with its positions

@@ -127,19 +127,20 @@ class Shard:
         x = torch.cat([w.x for w in batch]) if len(batch) > 1 else batch[0].x
         x = x.to(self.device) if self.is_first else x.to(self.device, self.dtype)
         parts = [Part(e.cache, w.piece.start, w.count) for w, e in zip(batch, entries, strict=True)]
-        keep, at = [], 0  # the rows the last stage's head runs on
-        for w, e in zip(batch, entries, strict=True):
-            if e.score is not None:
-                keep.extend(range(at, at + w.count))
-            elif w.piece.final:
-                keep.append(at + w.count - 1)
-            at += w.count
+        keep = None  # the rows the last stage's head runs on
+        if self.is_last:
+            rows, at = [], 0
+            for w, e in zip(batch, entries, strict=True):
+                if e.score is not None:
+                    rows.extend(range(at, at + w.count))
+                elif w.piece.final:
+                    rows.append(at + w.count - 1)
+                at += w.count
+            keep = torch.tensor(rows, dtype=torch.long, device=self.device)
         for e in entries:
             e.last_used = time.monotonic()
         try:
-            out = self.stage.run(
-                x[None], parts, torch.tensor(keep, dtype=torch.long, device=self.device)
-            )
+            out = self.stage.run(x[None], parts, keep)
         except RinginferError as e:
             raise ProtocolError("bad-positions", str(e)) from None
         if not self.is_last:
