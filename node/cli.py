@@ -583,8 +583,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     # OpenMP threads spin between the many small parallel regions of one step (sleeping
     # there costs ~30% per token), but not for long after it: on a machine that runs
-    # several stages, an idle stage must not burn the cores the next one needs.
-    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
+    # several stages, an idle stage must not burn the cores the next one needs: 10^4 spins
+    # bridge a step's gaps; 10^5 kept a 3-stage ring on 2 cores at 15 ms a token, not 11.5.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     import asyncio
 
     from discovery.capabilities import load_or_measure
