@@ -145,18 +145,24 @@ class Shard:
             raise ProtocolError("bad-positions", str(e)) from None
         if not self.is_last:
             return out[0]
-        answers: list[Candidates | Scores | None] = []
-        at = 0
+        starts, at = [], 0  # where each work's rows are among the head's
         for w, e in zip(batch, entries, strict=True):
+            starts.append(at)
+            at += w.count if e.score is not None else int(w.piece.final)
+        # The rows to sample from leave the device in one copy: one wait for a GPU, not one
+        # per request (`candidates` moves its row to the CPU first, so nothing else changes).
+        sampled = [a for a, w, e in zip(starts, batch, entries, strict=True)
+                   if e.score is None and w.piece.final]  # fmt: skip
+        logits = iter(out[0, sampled].float().cpu())
+        answers: list[Candidates | Scores | None] = []
+        for w, e, at in zip(batch, entries, starts, strict=True):
             piece = w.piece
             if e.score is not None:
                 e.scored.append(score_rows(out[0, at : at + w.count], piece.start, piece.end,
                                            e.score))  # fmt: skip
                 answers.append(Scores(torch.cat(e.scored)) if piece.final else None)
-                at += w.count
             elif piece.final:
-                answers.append(candidates(out[0, at], e.sampling))
-                at += 1
+                answers.append(candidates(next(logits), e.sampling))
             else:
                 answers.append(None)
         return answers
