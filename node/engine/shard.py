@@ -128,12 +128,16 @@ class Shard:
         x = x.to(self.device) if self.is_first else x.to(self.device, self.dtype)
         parts = [Part(e.cache, w.piece.start, w.count) for w, e in zip(batch, entries, strict=True)]
         keep = None  # the rows the last stage's head runs on
+        starts: list[int] = []  # where each work's rows begin among them
+        sampled: list[int] = []  # those that candidates come from
         if self.is_last:
             rows, at = [], 0
             for w, e in zip(batch, entries, strict=True):
+                starts.append(len(rows))
                 if e.score is not None:
                     rows.extend(range(at, at + w.count))
                 elif w.piece.final:
+                    sampled.append(len(rows))
                     rows.append(at + w.count - 1)
                 at += w.count
             keep = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -145,14 +149,8 @@ class Shard:
             raise ProtocolError("bad-positions", str(e)) from None
         if not self.is_last:
             return out[0]
-        starts, at = [], 0  # where each work's rows are among the head's
-        for w, e in zip(batch, entries, strict=True):
-            starts.append(at)
-            at += w.count if e.score is not None else int(w.piece.final)
         # The rows to sample from leave the device in one copy: one wait for a GPU, not one
         # per request (`candidates` moves its row to the CPU first, so nothing else changes).
-        sampled = [a for a, w, e in zip(starts, batch, entries, strict=True)
-                   if e.score is None and w.piece.final]  # fmt: skip
         logits = iter(out[0, sampled].float().cpu())
         answers: list[Candidates | Scores | None] = []
         for w, e, at in zip(batch, entries, starts, strict=True):

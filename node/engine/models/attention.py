@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -52,18 +53,23 @@ class Step:
     ) -> None:
         self.parts, self.rope = parts, rope
         self.masks = [causal_mask(p.start, p.count, window, device) for p in parts]
-        # A decode pass of several requests on a GPU: one attention call for all of them
-        # (see _attend_ragged), with the cumulative key lengths it needs made once a pass.
-        self.ragged = None
-        if device.type == "cuda" and window is None and len(parts) > 1 and all(
+        self.device = device
+        # A decode pass of several requests on a GPU: one flash-attention call for all of
+        # them where their dtype allows it (see _attend_ragged).
+        self.ragged = device.type == "cuda" and window is None and len(parts) > 1 and all(
             p.count == 1 for p in parts
-        ):
-            lengths = torch.tensor([0] + [p.start + 1 for p in parts], dtype=torch.int32)
-            self.ragged = (
-                torch.arange(len(parts) + 1, dtype=torch.int32).to(device, non_blocking=True),
-                lengths.cumsum(0, dtype=torch.int32).to(device, non_blocking=True),
-                int(lengths.max()),
-            )
+        )
+
+    @cached_property
+    def lengths(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Cumulative query and key lengths and the longest key length, for flash attention's
+        ragged batch: made once a pass, by its first layer."""
+        lengths = torch.tensor([0] + [p.start + 1 for p in self.parts], dtype=torch.int32)
+        return (
+            torch.arange(len(self.parts) + 1, dtype=torch.int32).to(self.device, non_blocking=True),
+            lengths.cumsum(0, dtype=torch.int32).to(self.device, non_blocking=True),
+            int(lengths.max()),
+        )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, H, N, D] and the new k, v [1, Hkv, N, D] of all parts packed: each part's
@@ -71,7 +77,7 @@ class Step:
         if len(self.parts) == 1:
             p = self.parts[0]
             return attend(q, *p.cache.update(layer, p.start, k, v), self.masks[0])
-        if self.ragged is not None and q.dtype in (torch.bfloat16, torch.float16):
+        if self.ragged and q.dtype in (torch.bfloat16, torch.float16):
             return self._attend_ragged(layer, q, k, v)
         out, at = [], 0
         for p, mask in zip(self.parts, self.masks, strict=True):
@@ -95,7 +101,7 @@ class Step:
         torch._foreach_copy_(slots, new)
         keys = torch.cat([p.cache.k[layer, 0, :, : p.start + 1] for p in self.parts], dim=1)
         values = torch.cat([p.cache.v[layer, 0, :, : p.start + 1] for p in self.parts], dim=1)
-        cum_q, cum_k, max_k = self.ragged
+        cum_q, cum_k, max_k = self.lengths
         out = torch.ops.aten._flash_attention_forward(
             q[0].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
             cum_q, cum_k, 1, max_k, 0.0, False, False,
