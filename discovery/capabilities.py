@@ -30,6 +30,7 @@ from node.engine.models import GPT2, LLAMA
 from node.engine.models.linear import Linear
 from node.engine.models.quantized import fill_random, swap_modules
 from node.errors import RinginferError
+from node.json_file import write_json
 
 CACHE_FILE = "capabilities.json"
 MEASURE_S = 0.4  # per measurement, after a warm-up
@@ -284,9 +285,7 @@ def load_or_measure(
             layers[model_key] = measured["layer_s"]
         cached["layer_s"] = layers
         fresh = True
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        tmp.replace(path)
+        write_json(path, cached)
     caps = Capabilities(
         device=device.type,
         device_name=key["name"],

@@ -1,4 +1,4 @@
-"""Reading the JSON files that come with a model, with one-line errors for bad ones."""
+"""JSON files: those that come with a model (one-line errors for bad ones) and our own."""
 
 from __future__ import annotations
 
@@ -19,3 +19,10 @@ def read_json(path: Path, missing_ok: bool = False) -> dict[str, Any]:
         raise RinginferError(f"{path} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RinginferError(f"{path} is not valid JSON ({e})") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)

@@ -45,9 +45,12 @@ class TensorInfo:
 
 class GGUFFile:
     """Metadata as a dict (arrays as lists, as `ReaderField.contents()` gives them) and a
-    tensor table; raises ValueError for anything that is not a well-formed GGUF file."""
+    tensor table; raises ValueError for anything that is not a well-formed GGUF file.
 
-    def __init__(self, path: Path) -> None:
+    `header_only`: the file is a GGUF's header alone (its bytes up to `data_start`, as a
+    shard cache keeps it), whose tensors live elsewhere."""
+
+    def __init__(self, path: Path, header_only: bool = False) -> None:
         self.path, self._fd = path, -1
         with open(path, "rb") as f:
             self._fd = os.dup(f.fileno())
@@ -78,12 +81,13 @@ class GGUFFile:
                 raise ValueError(f"invalid alignment {align!r}")
             start = -(-(f.tell() - len(self._buf) + self._pos) // align) * align
             del self._file, self._buf
+        self.data_start = start
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, kind, offset in infos:
             block, block_bytes = GGML_QUANT_SIZES[kind]
             n_bytes = int(np.prod(dims, dtype=np.int64)) * block_bytes // block
             info = TensorInfo(name, tuple(reversed(dims)), kind, start + offset, n_bytes)
-            if info.offset + n_bytes > self._size:
+            if info.offset + n_bytes > self._size and not header_only:
                 raise ValueError(f"tensor '{name}' runs past the end of the file")
             if name in self.tensors:
                 raise ValueError(f"duplicate tensor '{name}'")
@@ -101,10 +105,14 @@ class GGUFFile:
         """A tensor's raw bytes (of rows [a, b) of a matrix only, if given), in a fresh
         array: never a mapping of the file."""
         info = self.tensors[name]
-        offset, size = info.offset, info.n_bytes
-        if rows is not None:
-            row_bytes = info.n_bytes // info.shape[0]
-            offset, size = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        if rows is None:
+            return self.read_bytes(name, 0, info.n_bytes)
+        row_bytes = info.n_bytes // info.shape[0]
+        return self.read_bytes(name, rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes)
+
+    def read_bytes(self, name: str, start: int, size: int) -> np.ndarray:
+        """Bytes [start, start + size) of a tensor's data."""
+        offset = self.tensors[name].offset + start
         out = np.empty(size, dtype=np.uint8)
         view, done = memoryview(out), 0
         while done < size:
@@ -155,6 +163,28 @@ class GGUFFile:
         if item == GGUFValueType.STRING:
             return [self._string() for _ in range(count)]
         return [self._value(item) for _ in range(count)]
+
+
+def tensor_layout(tensors: list[TensorInfo], align: int = GGUF_DEFAULT_ALIGNMENT) -> bytes:
+    """A GGUF header (version 3, no metadata) for these tensors (their offsets ignored),
+    padded so their data follows it, each at its aligned offset: `offsets` gives them."""
+    out = [struct.pack("<IIQQ", GGUF_MAGIC, 3, len(tensors), 0)]
+    for info, offset in zip(tensors, offsets(tensors, align), strict=True):
+        name = info.name.encode()
+        out.append(struct.pack("<Q", len(name)) + name + struct.pack("<I", len(info.shape)))
+        out.append(struct.pack(f"<{len(info.shape)}Q", *reversed(info.shape)))
+        out.append(struct.pack("<IQ", info.type, offset))
+    head = b"".join(out)
+    return head + bytes(-len(head) % align)
+
+
+def offsets(tensors: list[TensorInfo], align: int = GGUF_DEFAULT_ALIGNMENT) -> list[int]:
+    """Where each tensor's data starts, from the start of the data section."""
+    out, at = [], 0
+    for info in tensors:
+        out.append(at)
+        at += -(-info.n_bytes // align) * align
+    return out
 
 
 # llama.cpp's 4-bit blocks, each one group of 32 codes with w = (q - 8) * scale + zero.

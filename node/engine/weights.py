@@ -64,6 +64,10 @@ class Checkpoint:
         """What `--quantize auto` keeps a tensor as: the file's own int4/int8, else none."""
         return "none"
 
+    def file_name(self, hf_name: str) -> str:
+        """The tensor's name in the file."""
+        return hf_name
+
     def tokenizer(self) -> Tokenizer:
         raise NotImplementedError
 
@@ -122,10 +126,11 @@ class GGUFCheckpoint(Checkpoint):
     """A llama.cpp GGUF file: 4-bit blocks come out as int4 codes exactly, other types are
     dequantized (and requantized where asked), one tensor at a time."""
 
-    def __init__(self, path: Path, name: str) -> None:
+    def __init__(self, path: Path, name: str, file: GGUFFile | None = None) -> None:
+        """`file`: the GGUF at `path` as read already (a shard cache's), else opened here."""
         self.path, self.name = path, name
         try:
-            self.file = GGUFFile(path)
+            self.file = file or GGUFFile(path)
         except Exception as e:  # ValueError, struct errors, OSError, bad UTF-8...
             raise RinginferError(f"{path} is not a readable GGUF file ({e})") from None
         self.tensors = self.file.tensors
@@ -147,6 +152,9 @@ class GGUFCheckpoint(Checkpoint):
             self.config = llama.LlamaConfig.from_gguf(self.meta, set(self.tensors), factors)
         except (KeyError, TypeError) as e:
             raise RinginferError(f"{path} lacks GGUF metadata {e}") from None
+
+    def file_name(self, hf_name: str) -> str:
+        return llama.gguf_name(hf_name)
 
     def _info(self, hf_name: str) -> TensorInfo:
         gguf_name = llama.gguf_name(hf_name)
@@ -255,6 +263,15 @@ def open_checkpoint(spec: str | None) -> Checkpoint:
     if path.suffix == ".gguf":
         return GGUFCheckpoint(path, name)
     raise RinginferError(f"'{spec}' is neither a model directory nor a .gguf file")
+
+
+def stage_tensors(ckpt: Checkpoint, start: int, end: int) -> set[str]:
+    """The file's tensors that layers [start, end) are made from: what a node without the
+    model fetches for them."""
+    with torch.device("meta"):
+        stage = ckpt.family.stage_cls(ckpt.config, start, end, "cpu")
+    keys = stage.state_dict()
+    return {ckpt.file_name(n) for key in keys for n in stage.checkpoint_names(key)}
 
 
 def load_stage(

@@ -1,0 +1,206 @@
+"""The shard cache: tensors fetched from peers, kept in their original quantized form.
+
+Under <data dir>/cache/<fingerprint>/ a model has its manifest, its GGUF header (metadata,
+tokenizer, the whole tensor table) and one GGUF file per group (a layer's tensors, or the
+embedding, the head, a norm alone), which gguf-py and llama.cpp read like any GGUF. Our
+loader reads a cached model through `CachedGGUF`: the header's tensor table, with the bytes
+of each tensor taken from its group's file.
+
+A group is fetched into `<group>.gguf.part` (its layout written first, tensors written in
+place as chunks arrive); `<group>.gguf.json` lists the tensors verified against the manifest
+so far, so a dropped transfer resumes without fetching those again. The complete file is
+renamed into place. The cache is bounded (`--cache-size`): least recently used groups go
+first, never those a stage uses now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from node.engine.gguf_file import GGUFFile, TensorInfo, offsets, tensor_layout
+from node.engine.manifest import Manifest, TensorEntry
+from node.errors import RinginferError
+from node.json_file import read_json, write_json
+
+DEFAULT_CACHE_SIZE = 32 << 30
+
+
+class CachedGGUF(GGUFFile):
+    """A model's GGUF header, whose tensors' bytes come from the cache's group files."""
+
+    def __init__(self, cache: ShardCache, manifest: Manifest) -> None:
+        super().__init__(cache.model_dir(manifest.fingerprint) / "header.gguf", header_only=True)
+        self.cache, self.manifest = cache, manifest
+        self.groups: dict[str, GGUFFile] = {}
+
+    def read_bytes(self, name: str, start: int, size: int) -> np.ndarray:
+        group = self.manifest.tensors[name].group
+        if group not in self.groups:
+            path = self.cache.group_path(self.manifest.fingerprint, group)
+            if not path.exists():
+                raise RinginferError(f"tensor '{name}' is not in the shard cache (not fetched)")
+            os.utime(path)  # least recently used goes first
+            self.groups[group] = GGUFFile(path)
+        return self.groups[group].read_bytes(name, start, size)
+
+
+@dataclass
+class GroupWriter:
+    """A group's file being fetched: chunks written in place, tensors verified one by one."""
+
+    path: Path  # the .part file
+    infos: dict[str, TensorInfo]  # where each tensor's data lies in it
+    entries: dict[str, TensorEntry]
+    verified: set[str]
+
+    def write(self, name: str, start: int, data: bytes) -> None:
+        if start < 0 or start + len(data) > self.entries[name].n_bytes:
+            raise ValueError(f"chunk {start}+{len(data)} outside tensor '{name}'")
+        with open(self.path, "r+b") as f:
+            f.seek(self.infos[name].offset + start)
+            f.write(data)
+
+    def verify(self, name: str) -> bool:
+        """Whether the tensor's bytes as written match the manifest; recorded if they do."""
+        entry, info = self.entries[name], self.infos[name]
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            f.seek(info.offset)
+            left = entry.n_bytes
+            while left:
+                block = f.read(min(left, 16 << 20))
+                if not block:
+                    return False
+                h.update(block)
+                left -= len(block)
+        if h.hexdigest() != entry.sha256:
+            return False
+        self.verified.add(name)
+        write_json(self._record(), sorted(self.verified))
+        return True
+
+    def missing(self) -> list[TensorEntry]:
+        return [e for n, e in self.entries.items() if n not in self.verified]
+
+    def finish(self) -> Path:
+        """The complete group's file, in place; call once nothing is missing."""
+        done = self.path.with_suffix("")  # <group>.gguf
+        self.path.replace(done)
+        self._record().unlink(missing_ok=True)
+        return done
+
+    def _record(self) -> Path:
+        return self.path.with_suffix(".json")
+
+
+class ShardCache:
+    def __init__(self, root: Path, limit: int = DEFAULT_CACHE_SIZE) -> None:
+        self.root, self.limit = root, limit
+
+    def model_dir(self, fingerprint: str) -> Path:
+        return self.root / fingerprint
+
+    def group_path(self, fingerprint: str, group: str) -> Path:
+        return self.model_dir(fingerprint) / f"{group}.gguf"
+
+    def store_model(self, manifest: Manifest, header: bytes) -> None:
+        """Keep a model's manifest and header (checked against the manifest)."""
+        if len(header) != manifest.header_bytes or (
+            hashlib.sha256(header).hexdigest() != manifest.header_sha256
+        ):
+            raise RinginferError("the model header does not match its manifest")
+        d = self.model_dir(manifest.fingerprint)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / "header.gguf.tmp"
+        tmp.write_bytes(header)
+        tmp.replace(d / "header.gguf")
+        write_json(d / "manifest.json", manifest.to_json())
+
+    def manifest(self, fingerprint: str) -> Manifest | None:
+        """The cached model's manifest, if its header is here too."""
+        d = self.model_dir(fingerprint)
+        if not (d / "header.gguf").exists() or not (d / "manifest.json").exists():
+            return None
+        try:
+            m = Manifest.from_json(read_json(d / "manifest.json"))
+        except RinginferError:
+            return None
+        return m if m.fingerprint == fingerprint else None
+
+    def held(self, fingerprint: str) -> set[str]:
+        """The groups whose files are complete."""
+        d = self.model_dir(fingerprint)
+        return {p.name.removesuffix(".gguf") for p in d.glob("*.gguf")} - {"header"}
+
+    def writer(self, manifest: Manifest, group: str) -> GroupWriter:
+        """The group's file being fetched: resumed where a previous transfer left it."""
+        entries = {e.name: e for e in manifest.groups()[group]}
+        infos = [TensorInfo(e.name, e.shape, e.type, 0, e.n_bytes) for e in entries.values()]
+        head = tensor_layout(infos)
+        placed = {
+            i.name: TensorInfo(i.name, i.shape, i.type, len(head) + at, i.n_bytes)
+            for i, at in zip(infos, offsets(infos), strict=True)
+        }
+        path = self.group_path(manifest.fingerprint, group).with_suffix(".gguf.part")
+        record = path.with_suffix(".json")
+        verified: set[str] = set()
+        if path.exists() and record.exists():
+            try:
+                verified = set(read_json(record)) & set(entries)
+            except (RinginferError, TypeError):
+                verified = set()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            last = infos[-1]
+            with open(path, "wb") as f:
+                f.write(head)
+                f.truncate(placed[last.name].offset + last.n_bytes)
+            record.unlink(missing_ok=True)
+        return GroupWriter(path, placed, entries, verified)
+
+    def models(self) -> list[dict]:
+        """What `ringinfer cache` lists: each model's name, groups, bytes, last use."""
+        out = []
+        for d in sorted(self.root.glob("*/")):
+            files = [p for p in d.iterdir() if p.is_file()]
+            m = self.manifest(d.name)
+            out.append({
+                "fingerprint": d.name, "name": m.name if m else "?",
+                "groups": len(self.held(d.name)), "of": len(m.groups()) if m else 0,
+                "bytes": sum(p.stat().st_size for p in files),
+                "used": max((p.stat().st_mtime for p in files), default=0.0),
+            })  # fmt: skip
+        return out
+
+    def clear(self, fingerprint: str | None = None) -> int:
+        """Remove one model's files (or all); the bytes freed."""
+        dirs = [self.model_dir(fingerprint)] if fingerprint else list(self.root.glob("*/"))
+        freed = 0
+        for d in dirs:
+            if d.is_dir():
+                freed += sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+                shutil.rmtree(d)
+        return freed
+
+    def evict(self, keep: set[Path], room: int = 0) -> list[Path]:
+        """Remove least recently used group files until the cache plus `room` bytes fits the
+        limit; never those in `keep` (a live stage's), headers or manifests."""
+        files = [p for p in self.root.glob("*/*") if p.is_file()]
+        total = sum(p.stat().st_size for p in files) + room
+        removed = []
+        candidates = [
+            p for p in files if p.suffix == ".gguf" and p.name != "header.gguf" and p not in keep
+        ]
+        for p in sorted(candidates, key=lambda p: p.stat().st_mtime):
+            if total <= self.limit:
+                break
+            total -= p.stat().st_size
+            p.unlink()
+            removed.append(p)
+        return removed

@@ -1,0 +1,144 @@
+"""Manifests and the shard cache, against gguf-py's reader of the default model's file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from node.engine.gguf_file import GGUFFile
+from node.engine.manifest import Manifest, build, load_or_build
+from node.engine.shard_cache import CachedGGUF, ShardCache
+from node.engine.weights import GGUFCheckpoint, default_model_path, load_stage, stage_tensors
+from node.errors import RinginferError
+
+CHUNK = 100_000  # not a divisor of any tensor: chunks end mid-block
+
+
+@pytest.fixture(scope="module")
+def source():
+    path = default_model_path()
+    return path, GGUFFile(path), build(path, "smollm2")
+
+
+def fill(cache: ShardCache, manifest: Manifest, file: GGUFFile, names: set[str]) -> None:
+    """What a fetch does, from a local file: every group of `names`, chunks in reverse."""
+    for group in manifest.groups(names):
+        w = cache.writer(manifest, group)
+        for e in w.missing():
+            for at in reversed(range(0, e.n_bytes, CHUNK)):
+                chunk = file.read_bytes(e.name, at, min(CHUNK, e.n_bytes - at))
+                w.write(e.name, at, chunk.tobytes())
+            assert w.verify(e.name)
+        w.finish()
+
+
+def test_manifest_hashes_every_tensor_as_gguf_py_reads_it(source, tmp_path):
+    from gguf import GGUFReader
+
+    path, _, manifest = source
+    reader = GGUFReader(path)
+    assert len(manifest.tensors) == len(reader.tensors) == 272
+    for t in reader.tensors:
+        e = manifest.tensors[t.name]
+        data = np.ascontiguousarray(t.data).view(np.uint8).ravel()
+        assert (e.n_bytes, e.type) == (data.nbytes, int(t.tensor_type))
+        assert e.sha256 == hashlib.sha256(data).hexdigest()
+    assert manifest.tensors["blk.7.ffn_up.weight"].layer == 7
+    assert manifest.tensors["token_embd.weight"].layer is None
+    # The fingerprint is the content's: another name, path or hashing run gives the same.
+    copy = tmp_path / "renamed.gguf"
+    copy.write_bytes(path.read_bytes())
+    again = load_or_build(copy, "other name", tmp_path)
+    assert again.fingerprint == manifest.fingerprint
+    assert load_or_build(copy, "other name", tmp_path) == again  # from the data dir's memo
+    with open(copy, "r+b") as f:  # one byte of one tensor changed: another model
+        f.seek(GGUFFile(copy).tensors["blk.3.attn_q.weight"].offset + 5)
+        f.write(b"\x7f")
+    os.utime(copy, ns=(1, 1))
+    assert load_or_build(copy, "other name", tmp_path).fingerprint != manifest.fingerprint
+
+
+def test_manifest_json_round_trips_and_refuses_malformed(source):
+    manifest = source[2]
+    wire = json.loads(json.dumps(manifest.to_json()))
+    assert Manifest.from_json(wire).fingerprint == manifest.fingerprint
+    bad = [
+        {**wire, "tensors": [["x", None, 0, [4], -1, "0" * 64]]},
+        {**wire, "tensors": [["x", "3", 0, [4], 16, "0" * 64]]},
+        {**wire, "tensors": [["x", None, 0, [4], 16, "nothex"]]},
+        {**wire, "tensors": [["x", None, 0, [4], 16, "0" * 64]] * 2},
+        {**wire, "header_sha256": "x"},
+        {"name": "x"},
+        [],
+    ]
+    for data in bad:
+        with pytest.raises(RinginferError, match="malformed model manifest"):
+            Manifest.from_json(data)
+
+
+def test_cached_layers_load_exactly_as_from_the_file(source, tmp_path):
+    from gguf import GGUFReader
+
+    path, file, manifest = source
+    cache = ShardCache(tmp_path)
+    with open(path, "rb") as f:
+        cache.store_model(manifest, f.read(manifest.header_bytes))
+    whole = GGUFCheckpoint(path, "smollm2")
+    names = stage_tensors(whole, 27, 30)
+    fill(cache, manifest, file, names)
+    assert cache.held(manifest.fingerprint) == {"blk.27", "blk.28", "blk.29", "token_embd.weight",
+                                                "output_norm.weight"}  # fmt: skip
+    held = sum(p.stat().st_size for p in cache.model_dir(manifest.fingerprint).glob("*.gguf"))
+    need = manifest.header_bytes + sum(manifest.tensors[n].n_bytes for n in names)
+    assert need <= held < need * 1.01  # only those tensors, never the whole file
+    group = GGUFReader(cache.group_path(manifest.fingerprint, "blk.28"))  # a GGUF like any
+    assert {t.name for t in group.tensors} == {n for n in names if n.startswith("blk.28.")}
+
+    cached = GGUFCheckpoint(path, "smollm2", CachedGGUF(cache, manifest))
+    assert cached.config == whole.config
+    ours = load_stage(cached, 27, 30, torch.device("cpu"), torch.float32, quantize="auto")
+    theirs = load_stage(whole, 27, 30, torch.device("cpu"), torch.float32, quantize="auto")
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RinginferError, match="not in the shard cache"):
+        load_stage(cached, 0, 2, torch.device("cpu"), torch.float32)
+
+
+def test_a_corrupt_chunk_fails_its_tensor_and_a_transfer_resumes(source, tmp_path):
+    _, file, manifest = source
+    cache = ShardCache(tmp_path)
+    w = cache.writer(manifest, "blk.4")
+    entries = w.missing()
+    first, second = entries[1], entries[2]
+    for e in (first, second):
+        w.write(e.name, 0, file.read_bytes(e.name, 0, e.n_bytes).tobytes())
+    assert w.verify(first.name)
+    w.write(second.name, 10, b"\x00\x01")  # corrupted in transit
+    assert not w.verify(second.name)
+    # A new writer (the daemon restarted) keeps what was verified, and only that.
+    w = cache.writer(manifest, "blk.4")
+    assert w.verified == {first.name}
+    assert [e.name for e in w.missing()] == [e.name for e in entries if e is not first]
+    with pytest.raises(ValueError, match="outside tensor"):
+        w.write(first.name, first.n_bytes - 1, b"ab")
+
+
+def test_eviction_goes_least_recently_used_first_and_spares_what_a_stage_uses(source, tmp_path):
+    _, file, manifest = source
+    cache = ShardCache(tmp_path)
+    layers = ("blk.1.", "blk.2.", "blk.3.")
+    fill(cache, manifest, file, {n for n in manifest.tensors if n.startswith(layers)})
+    paths = {g: cache.group_path(manifest.fingerprint, g) for g in ("blk.1", "blk.2", "blk.3")}
+    for age, g in enumerate(("blk.3", "blk.1", "blk.2")):  # blk.3 used longest ago
+        os.utime(paths[g], (1000 + age, 1000 + age))
+    size = paths["blk.1"].stat().st_size
+    cache.limit = 2 * size + 10_000
+    assert cache.evict(keep={paths["blk.3"]}) == [paths["blk.1"]]
+    assert cache.held(manifest.fingerprint) == {"blk.2", "blk.3"}
+    assert cache.models()[0]["groups"] == 2
+    assert cache.clear() == 2 * size and cache.models() == []
