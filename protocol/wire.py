@@ -18,12 +18,13 @@ if TYPE_CHECKING:  # the codec needs torch only to turn frames into tensors
 
 # 2: cluster names, capabilities, RTTs, PING/PONG. 3: SCORE, quantization. 4: QUEUED.
 # 5: a FORWARD carries the positions of several requests (its `parts`), packed.
-VERSION = 5
+# 6: MANIFEST, FETCH and CHUNK: peers fetch a model's tensors from each other.
+VERSION = 6
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 4
 MAX_DIMS = 4
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
-ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "uint8": 1}
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -49,6 +50,10 @@ class Kind(str, Enum):
     STATUS_REPLY = "status_reply"  # daemon -> client
     SCORE = "score"  # client -> daemon: a text's perplexity (then ACCEPTED, SCOREDs, DONE)
     SCORED = "scored"  # daemon -> client: one more window scored
+    MANIFEST = "manifest"  # anyone -> daemon: its model's manifest and GGUF header, please
+    MANIFEST_REPLY = "manifest_reply"  # the manifest (JSON) and header, as two byte frames
+    FETCH = "fetch"  # peer -> peer's transfer socket: bytes of one tensor
+    CHUNK = "chunk"  # the bytes, as one frame
 
 
 # Body fields each type must carry, with their JSON types. Extra fields are allowed, so a
@@ -90,6 +95,10 @@ BODY_FIELDS: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.STATUS_REPLY: {"status": _DICT},
     Kind.SCORE: {"text": _STR, "context": _INT},
     Kind.SCORED: {"window": _INT, "windows": _INT, "perplexity": _NUM},
+    Kind.MANIFEST: {},
+    Kind.MANIFEST_REPLY: {"fingerprint": _STR},
+    Kind.FETCH: {"fingerprint": _STR, "tensor": _STR, "start": _INT, "size": _INT},
+    Kind.CHUNK: {"tensor": _STR, "start": _INT},
 }
 
 

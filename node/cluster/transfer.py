@@ -1,0 +1,280 @@
+"""Weights between peers: serving tensor chunks, and fetching the tensors a plan needs.
+
+Each daemon has a second ROUTER, its transfer socket (its port in HELLO), with the same
+CurveZMQ keys as the ring's, so that megabytes of weights never queue in front of a step's
+activations. A member serves the tensors it holds: all of them from its model file, or the
+groups in its shard cache. While its stage is busy it serves at most `busy_rate` bytes/s.
+
+A fetch asks every member that holds a tensor for chunks of it at once (a few in flight per
+member), writes them in place in the shard cache and verifies each tensor against the
+manifest when its last chunk lands. A member that stops answering loses its chunks to the
+others; a tensor that fails its hash is fetched again from another member, and whoever sent
+it is reported. Tensors verified before a drop (or a restart) are not fetched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+import zmq.asyncio
+
+from node.cluster.secret import ClusterKeys
+from node.engine.gguf_file import GGUFFile
+from node.engine.manifest import Manifest, TensorEntry
+from node.engine.shard_cache import GroupWriter, ShardCache
+from node.errors import RinginferError
+from protocol.wire import Kind, Message, ProtocolError, decode, encode, error, message
+
+log = logging.getLogger("ringinfer")
+
+CHUNK_BYTES = 4 << 20
+IN_FLIGHT = 4  # chunks asked of one member before its first answer
+CHUNK_TIMEOUT_S = 15.0  # a member silent this long on a chunk is given up
+
+
+def bytes_message(kind: Kind, *frames: bytes, **fields: object) -> Message:
+    """A message whose tensor frames are raw bytes (uint8)."""
+    return message(kind, tuple(torch.frombuffer(bytearray(f), dtype=torch.uint8) if f
+                               else torch.empty(0, dtype=torch.uint8) for f in frames),
+                   **fields)  # fmt: skip
+
+
+class TransferServer:
+    """Answers FETCH on the transfer socket from the model file or the shard cache."""
+
+    def __init__(
+        self,
+        sock: zmq.asyncio.Socket,
+        manifest: Manifest,
+        file: GGUFFile,
+        holds: Callable[[str], bool],
+        busy: Callable[[], bool],
+        busy_rate: float,
+    ) -> None:
+        self.sock, self.manifest, self.file = sock, manifest, file
+        self.holds, self.busy, self.busy_rate = holds, busy, busy_rate
+        self.reader = ThreadPoolExecutor(1, "transfer")  # disk reads: not the compute thread
+        self.sent = 0  # bytes served
+
+    async def serve(self) -> None:
+        while True:
+            identity, *frames = await self.sock.recv_multipart()
+            began = time.monotonic()
+            try:
+                reply = await self._answer(decode(frames))
+            except ProtocolError as e:
+                reply = error(e.code, str(e))
+            with contextlib.suppress(zmq.ZMQError):
+                await self.sock.send_multipart([identity, *encode(reply)])
+            if reply.kind == Kind.CHUNK and self.busy():  # running requests keep their speed
+                took = time.monotonic() - began
+                await asyncio.sleep(len(reply.frames[0]) / self.busy_rate - took)
+
+    async def _answer(self, msg: Message) -> Message:
+        if msg.kind != Kind.FETCH:
+            raise ProtocolError("unexpected", "the transfer socket answers FETCH only")
+        b = msg.body
+        entry = self.manifest.tensors.get(b["tensor"])
+        if b["fingerprint"] != self.manifest.fingerprint:
+            raise ProtocolError("wrong-model", "this node serves another model")
+        if entry is None or not self.holds(entry.group):
+            raise ProtocolError("not-held", f"this node does not hold tensor '{b['tensor']}'")
+        start, size = b["start"], b["size"]
+        if not (0 < size <= CHUNK_BYTES and start + size <= entry.n_bytes):
+            raise ProtocolError("bad-range", f"bytes {start}+{size} of '{entry.name}'")
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(
+                self.reader, self.file.read_bytes, entry.name, start, size
+            )
+        except (OSError, ValueError, RinginferError) as e:
+            raise ProtocolError("unavailable", f"cannot read '{entry.name}': {e}") from None
+        self.sent += size
+        return bytes_message(Kind.CHUNK, data.tobytes(), body={"tensor": entry.name,
+                                                                "start": start})  # fmt: skip
+
+
+@dataclass
+class Source:
+    name: str
+    address: str  # host:port of its transfer socket
+    holds: frozenset[str] | None  # the groups it serves; None: all of them
+
+    def has(self, group: str) -> bool:
+        return self.holds is None or group in self.holds
+
+
+@dataclass
+class Progress:
+    """What a fetch has done, for status and logs."""
+
+    total: int = 0
+    done: int = 0
+    began: float = field(default_factory=time.monotonic)
+    bad: list[str] = field(default_factory=list)  # members that sent a bad tensor
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(1e-3, time.monotonic() - self.began)
+
+    def line(self) -> str:
+        mib = 2**20
+        left = f"{(self.total - self.done) / self.rate:.0f}s left" if self.done else "starting"
+        return (
+            f"fetching {100 * self.done // max(1, self.total)}% ({self.done / mib:.0f} of "
+            f"{self.total / mib:.0f} MiB, {self.rate / mib:.1f} MiB/s, {left})"
+        )
+
+
+@dataclass
+class _Tensor:
+    entry: TensorEntry
+    writer: GroupWriter
+    left: int  # chunks not written yet
+    senders: set[str] = field(default_factory=set)
+    banned: set[str] = field(default_factory=set)  # sent it corrupt once
+    failures: int = 0
+
+
+class Fetch:
+    """One fetch of tensors into the shard cache from several members at once."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        keys: ClusterKeys | None,
+        cache: ShardCache,
+        manifest: Manifest,
+        names: set[str],
+        sources: list[Source],
+    ) -> None:
+        self.ctx, self.keys, self.cache, self.manifest = ctx, keys, cache, manifest
+        self.sources = sources
+        self.tensors: dict[str, _Tensor] = {}
+        self.todo: deque[tuple[str, int, int]] = deque()  # (tensor, start, size)
+        self.writers = {g: cache.writer(manifest, g) for g in manifest.groups(names)}
+        for w in self.writers.values():
+            for e in w.missing():
+                self._queue(_Tensor(e, w, 0))
+        self.progress = Progress(total=sum(t.entry.n_bytes for t in self.tensors.values()))
+        self.changed = asyncio.Event()
+        self.in_flight = 0  # chunks asked and not answered, all members together
+        self.failure = ""
+        self.disk = ThreadPoolExecutor(1, "fetch")  # writes and hashes, one at a time
+
+    def _queue(self, t: _Tensor) -> None:
+        chunks = [(t.entry.name, at, min(CHUNK_BYTES, t.entry.n_bytes - at))
+                  for at in range(0, t.entry.n_bytes, CHUNK_BYTES)]  # fmt: skip
+        t.left = len(chunks)
+        self.tensors[t.entry.name] = t
+        self.todo.extend(chunks)
+
+    async def run(self) -> Progress:
+        """Fetch everything; RinginferError if some tensor has no member left to give it."""
+        if self.tensors:
+            try:
+                await asyncio.gather(*(self._worker(s) for s in self.sources))
+            finally:
+                self.disk.shutdown(wait=True)
+        missing = [n for n, t in self.tensors.items() if n not in t.writer.verified]
+        if missing:
+            raise RinginferError(self.failure or f"no member could send {missing[0]}")
+        for w in self.writers.values():
+            if w.path.exists():
+                w.finish()
+        return self.progress
+
+    def _next(self, source: Source) -> tuple[str, int, int] | None:
+        for i, (name, start, size) in enumerate(self.todo):
+            t = self.tensors[name]
+            if source.has(t.entry.group) and source.name not in t.banned:
+                del self.todo[i]
+                return name, start, size
+        return None
+
+    async def _worker(self, source: Source) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.keys:
+            self.keys.connect_as_client(sock)
+        sock.connect(f"tcp://{source.address}")
+        asked: dict[tuple[str, int], int] = {}  # (tensor, start) -> size
+        try:
+            while True:
+                while len(asked) < IN_FLIGHT and (job := self._next(source)):
+                    name, start, size = job
+                    body = {"fingerprint": self.manifest.fingerprint, "tensor": name,
+                            "start": start, "size": size}  # fmt: skip
+                    await sock.send_multipart(encode(message(Kind.FETCH, body=body)))
+                    asked[(name, start)] = size
+                    self.in_flight += 1
+                if not asked:
+                    if not self.in_flight:  # nothing for us, and nobody can give any back
+                        return
+                    self.changed.clear()  # others' chunks may come back to the queue
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.changed.wait(), 1.0)
+                    continue
+                if not await sock.poll(CHUNK_TIMEOUT_S * 1000):
+                    log.warning("fetch: %s stopped answering; the others take its chunks",
+                                source.name)  # fmt: skip
+                    return
+                try:
+                    msg = decode(await sock.recv_multipart())
+                except ProtocolError as e:
+                    log.warning("fetch: %s sent a bad frame (%s); not asking it again",
+                                source.name, e)  # fmt: skip
+                    return
+                if msg.kind == Kind.ERROR:
+                    log.warning("fetch: %s refused: %s", source.name, msg.body["message"])
+                    return
+                key = (msg.body["tensor"], msg.body["start"])
+                if msg.kind != Kind.CHUNK or key not in asked or len(msg.frames[0]) != asked[key]:
+                    log.warning("fetch: %s sent what was not asked; not asking it again",
+                                source.name)  # fmt: skip
+                    return
+                del asked[key]
+                self.in_flight -= 1
+                await self._landed(source, key[0], key[1], msg.frames[0])
+        finally:
+            for (name, start), size in asked.items():  # given to the others
+                self.todo.appendleft((name, start, size))
+            self.in_flight -= len(asked)
+            self.changed.set()
+            sock.close(linger=0)
+
+    async def _landed(self, source: Source, name: str, start: int, data: bytes) -> None:
+        t = self.tensors[name]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.disk, t.writer.write, name, start, data)
+        t.senders.add(source.name)
+        t.left -= 1
+        self.progress.done += len(data)
+        if t.left:
+            return
+        if await loop.run_in_executor(self.disk, t.writer.verify, name):
+            return
+        senders = ", ".join(sorted(t.senders))
+        log.warning("fetch: tensor %s from %s failed its SHA-256; fetching it again from "
+                    "another member", name, senders)  # fmt: skip
+        self.progress.bad.extend(sorted(t.senders))
+        self.progress.done -= t.entry.n_bytes
+        t.failures += 1
+        blamed = t.banned | t.senders
+        if any(s.has(t.entry.group) and s.name not in blamed for s in self.sources):
+            t.banned = blamed
+        elif t.failures >= 3:
+            self.failure = f"tensor {name} failed its SHA-256 {t.failures} times"
+            return
+        t.senders = set()
+        self._queue(t)
+        self.changed.set()
