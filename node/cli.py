@@ -17,6 +17,7 @@ from node import __version__
 from node.cluster.client import DEFAULT_API, DEFAULT_PORT, Client, parse_address
 from node.cluster.cluster_file import BINARY, parse_amount, read_cluster
 from node.cluster.secret import ENV, FILE_NAME, ClusterKeys, find_keys, new_secret
+from node.data_dir import CACHE_SIZE
 from node.engine.batching import PREFILL_CHUNK
 from node.errors import RinginferError
 from protocol.wire import Kind
@@ -176,12 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds to wait for a plan without this node",
     )
+    daemon.add_argument("--transfer-port", type=_positive, default=0, metavar="PORT",
+                        help="where peers fetch this node's tensors (default: any free port; "
+                             "members learn it from each other)")  # fmt: skip
+    daemon.add_argument("--transfer-rate", type=_size, default=32 << 20, metavar="BYTES",
+                        help="bytes/s this node serves to fetching peers while its stage has "
+                             "requests running (default 32M)")  # fmt: skip
+    daemon.add_argument("--cache-size", type=_size, default=CACHE_SIZE, metavar="SIZE",
+                        help="the shard cache's limit: tensors fetched from peers, least "
+                             "recently used dropped first (default 32G)")  # fmt: skip
     daemon.add_argument("--api", default=DEFAULT_API, metavar="HOST:PORT|off",
                         help=f"OpenAI-compatible API and web page (default {DEFAULT_API})")
     daemon.add_argument("--api-key-file", type=Path, metavar="FILE",
                         help="a secret the API asks for as 'Authorization: Bearer'")
     daemon.add_argument("--api-insecure", action="store_true",
                         help="serve the API beyond loopback without a key")  # fmt: skip
+
+    cache = commands.add_parser("cache", help="list or clear the shard cache (fetched tensors)")
+    cache.add_argument("--data-dir", type=Path, help="the daemon's data dir (default ~/.ringinfer)")
+    cache.add_argument("--clear", nargs="?", const="all", metavar="FINGERPRINT",
+                       help="remove one model's cached tensors, or all of them")
+    cache.add_argument("--json", action="store_true", help="print JSON")
 
     plan = commands.add_parser("plan", help="plan a described cluster (no daemons needed)")
     plan.add_argument("--model", help="path, Hugging Face id (cached) or a well-known name")
@@ -580,6 +596,31 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(c.level == "fail" for c in checks) else 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from node import data_dir
+    from node.engine.shard_cache import ShardCache
+
+    cache = ShardCache((args.data_dir or data_dir.DEFAULT) / "cache")
+    if args.clear:
+        freed = cache.clear(None if args.clear == "all" else args.clear)
+        print(f"removed {freed / 2**20:.1f} MiB from {cache.root}")
+        return 0
+    models = cache.models()
+    if args.json:
+        print(json.dumps(models))
+        return 0
+    if not models:
+        print(f"the shard cache {cache.root} is empty")
+        return 0
+    rows = [("FINGERPRINT", "MODEL", "GROUPS", "SIZE", "LAST USED")]
+    for m in models:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["used"]))
+        rows.append((m["fingerprint"], m["name"], f"{m['groups']} of {m['of']}",
+                     f"{m['bytes'] / 2**20:.1f} MiB", used))  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     # OpenMP threads spin between the many small parallel regions of one step (sleeping
     # there costs ~30% per token), but not for long after it: on a machine that runs
@@ -589,14 +630,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     import asyncio
 
     from discovery.capabilities import load_or_measure
-    from discovery.interfaces import is_loopback, lan_interfaces
+    from discovery.interfaces import is_loopback, lan_interfaces, primary_address
     from node import data_dir
+    from node.cluster import cluster_model
     from node.cluster.api import bind as bind_api
     from node.cluster.daemon import Daemon, DaemonConfig
     from node.cluster.transport import listen
     from node.engine.local import available_memory
     from node.engine.models.quantized import check_device
-    from node.engine.weights import layer_format, open_checkpoint
+    from node.engine.shard_cache import ShardCache
+    from node.engine.weights import layer_format
     from protocol.wire import ACTIVATION_DTYPES
 
     logging.basicConfig(
@@ -618,7 +661,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                         "the cluster, send it frames and read its activations", host, args.port)
     args.host = host
     api = bind_api(args.api, args.api_key_file, args.api_insecure)
-    listener = listen(host, args.port, keys)  # a taken port fails now, not after the model
+    listener = listen(host, args.port, keys, args.transfer_port)  # taken ports fail now
     device, dtype = _engine(args)
     wire = args.wire_dtype
     if wire == "auto":
@@ -628,15 +671,24 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             f"unknown wire dtype '{wire}' (use auto, {', '.join(ACTIVATION_DTYPES)})"
         )
     peers = [_resolve(parse_address(p)) for p in args.peer]
-    STATUS.live(f"opening {args.model or 'the default model'} ...")
+    mdns = None if args.no_mdns or is_loopback(host) else lan_interfaces(args.mdns_interface)
+    found = None
+    if args.model is None:
+        STATUS.live("asking the cluster which model it serves ...")
+        # Not our own address, which a shared --peer list may name: nobody answers there yet.
+        own = {f"{h}:{args.port}" for h in (host, "127.0.0.1", primary_address())}
+        others = [p for p in peers if p not in own]
+        found = asyncio.run(cluster_model.find(others, mdns, args.cluster, keys, node_id))
+    what = args.model or (found.manifest.name if found else "the default model")
+    STATUS.live(f"opening {what} ...")
     began = time.perf_counter()
-    ckpt = open_checkpoint(args.model)
+    cache = ShardCache(data_path / "cache", args.cache_size)
+    ckpt, files = cluster_model.open_model(args.model, data_path, cache, found, keys, STATUS.live)
     tokenizer = ckpt.tokenizer()
     STATUS.live("")
     logging.info("opened %s in %.1fs", ckpt.path, time.perf_counter() - began)
     if is_loopback(host) and not args.no_mdns:
         logging.info("listening on loopback %s only: no mDNS (a cluster of this machine)", host)
-    mdns = None if args.no_mdns or is_loopback(host) else lan_interfaces(args.mdns_interface)
     if mdns == []:
         logging.warning("no LAN interface for mDNS (only loopback or virtual ones): "
                         "find peers with --peer, or name one with --mdns-interface")  # fmt: skip
@@ -662,6 +714,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
         max_queue=args.max_queue, step_timeout_s=args.step_timeout, threads=args.threads,
         prefill_chunk=args.prefill_chunk, quantize=quantize, layer_format=fmt, keys=keys,
+        transfer_rate=args.transfer_rate,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(
@@ -669,7 +722,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         )
 
     async def serve() -> None:
-        await Daemon(config, node_id, ckpt, tokenizer, listener, api).run()
+        await Daemon(config, node_id, ckpt, tokenizer, listener, files, api).run()
 
     asyncio.run(serve())
     lock.close()
@@ -696,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {
             "generate": cmd_generate, "daemon": cmd_daemon, "status": cmd_status,
             "plan": cmd_plan, "doctor": cmd_doctor, "perplexity": cmd_perplexity,
-            "secret": cmd_secret,
+            "secret": cmd_secret, "cache": cmd_cache,
         }  # fmt: skip
         return commands[args.command](args)
     except RinginferError as e:

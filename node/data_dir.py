@@ -1,4 +1,5 @@
-"""A daemon's data directory: its stable node id, held by one daemon at a time."""
+"""A daemon's data directory: its stable node id, held by one daemon at a time (and its
+shard cache, node/engine/shard_cache.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import IO
 from node.errors import RinginferError
 
 DEFAULT = Path.home() / ".ringinfer"
+CACHE_SIZE = 32 << 30  # the shard cache's default limit (node/engine/shard_cache.py)
 
 
 def claim(path: Path) -> tuple[str, IO]:

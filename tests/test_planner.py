@@ -143,3 +143,19 @@ def test_planner_properties_over_random_clusters(objective: str):
 def test_plans_from_peers_must_cover_every_layer_once(stages):  # noqa: ANN001
     with pytest.raises(RinginferError):
         Plan.from_json({"model": "m", "epoch": 1, "stages": stages}, 30)
+
+
+def test_layers_a_node_holds_stay_with_it_when_plans_are_about_as_good():
+    # Two alike nodes must split the model; b joined without it and fetched 15-30 once.
+    cached = frozenset({*(f"blk.{i}" for i in range(15, 30)), "output_norm.weight"})
+    a = NodeSpec("a", 2 * GIB, **FAST)
+    b = NodeSpec("b", 2 * GIB, **FAST, holds=cached)
+    assert ranges(make_plan("m", 1, SHAPE, [a, b], "throughput")) == [("a", 0, 15), ("b", 15, 30)]
+    moved_first = NodeSpec("b", 2 * GIB, **FAST, holds=frozenset({"blk.0", "token_embd.weight"}))
+    assert ranges(make_plan("m", 1, SHAPE, [a, moved_first], "throughput"))[0][0] == "b"
+    # ... but never at the cost of a plainly worse plan: a slow b gets few layers anyway.
+    slow = NodeSpec("b", 2 * GIB, **SLOW, holds=cached)
+    plan = make_plan("m", 1, SHAPE, [NodeSpec("a", 8 * GIB, **FAST), slow], "throughput")
+    assert sum(s.end - s.start for s in plan.stages if s.node == "b") < 15
+    assert NodeSpec("a", GIB).missing_bytes(SHAPE, 0, 30) == 0  # holds=None: everything
+    assert b.missing_bytes(SHAPE, 10, 30) == 5 * SHAPE.layer_bytes

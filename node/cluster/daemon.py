@@ -7,6 +7,7 @@ The daemon is the composition of its parts, each in a module named after it:
 - plans.py: the plan agreement (prepare, load, live), and loading this node's layers;
 - stage_server.py: this node's layers serving FORWARDs;
 - requester.py: the requests this node was asked for, replayed when a stage is lost;
+- transfer.py: tensors served to peers, and fetched from them for this node's layers;
 - status.py: what `status`, the API and the page show.
 
 This file starts and stops them. Model compute runs on one worker thread so the event loop
@@ -35,6 +36,7 @@ from node.cluster.requester import Requester
 from node.cluster.secret import ClusterKeys
 from node.cluster.stage_server import StageServer
 from node.cluster.status import Stats, status
+from node.cluster.transfer import ModelFiles, Transfers
 from node.cluster.transport import Listening, Transport
 from node.engine.batching import PREFILL_CHUNK
 from node.engine.shapes import shape_of
@@ -72,6 +74,7 @@ class DaemonConfig:
     quantize: str = "auto"  # how weights are kept in memory (node/engine/models/quantized.py)
     layer_format: str = "none"  # what that makes of the layers' weights: none, int8, int4
     keys: ClusterKeys | None = None  # the cluster secret's keys; None: plain ZeroMQ
+    transfer_rate: float = 32e6  # bytes/s this node serves to peers while its stage is busy
 
 
 class Daemon:
@@ -82,6 +85,7 @@ class Daemon:
         ckpt: Checkpoint,
         tokenizer: Tokenizer,
         listening: Listening,
+        files: ModelFiles,
         api: Listener | None = None,
     ) -> None:
         self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
@@ -89,7 +93,11 @@ class Daemon:
             ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype), cfg.layer_format
         )
         c = ckpt.config
-        self.fingerprint = f"{ckpt.name}|{c.n_layers}|{c.dim}|{c.vocab_size}"
+        self.fingerprint = (  # the content's, where there is a manifest
+            files.manifest.fingerprint if files.manifest
+            else f"{ckpt.name}|{c.n_layers}|{c.dim}|{c.vocab_size}"
+        )  # fmt: skip
+        self.transfer_port = listening.transfer_port
         self.key = cfg.keys.fingerprint if cfg.keys else ""
         self.boot = uuid.uuid4().hex[:8]  # tells peers this process restarted
         wildcard = cfg.host in ("0.0.0.0", "", "*")
@@ -123,6 +131,8 @@ class Daemon:
         self.transport = Transport(
             listening, cfg.keys, handlers, self.stats, max_tensor_bytes, self.stage.refused
         )
+        self.transfers = Transfers(self, listening.transfer, files)
+        handlers[Kind.MANIFEST] = self.transfers.on_manifest
         self.api = API(self, api) if api else None
 
     def _compute_thread_init(self) -> None:
@@ -144,6 +154,7 @@ class Daemon:
             self.spawn(self.plans.loop()),
             self.spawn(self.stage.expire_requests()),
             self.spawn(self.stage.run_batches()),
+            self.spawn(self.transfers.serve()),
         ]
         self.plans.replan.set()
         if self.api:

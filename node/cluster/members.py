@@ -37,6 +37,8 @@ class Member:
     quant: str = ""  # the formats its stage holds weights in (int4, int8+float32...)
     rtts: dict[str, float] = field(default_factory=dict)  # its round trips to others, seconds
     load: dict[str, float] = field(default_factory=dict)  # batch, tokens/s, waiting, queued
+    transfer: int = 0  # the port of its transfer socket (node/cluster/transfer.py)
+    holds: list[str] = field(default_factory=list)  # tensor groups it serves; ["*"]: all
     last_seen: float = field(default_factory=time.monotonic)
     samples: list[float] = field(default_factory=list)  # our round trips to it, newest last
 
@@ -48,7 +50,7 @@ class Member:
     @classmethod
     def from_hello(cls, body: dict[str, Any], host: str) -> Member:
         """A member from a HELLO body (already type-checked), reached at `host`."""
-        pin, load = body.get("pin"), body.get("load")
+        pin, load, holds = body.get("pin"), body.get("load"), body.get("holds")
         pin_ok = isinstance(pin, list) and len(pin) == 2 and all(type(p) is int for p in pin)
         return cls(
             id=body["id"][:64],
@@ -76,6 +78,9 @@ class Member:
                 for k, v in list(load.items() if isinstance(load, dict) else ())[:16]
                 if type(v) in (int, float) and 0 <= v < 1e9
             },
+            transfer=port if 0 < (port := _int(body, "transfer")) < 65536 else 0,
+            holds=[h for h in (holds if isinstance(holds, list) else [])[:65536]
+                   if isinstance(h, str) and len(h) <= 256],  # fmt: skip
         )
 
 

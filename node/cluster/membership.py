@@ -122,6 +122,7 @@ class Membership:
             "boot": node.boot, "cluster": cfg.cluster, "caps": cfg.caps.to_json(),
             "rtt": {m.id: m.rtt for m in self.members if m.rtt is not None},
             "quant": node.quantization, "load": load(node),
+            "transfer": node.transfer_port, "holds": node.transfers.files.holds(),
         }  # fmt: skip
         return message(Kind.HELLO, body=body)
 

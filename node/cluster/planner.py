@@ -36,6 +36,10 @@ HOP_OVERHEAD_S = 3e-4  # encoding, sending and decoding one activation message
 LAYER_OVERHEAD_S = 5e-5  # per layer per step: kernel launches and Python dispatch
 LINK_BYTES_PER_S = 125e6  # 1 Gb/s Ethernet
 EXHAUSTIVE = 8  # up to this many candidate nodes, every subset of them is tried
+# Plans predicted within this fraction of the best count as equal, and the one that moves
+# the fewest weights between nodes wins: a transfer is paid once, and measured layer times
+# of alike machines differ by about this much anyway.
+REUSE_SLACK = 0.05
 OBJECTIVES = ("latency", "throughput")
 
 
@@ -66,6 +70,19 @@ class NodeSpec:
     bandwidth: float = DEFAULT_BANDWIDTH  # measured weight-streaming rate, bytes/s
     layer_overhead_s: float = LAYER_OVERHEAD_S  # measured fixed cost of one layer's kernels
     layer_s: float = 0.0  # one layer of this model timed on the node; 0: use the roofline
+    holds: frozenset[str] | None = None  # the tensor groups it has ("blk.3"...); None: all
+
+    def missing_bytes(self, shape: ModelShape, start: int, end: int) -> int:
+        """Weights it would have to fetch to serve layers [start, end)."""
+        if self.holds is None:
+            return 0
+        held = self.holds
+        out = sum(shape.layer_bytes for i in range(start, end) if f"blk.{i}" not in held)
+        if start == 0 and "token_embd.weight" not in held:
+            out += shape.embed_bytes
+        if end == shape.n_layers and not held & {"output.weight", "output_norm.weight"}:
+            out += shape.head_bytes
+        return out
 
 
 @dataclass(frozen=True)
@@ -263,18 +280,27 @@ class _Segment:
         return self.start + self.layers == self.shape.n_layers
 
     def best(self, group: Sequence[NodeSpec]) -> list[tuple[NodeSpec, int]]:
-        found: tuple[tuple, list[tuple[NodeSpec, int]]] | None = None
+        """The best assignment; of those within REUSE_SLACK of it, the one moving fewest
+        weights to nodes that lack them."""
+        found: list[tuple[tuple, int, list[tuple[NodeSpec, int]]]] = []
         for subset in _subsets(group, self.shape):
             for order in _orders(subset):
                 counts = self._assign(order)
-                if counts is None:
-                    continue
-                key = self._score(order, counts)
-                if found is None or key < found[0]:
-                    found = (key, list(zip(order, counts, strict=True)))
-        if found is None:
+                if counts is not None:
+                    found.append((self._score(order, counts), self._moved(order, counts),
+                                  list(zip(order, counts, strict=True))))  # fmt: skip
+        if not found:
             raise RinginferError(self._does_not_fit(group))
-        return found[1]
+        best = min(key[0] for key, _, _ in found)
+        near = [f for f in found if f[0][0] <= best * (1 + REUSE_SLACK)]
+        return min(near, key=lambda f: (f[1], f[0]))[2]
+
+    def _moved(self, order: Sequence[NodeSpec], counts: list[int]) -> int:
+        at, out = self.start, 0
+        for n, c in zip(order, counts, strict=True):
+            out += n.missing_bytes(self.shape, at, at + c)
+            at += c
+        return out
 
     def _caps(self, order: Sequence[NodeSpec]) -> list[int]:
         last = len(order) - 1

@@ -1,10 +1,12 @@
 """Plan agreement: one plan epoch at a time for the whole cluster.
 
 The member with the smallest id coordinates: when the members change it makes a plan
-(node/cluster/planner.py, pure) and walks every member through three phases, each acked:
-`prepare` (requesters finish the requests on the old plan), `load` (each node loads its
-layers) and `live`. Nobody swaps layers under a running request, and a proposal that a
-member cannot follow (it left, failed to load, or saw a newer epoch) is abandoned.
+(node/cluster/planner.py, pure) and walks every member through four phases, each acked:
+`fetch` (a node given layers it does not hold fetches their tensors from the members that
+do, while the old plan keeps serving), `prepare` (requesters finish the requests on the old
+plan), `load` (each node loads its layers) and `live`. Nobody swaps layers under a running
+request, and a proposal that a member cannot follow (it left, failed to fetch or load, or
+saw a newer epoch) is abandoned.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from node.cluster.planner import (
     Plan,
     make_plan,
 )
+from node.cluster.transfer import held
 from node.engine.shard import Shard
 from node.errors import RinginferError
 from protocol.wire import Kind, Message, ProtocolError, message
@@ -36,12 +39,13 @@ log = logging.getLogger("ringinfer")
 
 
 def node_spec(
-    node_id: str, memory: int, pin: tuple[int, int] | None, caps: Capabilities
-) -> NodeSpec:
+    node_id: str, memory: int, pin: tuple[int, int] | None, caps: Capabilities,
+    holds: list[str],
+) -> NodeSpec:  # fmt: skip
     """What the planner knows of a node; a peer that measured nothing gets the defaults."""
     return NodeSpec(
         node_id, memory, pin, caps.flops or DEFAULT_FLOPS, caps.bandwidth or DEFAULT_BANDWIDTH,
-        caps.layer_overhead_s or LAYER_OVERHEAD_S, caps.layer_s,
+        caps.layer_overhead_s or LAYER_OVERHEAD_S, caps.layer_s, held(holds),
     )  # fmt: skip
 
 
@@ -59,6 +63,7 @@ class Plans:
         self.ack_event = asyncio.Event()
         self.replan = asyncio.Event()
         self.loading = ""
+        self.fetching: asyncio.Task | None = None  # tensors for a proposed plan's layers
 
     def state(self) -> str:
         """This node's state as members and `status` see it."""
@@ -89,9 +94,12 @@ class Plans:
     def candidates(self) -> list[NodeSpec]:
         """Nodes that may hold layers: ours and same-model members, except leaving ones."""
         node, cfg = self.node, self.node.cfg
-        me = [] if node.leaving.is_set() else [node_spec(node.id, cfg.memory, cfg.pin, cfg.caps)]
+        holds = node.transfers.files.holds()
+        me = [] if node.leaving.is_set() else [
+            node_spec(node.id, cfg.memory, cfg.pin, cfg.caps, holds)
+        ]  # fmt: skip
         others = [
-            node_spec(m.id, m.memory, m.pin, m.caps)
+            node_spec(m.id, m.memory, m.pin, m.caps, m.holds)
             for m in node.membership.members.same_model(node.fingerprint)
             if m.state != "leaving"
         ]
@@ -143,7 +151,7 @@ class Plans:
         members = self._members()
         ranges = ", ".join(f"{self.node.name(s.node)} {s.start}-{s.end}" for s in plan.stages)
         log.info("proposing plan epoch %d: %s", plan.epoch, ranges)
-        for phase in ("prepare", "load"):
+        for phase in ("fetch", "prepare", "load"):
             for member in members:
                 self._send_plan(member, plan, phase)
             why = await self._acked(plan.epoch, phase, members)
@@ -188,14 +196,19 @@ class Plans:
         except RinginferError as e:
             raise ProtocolError("bad-plan", str(e)) from None
         phase, source = msg.body["phase"], str(msg.body.get("from", ""))
-        if phase == "prepare" and plan.epoch <= self.seen_epoch:
+        if phase == "fetch" and plan.epoch <= self.seen_epoch:
             # Another coordinator used this epoch (a race while members joined): tell this
             # one to propose again above what we have seen.
             self._ack(source, plan.epoch, "stale", seen=self.seen_epoch)
             return
         if plan.epoch < self.seen_epoch:
             return  # superseded
-        if phase == "prepare":
+        if phase == "fetch":
+            self.seen_epoch = plan.epoch
+            if self.fetching:  # an older proposal's: what it verified stays in the cache
+                self.fetching.cancel()
+            self.fetching = node.spawn(self._fetch(plan, source))
+        elif phase == "prepare":
             self.seen_epoch, self.pending = plan.epoch, plan
             self.live.clear()
             node.spawn(self._prepare(plan, source))
@@ -208,6 +221,24 @@ class Plans:
             mine = plan.stage_of(node.id)
             role = f"layers {mine.start}-{mine.end}" if mine else "no layers"
             log.info("plan epoch %d live: %s", plan.epoch, role)
+
+    async def _fetch(self, plan: Plan, source: str) -> None:
+        """The tensors of this node's layers in the plan that it lacks, from the members
+        that hold them; the live plan goes on serving meanwhile."""
+        mine = plan.stage_of(self.node.id)
+        if mine is not None:
+            try:
+                await self.node.transfers.ensure(mine.start, mine.end, self._show)
+            except RinginferError as e:
+                log.error("could not fetch layers %d-%d: %s", mine.start, mine.end, e)
+                self._ack(source, plan.epoch, "failed", f"{self.node.cfg.name}: {e}")
+                return
+            finally:
+                self.loading = ""
+        self._ack(source, plan.epoch, "fetch")
+
+    def _show(self, text: str) -> None:
+        self.loading = text
 
     async def _prepare(self, plan: Plan, source: str) -> None:
         requester = self.node.requester
@@ -238,6 +269,7 @@ class Plans:
 
             cfg = node.cfg
             try:
+                await node.transfers.ensure(mine.start, mine.end, self._show)  # evicted since?
                 stage.shard = await asyncio.get_running_loop().run_in_executor(
                     node.compute,
                     lambda: Shard(

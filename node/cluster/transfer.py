@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import zmq
@@ -30,9 +32,13 @@ import zmq.asyncio
 from node.cluster.secret import ClusterKeys
 from node.engine.gguf_file import GGUFFile
 from node.engine.manifest import Manifest, TensorEntry
-from node.engine.shard_cache import GroupWriter, ShardCache
+from node.engine.shard_cache import CachedGGUF, GroupWriter, ShardCache
+from node.engine.weights import stage_tensors
 from node.errors import RinginferError
 from protocol.wire import Kind, Message, ProtocolError, decode, encode, error, message
+
+if TYPE_CHECKING:
+    from node.cluster.daemon import Daemon
 
 log = logging.getLogger("ringinfer")
 
@@ -278,3 +284,137 @@ class Fetch:
         t.senders = set()
         self._queue(t)
         self.changed.set()
+
+
+@dataclass
+class ModelFiles:
+    """Where this node's model lives: its own whole file, or the shard cache alone."""
+
+    manifest: Manifest | None  # None: a Hugging Face directory, which is not shared yet
+    cache: ShardCache
+    whole: GGUFFile | None  # the node's own copy of the whole GGUF file
+
+    def reader(self) -> GGUFFile | None:
+        """What this node serves tensors from."""
+        if self.manifest is None:
+            return None
+        return self.whole or CachedGGUF(self.cache, self.manifest)
+
+    def holds(self) -> list[str]:
+        """The groups it has, as HELLO says: ["*"] for all of them."""
+        if self.manifest is None or self.whole:
+            return ["*"]
+        return sorted(self.cache.held(self.manifest.fingerprint))
+
+    def header(self) -> bytes:
+        """The model's GGUF header, for a member that joins without the model."""
+        assert self.manifest is not None
+        path = self.whole.path if self.whole else (
+            self.cache.model_dir(self.manifest.fingerprint) / "header.gguf"
+        )  # fmt: skip
+        with open(path, "rb") as f:
+            return f.read(self.manifest.header_bytes)
+
+
+def held(holds: list[str]) -> frozenset[str] | None:
+    """A HELLO's `holds` as a set of groups; None for all of them."""
+    return None if holds == ["*"] else frozenset(holds)
+
+
+class Transfers:
+    """The daemon's side: serving its tensors, and fetching the ones a plan gives it."""
+
+    def __init__(self, node: Daemon, sock: zmq.asyncio.Socket, files: ModelFiles) -> None:
+        self.node, self.files = node, files
+        self.ctx = node.transport.ctx
+        self.progress: Progress | None = None  # the fetch under way, for status
+        reader = files.reader()
+        self.server = None
+        if files.manifest is not None and reader is not None:
+            self.server = TransferServer(sock, files.manifest, reader, self._serves,
+                                         self._busy, node.cfg.transfer_rate)  # fmt: skip
+
+    def _serves(self, group: str) -> bool:
+        holds = self.files.holds()
+        return holds == ["*"] or group in holds
+
+    def _busy(self) -> bool:
+        shard = self.node.stage.shard
+        return bool(shard and shard.requests)
+
+    async def serve(self) -> None:
+        if self.server is not None:
+            await self.server.serve()
+
+    def missing(self, start: int, end: int) -> set[str]:
+        """The tensors layers [start, end) need that this node does not hold."""
+        files = self.files
+        if files.whole is not None or files.manifest is None:
+            return set()
+        names = stage_tensors(self.node.ckpt, start, end)
+        held = files.cache.held(files.manifest.fingerprint)
+        return {n for n in names if files.manifest.tensors[n].group not in held}
+
+    def sources(self) -> list[Source]:
+        """Members serving our model's tensors, by their transfer sockets."""
+        members = self.node.membership.members.same_model(self.node.fingerprint)
+        return [
+            Source(m.name, f"{m.address.rpartition(':')[0]}:{m.transfer}", held(m.holds))
+            for m in members if m.transfer and m.holds
+        ]  # fmt: skip
+
+    async def ensure(self, start: int, end: int, show: Callable[[str], None]) -> None:
+        """Fetch what layers [start, end) need and this node lacks, making room in the cache
+        (never at the expense of the live stage's groups)."""
+        names = self.missing(start, end)
+        files, manifest = self.files, self.files.manifest
+        if not names or manifest is None:
+            return
+        shard = self.node.stage.shard
+        keep_names = stage_tensors(self.node.ckpt, start, end)
+        if shard is not None:
+            keep_names |= stage_tensors(self.node.ckpt, shard.start, shard.end)
+        keep = {files.cache.group_path(manifest.fingerprint, g)
+                for g in manifest.groups(keep_names)}  # fmt: skip
+        need = sum(manifest.tensors[n].n_bytes for n in names)
+        for path in files.cache.evict(keep, room=need):
+            log.info("shard cache full: evicted %s", path.name)
+        sources = self.sources()
+        if not sources:
+            raise RinginferError("no member holds the tensors of this node's layers")
+        fetch = Fetch(self.ctx, self.node.cfg.keys, files.cache, manifest, names, sources)
+        self.progress = fetch.progress
+        log.info("fetching %.1f MiB for layers %d-%d from %s", fetch.progress.total / 2**20,
+                 start, end, ", ".join(s.name for s in sources))  # fmt: skip
+
+        async def report() -> None:
+            while True:
+                show(fetch.progress.line())
+                log.info("%s", fetch.progress.line())
+                await asyncio.sleep(2.0)
+
+        reporter = asyncio.ensure_future(report())
+        try:
+            done = await fetch.run()
+        finally:
+            reporter.cancel()
+            self.progress = None
+        if done.bad:
+            log.warning("members that sent corrupt tensors: %s", ", ".join(sorted(set(done.bad))))
+        took = time.monotonic() - done.began
+        log.info("fetched %.1f MiB in %.1fs (%.1f MiB/s)", done.total / 2**20, took,
+                 done.total / 2**20 / max(took, 1e-3))  # fmt: skip
+
+    async def on_manifest(self, identity: bytes, msg: Message, host: str) -> None:
+        """MANIFEST: our model's manifest and header, for a daemon joining without one."""
+        files = self.files
+        if files.manifest is None:
+            raise ProtocolError("not-shared", "this node's model (a Hugging Face directory) "
+                                "cannot be fetched from it")  # fmt: skip
+        manifest_json = json.dumps(files.manifest.to_json()).encode()
+        reply = bytes_message(
+            Kind.MANIFEST_REPLY, manifest_json, files.header(),
+            body={"fingerprint": files.manifest.fingerprint,
+                  "transfer": self.node.transfer_port, "holds": files.holds()},
+        )  # fmt: skip
+        await self.node.transport.reply(identity, reply)

@@ -38,38 +38,50 @@ class ClientGone(Exception):
 
 @dataclass
 class Listening:
-    """The daemon's ROUTER, and with a cluster secret the ZAP socket that vets handshakes."""
+    """The daemon's ROUTER, its transfer socket (weights for peers, node/cluster/transfer.py)
+    and with a cluster secret the ZAP socket that vets both sockets' handshakes."""
 
     ctx: zmq.asyncio.Context
     router: zmq.asyncio.Socket
     zap: zmq.asyncio.Socket | None
+    transfer: zmq.asyncio.Socket
+    transfer_port: int
 
 
-def listen(host: str, port: int, keys: ClusterKeys | None = None) -> Listening:
-    """The daemon's ROUTER, bound before anything slow so a taken port fails at once. With
-    `keys` it is a CURVE server, and handshakes wait for the ZAP handler (bound first, so no
-    connection is ever admitted unchecked)."""
+def listen(
+    host: str, port: int, keys: ClusterKeys | None = None, transfer_port: int = 0
+) -> Listening:
+    """The daemon's ROUTERs, bound before anything slow so a taken port fails at once (the
+    transfer socket's port 0: any free one). With `keys` they are CURVE servers, and
+    handshakes wait for the ZAP handler (bound first, so no connection is ever admitted
+    unchecked)."""
     ctx = zmq.asyncio.Context()  # its own: the ZAP endpoint is bound once per context
     zap = None
     if keys:
         zap = ctx.socket(zmq.REP)
         zap.setsockopt(zmq.LINGER, 0)
         zap.bind(ZAP_ENDPOINT)
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
-    router.setsockopt(zmq.LINGER, 0)
-    if keys:
-        keys.serve(router)
-    try:
-        router.bind(f"tcp://{host}:{port}")
-    except zmq.ZMQError as e:
-        ctx.destroy(linger=0)
-        raise RinginferError(
-            f"cannot listen on {host}:{port}: {os.strerror(e.errno)} (another daemon there? "
-            "pass --port)"
-        ) from None
-    return Listening(ctx, router, zap)
+    router, transfer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    bound = []
+    for sock, at, flag in ((router, port, "--port"), (transfer, transfer_port, "--transfer-port")):
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+        sock.setsockopt(zmq.LINGER, 0)
+        if keys:
+            keys.serve(sock)
+        try:
+            if at:
+                sock.bind(f"tcp://{host}:{at}")
+            else:
+                at = sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as e:
+            ctx.destroy(linger=0)
+            raise RinginferError(
+                f"cannot listen on {host}:{at}: {os.strerror(e.errno)} (another daemon there? "
+                f"pass {flag})"
+            ) from None
+        bound.append(int(at))
+    return Listening(ctx, router, zap, transfer, bound[1])
 
 
 class Transport:

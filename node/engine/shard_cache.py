@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from node.data_dir import CACHE_SIZE
 from node.engine.gguf_file import GGUFFile, TensorInfo, offsets, tensor_layout
 from node.engine.manifest import Manifest, TensorEntry
 from node.errors import RinginferError
 from node.json_file import read_json, write_json
-
-DEFAULT_CACHE_SIZE = 32 << 30
 
 
 class CachedGGUF(GGUFFile):
@@ -100,7 +99,7 @@ class GroupWriter:
 
 
 class ShardCache:
-    def __init__(self, root: Path, limit: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(self, root: Path, limit: int = CACHE_SIZE) -> None:
         self.root, self.limit = root, limit
 
     def model_dir(self, fingerprint: str) -> Path:

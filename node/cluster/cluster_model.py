@@ -1,0 +1,188 @@
+"""The model of a daemon started without --model: the one its cluster serves already.
+
+Before the daemon starts, it asks the members it can find (--peer addresses that accept a
+connection, mDNS adverts of its cluster) for their model's manifest and GGUF header. The
+first answer names the model; the header goes into the shard cache, and the daemon serves
+the model from there, fetching its layers' tensors once a plan gives it some. Nobody
+answering means it is alone: it serves the embedded default model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from discovery.interfaces import Interface
+from discovery.mdns import Advert, Discovery
+from node.cluster.secret import ClusterKeys
+from node.cluster.transfer import Fetch, ModelFiles, Source
+from node.engine.manifest import Manifest, load_or_build
+from node.engine.shard_cache import CachedGGUF, ShardCache
+from node.engine.weights import (
+    DEFAULT_MODEL_NAME,
+    Checkpoint,
+    GGUFCheckpoint,
+    default_model_path,
+    open_checkpoint,
+)
+from node.errors import RinginferError
+from protocol.wire import VERSION, Kind, ProtocolError, decode, encode, message
+
+log = logging.getLogger("ringinfer")
+
+MDNS_WAIT_S = 3.0  # how long to listen for adverts of the cluster's members
+ANSWER_S = 5.0  # how long a member that accepted the connection has to answer
+
+
+@dataclass
+class Found:
+    manifest: Manifest
+    header: bytes
+    member: str  # where it came from (its address)
+    transfer: str  # that member's transfer socket, host:port
+    holds: list[str]
+
+
+def _accepts(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1.0):
+        return True
+    return False
+
+
+async def _ask(ctx: zmq.asyncio.Context, address: str, keys: ClusterKeys | None) -> Found | None:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys:
+        keys.connect_as_client(sock)
+    sock.connect(f"tcp://{address}")
+    try:
+        await sock.send_multipart(encode(message(Kind.MANIFEST)))
+        if not await sock.poll(ANSWER_S * 1000):
+            return None
+        msg = decode(await sock.recv_multipart())
+        if msg.kind != Kind.MANIFEST_REPLY or len(msg.frames) != 2:
+            return None
+        manifest = Manifest.from_json(json.loads(msg.frames[0]))
+        transfer, holds = msg.body.get("transfer"), msg.body.get("holds")
+        if manifest.fingerprint != msg.body["fingerprint"] or type(transfer) is not int:
+            return None
+        host = address.rpartition(":")[0]
+        holds = [h for h in holds if isinstance(h, str)] if isinstance(holds, list) else []
+        return Found(manifest, bytes(msg.frames[1]), address, f"{host}:{transfer}", holds)
+    except (ProtocolError, RinginferError, ValueError) as e:
+        log.warning("%s sent a bad model manifest: %s", address, e)
+        return None
+    finally:
+        sock.close(linger=0)
+
+
+async def find(
+    peers: list[str],
+    mdns: list[Interface] | None,
+    cluster: str,
+    keys: ClusterKeys | None,
+    node_id: str,
+) -> Found | None:
+    """The manifest and header of the model the first member to answer serves."""
+    adverts: list[str] = []
+    key = keys.fingerprint if keys else ""
+
+    def found(advert: Advert) -> None:
+        ours = (advert.cluster, advert.protocol, advert.key) == (cluster, VERSION, key)
+        if ours and advert.id != node_id:
+            adverts.append(advert.endpoint)
+
+    discovery = Discovery(None, mdns, found) if mdns else None
+    if discovery:
+        try:
+            await discovery.start()
+        except OSError:
+            discovery = None
+    ctx = zmq.asyncio.Context()
+    try:
+        loop = asyncio.get_running_loop()
+        live = [p for p in peers if await loop.run_in_executor(None, _accepts, p)]
+        asked: set[str] = set()
+        deadline = time.monotonic() + (MDNS_WAIT_S if discovery else 0.0)
+        while True:
+            for address in [a for a in [*live, *adverts] if a not in asked]:
+                asked.add(address)
+                answer = await _ask(ctx, address, keys)
+                if answer:
+                    return answer
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.1)
+    finally:
+        ctx.destroy(linger=0)
+        if discovery:
+            await discovery.close()
+
+
+def open_model(
+    spec: str | None,
+    data_dir: Path,
+    cache: ShardCache,
+    found: Found | None,
+    keys: ClusterKeys | None,
+    show: Callable[[str], None],
+) -> tuple[Checkpoint, ModelFiles]:
+    """The daemon's model: `spec`; without one the cluster's (`found`), read from the shard
+    cache unless it is the embedded default, which is installed here; else the default."""
+    if spec is None and found is not None:
+        fingerprint = found.manifest.fingerprint
+        try:
+            local = _manifest(default_model_path(), DEFAULT_MODEL_NAME, data_dir, show)
+        except RinginferError:
+            local = None  # the default model is not installed here
+        if local is None or local.fingerprint != fingerprint:
+            log.info("no --model: serving the cluster's model %s (fingerprint %s), as %s does",
+                     found.manifest.name, fingerprint, found.member)  # fmt: skip
+            return _from_cache(found, cache, keys), ModelFiles(found.manifest, cache, None)
+    ckpt = open_checkpoint(spec)
+    if not isinstance(ckpt, GGUFCheckpoint):
+        return ckpt, ModelFiles(None, cache, None)
+    return ckpt, ModelFiles(_manifest(ckpt.path, ckpt.name, data_dir, show), cache, ckpt.file)
+
+
+def _manifest(path: Path, name: str, data_dir: Path, show: Callable[[str], None]) -> Manifest:
+    def progress(done: int, total: int) -> None:
+        show(f"hashing {path.name} for peers: {100 * done // total}%")
+
+    manifest = load_or_build(path, name, data_dir, progress)
+    show("")
+    return manifest
+
+
+def _from_cache(found: Found, cache: ShardCache, keys: ClusterKeys | None) -> GGUFCheckpoint:
+    """The cluster's model from the shard cache: its header kept there, and the few tensors
+    opening it needs (RoPE factors) fetched now; layers come when a plan gives them."""
+    manifest = found.manifest
+    if cache.manifest(manifest.fingerprint) is None:
+        cache.store_model(manifest, found.header)
+    opening = {n for n in manifest.tensors if n == "rope_freqs.weight"}
+
+    async def fetch() -> None:
+        ctx = zmq.asyncio.Context()
+        try:
+            source = Source(found.member, found.transfer, None if found.holds == ["*"]
+                            else frozenset(found.holds))  # fmt: skip
+            await Fetch(ctx, keys, cache, manifest, opening, [source]).run()
+        finally:
+            ctx.destroy(linger=0)
+
+    if opening:
+        asyncio.run(fetch())
+    header = cache.model_dir(manifest.fingerprint) / "header.gguf"
+    return GGUFCheckpoint(header, manifest.name, CachedGGUF(cache, manifest))
