@@ -2,7 +2,8 @@
 rate against a raw TCP stream of the same bytes, and the time from its start to its serving.
 
 - raw: in host 1 a bare Python socket writes the bytes (read from the model file, in the page
-  cache) into one TCP connection; in host 2 another reads them all.
+  cache) into one TCP connection; in host 2 another reads them all; and again writing them to
+  a file and hashing them (SHA-256), which a fetch must do too.
 - ringinfer: host 1 runs `daemon --model FILE`; host 2 a `daemon` without --model, pinned to
   every layer (`--layers 0:N`) so that it fetches every tensor of the model. Its log gives the
   fetch ("fetched X MiB in Ys") and the time from its start to "plan epoch E live".
@@ -32,7 +33,8 @@ from ring_bench import ROOT, provenance
 
 sys.path.insert(0, str(ROOT))
 from node.engine.manifest import build  # noqa: E402
-from node.engine.weights import GGUFCheckpoint, default_model_path, stage_tensors  # noqa: E402
+from node.engine.weights import GGUFCheckpoint, stage_tensors  # noqa: E402
+from tests.daemons import renamed_model  # noqa: E402
 from tests.lan import Lan, require_netns  # noqa: E402
 
 PORT = 7710
@@ -47,15 +49,21 @@ c.sendall(data)
 c.close()
 """
 RECEIVE = """
-import socket, sys, time
-n = int(sys.argv[2])
+import hashlib, socket, sys, time
+n, keep = int(sys.argv[2]), len(sys.argv) > 4  # keep: write to a file and hash, as a fetch must
 c = socket.create_connection((sys.argv[1], int(sys.argv[3])))
+out, h = (open(sys.argv[4], "wb"), hashlib.sha256()) if keep else (None, None)
 began, got = time.perf_counter(), 0
 while got < n:
     b = c.recv(1 << 20)
     if not b:
         break
     got += len(b)
+    if keep:
+        out.write(b)
+        h.update(b)
+if keep:
+    out.close()
 print(got, time.perf_counter() - began)
 """
 
@@ -64,13 +72,13 @@ def in_ns(ns: str, *cmd: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], cwd=ROOT, **kw)
 
 
-def raw_rate(lan: Lan, path: Path, n: int) -> float:
-    """Bytes/s of one TCP stream from host 1 to host 2."""
+def raw_rate(lan: Lan, path: Path, n: int, keep: Path | None = None) -> float:
+    """Bytes/s of one TCP stream from host 1 to host 2 (written to `keep` and hashed)."""
     server = in_ns(lan.hosts[0], sys.executable, "-c", SERVE, str(path), str(n), str(RAW_PORT))
     time.sleep(1.0)  # listening
-    out = subprocess.run(["ip", "netns", "exec", lan.hosts[1], sys.executable, "-c", RECEIVE,
-                          lan.address(0), str(n), str(RAW_PORT)],
-                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    cmd = ["ip", "netns", "exec", lan.hosts[1], sys.executable, "-c", RECEIVE, lan.address(0),
+           str(n), str(RAW_PORT), *([str(keep)] if keep else [])]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
     server.wait(timeout=60)
     got, seconds = int(out[0]), float(out[1])
     assert got == n, (got, n)
@@ -124,18 +132,19 @@ def join(lan: Lan, root: Path, model: Path, n_layers: int, security: list[str]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="a GGUF file (default: the default model)")
+    parser.add_argument("--model", type=Path, help="a GGUF file (default: the default model, "
+                        "renamed: host 2 has the original installed)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--insecure", action="store_true", help="no cluster secret")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/fetch.json")
     args = parser.parse_args()
     require_netns()
-    model = args.model or default_model_path()
+    root = Path(tempfile.mkdtemp(prefix="fetch-bench-"))
+    model = args.model or renamed_model(root / "default-renamed.gguf")
     manifest = build(model, model.name)
     ckpt = GGUFCheckpoint(model, model.name)
     n_layers = ckpt.n_layers
     n_bytes = sum(manifest.tensors[t].n_bytes for t in stage_tensors(ckpt, 0, n_layers))
-    root = Path(tempfile.mkdtemp(prefix="fetch-bench-"))
     security = ["--insecure", "--host", "0.0.0.0"] if args.insecure else []
     if not args.insecure:
         subprocess.run([sys.executable, "-m", "node.cli", "secret", str(root / "cluster.key")],
@@ -146,11 +155,13 @@ def main() -> None:
     try:
         holder = daemon(lan, 0, root, [*security, "--model", str(model)])
         wait_for(root / "h1.log", r"plan epoch \d+ live")
-        raw, ours = [], []
+        raw, kept, ours = [], [], []
         for i in range(args.repeats):
             raw.append(raw_rate(lan, model, n_bytes))
+            kept.append(raw_rate(lan, model, n_bytes, root / "kept.bin"))
             ours.append(join(lan, root, model, n_layers, security))
-            print(f"repeat {i + 1}: raw TCP {raw[-1] / 2**20:.0f} MiB/s, fetch "
+            print(f"repeat {i + 1}: raw TCP {raw[-1] / 2**20:.0f} MiB/s (written and hashed: "
+                  f"{kept[-1] / 2**20:.0f}), fetch "
                   f"{ours[-1]['fetch_rate'] / 2**20:.0f} MiB/s, joined in "
                   f"{ours[-1]['join_s']:.1f}s", file=sys.stderr)  # fmt: skip
     finally:
@@ -163,15 +174,18 @@ def main() -> None:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in ours)
 
-    raw_rate_med = statistics.median(raw)
+    raw_rate_med, kept_med = statistics.median(raw), statistics.median(kept)
     result = {
         **provenance(), "model": str(model), "secret": not args.insecure,
         "repeats": args.repeats, "bytes": n_bytes,
         "raw_tcp_mib_s": raw_rate_med / 2**20, "fetch_mib_s": med("fetch_rate") / 2**20,
         "fetch_vs_raw": med("fetch_rate") / raw_rate_med,
+        "raw_tcp_written_hashed_mib_s": kept_med / 2**20,
+        "fetch_vs_raw_written_hashed": med("fetch_rate") / kept_med,
         "join_to_serving_s": med("join_s"), "start_to_fetch_s": med("start_to_fetch_s"),
         "fetch_s": med("fetch_s"),
-        "runs": {"raw_tcp_mib_s": [r / 2**20 for r in raw], "join": ours},
+        "runs": {"raw_tcp_mib_s": [r / 2**20 for r in raw],
+                 "raw_tcp_written_hashed_mib_s": [r / 2**20 for r in kept], "join": ours},
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 
 from discovery.capabilities import CACHE_FILE, cache_key, model_key_of
 from node.cluster.secret import ENV
-from node.engine.weights import layer_format, open_checkpoint
+from node.engine.weights import default_model_path, layer_format, open_checkpoint
 from tests.conftest import run_cli
 
 # What loopback clusters' daemons find in their data dir instead of measuring: one machine
@@ -51,6 +52,19 @@ def seed_capabilities(data_dir: Path) -> None:
     layers = {_default_model_key(): 1e-3}  # other models are timed by the daemon itself
     cache = {"key": key, **SAME_CAPABILITIES, "layer_s": layers}
     (data_dir / CACHE_FILE).write_text(json.dumps(cache))
+
+
+def renamed_model(path: Path) -> Path:
+    """The default model's file with one letter of general.name changed: same weights,
+    another fingerprint."""
+    data = bytearray(default_model_path().read_bytes())
+    key = b"general.name"
+    at = data.find(key) + len(key)
+    kind, _ = struct.unpack_from("<IQ", data, at)
+    assert kind == 8  # a string
+    data[at + 12] ^= 0x20  # its first letter's case
+    path.write_bytes(data)
+    return path
 
 
 class Daemon:

@@ -9,33 +9,19 @@ The oracle for the generation is `generate --local` on that file.
 from __future__ import annotations
 
 import json
-import struct
 import time
 from pathlib import Path
 
 import pytest
 
 from node.engine.manifest import build
-from node.engine.weights import GGUFCheckpoint, default_model_path, stage_tensors
+from node.engine.weights import GGUFCheckpoint, stage_tensors
 from tests.conftest import run_cli
-from tests.daemons import Cluster, Daemon
+from tests.daemons import Cluster, Daemon, renamed_model
 from tests.lan import Lan, require_netns
 from tests.test_discovery import MEMORY, PORT, PROMPT
 
 PINS = [(0, 8), (8, 16), (16, 23), (23, 30)]
-
-
-def renamed_model(path: Path) -> Path:
-    """The default model's file with one letter of general.name changed: same weights,
-    another fingerprint."""
-    data = bytearray(default_model_path().read_bytes())
-    key = b"general.name"
-    at = data.find(key) + len(key)
-    kind, _ = struct.unpack_from("<IQ", data, at)
-    assert kind == 8  # a string
-    data[at + 12] ^= 0x20  # its first letter's case
-    path.write_bytes(data)
-    return path
 
 
 def start(lan: Lan, root: Path, i: int, *args: str) -> Daemon:

@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
 import zmq
 import zmq.asyncio
 
@@ -35,7 +34,16 @@ from node.engine.manifest import Manifest, TensorEntry
 from node.engine.shard_cache import CachedGGUF, GroupWriter, ShardCache
 from node.engine.weights import stage_tensors
 from node.errors import RinginferError
-from protocol.wire import Kind, Message, ProtocolError, decode, encode, error, message
+from protocol.wire import (
+    Kind,
+    Message,
+    ProtocolError,
+    TensorSpec,
+    decode,
+    encode,
+    error,
+    message,
+)
 
 if TYPE_CHECKING:
     from node.cluster.daemon import Daemon
@@ -43,15 +51,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("ringinfer")
 
 CHUNK_BYTES = 4 << 20
-IN_FLIGHT = 4  # chunks asked of one member before its first answer
+IN_FLIGHT = 16  # chunks asked of one member before its first answer (most are one tensor)
 CHUNK_TIMEOUT_S = 15.0  # a member silent this long on a chunk is given up
+SERVING = 8  # requests a member answers at once
 
 
-def bytes_message(kind: Kind, *frames: bytes, **fields: object) -> Message:
-    """A message whose tensor frames are raw bytes (uint8)."""
-    return message(kind, tuple(torch.frombuffer(bytearray(f), dtype=torch.uint8) if f
-                               else torch.empty(0, dtype=torch.uint8) for f in frames),
-                   **fields)  # fmt: skip
+def bytes_message(kind: Kind, *frames: bytes | memoryview, **fields: object) -> Message:
+    """A message whose tensor frames are raw bytes (uint8), sent without copying them."""
+    msg = message(kind, **fields)
+    msg.specs = [TensorSpec("uint8", (len(f),)) for f in frames]
+    msg.frames = list(frames)
+    return msg
 
 
 class TransferServer:
@@ -70,20 +80,31 @@ class TransferServer:
         self.holds, self.busy, self.busy_rate = holds, busy, busy_rate
         self.reader = ThreadPoolExecutor(1, "transfer")  # disk reads: not the compute thread
         self.sent = 0  # bytes served
+        self.paced = 0.0  # while busy: when the bytes sent so far are due at busy_rate
 
     async def serve(self) -> None:
+        """Answer requests a few at a time: one's disk read overlaps another's send."""
+        slots = asyncio.Semaphore(SERVING)
+        tasks: set[asyncio.Task] = set()
         while True:
-            identity, *frames = await self.sock.recv_multipart()
-            began = time.monotonic()
-            try:
-                reply = await self._answer(decode(frames))
-            except ProtocolError as e:
-                reply = error(e.code, str(e))
-            with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send_multipart([identity, *encode(reply)])
-            if reply.kind == Kind.CHUNK and self.busy():  # running requests keep their speed
-                took = time.monotonic() - began
-                await asyncio.sleep(len(reply.frames[0]) / self.busy_rate - took)
+            frames = await self.sock.recv_multipart()
+            await slots.acquire()
+            task = asyncio.ensure_future(self._reply(frames))
+            tasks.add(task)
+            task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+
+    async def _reply(self, frames: list[bytes]) -> None:
+        identity, *frames = frames
+        try:
+            reply = await self._answer(decode(frames))
+        except ProtocolError as e:
+            reply = error(e.code, str(e))
+        if reply.kind == Kind.CHUNK and self.busy():  # running requests keep their speed
+            now = time.monotonic()
+            self.paced = max(self.paced, now) + len(reply.frames[0]) / self.busy_rate
+            await asyncio.sleep(self.paced - now)
+        with contextlib.suppress(zmq.ZMQError):
+            await self.sock.send_multipart([identity, *encode(reply)], copy=False)
 
     async def _answer(self, msg: Message) -> Message:
         if msg.kind != Kind.FETCH:
@@ -105,8 +126,8 @@ class TransferServer:
         except (OSError, ValueError, RinginferError) as e:
             raise ProtocolError("unavailable", f"cannot read '{entry.name}': {e}") from None
         self.sent += size
-        return bytes_message(Kind.CHUNK, data.tobytes(), body={"tensor": entry.name,
-                                                                "start": start})  # fmt: skip
+        return bytes_message(Kind.CHUNK, memoryview(data), body={"tensor": entry.name,
+                                                                  "start": start})  # fmt: skip
 
 
 @dataclass
@@ -191,6 +212,8 @@ class Fetch:
                 await asyncio.gather(*(self._worker(s) for s in self.sources))
             finally:
                 self.disk.shutdown(wait=True)
+                for w in self.writers.values():
+                    w.close()
         missing = [n for n, t in self.tensors.items() if n not in t.writer.verified]
         if missing:
             raise RinginferError(self.failure or f"no member could send {missing[0]}")
@@ -258,16 +281,24 @@ class Fetch:
             self.changed.set()
             sock.close(linger=0)
 
+    def _store(
+        self, t: _Tensor, start: int, data: bytes, last: bool, whole: bytes | None
+    ) -> bool:
+        """On the disk thread: write a chunk; False when it completes a tensor that fails
+        its hash."""
+        t.writer.write(t.entry.name, start, data)
+        return not last or t.writer.verify(t.entry.name, whole)
+
     async def _landed(self, source: Source, name: str, start: int, data: bytes) -> None:
         t = self.tensors[name]
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.disk, t.writer.write, name, start, data)
         t.senders.add(source.name)
         t.left -= 1
         self.progress.done += len(data)
-        if t.left:
-            return
-        if await loop.run_in_executor(self.disk, t.writer.verify, name):
+        whole = data if len(data) == t.entry.n_bytes else None  # hashed as it is, not re-read
+        # Submitted in arrival order to one thread: the last chunk's write runs last.
+        last = t.left == 0
+        if await loop.run_in_executor(self.disk, self._store, t, start, data, last, whole):
             return
         senders = ", ".join(sorted(t.senders))
         log.warning("fetch: tensor %s from %s failed its SHA-256; fetching it again from "
@@ -402,7 +433,7 @@ class Transfers:
         if done.bad:
             log.warning("members that sent corrupt tensors: %s", ", ".join(sorted(set(done.bad))))
         took = time.monotonic() - done.began
-        log.info("fetched %.1f MiB in %.1fs (%.1f MiB/s)", done.total / 2**20, took,
+        log.info("fetched %.1f MiB in %.2fs (%.1f MiB/s)", done.total / 2**20, took,
                  done.total / 2**20 / max(took, 1e-3))  # fmt: skip
 
     async def on_manifest(self, identity: bytes, msg: Message, host: str) -> None:

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class Manifest:
     header_sha256: str
     tensors: dict[str, TensorEntry]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         entries = sorted(self.tensors.values(), key=lambda e: e.name)
         items = [self.header_sha256, *(e.to_json() for e in entries)]

@@ -7,7 +7,7 @@ loader reads a cached model through `CachedGGUF`: the header's tensor table, wit
 of each tensor taken from its group's file.
 
 A group is fetched into `<group>.gguf.part` (its layout written first, tensors written in
-place as chunks arrive); `<group>.gguf.json` lists the tensors verified against the manifest
+place as chunks arrive); `<group>.gguf.done` lists the tensors verified against the manifest
 so far, so a dropped transfer resumes without fetching those again. The complete file is
 renamed into place. The cache is bounded (`--cache-size`): least recently used groups go
 first, never those a stage uses now.
@@ -58,44 +58,63 @@ class GroupWriter:
     entries: dict[str, TensorEntry]
     verified: set[str]
 
+    fd: int = -1  # the .part file, open while chunks come
+
     def write(self, name: str, start: int, data: bytes) -> None:
         if start < 0 or start + len(data) > self.entries[name].n_bytes:
             raise ValueError(f"chunk {start}+{len(data)} outside tensor '{name}'")
-        with open(self.path, "r+b") as f:
-            f.seek(self.infos[name].offset + start)
-            f.write(data)
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_WRONLY)
+        view, at = memoryview(data), self.infos[name].offset + start
+        while view:
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
 
-    def verify(self, name: str) -> bool:
-        """Whether the tensor's bytes as written match the manifest; recorded if they do."""
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def verify(self, name: str, whole: bytes | memoryview | None = None) -> bool:
+        """Whether the tensor's bytes as written (or `whole`, all of them as just written)
+        match the manifest; recorded if they do."""
         entry, info = self.entries[name], self.infos[name]
         h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            f.seek(info.offset)
-            left = entry.n_bytes
-            while left:
-                block = f.read(min(left, 16 << 20))
-                if not block:
-                    return False
-                h.update(block)
-                left -= len(block)
+        if whole is not None:
+            h.update(whole)
+        else:
+            self._hash_written(h, info.offset, entry.n_bytes)
         if h.hexdigest() != entry.sha256:
             return False
         self.verified.add(name)
-        write_json(self._record(), sorted(self.verified))
+        with open(self._record(), "a") as f:  # a line per tensor: a crash loses at most one
+            f.write(name + "\n")
         return True
+
+    def _hash_written(self, h: hashlib._Hash, offset: int, n_bytes: int) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            left = n_bytes
+            while left:
+                block = f.read(min(left, 16 << 20))
+                if not block:
+                    return  # short: the hash will not match
+                h.update(block)
+                left -= len(block)
 
     def missing(self) -> list[TensorEntry]:
         return [e for n, e in self.entries.items() if n not in self.verified]
 
     def finish(self) -> Path:
         """The complete group's file, in place; call once nothing is missing."""
+        self.close()
         done = self.path.with_suffix("")  # <group>.gguf
         self.path.replace(done)
         self._record().unlink(missing_ok=True)
         return done
 
     def _record(self) -> Path:
-        return self.path.with_suffix(".json")
+        return self.path.with_suffix(".done")
 
 
 class ShardCache:
@@ -147,13 +166,10 @@ class ShardCache:
             for i, at in zip(infos, offsets(infos), strict=True)
         }
         path = self.group_path(manifest.fingerprint, group).with_suffix(".gguf.part")
-        record = path.with_suffix(".json")
+        record = path.with_suffix(".done")
         verified: set[str] = set()
         if path.exists() and record.exists():
-            try:
-                verified = set(read_json(record)) & set(entries)
-            except (RinginferError, TypeError):
-                verified = set()
+            verified = set(record.read_text(errors="replace").splitlines()) & set(entries)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             last = infos[-1]
