@@ -135,6 +135,7 @@ class Source:
     name: str
     address: str  # host:port of its transfer socket
     holds: frozenset[str] | None  # the groups it serves; None: all of them
+    alive: Callable[[], bool] = lambda: True  # still a member (heartbeats say so sooner)
 
     def has(self, group: str) -> bool:
         return self.holds is None or group in self.holds
@@ -145,7 +146,8 @@ class Progress:
     """What a fetch has done, for status and logs."""
 
     total: int = 0
-    done: int = 0
+    done: int = 0  # bytes of tensors verified or on their way to it
+    received: int = 0  # every byte that came, a tensor fetched again included
     began: float = field(default_factory=time.monotonic)
     bad: list[str] = field(default_factory=list)  # members that sent a bad tensor
 
@@ -253,7 +255,7 @@ class Fetch:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.changed.wait(), 1.0)
                     continue
-                if not await sock.poll(CHUNK_TIMEOUT_S * 1000):
+                if not await self._answered(sock, source):
                     log.warning("fetch: %s stopped answering; the others take its chunks",
                                 source.name)  # fmt: skip
                     return
@@ -281,6 +283,15 @@ class Fetch:
             self.changed.set()
             sock.close(linger=0)
 
+    async def _answered(self, sock: zmq.asyncio.Socket, source: Source) -> bool:
+        """Whether an answer came within CHUNK_TIMEOUT_S while the member lived."""
+        for _ in range(int(CHUNK_TIMEOUT_S)):
+            if await sock.poll(1000):
+                return True
+            if not source.alive():
+                return False
+        return False
+
     def _store(
         self, t: _Tensor, start: int, data: bytes, last: bool, whole: bytes | None
     ) -> bool:
@@ -295,6 +306,7 @@ class Fetch:
         t.senders.add(source.name)
         t.left -= 1
         self.progress.done += len(data)
+        self.progress.received += len(data)
         whole = data if len(data) == t.entry.n_bytes else None  # hashed as it is, not re-read
         # Submitted in arrival order to one thread: the last chunk's write runs last.
         last = t.left == 0
@@ -389,8 +401,10 @@ class Transfers:
     def sources(self) -> list[Source]:
         """Members serving our model's tensors, by their transfer sockets."""
         members = self.node.membership.members.same_model(self.node.fingerprint)
+        by_id = self.node.membership.members.by_id
         return [
-            Source(m.name, f"{m.address.rpartition(':')[0]}:{m.transfer}", held(m.holds))
+            Source(m.name, f"{m.address.rpartition(':')[0]}:{m.transfer}", held(m.holds),
+                   lambda m=m: m.id in by_id)
             for m in members if m.transfer and m.holds
         ]  # fmt: skip
 
@@ -433,8 +447,8 @@ class Transfers:
         if done.bad:
             log.warning("members that sent corrupt tensors: %s", ", ".join(sorted(set(done.bad))))
         took = time.monotonic() - done.began
-        log.info("fetched %.1f MiB in %.2fs (%.1f MiB/s)", done.total / 2**20, took,
-                 done.total / 2**20 / max(took, 1e-3))  # fmt: skip
+        log.info("fetched %.1f MiB in %.2fs (%.1f MiB/s; %.1f MiB received)", done.total / 2**20,
+                 took, done.total / 2**20 / max(took, 1e-3), done.received / 2**20)  # fmt: skip
 
     async def on_manifest(self, identity: bytes, msg: Message, host: str) -> None:
         """MANIFEST: our model's manifest and header, for a daemon joining without one."""

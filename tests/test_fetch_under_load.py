@@ -1,0 +1,136 @@
+"""A node fetching its layers while the ring serves: three network namespaces, real mDNS.
+
+Two hosts hold the model file (a renamed copy of the default model, which the third host
+does not have) and serve it split between them. The third joins pinned to layers 10-20:
+it fetches them from both while a generation runs on the old plan. Then it fetches them
+again while one holder is killed: it finishes from the other without fetching anything
+twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from statistics import median
+
+import pytest
+
+from tests.daemons import Cluster, Daemon, renamed_model
+from tests.lan import Lan, require_netns
+from tests.test_discovery import MEMORY, PORT, PROMPT
+
+RATE = ["--transfer-rate", "2M"]  # while busy: a fetch of layers 10-20 takes seconds
+STREAM = """
+import json, sys, time
+from node.cluster.client import Client
+from node.cluster.secret import find_keys
+with Client(sys.argv[1], find_keys(None, None)) as c:
+    for m in c.generate(120, prompt=sys.argv[2], max_tokens=int(sys.argv[3]), ignore_eos=True,
+                        sampling={"temperature": 0.0}):
+        if m.kind.value == "token":
+            print(time.time(), flush=True)
+"""
+
+
+def start(lan: Lan, root: Path, i: int, *args: str) -> Daemon:
+    return Daemon(root, f"h{i + 1}", PORT, [*MEMORY, "--leave-timeout", "3", *args],
+                  netns=lan.hosts[i], host=lan.address(i))  # fmt: skip
+
+
+def stream(d: Daemon, tokens: int) -> subprocess.Popen:
+    """A generation whose tokens' arrival times come out one per line."""
+    cmd = ["ip", "netns", "exec", d.netns, sys.executable, "-c", STREAM, d.address, PROMPT,
+           str(tokens)]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **d.env})  # fmt: skip
+
+
+def logged(d: Daemon, pattern: str, timeout: float = 120) -> tuple[float, re.Match]:
+    """When `d` logged a line matching `pattern` (waiting for it), and the match."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in d.text().splitlines():
+            if m := re.search(pattern, line):
+                return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp(), m
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.text()[-3000:]
+        time.sleep(0.1)
+
+
+def tpot(times: list[float], a: float, b: float) -> float:
+    gaps = [y - x for x, y in zip(times, times[1:], strict=False) if a <= x and y <= b]
+    assert len(gaps) >= 20, (len(gaps), a, b)
+    return median(gaps)
+
+
+@pytest.fixture(scope="module")
+def lan():  # noqa: ANN201
+    require_netns()
+    lan = Lan(3)
+    yield lan
+    lan.close()
+
+
+@pytest.fixture(scope="module")
+def ring(lan: Lan, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    root = tmp_path_factory.mktemp("load")
+    model = renamed_model(root / "only-two.gguf")
+    holders = [start(lan, root, i, "--model", str(model), *RATE) for i in range(2)]
+    cluster = Cluster(root, 2, [], nodes=holders)
+    yield cluster, root
+    cluster.stop()
+
+
+def test_a_generation_keeps_its_speed_while_a_node_fetches(ring, lan: Lan) -> None:
+    cluster, root = ring
+    h1 = cluster.nodes[0]
+    gen = stream(h1, 1500)
+    times: list[float] = []
+    for line in gen.stdout:  # a baseline stretch of the generation, before anyone joins
+        times.append(float(line))
+        if len(times) == 120:
+            break
+    assert len(times) == 120, gen.stderr.read()
+    joined = time.time()
+    h3 = start(lan, root, 2, "--layers", "10:20")
+    cluster.nodes.append(h3)
+    began, m = logged(h3, r"fetching ([\d.]+) MiB for layers 10-20 from (.*)")
+    assert set(m.group(2).split(", ")) == {"h1", "h2"}  # from both holders at once
+    ended, _ = logged(h3, r"fetched [\d.]+ MiB in")
+    assert ended - began > 1.0  # throttled by the holders' busy rate: a window to measure
+    times += [float(line) for line in gen.stdout]
+    assert gen.wait(timeout=60) == 0, gen.stderr.read()
+    before = tpot(times, times[20], joined)
+    during = tpot(times, began, ended)
+    assert during <= 1.2 * before, (before, during)
+    cluster.wait_live(3)
+    layers = {n["name"]: n["layers"] for n in h1.status()["nodes"]}
+    assert layers["h3"] == [10, 20]
+
+
+def test_a_holder_killed_mid_fetch_leaves_the_rest_to_the_other(ring, lan: Lan) -> None:
+    cluster, root = ring
+    h1, h2, h3 = cluster.nodes
+    assert h3.stop() == 0
+    shutil.rmtree(h3.data_dir / "cache")  # a new laptop again
+    cluster.nodes.pop()
+    cluster.wait_live(2)
+    gen = stream(h1, 3000)  # keeps the holders busy: their sending is paced
+    assert gen.stdout.readline()
+    h3 = start(lan, root, 2, "--layers", "10:20")
+    cluster.nodes.append(h3)
+    logged(h3, r"fetching ([\d.]+) MiB for layers 10-20")
+    time.sleep(1.0)
+    h2.proc.send_signal(signal.SIGKILL)
+    _, m = logged(h3, r"fetched ([\d.]+) MiB in [\d.]+s \([\d.]+ MiB/s; ([\d.]+) MiB received\)")
+    assert m.group(1) == m.group(2)  # nothing came twice
+    assert "fetch: h2 stopped answering; the others take its chunks" in h3.text()
+    groups = {p.stem for p in (h3.data_dir / "cache").rglob("blk.*.gguf")}
+    assert groups == {f"blk.{i}" for i in range(10, 20)}
+    gen.kill()
