@@ -27,6 +27,7 @@ from tests.lan import Lan, require_netns
 from tests.test_discovery import MEMORY, PORT, PROMPT
 
 RATE = ["--transfer-rate", "2M"]  # while busy: a fetch of layers 10-20 takes seconds
+TOKENS = 1500  # a generation long enough to span a joining node's start and fetch
 STREAM = """
 import json, sys, time
 from node.cluster.client import Client
@@ -63,10 +64,10 @@ def logged(d: Daemon, pattern: str, timeout: float = 120) -> tuple[float, re.Mat
         time.sleep(0.1)
 
 
-def tpot(times: list[float], a: float, b: float) -> float:
-    gaps = [y - x for x, y in zip(times, times[1:], strict=False) if a <= x and y <= b]
-    assert len(gaps) >= 20, (len(gaps), a, b)
-    return median(gaps)
+def gaps(times: list[float], a: int, b: int) -> float:
+    """The median gap between tokens a..b."""
+    assert b - a >= 20, (a, b)
+    return median(y - x for x, y in zip(times[a:b], times[a + 1 : b + 1], strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +91,16 @@ def ring(lan: Lan, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 def test_a_generation_keeps_its_speed_while_a_node_fetches(ring, lan: Lan) -> None:
     cluster, root = ring
     h1 = cluster.nodes[0]
-    gen = stream(h1, 1500)
+    alone = stream(h1, TOKENS)  # the oracle: the same generation with nobody joining
+    plain = [float(line) for line in alone.stdout]
+    assert alone.wait(timeout=60) == 0 and len(plain) == TOKENS, alone.stderr.read()
+    gen = stream(h1, TOKENS)
     times: list[float] = []
-    for line in gen.stdout:  # a baseline stretch of the generation, before anyone joins
+    for line in gen.stdout:  # the generation is under way before anyone joins
         times.append(float(line))
         if len(times) == 120:
             break
     assert len(times) == 120, gen.stderr.read()
-    joined = time.time()
     h3 = start(lan, root, 2, "--layers", "10:20")
     cluster.nodes.append(h3)
     began, m = logged(h3, r"fetching ([\d.]+) MiB for layers 10-20 from (.*)")
@@ -105,10 +108,11 @@ def test_a_generation_keeps_its_speed_while_a_node_fetches(ring, lan: Lan) -> No
     ended, _ = logged(h3, r"fetched [\d.]+ MiB in")
     assert ended - began > 1.0  # throttled by the holders' busy rate: a window to measure
     times += [float(line) for line in gen.stdout]
-    assert gen.wait(timeout=60) == 0, gen.stderr.read()
-    before = tpot(times, times[20], joined)
-    during = tpot(times, began, ended)
-    assert during <= 1.2 * before, (before, during)
+    assert gen.wait(timeout=60) == 0 and len(times) == TOKENS, gen.stderr.read()
+    # The same tokens (positions, so attention's cost) with and without the fetch.
+    a = next(i for i, t in enumerate(times) if t >= began)
+    b = max(i for i, t in enumerate(times) if t <= ended)
+    assert gaps(times, a, b) <= 1.2 * gaps(plain, a, b), (gaps(plain, a, b), gaps(times, a, b))
     cluster.wait_live(3)
     layers = {n["name"]: n["layers"] for n in h1.status()["nodes"]}
     assert layers["h3"] == [10, 20]
