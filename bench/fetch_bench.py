@@ -42,8 +42,9 @@ RAW_PORT = 7799
 SERVE = """
 import socket, sys
 path, n = sys.argv[1], int(sys.argv[2])
-data = open(path, "rb").read()[:n]
 s = socket.create_server(("0.0.0.0", int(sys.argv[3])))
+with open(path, "rb") as f:
+    data = f.read(n)
 c, _ = s.accept()
 c.sendall(data)
 c.close()
@@ -53,11 +54,12 @@ import hashlib, socket, sys, time
 n, keep = int(sys.argv[2]), len(sys.argv) > 4  # keep: write to a file and hash, as a fetch must
 c = socket.create_connection((sys.argv[1], int(sys.argv[3])))
 out, h = (open(sys.argv[4], "wb"), hashlib.sha256()) if keep else (None, None)
-began, got = time.perf_counter(), 0
+began, got = 0.0, 0
 while got < n:
     b = c.recv(1 << 20)
     if not b:
         break
+    began = began or time.perf_counter()  # from the first byte: the sender read the file first
     got += len(b)
     if keep:
         out.write(b)

@@ -70,3 +70,16 @@ class Lan:
         for ns in reversed(self.made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.made = []
+
+
+def module_lan(hosts: int):  # noqa: ANN201 - a pytest fixture
+    """A test module's `lan` fixture: `hosts` namespaces, made once and removed after."""
+
+    @pytest.fixture(scope="module")
+    def lan():  # noqa: ANN202
+        require_netns()
+        made = Lan(hosts)
+        yield made
+        made.close()
+
+    return lan

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.daemons import Cluster, Daemon, free_port
-from tests.lan import Lan, require_netns
+from tests.lan import Lan, module_lan
 
 PORT = 7710
 # SmolLM2 kept quantized takes ~0.28 GiB with its KV budget: two such nodes hold it, one
@@ -66,12 +66,7 @@ def finished(proc: subprocess.Popen) -> list[int]:
     return json.loads(out)["tokens"]
 
 
-@pytest.fixture(scope="module")
-def lan():  # noqa: ANN201
-    require_netns()
-    lan = Lan(5)
-    yield lan
-    lan.close()
+lan = module_lan(5)
 
 
 @pytest.fixture(scope="module")

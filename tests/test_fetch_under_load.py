@@ -23,7 +23,7 @@ from statistics import median
 import pytest
 
 from tests.daemons import Cluster, Daemon, renamed_model
-from tests.lan import Lan, require_netns
+from tests.lan import Lan, module_lan
 from tests.test_discovery import MEMORY, PORT, PROMPT
 
 RATE = ["--transfer-rate", "2M"]  # while busy: a fetch of layers 10-20 takes seconds
@@ -70,12 +70,7 @@ def gaps(times: list[float], a: int, b: int) -> float:
     return median(y - x for x, y in zip(times[a:b], times[a + 1 : b + 1], strict=True))
 
 
-@pytest.fixture(scope="module")
-def lan():  # noqa: ANN201
-    require_netns()
-    lan = Lan(3)
-    yield lan
-    lan.close()
+lan = module_lan(3)
 
 
 @pytest.fixture(scope="module")

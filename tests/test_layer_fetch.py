@@ -18,7 +18,7 @@ from node.engine.manifest import build
 from node.engine.weights import GGUFCheckpoint, stage_tensors
 from tests.conftest import run_cli
 from tests.daemons import Cluster, Daemon, renamed_model
-from tests.lan import Lan, require_netns
+from tests.lan import Lan, module_lan
 from tests.test_discovery import MEMORY, PORT, PROMPT
 
 PINS = [(0, 8), (8, 16), (16, 23), (23, 30)]
@@ -35,12 +35,7 @@ def cache_bytes(d: Daemon) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in (d.data_dir / "cache").rglob("*") if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def lan():  # noqa: ANN201
-    require_netns()
-    lan = Lan(4)
-    yield lan
-    lan.close()
+lan = module_lan(4)
 
 
 @pytest.fixture(scope="module")
