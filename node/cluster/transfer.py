@@ -370,7 +370,6 @@ class Transfers:
     def __init__(self, node: Daemon, sock: zmq.asyncio.Socket, files: ModelFiles) -> None:
         self.node, self.files = node, files
         self.ctx = node.transport.ctx
-        self.progress: Progress | None = None  # the fetch under way, for status
         reader = files.reader()
         self.server = None
         if files.manifest is not None and reader is not None:
@@ -428,7 +427,6 @@ class Transfers:
         if not sources:
             raise RinginferError("no member holds the tensors of this node's layers")
         fetch = Fetch(self.ctx, self.node.cfg.keys, files.cache, manifest, names, sources)
-        self.progress = fetch.progress
         log.info("fetching %.1f MiB for layers %d-%d from %s", fetch.progress.total / 2**20,
                  start, end, ", ".join(s.name for s in sources))  # fmt: skip
 
@@ -443,7 +441,6 @@ class Transfers:
             done = await fetch.run()
         finally:
             reporter.cancel()
-            self.progress = None
         if done.bad:
             log.warning("members that sent corrupt tensors: %s", ", ".join(sorted(set(done.bad))))
         took = time.monotonic() - done.began
