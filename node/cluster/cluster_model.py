@@ -25,7 +25,7 @@ import zmq.asyncio
 from discovery.interfaces import Interface
 from discovery.mdns import Advert, Discovery
 from node.cluster.secret import ClusterKeys
-from node.cluster.transfer import Fetch, ModelFiles, Source
+from node.cluster.transfer import Fetch, ModelFiles, Source, held
 from node.engine.manifest import Manifest, load_or_build
 from node.engine.shard_cache import CachedGGUF, ShardCache
 from node.engine.weights import (
@@ -176,8 +176,7 @@ def _from_cache(found: Found, cache: ShardCache, keys: ClusterKeys | None) -> GG
     async def fetch() -> None:
         ctx = zmq.asyncio.Context()
         try:
-            source = Source(found.member, found.transfer, None if found.holds == ["*"]
-                            else frozenset(found.holds))  # fmt: skip
+            source = Source(found.member, found.transfer, held(found.holds))
             await Fetch(ctx, keys, cache, manifest, opening, [source]).run()
         finally:
             ctx.destroy(linger=0)

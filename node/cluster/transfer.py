@@ -343,6 +343,12 @@ class ModelFiles:
             return None
         return self.whole or CachedGGUF(self.cache, self.manifest)
 
+    def has(self, group: str) -> bool:
+        """Whether it has this group: one file's existence, not a listing (asked per chunk)."""
+        if self.manifest is None or self.whole:
+            return True
+        return self.cache.group_path(self.manifest.fingerprint, group).exists()
+
     def holds(self) -> list[str]:
         """The groups it has, as HELLO says: ["*"] for all of them."""
         if self.manifest is None or self.whole:
@@ -373,12 +379,8 @@ class Transfers:
         reader = files.reader()
         self.server = None
         if files.manifest is not None and reader is not None:
-            self.server = TransferServer(sock, files.manifest, reader, self._serves,
+            self.server = TransferServer(sock, files.manifest, reader, files.has,
                                          self._busy, node.cfg.transfer_rate)  # fmt: skip
-
-    def _serves(self, group: str) -> bool:
-        holds = self.files.holds()
-        return holds == ["*"] or group in holds
 
     def _busy(self) -> bool:
         shard = self.node.stage.shard
@@ -390,12 +392,11 @@ class Transfers:
 
     def missing(self, start: int, end: int) -> set[str]:
         """The tensors layers [start, end) need that this node does not hold."""
-        files = self.files
-        if files.whole is not None or files.manifest is None:
+        files, manifest = self.files, self.files.manifest
+        if files.whole is not None or manifest is None:
             return set()
         names = stage_tensors(self.node.ckpt, start, end)
-        held = files.cache.held(files.manifest.fingerprint)
-        return {n for n in names if files.manifest.tensors[n].group not in held}
+        return {n for n in names if not files.has(manifest.tensors[n].group)}
 
     def sources(self) -> list[Source]:
         """Members serving our model's tensors, by their transfer sockets."""
