@@ -141,4 +141,7 @@ def test_eviction_goes_least_recently_used_first_and_spares_what_a_stage_uses(so
     assert cache.evict(keep={paths["blk.3"]}) == [paths["blk.1"]]
     assert cache.held(manifest.fingerprint) == {"blk.2", "blk.3"}
     assert cache.models()[0]["groups"] == 2
+    for wrong in ("..", "nope"):  # a fingerprint is a cached model's, never a path
+        with pytest.raises(RinginferError, match="no model .* in the shard cache"):
+            cache.clear(wrong)
     assert cache.clear() == 2 * size and cache.models() == []

@@ -194,8 +194,16 @@ class ShardCache:
         return out
 
     def clear(self, fingerprint: str | None = None) -> int:
-        """Remove one model's files (or all); the bytes freed."""
-        dirs = [self.model_dir(fingerprint)] if fingerprint else list(self.root.glob("*/"))
+        """Remove one model's files (or all); the bytes freed. A fingerprint names a model
+        in the cache, never a path (`..` must not reach beyond it)."""
+        dirs = list(self.root.glob("*/"))
+        if fingerprint is not None:
+            dirs = [d for d in dirs if d.name == fingerprint]
+            if not dirs:
+                raise RinginferError(
+                    f"no model {fingerprint} in the shard cache {self.root} (`ringinfer cache` "
+                    "lists them)"
+                )
         freed = 0
         for d in dirs:
             if d.is_dir():
