@@ -9,6 +9,9 @@ rate against a raw TCP stream of the same bytes, and the time from its start to 
   fetch ("fetched X MiB in Ys") and the time from its start to "plan epoch E live".
   With the cluster secret (CurveZMQ on both sockets), as users run on a LAN; `--insecure`
   measures plain ZeroMQ.
+- `--link 1gbit`: every host's network card is capped at that rate (a token bucket, tc tbf,
+  both ways), as on a real LAN; without it the namespaces' veth pairs run as fast as the CPU
+  copies, which on 2 cores the sender, the receiver and the kernel share.
 
 Each repeat starts host 2 with an empty data dir (a new laptop): the join time includes its
 first compute measurement. Medians. Needs root (ip netns). Writes bench/results/fetch.json.
@@ -138,6 +141,7 @@ def main() -> None:
                         "renamed: host 2 has the original installed)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--insecure", action="store_true", help="no cluster secret")
+    parser.add_argument("--link", help="cap each host's link at this rate (tc units: 1gbit)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/fetch.json")
     args = parser.parse_args()
     require_netns()
@@ -155,6 +159,8 @@ def main() -> None:
     lan = Lan(2)
     holder = None
     try:
+        for i in range(2 if args.link else 0):
+            lan.shape(i, args.link)
         holder = daemon(lan, 0, root, [*security, "--model", str(model)])
         wait_for(root / "h1.log", r"plan epoch \d+ live")
         raw, kept, ours = [], [], []
@@ -178,7 +184,7 @@ def main() -> None:
 
     raw_rate_med, kept_med = statistics.median(raw), statistics.median(kept)
     result = {
-        **provenance(), "model": str(model), "secret": not args.insecure,
+        **provenance(), "model": str(model), "secret": not args.insecure, "link": args.link,
         "repeats": args.repeats, "bytes": n_bytes,
         "raw_tcp_mib_s": raw_rate_med / 2**20, "fetch_mib_s": med("fetch_rate") / 2**20,
         "fetch_vs_raw": med("fetch_rate") / raw_rate_med,

@@ -63,6 +63,16 @@ class Lan:
         """Pull (or plug back) host i's cable: its port on the bridge goes down (or up)."""
         _ip("-n", self.bridge_ns, "link", "set", f"v{i + 1}", "up" if up else "down")
 
+    def shape(self, i: int, rate: str) -> None:
+        """Cap host i's network card at `rate` (tc's units: 1gbit, 100mbit) both ways, as a
+        real LAN's link: a token bucket on its eth0 and on its port of the bridge."""
+        for ns, dev in ((self.hosts[i], "eth0"), (self.bridge_ns, f"v{i + 1}")):
+            cmd = ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
+                   "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[4:])}: {proc.stderr.strip()}")
+
     def address(self, i: int) -> str:
         return f"{self.subnet}.{i + 1}"
 
