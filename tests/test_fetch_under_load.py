@@ -1,10 +1,11 @@
 """A node fetching its layers while the ring serves: three network namespaces, real mDNS.
 
-Two hosts hold the model file (a renamed copy of the default model, which the third host
-does not have) and serve it split between them. The third joins pinned to layers 10-20:
-it fetches them from both while a generation runs on the old plan. Then it fetches them
-again while one holder is killed: it finishes from the other without fetching anything
-twice.
+Two hosts hold the model file (each its own renamed copy of the default model, which the
+third host does not have) and serve it split between them. The third joins pinned to layers
+10-20: it fetches them from both while a generation runs on the old plan. It fetches them
+again from a holder whose disk corrupted a tensor: that tensor fails its hash, comes again
+from the other holder, and status names the bad one. Then it fetches them while one holder
+is killed: it finishes from the other without fetching anything twice.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from statistics import median
 
 import pytest
 
+from node.engine.gguf_file import GGUFFile
 from tests.daemons import Cluster, Daemon, renamed_model
 from tests.lan import Lan, module_lan
 from tests.test_discovery import MEMORY, PORT, PROMPT
 
 RATE = ["--transfer-rate", "2M"]  # while busy: a fetch of layers 10-20 takes seconds
+FETCHED = r"fetched ([\d.]+) MiB in [\d.]+s \([\d.]+ MiB/s; ([\d.]+) MiB received\)"
 TOKENS = 1500  # a generation long enough to span a joining node's start and fetch
 STREAM = """
 import json, sys, time
@@ -76,8 +79,8 @@ lan = module_lan(3)
 @pytest.fixture(scope="module")
 def ring(lan: Lan, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     root = tmp_path_factory.mktemp("load")
-    model = renamed_model(root / "only-two.gguf")
-    holders = [start(lan, root, i, "--model", str(model), *RATE) for i in range(2)]
+    models = [renamed_model(root / f"h{i + 1}-copy.gguf") for i in range(2)]
+    holders = [start(lan, root, i, "--model", str(models[i]), *RATE) for i in range(2)]
     cluster = Cluster(root, 2, [], nodes=holders)
     yield cluster, root
     cluster.stop()
@@ -113,13 +116,56 @@ def test_a_generation_keeps_its_speed_while_a_node_fetches(ring, lan: Lan) -> No
     assert layers["h3"] == [10, 20]
 
 
+def rejoin(cluster: Cluster) -> None:
+    """Stop the third host and empty its shard cache: a new laptop again."""
+    h3 = cluster.nodes.pop()
+    assert h3.stop() == 0
+    shutil.rmtree(h3.data_dir / "cache")
+    cluster.wait_live(2)
+
+
+def test_a_tensor_corrupt_on_a_holders_disk_is_fetched_again_from_the_other(
+    ring, lan: Lan
+) -> None:
+    cluster, root = ring
+    rejoin(cluster)
+    h1, h2 = cluster.nodes
+    copy = root / "h2-copy.gguf"
+    tensors = GGUFFile(copy).tensors
+    bad = [f"blk.{i}.ffn_down.weight" for i in range(10, 20)]  # whoever asks h2 gets some
+    original = {n: tensors[n].offset + 100 for n in bad}
+    with open(copy, "r+b") as f:  # bit rot under the running holder: its manifest is older
+        saved = {n: (f.seek(at), f.read(1))[1] for n, at in original.items()}
+        for n, at in original.items():
+            f.seek(at)
+            f.write(bytes([saved[n][0] ^ 0xFF]))
+    try:
+        h3 = start(lan, root, 2, "--layers", "10:20")
+        cluster.nodes.append(h3)
+        _, m = logged(h3, FETCHED)
+        cluster.wait_live(3)
+    finally:
+        with open(copy, "r+b") as f:
+            for n, at in original.items():
+                f.seek(at)
+                f.write(saved[n])
+    refetched = re.findall(r"tensor (\S+) from (\S+) failed its SHA-256", h3.text())
+    assert refetched and {who for _, who in refetched} == {"h2"}, h3.text()[-3000:]
+    assert {t for t, _ in refetched} <= set(bad)
+    assert float(m.group(2)) > float(m.group(1))  # the bad tensors came twice
+    problems = [p["problem"] for p in h3.status()["problems"]]
+    assert any(p.startswith("h2 sent tensor blk.") and "corrupt" in p for p in problems), problems
+    true = GGUFFile(root / "h1-copy.gguf")
+    for name in bad:  # what it keeps is the true model
+        held = GGUFFile(next((h3.data_dir / "cache").rglob(f"{name.rsplit('.', 2)[0]}.gguf")))
+        n = true.tensors[name].n_bytes
+        assert held.read_bytes(name, 0, n).tobytes() == true.read_bytes(name, 0, n).tobytes()
+
+
 def test_a_holder_killed_mid_fetch_leaves_the_rest_to_the_other(ring, lan: Lan) -> None:
     cluster, root = ring
-    h1, h2, h3 = cluster.nodes
-    assert h3.stop() == 0
-    shutil.rmtree(h3.data_dir / "cache")  # a new laptop again
-    cluster.nodes.pop()
-    cluster.wait_live(2)
+    rejoin(cluster)
+    h1, h2 = cluster.nodes
     gen = stream(h1, 3000)  # keeps the holders busy: their sending is paced
     assert gen.stdout.readline()
     h3 = start(lan, root, 2, "--layers", "10:20")
@@ -127,7 +173,7 @@ def test_a_holder_killed_mid_fetch_leaves_the_rest_to_the_other(ring, lan: Lan) 
     logged(h3, r"fetching ([\d.]+) MiB for layers 10-20")
     time.sleep(1.0)
     h2.proc.send_signal(signal.SIGKILL)
-    _, m = logged(h3, r"fetched ([\d.]+) MiB in [\d.]+s \([\d.]+ MiB/s; ([\d.]+) MiB received\)")
+    _, m = logged(h3, FETCHED)
     assert m.group(1) == m.group(2)  # nothing came twice
     assert "fetch: h2 stopped answering; the others take its chunks" in h3.text()
     groups = {p.stem for p in (h3.data_dir / "cache").rglob("blk.*.gguf")}

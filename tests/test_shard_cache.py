@@ -1,19 +1,28 @@
-"""Manifests and the shard cache, against gguf-py's reader of the default model's file."""
+"""Manifests and the shard cache, against gguf-py's reader of the default model's file and
+the safetensors library's of Hugging Face directories."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from node.engine.gguf_file import GGUFFile
-from node.engine.manifest import Manifest, build, load_or_build
+from node.engine.manifest import Manifest, build, bundle, load_or_build, unbundle
+from node.engine.safetensors_file import SafetensorsDir
 from node.engine.shard_cache import CachedGGUF, ShardCache
-from node.engine.weights import GGUFCheckpoint, default_model_path, load_stage, stage_tensors
+from node.engine.weights import (
+    GGUFCheckpoint,
+    default_model_path,
+    load_stage,
+    open_checkpoint,
+    stage_tensors,
+)
 from node.errors import RinginferError
 
 CHUNK = 100_000  # not a divisor of any tensor: chunks end mid-block
@@ -25,7 +34,9 @@ def source():
     return path, GGUFFile(path), build(path, "smollm2")
 
 
-def fill(cache: ShardCache, manifest: Manifest, file: GGUFFile, names: set[str]) -> None:
+def fill(
+    cache: ShardCache, manifest: Manifest, file: GGUFFile | SafetensorsDir, names: set[str]
+) -> None:
     """What a fetch does, from a local file: every group of `names`, chunks in reverse."""
     for group in manifest.groups(names):
         w = cache.writer(manifest, group)
@@ -96,7 +107,7 @@ def test_cached_layers_load_exactly_as_from_the_file(source, tmp_path):
     held = sum(p.stat().st_size for p in cache.model_dir(manifest.fingerprint).glob("*.gguf"))
     need = manifest.header_bytes + sum(manifest.tensors[n].n_bytes for n in names)
     assert need <= held < need * 1.01  # only those tensors, never the whole file
-    group = GGUFReader(cache.group_path(manifest.fingerprint, "blk.28"))  # a GGUF like any
+    group = GGUFReader(cache.group_path(manifest, "blk.28"))  # a GGUF like any
     assert {t.name for t in group.tensors} == {n for n in names if n.startswith("blk.28.")}
 
     cached = GGUFCheckpoint(path, "smollm2", CachedGGUF(cache, manifest))
@@ -133,7 +144,7 @@ def test_eviction_goes_least_recently_used_first_and_spares_what_a_stage_uses(so
     cache = ShardCache(tmp_path)
     layers = ("blk.1.", "blk.2.", "blk.3.")
     fill(cache, manifest, file, {n for n in manifest.tensors if n.startswith(layers)})
-    paths = {g: cache.group_path(manifest.fingerprint, g) for g in ("blk.1", "blk.2", "blk.3")}
+    paths = {g: cache.group_path(manifest, g) for g in ("blk.1", "blk.2", "blk.3")}
     for age, g in enumerate(("blk.3", "blk.1", "blk.2")):  # blk.3 used longest ago
         os.utime(paths[g], (1000 + age, 1000 + age))
     size = paths["blk.1"].stat().st_size
@@ -145,3 +156,56 @@ def test_eviction_goes_least_recently_used_first_and_spares_what_a_stage_uses(so
         with pytest.raises(RinginferError, match="no model .* in the shard cache"):
             cache.clear(wrong)
     assert cache.clear() == 2 * size and cache.models() == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_hugging_face_directory_is_cached_by_groups_and_loads_exactly(
+    tiny_models, family, tmp_path
+):
+    from safetensors import safe_open
+
+    path = tiny_models[family]
+    whole = open_checkpoint(str(path))
+    manifest = build(path, family)
+    n = whole.n_layers
+    assert manifest.format == "safetensors"
+    assert {e.layer for e in manifest.tensors.values()} == {None, *range(n)}
+    with safe_open(path / "model.safetensors", "pt") as f:  # the library's view: the oracle
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            raw = f.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy()
+            assert manifest.tensors[name].sha256 == hashlib.sha256(raw).hexdigest()
+    copy = tmp_path / "copy"  # the same model elsewhere: the same fingerprint
+    shutil.copytree(path, copy)
+    assert load_or_build(copy, "another name", tmp_path).fingerprint == manifest.fingerprint
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert build(copy, family).fingerprint != manifest.fingerprint  # its config is its own
+
+    cache = ShardCache(tmp_path / "cache")
+    cache.store_model(manifest, bundle(path))
+    assert (cache.model_dir(manifest.fingerprint) / "config.json").read_bytes() == (
+        path / "config.json"
+    ).read_bytes()
+    names = stage_tensors(whole, 1, n)
+    fill(cache, manifest, SafetensorsDir(path, whole.files), names)
+    assert cache.held(manifest.fingerprint) == manifest.groups(names).keys()
+    layer = next(g for g in manifest.groups(names) if g == "blk.1")
+    with safe_open(cache.group_path(manifest, layer), "pt") as f:  # readable like any
+        assert set(f.keys()) == {e.name for e in manifest.groups()[layer]}
+
+    cached = cache.checkpoint(manifest)
+    assert cached.config == whole.config
+    ours = load_stage(cached, 1, n, torch.device("cpu"), torch.float32)
+    theirs = load_stage(whole, 1, n, torch.device("cpu"), torch.float32)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RinginferError):
+        load_stage(cached, 0, 1, torch.device("cpu"), torch.float32)
+
+
+def test_bundled_files_from_a_peer_must_be_plain_names():
+    ok = b'{"config.json": "e30=", "tokenizer.json": "e30="}'
+    assert unbundle(ok) == {"config.json": b"{}", "tokenizer.json": b"{}"}
+    for bad in (b'{"../config.json": "e30=", "config.json": "e30="}', b'{"tokenizer.json": ""}',
+                b'{"config.json": "!!"}', b"[]", b"\xff"):  # fmt: skip
+        with pytest.raises(RinginferError, match="malformed model files"):
+            unbundle(bad)

@@ -1,7 +1,8 @@
 """The model of a daemon started without --model: the one its cluster serves already.
 
 Before the daemon starts, it asks the members it can find (--peer addresses that accept a
-connection, mDNS adverts of its cluster) for their model's manifest and GGUF header. The
+connection, mDNS adverts of its cluster) for their model's manifest and header (a GGUF's,
+or a Hugging Face directory's config and tokenizer files). The
 first answer names the model; the header goes into the shard cache, and the daemon serves
 the model from there, fetching its layers' tensors once a plan gives it some. Nobody
 answering means it is alone: it serves the embedded default model.
@@ -27,11 +28,13 @@ from discovery.mdns import Advert, Discovery
 from node.cluster.secret import ClusterKeys
 from node.cluster.transfer import Fetch, ModelFiles, Source, held
 from node.engine.manifest import Manifest, load_or_build
-from node.engine.shard_cache import CachedGGUF, ShardCache
+from node.engine.safetensors_file import SafetensorsDir
+from node.engine.shard_cache import ShardCache
 from node.engine.weights import (
     DEFAULT_MODEL_NAME,
     Checkpoint,
     GGUFCheckpoint,
+    HFCheckpoint,
     default_model_path,
     open_checkpoint,
 )
@@ -151,9 +154,11 @@ def open_model(
                      found.manifest.name, fingerprint, found.member)  # fmt: skip
             return _from_cache(found, cache, keys), ModelFiles(found.manifest, cache, None)
     ckpt = open_checkpoint(spec)
-    if not isinstance(ckpt, GGUFCheckpoint):
-        return ckpt, ModelFiles(None, cache, None)
-    return ckpt, ModelFiles(_manifest(ckpt.path, ckpt.name, data_dir, show), cache, ckpt.file)
+    manifest = _manifest(ckpt.path, ckpt.name, data_dir, show)
+    if isinstance(ckpt, GGUFCheckpoint):
+        return ckpt, ModelFiles(manifest, cache, ckpt.file)
+    assert isinstance(ckpt, HFCheckpoint)
+    return ckpt, ModelFiles(manifest, cache, SafetensorsDir(ckpt.path, ckpt.files))
 
 
 def _manifest(path: Path, name: str, data_dir: Path, show: Callable[[str], None]) -> Manifest:
@@ -165,9 +170,10 @@ def _manifest(path: Path, name: str, data_dir: Path, show: Callable[[str], None]
     return manifest
 
 
-def _from_cache(found: Found, cache: ShardCache, keys: ClusterKeys | None) -> GGUFCheckpoint:
+def _from_cache(found: Found, cache: ShardCache, keys: ClusterKeys | None) -> Checkpoint:
     """The cluster's model from the shard cache: its header kept there, and the few tensors
-    opening it needs (RoPE factors) fetched now; layers come when a plan gives them."""
+    opening it needs (a GGUF's RoPE factors) fetched now; layers come when a plan gives
+    them."""
     manifest = found.manifest
     if cache.manifest(manifest.fingerprint) is None:
         cache.store_model(manifest, found.header)
@@ -183,5 +189,4 @@ def _from_cache(found: Found, cache: ShardCache, keys: ClusterKeys | None) -> GG
 
     if opening:
         asyncio.run(fetch())
-    header = cache.model_dir(manifest.fingerprint) / "header.gguf"
-    return GGUFCheckpoint(header, manifest.name, CachedGGUF(cache, manifest))
+    return cache.checkpoint(manifest)

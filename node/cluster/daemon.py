@@ -93,10 +93,7 @@ class Daemon:
             ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype), cfg.layer_format
         )
         c = ckpt.config
-        self.fingerprint = (  # the content's, where there is a manifest
-            files.manifest.fingerprint if files.manifest
-            else f"{ckpt.name}|{c.n_layers}|{c.dim}|{c.vocab_size}"
-        )  # fmt: skip
+        self.fingerprint = files.manifest.fingerprint  # the content's
         self.transfer_port = listening.transfer_port
         self.key = cfg.keys.fingerprint if cfg.keys else ""
         self.boot = uuid.uuid4().hex[:8]  # tells peers this process restarted

@@ -36,6 +36,7 @@ class Stats:
         self.bytes_sent[kind.value] += sum(len(f) for f in frames)
 
 
+CORRUPT_SHOWN_S = 3600.0  # how long a member that sent a corrupt tensor stays a problem
 LOAD_FIELDS = ("batch", "tokens_per_s", "waiting", "queued")
 
 
@@ -182,6 +183,15 @@ def problems(d: Daemon) -> list[dict[str, str]]:
             "problem": f"{m.name} serves {m.model}, not {d.ckpt.name}",
             "fix": "start every daemon of one cluster with the same --model",
         })  # fmt: skip
+    for name, (t, tensor) in sorted(d.transfers.corrupt.items()):
+        if now - t < CORRUPT_SHOWN_S:
+            out.append({
+                "level": "warn",
+                "problem": f"{name} sent tensor {tensor} corrupt (it failed its SHA-256; it "
+                           "was fetched again from another member)",
+                "fix": f"on {name}: `ringinfer cache --clear` if it serves from its shard "
+                       "cache, else check its model file and disk",
+            })  # fmt: skip
     if d.plans.error:
         out.append({
             "level": "fail", "problem": d.plans.error,

@@ -30,8 +30,9 @@ import zmq.asyncio
 
 from node.cluster.secret import ClusterKeys
 from node.engine.gguf_file import GGUFFile
-from node.engine.manifest import Manifest, TensorEntry
-from node.engine.shard_cache import CachedGGUF, GroupWriter, ShardCache
+from node.engine.manifest import Manifest, TensorEntry, header_of
+from node.engine.safetensors_file import SafetensorsDir
+from node.engine.shard_cache import CachedTensors, GroupWriter, ShardCache
 from node.engine.weights import stage_tensors
 from node.errors import RinginferError
 from protocol.wire import (
@@ -71,7 +72,7 @@ class TransferServer:
         self,
         sock: zmq.asyncio.Socket,
         manifest: Manifest,
-        file: GGUFFile,
+        file: GGUFFile | SafetensorsDir | CachedTensors,
         holds: Callable[[str], bool],
         busy: Callable[[], bool],
         busy_rate: float,
@@ -149,7 +150,7 @@ class Progress:
     done: int = 0  # bytes of tensors verified or on their way to it
     received: int = 0  # every byte that came, a tensor fetched again included
     began: float = field(default_factory=time.monotonic)
-    bad: list[str] = field(default_factory=list)  # members that sent a bad tensor
+    bad: dict[str, str] = field(default_factory=dict)  # member -> a tensor it sent corrupt
 
     @property
     def rate(self) -> float:
@@ -315,7 +316,7 @@ class Fetch:
         senders = ", ".join(sorted(t.senders))
         log.warning("fetch: tensor %s from %s failed its SHA-256; fetching it again from "
                     "another member", name, senders)  # fmt: skip
-        self.progress.bad.extend(sorted(t.senders))
+        self.progress.bad.update(dict.fromkeys(t.senders, name))
         self.progress.done -= t.entry.n_bytes
         t.failures += 1
         blamed = t.banned | t.senders
@@ -331,38 +332,29 @@ class Fetch:
 
 @dataclass
 class ModelFiles:
-    """Where this node's model lives: its own whole file, or the shard cache alone."""
+    """Where this node's model lives: its own whole model, or the shard cache alone."""
 
-    manifest: Manifest | None  # None: a Hugging Face directory, which is not shared yet
+    manifest: Manifest
     cache: ShardCache
-    whole: GGUFFile | None  # the node's own copy of the whole GGUF file
+    whole: GGUFFile | SafetensorsDir | None  # the node's own copy of the whole model
 
-    def reader(self) -> GGUFFile | None:
+    def reader(self) -> GGUFFile | SafetensorsDir | CachedTensors:
         """What this node serves tensors from."""
-        if self.manifest is None:
-            return None
-        return self.whole or CachedGGUF(self.cache, self.manifest)
+        return self.whole or CachedTensors(self.cache, self.manifest)
 
     def has(self, group: str) -> bool:
         """Whether it has this group: one file's existence, not a listing (asked per chunk)."""
-        if self.manifest is None or self.whole:
-            return True
-        return self.cache.group_path(self.manifest.fingerprint, group).exists()
+        return bool(self.whole) or self.cache.group_path(self.manifest, group).exists()
 
     def holds(self) -> list[str]:
         """The groups it has, as HELLO says: ["*"] for all of them."""
-        if self.manifest is None or self.whole:
-            return ["*"]
-        return sorted(self.cache.held(self.manifest.fingerprint))
+        return ["*"] if self.whole else sorted(self.cache.held(self.manifest.fingerprint))
 
     def header(self) -> bytes:
-        """The model's GGUF header, for a member that joins without the model."""
-        assert self.manifest is not None
-        path = self.whole.path if self.whole else (
-            self.cache.model_dir(self.manifest.fingerprint) / "header.gguf"
-        )  # fmt: skip
-        with open(path, "rb") as f:
-            return f.read(self.manifest.header_bytes)
+        """The model's header, for a member that joins without the model."""
+        if self.whole:
+            return header_of(self.whole.path, self.whole)
+        return self.cache.header_path(self.manifest).read_bytes()
 
 
 def held(holds: list[str]) -> frozenset[str] | None:
@@ -376,24 +368,21 @@ class Transfers:
     def __init__(self, node: Daemon, sock: zmq.asyncio.Socket, files: ModelFiles) -> None:
         self.node, self.files = node, files
         self.ctx = node.transport.ctx
-        reader = files.reader()
-        self.server = None
-        if files.manifest is not None and reader is not None:
-            self.server = TransferServer(sock, files.manifest, reader, files.has,
-                                         self._busy, node.cfg.transfer_rate)  # fmt: skip
+        self.corrupt: dict[str, tuple[float, str]] = {}  # member -> (when, tensor it sent bad)
+        self.server = TransferServer(sock, files.manifest, files.reader(), files.has,
+                                     self._busy, node.cfg.transfer_rate)  # fmt: skip
 
     def _busy(self) -> bool:
         shard = self.node.stage.shard
         return bool(shard and shard.requests)
 
     async def serve(self) -> None:
-        if self.server is not None:
-            await self.server.serve()
+        await self.server.serve()
 
     def missing(self, start: int, end: int) -> set[str]:
         """The tensors layers [start, end) need that this node does not hold."""
         files, manifest = self.files, self.files.manifest
-        if files.whole is not None or manifest is None:
+        if files.whole is not None:
             return set()
         names = stage_tensors(self.node.ckpt, start, end)
         return {n for n in names if not files.has(manifest.tensors[n].group)}
@@ -413,13 +402,13 @@ class Transfers:
         (never at the expense of the live stage's groups)."""
         names = self.missing(start, end)
         files, manifest = self.files, self.files.manifest
-        if not names or manifest is None:
+        if not names:
             return
         shard = self.node.stage.shard
         keep_names = stage_tensors(self.node.ckpt, start, end)
         if shard is not None:
             keep_names |= stage_tensors(self.node.ckpt, shard.start, shard.end)
-        keep = {files.cache.group_path(manifest.fingerprint, g)
+        keep = {files.cache.group_path(manifest, g)
                 for g in manifest.groups(keep_names)}  # fmt: skip
         need = sum(manifest.tensors[n].n_bytes for n in names)
         for path in files.cache.evict(keep, room=need):
@@ -442,8 +431,10 @@ class Transfers:
             done = await fetch.run()
         finally:
             reporter.cancel()
+            now = time.monotonic()
+            self.corrupt.update({m: (now, t) for m, t in fetch.progress.bad.items()})
         if done.bad:
-            log.warning("members that sent corrupt tensors: %s", ", ".join(sorted(set(done.bad))))
+            log.warning("members that sent corrupt tensors: %s", ", ".join(sorted(done.bad)))
         took = time.monotonic() - done.began
         log.info("fetched %.1f MiB in %.2fs (%.1f MiB/s; %.1f MiB received)", done.total / 2**20,
                  took, done.total / 2**20 / max(took, 1e-3), done.received / 2**20)  # fmt: skip
@@ -451,9 +442,6 @@ class Transfers:
     async def on_manifest(self, identity: bytes, msg: Message, host: str) -> None:
         """MANIFEST: our model's manifest and header, for a daemon joining without one."""
         files = self.files
-        if files.manifest is None:
-            raise ProtocolError("not-shared", "this node's model (a Hugging Face directory) "
-                                "cannot be fetched from it")  # fmt: skip
         manifest_json = json.dumps(files.manifest.to_json()).encode()
         reply = bytes_message(
             Kind.MANIFEST_REPLY, manifest_json, files.header(),

@@ -38,12 +38,39 @@ _SCALARS = {
 class TensorInfo:
     name: str
     shape: tuple[int, ...]  # numpy order: [rows, columns] for a matrix (GGUF stores it reversed)
-    type: QType
+    type: QType | str  # a GGML type, or a safetensors dtype ("BF16")
     offset: int  # from the start of the file
     n_bytes: int
 
 
-class GGUFFile:
+class TensorFile:
+    """A file whose tensors are read on demand, with `pread` into memory we own."""
+
+    _fd = -1
+    tensors: dict[str, TensorInfo]
+
+    def read_bytes(self, name: str, start: int, size: int) -> np.ndarray:
+        """Bytes [start, start + size) of a tensor's data, in a fresh array."""
+        offset = self.tensors[name].offset + start
+        out = np.empty(size, dtype=np.uint8)
+        view, done = memoryview(out), 0
+        while done < size:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ValueError(f"tensor '{name}' is truncated")
+            done += n
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class GGUFFile(TensorFile):
     """Metadata as a dict (arrays as lists, as `ReaderField.contents()` gives them) and a
     tensor table; raises ValueError for anything that is not a well-formed GGUF file.
 
@@ -83,7 +110,7 @@ class GGUFFile:
             del self._file, self._buf
         self.data_start = start
         self.tensors: dict[str, TensorInfo] = {}
-        for name, dims, kind, offset in infos:
+        for name, dims, kind, offset in sorted(infos, key=lambda i: i[3]):  # in file order
             block, block_bytes = GGML_QUANT_SIZES[kind]
             n_bytes = int(np.prod(dims, dtype=np.int64)) * block_bytes // block
             info = TensorInfo(name, tuple(reversed(dims)), kind, start + offset, n_bytes)
@@ -93,14 +120,6 @@ class GGUFFile:
                 raise ValueError(f"duplicate tensor '{name}'")
             self.tensors[name] = info
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        self.close()
-
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """A tensor's raw bytes (of rows [a, b) of a matrix only, if given), in a fresh
         array: never a mapping of the file."""
@@ -109,18 +128,6 @@ class GGUFFile:
             return self.read_bytes(name, 0, info.n_bytes)
         row_bytes = info.n_bytes // info.shape[0]
         return self.read_bytes(name, rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes)
-
-    def read_bytes(self, name: str, start: int, size: int) -> np.ndarray:
-        """Bytes [start, start + size) of a tensor's data."""
-        offset = self.tensors[name].offset + start
-        out = np.empty(size, dtype=np.uint8)
-        view, done = memoryview(out), 0
-        while done < size:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise ValueError(f"tensor '{name}' is truncated")
-            done += n
-        return out
 
     # Header parsing: a buffered forward reader over the file object.
 

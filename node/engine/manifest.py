@@ -2,14 +2,19 @@
 they make together. Members that hold a model publish it, so that a member without the
 model fetches exactly the tensors its layers need and checks each one before use.
 
-The fingerprint hashes the file's header (metadata, tokenizer, tensor table) and every
-tensor's hash: nodes serve the same model exactly when their fingerprints match, whatever the
-file's name or path. Hashing reads the whole file once; the result is kept in the data dir,
-keyed by the file's path, size and modification time.
+A model is a GGUF file or a Hugging Face directory (a hub cache's snapshot is one). Its
+header is what a member needs besides tensors: a GGUF's header (metadata, tokenizer, tensor
+table), or a directory's small files (config, tokenizer, chat template) bundled as JSON.
+The fingerprint hashes the header and every tensor's hash: nodes serve the same model
+exactly when their fingerprints match, whatever the file's name or path. Hashing reads the
+whole model once; the result is kept in the data dir, keyed by its files' paths, sizes and
+modification times.
 """
 
 from __future__ import annotations
 
+import base64
+import fnmatch
 import hashlib
 import json
 import re
@@ -20,19 +25,26 @@ from pathlib import Path
 from typing import Any
 
 from node.engine.gguf_file import GGUFFile
+from node.engine.safetensors_file import DTYPE_BYTES, SafetensorsDir, weight_map
 from node.errors import RinginferError
 from node.json_file import read_json, write_json
 
 READ_BYTES = 16 << 20  # hashing reads this much at a time
-_LAYER = re.compile(r"^blk\.(\d+)\.")
+# A layer's tensors: GGUF's blk.N., Llama's model.layers.N., GPT-2's (transformer.)h.N.
+_LAYER = re.compile(r"^(?:blk|(?:\w+\.)*?(?:layers|h))\.(\d+)\.")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+FORMATS = ("gguf", "safetensors")
+# A directory's files a loader reads besides weights (HUB_FILES', less the weights and index).
+SMALL_FILES = ("*.json", "*.jinja", "tokenizer*", "*.txt")
+NOT_SMALL = ("*.safetensors", "model.safetensors.index.json")
+_FILE_NAME = re.compile(r"^[\w][\w.-]{0,127}$")  # a bundled file: a plain name, never a path
 
 
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
     layer: int | None  # the decoder layer it belongs to; None: embedding, head, norms
-    type: int  # GGML quantization type
+    type: int | str  # GGML quantization type, or safetensors dtype
     shape: tuple[int, ...]
     n_bytes: int
     sha256: str
@@ -52,6 +64,7 @@ class Manifest:
     header_bytes: int  # the GGUF header: metadata, tokenizer and tensor table
     header_sha256: str
     tensors: dict[str, TensorEntry]
+    format: str = "gguf"  # of the header and the tensors' types: gguf or safetensors
 
     @cached_property
     def fingerprint(self) -> str:
@@ -68,7 +81,7 @@ class Manifest:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "header_bytes": self.header_bytes,
+        return {"name": self.name, "format": self.format, "header_bytes": self.header_bytes,
                 "header_sha256": self.header_sha256,
                 "tensors": [e.to_json() for e in self.tensors.values()]}  # fmt: skip
 
@@ -76,12 +89,16 @@ class Manifest:
     def from_json(cls, data: Any) -> Manifest:
         """A manifest from a peer or the cache, refused whole unless every field is sane."""
         try:
+            fmt = data.get("format", "gguf")
+            if fmt not in FORMATS:
+                raise ValueError(f"format {fmt!r}")
             tensors = {}
             for name, layer, kind, shape, n_bytes, sha in data["tensors"]:
+                typed = type(kind) is int if fmt == "gguf" else kind in DTYPE_BYTES
                 ok = (
                     isinstance(name, str) and 0 < len(name) <= 256
                     and (layer is None or (type(layer) is int and 0 <= layer < 1 << 16))
-                    and type(kind) is int and isinstance(shape, list) and len(shape) <= 4
+                    and typed and isinstance(shape, list) and len(shape) <= 4
                     and all(type(d) is int and d > 0 for d in shape)
                     and type(n_bytes) is int and 0 < n_bytes < 1 << 40
                     and isinstance(sha, str) and _HEX64.match(sha) and name not in tensors
@@ -90,8 +107,8 @@ class Manifest:
                     raise ValueError(name)
                 tensors[name] = TensorEntry(name, layer, kind, tuple(shape), n_bytes, sha)
             manifest = cls(str(data["name"])[:256], int(data["header_bytes"]),
-                           str(data["header_sha256"]), tensors)  # fmt: skip
-        except (KeyError, TypeError, ValueError) as e:
+                           str(data["header_sha256"]), tensors, fmt)  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RinginferError(f"malformed model manifest ({e})") from None
         if not (0 < manifest.header_bytes < 1 << 32 and _HEX64.match(manifest.header_sha256)):
             raise RinginferError("malformed model manifest (header)")
@@ -103,41 +120,88 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def sha256_of(file: GGUFFile, name: str, n_bytes: int) -> str:
+def sha256_of(file: GGUFFile | SafetensorsDir, name: str, n_bytes: int) -> str:
     h = hashlib.sha256()
     for at in range(0, n_bytes, READ_BYTES):
         h.update(file.read_bytes(name, at, min(READ_BYTES, n_bytes - at)))
     return h.hexdigest()
 
 
-def build(path: Path, name: str, progress: Callable[[int, int], None] | None = None) -> Manifest:
-    """Hash a GGUF file's header and tensors (`progress(bytes done, bytes total)`)."""
-    file = GGUFFile(path)
+def small_files(path: Path) -> list[Path]:
+    """A model directory's files besides its weights: what `bundle` carries."""
+    def small(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p in SMALL_FILES) and not any(
+            fnmatch.fnmatch(name, p) for p in NOT_SMALL
+        )  # fmt: skip
+
+    return sorted(p for p in path.iterdir() if p.is_file() and small(p.name))
+
+
+def bundle(path: Path) -> bytes:
+    """A model directory's small files as one JSON object {name: base64}: its header."""
+    files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in small_files(path)}
+    return json.dumps(files, sort_keys=True).encode()
+
+
+def unbundle(header: bytes) -> dict[str, bytes]:
+    """The files of a bundle from a peer; RinginferError unless every name is a plain one."""
     try:
-        total = file.data_start + sum(t.n_bytes for t in file.tensors.values())
-        with open(path, "rb") as f:
-            header = f.read(file.data_start)
+        files = {n: base64.b64decode(b, validate=True) for n, b in json.loads(header).items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise RinginferError(f"malformed model files from a peer ({e})") from None
+    if "config.json" not in files or not all(_FILE_NAME.match(n) for n in files):
+        raise RinginferError("malformed model files from a peer (names or no config.json)")
+    return files
+
+
+def open_tensors(path: Path) -> GGUFFile | SafetensorsDir:
+    """A GGUF file's, or a Hugging Face directory's, tensors (ValueError if malformed)."""
+    return SafetensorsDir(path, weight_map(path)) if path.is_dir() else GGUFFile(path)
+
+
+def header_of(path: Path, file: GGUFFile | SafetensorsDir) -> bytes:
+    if isinstance(file, SafetensorsDir):
+        return bundle(path)
+    with open(path, "rb") as f:
+        return f.read(file.data_start)
+
+
+def build(path: Path, name: str, progress: Callable[[int, int], None] | None = None) -> Manifest:
+    """Hash a model's header and tensors (`progress(bytes done, bytes total)`): a GGUF file
+    or a Hugging Face directory."""
+    file = open_tensors(path)
+    try:
+        header = header_of(path, file)
+        total = len(header) + sum(t.n_bytes for t in file.tensors.values())
         done = len(header)
         tensors = {}
-        for info in sorted(file.tensors.values(), key=lambda t: t.offset):
+        for info in file.tensors.values():  # in file order: one pass over the disk
             sha = sha256_of(file, info.name, info.n_bytes)
-            tensors[info.name] = TensorEntry(info.name, layer_of(info.name), int(info.type),
-                                             info.shape, info.n_bytes, sha)  # fmt: skip
+            kind = info.type if isinstance(info.type, str) else int(info.type)
+            tensors[info.name] = TensorEntry(info.name, layer_of(info.name), kind, info.shape,
+                                             info.n_bytes, sha)  # fmt: skip
             done += info.n_bytes
             if progress:
                 progress(done, total)
     finally:
         file.close()
-    return Manifest(name, len(header), hashlib.sha256(header).hexdigest(), tensors)
+    fmt = "safetensors" if path.is_dir() else "gguf"
+    return Manifest(name, len(header), hashlib.sha256(header).hexdigest(), tensors, fmt)
+
+
+def _version(path: Path) -> str:
+    """What changes when a model's content may have: its files' paths, sizes, mtimes."""
+    files = [path] if path.is_file() else sorted(path.iterdir())
+    stats = [(str(p.resolve()), p.resolve().stat()) for p in files if p.is_file()]
+    return "|".join(f"{p}|{st.st_size}|{st.st_mtime_ns}" for p, st in stats)
 
 
 def load_or_build(
     path: Path, name: str, data_dir: Path, progress: Callable[[int, int], None] | None = None
 ) -> Manifest:
-    """The manifest of a GGUF file, hashed once per file version and then kept in the data
-    dir (under manifests/, by path, size and modification time)."""
-    st = path.resolve().stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    """The manifest of a model, hashed once per version of its files and then kept in the
+    data dir (under manifests/, by their paths, sizes and modification times)."""
+    key = _version(path)
     memo = data_dir / "manifests" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     if memo.exists():
         try:

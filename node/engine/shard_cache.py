@@ -1,16 +1,20 @@
-"""The shard cache: tensors fetched from peers, kept in their original quantized form.
+"""The shard cache: tensors fetched from peers, kept in their original form (quantized).
 
-Under <data dir>/cache/<fingerprint>/ a model has its manifest, its GGUF header (metadata,
-tokenizer, the whole tensor table) and one GGUF file per group (a layer's tensors, or the
-embedding, the head, a norm alone), which gguf-py and llama.cpp read like any GGUF. Our
-loader reads a cached model through `CachedGGUF`: the header's tensor table, with the bytes
-of each tensor taken from its group's file.
+Under <data dir>/cache/<fingerprint>/ a model has its manifest, its header and one file
+per group (a layer's tensors, or the embedding, the head, a norm alone), in the model's
+format:
+- GGUF: `header.gguf` (metadata, tokenizer, the whole tensor table) and `<group>.gguf`
+  files, which gguf-py and llama.cpp read like any GGUF. Our loader reads the model through
+  `CachedGGUF`: the header's tensor table, each tensor's bytes from its group's file.
+- Hugging Face: `header.json` (the directory's small files, bundled), those files unpacked
+  beside it (config.json, tokenizer...), and `<group>.safetensors` files: the directory is
+  a Hugging Face model directory whose tensors lie in group files.
 
-A group is fetched into `<group>.gguf.part` (its layout written first, tensors written in
-place as chunks arrive); `<group>.gguf.done` lists the tensors verified against the manifest
-so far, so a dropped transfer resumes without fetching those again. The complete file is
-renamed into place. The cache is bounded (`--cache-size`): least recently used groups go
-first, never those a stage uses now.
+A group is fetched into `<group>.<format>.part` (its layout written first, tensors written
+in place as chunks arrive); `<group>.<format>.done` lists the tensors verified against the
+manifest so far, so a dropped transfer resumes without fetching those again. The complete
+file is renamed into place. The cache is bounded (`--cache-size`): least recently used
+groups go first, never those a stage uses now.
 """
 
 from __future__ import annotations
@@ -25,28 +29,44 @@ import numpy as np
 
 from node.data_dir import CACHE_SIZE
 from node.engine.gguf_file import GGUFFile, TensorInfo, offsets, tensor_layout
-from node.engine.manifest import Manifest, TensorEntry
+from node.engine.manifest import Manifest, TensorEntry, unbundle
+from node.engine.safetensors_file import SafetensorsFile
+from node.engine.safetensors_file import layout as safetensors_layout
+from node.engine.weights import Checkpoint, GGUFCheckpoint, HFCheckpoint
 from node.errors import RinginferError
 from node.json_file import read_json, write_json
+
+HEADERS = {"gguf": "header.gguf", "safetensors": "header.json"}
+
+
+class CachedTensors:
+    """A cached model's tensors, each read from its group's file (what a member serves)."""
+
+    def __init__(self, cache: ShardCache, manifest: Manifest) -> None:
+        self.cache, self.manifest = cache, manifest
+        self.groups: dict[str, GGUFFile | SafetensorsFile] = {}
+
+    def read_bytes(self, name: str, start: int, size: int) -> np.ndarray:
+        group = self.manifest.tensors[name].group
+        if group not in self.groups:
+            path = self.cache.group_path(self.manifest, group)
+            if not path.exists():
+                raise RinginferError(f"tensor '{name}' is not in the shard cache (not fetched)")
+            os.utime(path)  # least recently used goes first
+            opener = GGUFFile if self.manifest.format == "gguf" else SafetensorsFile
+            self.groups[group] = opener(path)
+        return self.groups[group].read_bytes(name, start, size)
 
 
 class CachedGGUF(GGUFFile):
     """A model's GGUF header, whose tensors' bytes come from the cache's group files."""
 
     def __init__(self, cache: ShardCache, manifest: Manifest) -> None:
-        super().__init__(cache.model_dir(manifest.fingerprint) / "header.gguf", header_only=True)
-        self.cache, self.manifest = cache, manifest
-        self.groups: dict[str, GGUFFile] = {}
+        super().__init__(cache.header_path(manifest), header_only=True)
+        self.cached = CachedTensors(cache, manifest)
 
     def read_bytes(self, name: str, start: int, size: int) -> np.ndarray:
-        group = self.manifest.tensors[name].group
-        if group not in self.groups:
-            path = self.cache.group_path(self.manifest.fingerprint, group)
-            if not path.exists():
-                raise RinginferError(f"tensor '{name}' is not in the shard cache (not fetched)")
-            os.utime(path)  # least recently used goes first
-            self.groups[group] = GGUFFile(path)
-        return self.groups[group].read_bytes(name, start, size)
+        return self.cached.read_bytes(name, start, size)
 
 
 @dataclass
@@ -108,7 +128,7 @@ class GroupWriter:
     def finish(self) -> Path:
         """The complete group's file, in place; call once nothing is missing."""
         self.close()
-        done = self.path.with_suffix("")  # <group>.gguf
+        done = self.path.with_suffix("")  # <group>.<format>
         self.path.replace(done)
         self._record().unlink(missing_ok=True)
         return done
@@ -124,48 +144,72 @@ class ShardCache:
     def model_dir(self, fingerprint: str) -> Path:
         return self.root / fingerprint
 
-    def group_path(self, fingerprint: str, group: str) -> Path:
-        return self.model_dir(fingerprint) / f"{group}.gguf"
+    def group_path(self, manifest: Manifest, group: str) -> Path:
+        return self.model_dir(manifest.fingerprint) / f"{group}.{manifest.format}"
+
+    def header_path(self, manifest: Manifest) -> Path:
+        return self.model_dir(manifest.fingerprint) / HEADERS[manifest.format]
+
+    def checkpoint(self, manifest: Manifest) -> Checkpoint:
+        """The cached model, opened as our loader opens a model: its layers load once their
+        groups are here."""
+        d = self.model_dir(manifest.fingerprint)
+        if manifest.format == "safetensors":  # a Hugging Face directory whose weights are groups
+            files = {n: self.group_path(manifest, e.group).name
+                     for n, e in manifest.tensors.items()}  # fmt: skip
+            return HFCheckpoint(d, manifest.name, files)
+        return GGUFCheckpoint(self.header_path(manifest), manifest.name,
+                              CachedGGUF(self, manifest))  # fmt: skip
 
     def store_model(self, manifest: Manifest, header: bytes) -> None:
-        """Keep a model's manifest and header (checked against the manifest)."""
+        """Keep a model's manifest and header (checked against the manifest), and unpack a
+        Hugging Face directory's small files."""
         if len(header) != manifest.header_bytes or (
             hashlib.sha256(header).hexdigest() != manifest.header_sha256
         ):
             raise RinginferError("the model header does not match its manifest")
         d = self.model_dir(manifest.fingerprint)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "header.gguf.tmp"
-        tmp.write_bytes(header)
-        tmp.replace(d / "header.gguf")
+        files = unbundle(header) if manifest.format == "safetensors" else {}
+        files = {n: b for n, b in files.items()  # never one of the cache's own files
+                 if n != "manifest.json" and Path(n).suffix[1:] not in HEADERS}  # fmt: skip
+        for name, data in {**files, HEADERS[manifest.format]: header}.items():
+            tmp = d / f"{name}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(d / name)
         write_json(d / "manifest.json", manifest.to_json())
 
     def manifest(self, fingerprint: str) -> Manifest | None:
         """The cached model's manifest, if its header is here too."""
         d = self.model_dir(fingerprint)
-        if not (d / "header.gguf").exists() or not (d / "manifest.json").exists():
+        if not (d / "manifest.json").exists():
             return None
         try:
             m = Manifest.from_json(read_json(d / "manifest.json"))
         except RinginferError:
             return None
-        return m if m.fingerprint == fingerprint else None
+        ok = m.fingerprint == fingerprint and self.header_path(m).exists()
+        return m if ok else None
 
     def held(self, fingerprint: str) -> set[str]:
         """The groups whose files are complete."""
-        d = self.model_dir(fingerprint)
-        return {p.name.removesuffix(".gguf") for p in d.glob("*.gguf")} - {"header"}
+        files = [p for f in HEADERS for p in self.model_dir(fingerprint).glob(f"*.{f}")]
+        return {p.stem for p in files} - {"header"}
 
     def writer(self, manifest: Manifest, group: str) -> GroupWriter:
         """The group's file being fetched: resumed where a previous transfer left it."""
         entries = {e.name: e for e in manifest.groups()[group]}
         infos = [TensorInfo(e.name, e.shape, e.type, 0, e.n_bytes) for e in entries.values()]
-        head = tensor_layout(infos)
+        if manifest.format == "gguf":
+            head, starts = tensor_layout(infos), offsets(infos)
+        else:
+            head, starts = safetensors_layout(infos)
         placed = {
             i.name: TensorInfo(i.name, i.shape, i.type, len(head) + at, i.n_bytes)
-            for i, at in zip(infos, offsets(infos), strict=True)
+            for i, at in zip(infos, starts, strict=True)
         }
-        path = self.group_path(manifest.fingerprint, group).with_suffix(".gguf.part")
+        final = self.group_path(manifest, group)
+        path = final.with_name(final.name + ".part")
         record = path.with_suffix(".done")
         verified: set[str] = set()
         if path.exists() and record.exists():
@@ -218,8 +262,9 @@ class ShardCache:
         total = sum(p.stat().st_size for p in files) + room
         removed = []
         candidates = [
-            p for p in files if p.suffix == ".gguf" and p.name != "header.gguf" and p not in keep
-        ]
+            p for p in files
+            if p.suffix[1:] in HEADERS and p.name not in HEADERS.values() and p not in keep
+        ]  # fmt: skip
         for p in sorted(candidates, key=lambda p: p.stat().st_mtime):
             if total <= self.limit:
                 break

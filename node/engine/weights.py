@@ -31,6 +31,7 @@ from node.engine.models.quantized import (
     swap_modules,
 )
 from node.engine.models.stage import Stage
+from node.engine.safetensors_file import weight_map
 from node.engine.tokenizer import Tokenizer
 from node.errors import RinginferError
 from node.json_file import read_json
@@ -75,7 +76,8 @@ class Checkpoint:
 class HFCheckpoint(Checkpoint):
     """A Hugging Face model directory: config.json, safetensors (single or sharded)."""
 
-    def __init__(self, path: Path, name: str) -> None:
+    def __init__(self, path: Path, name: str, files: dict[str, str] | None = None) -> None:
+        """`files`: each tensor's file in `path` (a shard cache's), else the directory's."""
         self.path, self.name = path, name
         self.raw_config = read_json(path / "config.json")
         self.family = family_for_hf(self.raw_config)
@@ -84,19 +86,7 @@ class HFCheckpoint(Checkpoint):
         except KeyError as e:
             raise RinginferError(f"{path / 'config.json'} lacks the field {e}") from None
         self._open: dict[str, Any] = {}
-        self.files = self._weight_files()
-
-    def _weight_files(self) -> dict[str, str]:
-        index = self.path / "model.safetensors.index.json"
-        if index.exists():
-            return dict(read_json(index).get("weight_map", {}))
-        single = self.path / "model.safetensors"
-        if not single.exists():
-            raise RinginferError(
-                f"no model.safetensors or model.safetensors.index.json in {self.path} "
-                "(PyTorch .bin checkpoints are not supported; convert them to safetensors)"
-            )
-        return {name: single.name for name in self._handle(single.name).keys()}  # noqa: SIM118
+        self.files = files if files is not None else weight_map(path)
 
     def _handle(self, file: str) -> Any:
         from safetensors import SafetensorError, safe_open
@@ -108,15 +98,21 @@ class HFCheckpoint(Checkpoint):
                 raise RinginferError(f"cannot read {self.path / file}: {e}") from None
         return self._open[file]
 
-    def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor:
+    def file_name(self, hf_name: str) -> str:
         # The original GPT-2 checkpoints name tensors without the `transformer.` prefix.
         for candidate in (hf_name, hf_name.removeprefix("transformer.")):
             if candidate in self.files:
-                try:
-                    return self._handle(self.files[candidate]).get_tensor(candidate)
-                except Exception as e:  # safetensors raises several types for a bad file
-                    raise RinginferError(f"cannot read tensor '{candidate}': {e}") from None
+                return candidate
         raise RinginferError(f"checkpoint {self.path} has no tensor '{hf_name}'")
+
+    def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor:
+        name = self.file_name(hf_name)
+        try:
+            return self._handle(self.files[name]).get_tensor(name)
+        except RinginferError:
+            raise
+        except Exception as e:  # safetensors raises several types for a bad file
+            raise RinginferError(f"cannot read tensor '{name}': {e}") from None
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_hf_dir(self.path, self.raw_config)
