@@ -76,6 +76,11 @@ def test_the_member_without_the_model_holds_only_its_layers(ring) -> None:
     assert want <= held <= want * 1.02 + 4096 * len(groups)  # tensors and their headers
     for f in ("config.json", "tokenizer.json"):  # what opening the model needs
         assert (cached / f).read_bytes() == (snapshot / f).read_bytes()
+    listed = h2.cli("cache", "--data-dir", str(h2.data_dir), "--json")
+    assert listed.returncode == 0, listed.stderr
+    [entry] = json.loads(listed.stdout)
+    assert (entry["name"], entry["groups"], entry["of"]) == (
+        REPO, len(groups), len(manifest.groups()))  # fmt: skip
 
 
 def test_a_generation_from_it_equals_local(ring) -> None:

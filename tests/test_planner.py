@@ -147,11 +147,11 @@ def test_plans_from_peers_must_cover_every_layer_once(stages):  # noqa: ANN001
 
 def test_layers_a_node_holds_stay_with_it_when_plans_are_about_as_good():
     # Two alike nodes must split the model; b joined without it and fetched 15-30 once.
-    cached = frozenset({*(f"blk.{i}" for i in range(15, 30)), "output_norm.weight"})
+    cached = frozenset({*(f"blk.{i}" for i in range(15, 30)), "head"})
     a = NodeSpec("a", 2 * GIB, **FAST)
     b = NodeSpec("b", 2 * GIB, **FAST, holds=cached)
     assert ranges(make_plan("m", 1, SHAPE, [a, b], "throughput")) == [("a", 0, 15), ("b", 15, 30)]
-    moved_first = NodeSpec("b", 2 * GIB, **FAST, holds=frozenset({"blk.0", "token_embd.weight"}))
+    moved_first = NodeSpec("b", 2 * GIB, **FAST, holds=frozenset({"blk.0", "embed"}))
     assert ranges(make_plan("m", 1, SHAPE, [a, moved_first], "throughput"))[0][0] == "b"
     # ... but never at the cost of a plainly worse plan: a slow b gets few layers anyway.
     slow = NodeSpec("b", 2 * GIB, **SLOW, holds=cached)

@@ -12,11 +12,19 @@ import zmq.asyncio
 
 from node.cluster import transfer
 from node.cluster.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
-from node.cluster.transfer import CHUNK_BYTES, IN_FLIGHT, Fetch, Source, TransferServer
+from node.cluster.transfer import (
+    CHUNK_BYTES,
+    IN_FLIGHT,
+    Fetch,
+    Source,
+    TransferServer,
+    plan_holds,
+    stage_ends,
+)
 from node.engine.gguf_file import GGUFFile
 from node.engine.manifest import build
 from node.engine.shard_cache import ShardCache
-from node.engine.weights import default_model_path
+from node.engine.weights import GGUFCheckpoint, default_model_path, open_checkpoint
 from node.errors import RinginferError
 
 KEYS = ClusterKeys.of("a cluster secret for these tests only")
@@ -194,3 +202,19 @@ def test_a_member_without_the_cluster_key_gets_nothing(model, tmp_path, monkeypa
 
     with pytest.raises(RinginferError, match="no member could send"):
         run(body)
+
+
+def test_what_a_member_holds_in_the_planners_terms(model, tiny_models):
+    path, manifest = model
+    ends = stage_ends(GGUFCheckpoint(path, "smollm2"), manifest)
+    # SmolLM2 ties its head to the embedding: the last stage holds it too.
+    assert ends == {"embed": {"token_embd.weight"},
+                    "head": {"output_norm.weight", "token_embd.weight"}}  # fmt: skip
+    assert plan_holds(["*"], ends) is None  # the whole model
+    assert plan_holds(["blk.28", "blk.29", "output_norm.weight"], ends) == {"blk.28", "blk.29"}
+    assert plan_holds(["blk.29", "output_norm.weight", "token_embd.weight"], ends) == {
+        "blk.29", "embed", "head"}  # fmt: skip
+    llama = tiny_models["llama"]  # a Hugging Face directory: its own names
+    ends = stage_ends(open_checkpoint(str(llama)), build(llama, "llama"))
+    assert ends == {"embed": {"model.embed_tokens.weight"},
+                    "head": {"model.norm.weight", "lm_head.weight"}}  # fmt: skip

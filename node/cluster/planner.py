@@ -70,7 +70,9 @@ class NodeSpec:
     bandwidth: float = DEFAULT_BANDWIDTH  # measured weight-streaming rate, bytes/s
     layer_overhead_s: float = LAYER_OVERHEAD_S  # measured fixed cost of one layer's kernels
     layer_s: float = 0.0  # one layer of this model timed on the node; 0: use the roofline
-    holds: frozenset[str] | None = None  # the tensor groups it has ("blk.3"...); None: all
+    # What it has: "blk.N" for layer N, "embed" and "head" for the first and last stage's
+    # other weights (see Transfers.plan_holds); None: all of them.
+    holds: frozenset[str] | None = None
 
     def missing_bytes(self, shape: ModelShape, start: int, end: int) -> int:
         """Weights it would have to fetch to serve layers [start, end)."""
@@ -78,9 +80,9 @@ class NodeSpec:
             return 0
         held = self.holds
         out = sum(shape.layer_bytes for i in range(start, end) if f"blk.{i}" not in held)
-        if start == 0 and "token_embd.weight" not in held:
+        if start == 0 and "embed" not in held:
             out += shape.embed_bytes
-        if end == shape.n_layers and not held & {"output.weight", "output_norm.weight"}:
+        if end == shape.n_layers and "head" not in held:
             out += shape.head_bytes
         return out
 

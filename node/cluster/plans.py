@@ -26,7 +26,7 @@ from node.cluster.planner import (
     Plan,
     make_plan,
 )
-from node.cluster.transfer import held
+from node.cluster.transfer import plan_holds
 from node.engine.shard import Shard
 from node.errors import RinginferError
 from protocol.wire import Kind, Message, ProtocolError, message
@@ -40,12 +40,12 @@ log = logging.getLogger("ringinfer")
 
 def node_spec(
     node_id: str, memory: int, pin: tuple[int, int] | None, caps: Capabilities,
-    holds: list[str],
+    holds: frozenset[str] | None,
 ) -> NodeSpec:  # fmt: skip
     """What the planner knows of a node; a peer that measured nothing gets the defaults."""
     return NodeSpec(
         node_id, memory, pin, caps.flops or DEFAULT_FLOPS, caps.bandwidth or DEFAULT_BANDWIDTH,
-        caps.layer_overhead_s or LAYER_OVERHEAD_S, caps.layer_s, held(holds),
+        caps.layer_overhead_s or LAYER_OVERHEAD_S, caps.layer_s, holds,
     )  # fmt: skip
 
 
@@ -94,12 +94,13 @@ class Plans:
     def candidates(self) -> list[NodeSpec]:
         """Nodes that may hold layers: ours and same-model members, except leaving ones."""
         node, cfg = self.node, self.node.cfg
-        holds = node.transfers.files.holds()
+        ends = node.transfers.ends
+        mine = plan_holds(node.transfers.files.holds(), ends)
         me = [] if node.leaving.is_set() else [
-            node_spec(node.id, cfg.memory, cfg.pin, cfg.caps, holds)
+            node_spec(node.id, cfg.memory, cfg.pin, cfg.caps, mine)
         ]  # fmt: skip
         others = [
-            node_spec(m.id, m.memory, m.pin, m.caps, m.holds)
+            node_spec(m.id, m.memory, m.pin, m.caps, plan_holds(m.holds, ends))
             for m in node.membership.members.same_model(node.fingerprint)
             if m.state != "leaving"
         ]

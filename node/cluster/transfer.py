@@ -33,7 +33,7 @@ from node.engine.gguf_file import GGUFFile
 from node.engine.manifest import Manifest, TensorEntry, header_of
 from node.engine.safetensors_file import SafetensorsDir
 from node.engine.shard_cache import CachedTensors, GroupWriter, ShardCache
-from node.engine.weights import stage_tensors
+from node.engine.weights import Checkpoint, stage_tensors
 from node.errors import RinginferError
 from protocol.wire import (
     Kind,
@@ -362,6 +362,25 @@ def held(holds: list[str]) -> frozenset[str] | None:
     return None if holds == ["*"] else frozenset(holds)
 
 
+def stage_ends(ckpt: Checkpoint, manifest: Manifest) -> dict[str, set[str]]:
+    """The groups the first and last stage hold besides their layers ("embed", "head")."""
+    n = ckpt.n_layers
+    return {
+        "embed": set(manifest.groups(stage_tensors(ckpt, 0, 1))) - {"blk.0"},
+        "head": set(manifest.groups(stage_tensors(ckpt, n - 1, n))) - {f"blk.{n - 1}"},
+    }
+
+
+def plan_holds(holds: list[str], ends: dict[str, set[str]]) -> frozenset[str] | None:
+    """A HELLO's `holds` in the planner's terms: its layers' groups, and "embed" / "head"
+    when it has all of that end's groups (`stage_ends`)."""
+    groups = held(holds)
+    if groups is None:
+        return None
+    have = {end for end, need in ends.items() if need <= groups}
+    return frozenset({g for g in groups if g.startswith("blk.")} | have)
+
+
 class Transfers:
     """The daemon's side: serving its tensors, and fetching the ones a plan gives it."""
 
@@ -371,6 +390,7 @@ class Transfers:
         self.corrupt: dict[str, tuple[float, str]] = {}  # member -> (when, tensor it sent bad)
         self.server = TransferServer(sock, files.manifest, files.reader(), files.has,
                                      self._busy, node.cfg.transfer_rate)  # fmt: skip
+        self.ends = stage_ends(node.ckpt, files.manifest)
 
     def _busy(self) -> bool:
         shard = self.node.stage.shard
