@@ -171,7 +171,11 @@ def test_a_holder_killed_mid_fetch_leaves_the_rest_to_the_other(ring, lan: Lan) 
     h3 = start(lan, root, 2, "--layers", "10:20")
     cluster.nodes.append(h3)
     logged(h3, r"fetching ([\d.]+) MiB for layers 10-20")
-    time.sleep(1.0)
+    progress = r"fetching \d+% \([\d.]+ of [\d.]+ MiB, [\d.]+ MiB/s, (\d+s left|starting)\)"
+    states = []
+    while not any(re.fullmatch(progress, s) for s in states):  # as members and the page see it
+        assert len(states) < 20, states
+        states.append({n["name"]: n["state"] for n in h1.status()["nodes"]}.get("h3", ""))
     h2.proc.send_signal(signal.SIGKILL)
     _, m = logged(h3, FETCHED)
     assert m.group(1) == m.group(2)  # nothing came twice
