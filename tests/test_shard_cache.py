@@ -83,6 +83,11 @@ def test_manifest_json_round_trips_and_refuses_malformed(source):
         {**wire, "tensors": [["x", "3", 0, [4], 16, "0" * 64]]},
         {**wire, "tensors": [["x", None, 0, [4], 16, "nothex"]]},
         {**wire, "tensors": [["x", None, 0, [4], 16, "0" * 64]] * 2},
+        {**wire, "tensors": [["x", None, 0, [4], 17, "0" * 64]]},  # not 4 float32s
+        {**wire, "tensors": [["x", None, 2, [30], 18, "0" * 64]]},  # Q4_0 rows are of 32
+        {**wire, "format": "safetensors", "tensors": [["x", None, "Q9", [4], 16, "0" * 64]]},
+        {**wire, "format": "safetensors", "tensors": [["x", None, 0, [4], 16, "0" * 64]]},
+        {**wire, "format": "tar"},
         {**wire, "header_sha256": "x"},
         {"name": "x"},
         [],
@@ -90,6 +95,8 @@ def test_manifest_json_round_trips_and_refuses_malformed(source):
     for data in bad:
         with pytest.raises(RinginferError, match="malformed model manifest"):
             Manifest.from_json(data)
+    hf = {**wire, "format": "safetensors", "tensors": [["x", None, "BF16", [2, 3], 12, "0" * 64]]}
+    assert Manifest.from_json(hf).tensors["x"].n_bytes == 12
 
 
 def test_cached_layers_load_exactly_as_from_the_file(source, tmp_path):

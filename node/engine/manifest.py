@@ -17,12 +17,15 @@ import base64
 import fnmatch
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from gguf import GGML_QUANT_SIZES
 
 from node.engine.gguf_file import GGUFFile
 from node.engine.safetensors_file import DTYPE_BYTES, SafetensorsDir, weight_map
@@ -34,6 +37,7 @@ READ_BYTES = 16 << 20  # hashing reads this much at a time
 _LAYER = re.compile(r"^(?:blk|(?:\w+\.)*?(?:layers|h))\.(\d+)\.")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 FORMATS = ("gguf", "safetensors")
+_GGML_SIZES = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
 # A directory's files a loader reads besides weights (HUB_FILES', less the weights and index).
 SMALL_FILES = ("*.json", "*.jinja", "tokenizer*", "*.txt")
 NOT_SMALL = ("*.safetensors", "model.safetensors.index.json")
@@ -94,13 +98,13 @@ class Manifest:
                 raise ValueError(f"format {fmt!r}")
             tensors = {}
             for name, layer, kind, shape, n_bytes, sha in data["tensors"]:
-                typed = type(kind) is int if fmt == "gguf" else kind in DTYPE_BYTES
                 ok = (
                     isinstance(name, str) and 0 < len(name) <= 256
                     and (layer is None or (type(layer) is int and 0 <= layer < 1 << 16))
-                    and typed and isinstance(shape, list) and len(shape) <= 4
-                    and all(type(d) is int and d > 0 for d in shape)
+                    and isinstance(shape, list) and 0 < len(shape) <= 4
+                    and all(type(d) is int and 0 < d < 1 << 40 for d in shape)
                     and type(n_bytes) is int and 0 < n_bytes < 1 << 40
+                    and n_bytes == _size(fmt, kind, shape)  # what the group file's header says
                     and isinstance(sha, str) and _HEX64.match(sha) and name not in tensors
                 )  # fmt: skip
                 if not ok:
@@ -113,6 +117,17 @@ class Manifest:
         if not (0 < manifest.header_bytes < 1 << 32 and _HEX64.match(manifest.header_sha256)):
             raise RinginferError("malformed model manifest (header)")
         return manifest
+
+
+def _size(fmt: str, kind: object, shape: list[int]) -> int | None:
+    """A tensor's bytes from its type and shape (None for an unknown type)."""
+    n = math.prod(shape)
+    if fmt == "safetensors":
+        return n * DTYPE_BYTES[kind] if isinstance(kind, str) and kind in DTYPE_BYTES else None
+    if type(kind) is not int or kind not in _GGML_SIZES:
+        return None
+    block, block_bytes = _GGML_SIZES[kind]
+    return n * block_bytes // block if shape[-1] % block == 0 else None
 
 
 def layer_of(name: str) -> int | None:
