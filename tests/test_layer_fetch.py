@@ -63,6 +63,7 @@ def test_each_node_fetches_exactly_its_own_layers(cluster: Cluster, model: Path)
     assert not (cluster.nodes[0].data_dir / "cache").exists()  # it holds the file: no fetch
     for d, (a, b) in zip(cluster.nodes[1:], PINS[1:], strict=True):
         assert f"serving the cluster's model {model}" in d.text()
+        assert f"layers {a}-{b} built as their tensors came" in d.text()  # not in the pause
         need = manifest.header_bytes + sum(
             manifest.tensors[n].n_bytes for n in stage_tensors(ckpt, a, b)
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from node.cluster.planner import (
     Plan,
     make_plan,
 )
-from node.cluster.transfer import plan_holds
+from node.cluster.transfer import Arriving, plan_holds
 from node.engine.shard import Shard
 from node.errors import RinginferError
 from protocol.wire import Kind, Message, ProtocolError, message
@@ -34,6 +35,7 @@ from protocol.wire import Kind, Message, ProtocolError, message
 if TYPE_CHECKING:
     from discovery.capabilities import Capabilities
     from node.cluster.daemon import Daemon
+    from node.engine.weights import Checkpoint
 
 log = logging.getLogger("ringinfer")
 
@@ -64,6 +66,7 @@ class Plans:
         self.replan = asyncio.Event()
         self.loading = ""
         self.fetching: asyncio.Task | None = None  # tensors for a proposed plan's layers
+        self.ready: Shard | None = None  # a stage built while its tensors were fetched
 
     def state(self) -> str:
         """This node's state as members and `status` see it."""
@@ -225,18 +228,67 @@ class Plans:
 
     async def _fetch(self, plan: Plan, source: str) -> None:
         """The tensors of this node's layers in the plan that it lacks, from the members
-        that hold them; the live plan goes on serving meanwhile."""
-        mine = plan.stage_of(self.node.id)
+        that hold them; the live plan goes on serving meanwhile. A node serving no layers
+        builds its new stage as they land, so the load phase (the ring's pause) finds it
+        ready."""
+        node = self.node
+        mine = plan.stage_of(node.id)
         if mine is not None:
+            stop = threading.Event()  # tells a stage still waiting for tensors to give up
+            fetch = asyncio.ensure_future(node.transfers.ensure(mine.start, mine.end, self._show))
+
+            def failed(f: asyncio.Future) -> None:
+                if f.cancelled() or f.exception():
+                    stop.set()
+
+            fetch.add_done_callback(failed)
             try:
-                await self.node.transfers.ensure(mine.start, mine.end, self._show)
+                if node.stage.shard is None:
+                    await self._preload(mine.start, mine.end, stop)
+                await fetch
             except RinginferError as e:
                 log.error("could not fetch layers %d-%d: %s", mine.start, mine.end, e)
-                self._ack(source, plan.epoch, "failed", f"{self.node.cfg.name}: {e}")
+                self._ack(source, plan.epoch, "failed", f"{node.cfg.name}: {e}")
                 return
             finally:
+                stop.set()
+                fetch.cancel()
                 self.loading = ""
         self._ack(source, plan.epoch, "fetch")
+
+    async def _preload(self, start: int, end: int, stop: threading.Event) -> None:
+        """Build layers [start, end) as their tensors land: kept for the load phase."""
+        ready = self.ready
+        if ready is not None and (ready.start, ready.end) == (start, end):
+            return
+        self.ready = None  # another range's: its memory goes before this one's is taken
+        node = self.node
+        ckpt = Arriving(node.ckpt, node.transfers.files, stop)
+        began = time.monotonic()
+        try:
+            self.ready = await asyncio.get_running_loop().run_in_executor(
+                node.compute, lambda: self._shard(ckpt, start, end)
+            )
+        except Exception as e:  # the fetch says its own error; the load phase tries again
+            log.info("layers %d-%d not built during the fetch: %s", start, end, e)
+            return
+        log.info("layers %d-%d built as their tensors came, in %.1fs", start, end,
+                 time.monotonic() - began)  # fmt: skip
+
+    def _shard(self, ckpt: Checkpoint | Arriving, start: int, end: int) -> Shard:
+        """Layers [start, end) built on this thread, their progress shown and logged."""
+        cfg, label = self.node.cfg, f"layers {start}-{end}"
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            self.loading = self.loading if self.loading.startswith("fetching") else (
+                f"loading {100 * done // total}%"
+            )  # fmt: skip
+            if time.monotonic() - last[0] > 1.0 or done == total:
+                last[0] = time.monotonic()
+                log.info("loading %s: %d/%d tensors", label, done, total)
+
+        return Shard(ckpt, start, end, cfg.device, cfg.dtype, progress, cfg.quantize)
 
     def _show(self, text: str) -> None:
         self.loading = text
@@ -255,36 +307,31 @@ class Plans:
         self.plan = None
         mine = plan.stage_of(node.id)
         have = (stage.shard.start, stage.shard.end) if stage.shard else None
+        ready, self.ready = self.ready, None  # built while the fetch ran, if it was
         if mine is None:
             stage.shard = None
         elif have != (mine.start, mine.end):
             stage.shard = None
             label = f"layers {mine.start}-{mine.end}"
-            began, last = time.monotonic(), [0.0]
-
-            def progress(done: int, total: int) -> None:
-                self.loading = f"loading {100 * done // total}%"
-                if time.monotonic() - last[0] > 1.0 or done == total:
-                    last[0] = time.monotonic()
-                    log.info("loading %s: %d/%d tensors", label, done, total)
-
-            cfg = node.cfg
-            try:
-                await node.transfers.ensure(mine.start, mine.end, self._show)  # evicted since?
-                stage.shard = await asyncio.get_running_loop().run_in_executor(
-                    node.compute,
-                    lambda: Shard(
-                        node.ckpt, mine.start, mine.end, cfg.device, cfg.dtype, progress,
-                        cfg.quantize,
-                    ),
-                )
-            except Exception as e:
-                log.error("could not load %s: %s", label, e)
-                self._ack(source, plan.epoch, "failed", f"{cfg.name} could not load: {e}")
-                return
-            finally:
-                self.loading = ""
-            log.info("loaded %s in %.1fs", label, time.monotonic() - began)
+            if ready is not None and (ready.start, ready.end) == (mine.start, mine.end):
+                stage.shard = ready
+            else:
+                del ready  # another range's: free it before loading
+                began = time.monotonic()
+                try:
+                    await node.transfers.ensure(mine.start, mine.end, self._show)  # evicted?
+                    self.loading = ""
+                    stage.shard = await asyncio.get_running_loop().run_in_executor(
+                        node.compute, lambda: self._shard(node.ckpt, mine.start, mine.end)
+                    )
+                except Exception as e:
+                    log.error("could not load %s: %s", label, e)
+                    self._ack(source, plan.epoch, "failed",
+                              f"{node.cfg.name} could not load: {e}")  # fmt: skip
+                    return
+                finally:
+                    self.loading = ""
+                log.info("loaded %s in %.1fs", label, time.monotonic() - began)
         if self.pending and self.pending.epoch == plan.epoch:
             self._ack(source, plan.epoch, "load")
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -191,7 +192,8 @@ class Fetch:
         self.sources = sources
         self.tensors: dict[str, _Tensor] = {}
         self.todo: deque[tuple[str, int, int]] = deque()  # (tensor, start, size)
-        self.writers = {g: cache.writer(manifest, g) for g in manifest.groups(names)}
+        self.writers = {g: cache.writer(manifest, g) for g in manifest.groups(names)
+                        if not cache.group_path(manifest, g).exists()}  # fmt: skip
         for w in self.writers.values():
             for e in w.missing():
                 self._queue(_Tensor(e, w, 0))
@@ -297,9 +299,16 @@ class Fetch:
         self, t: _Tensor, start: int, data: bytes, last: bool, whole: bytes | None
     ) -> bool:
         """On the disk thread: write a chunk; False when it completes a tensor that fails
-        its hash."""
-        t.writer.write(t.entry.name, start, data)
-        return not last or t.writer.verify(t.entry.name, whole)
+        its hash. A group complete is put in place at once: a stage may be loading it."""
+        w = t.writer
+        w.write(t.entry.name, start, data)
+        if not last:
+            return True
+        if not w.verify(t.entry.name, whole):
+            return False
+        if not w.missing():
+            w.finish()
+        return True
 
     async def _landed(self, source: Source, name: str, start: int, data: bytes) -> None:
         t = self.tensors[name]
@@ -355,6 +364,26 @@ class ModelFiles:
         if self.whole:
             return header_of(self.whole.path, self.whole)
         return self.cache.header_path(self.manifest).read_bytes()
+
+
+class Arriving:
+    """A checkpoint whose tensors may still be on their way: reading one waits (on the
+    loading thread) until its group is in the shard cache, so a stage loads as it lands."""
+
+    POLL_S = 0.05
+
+    def __init__(self, ckpt: Checkpoint, files: ModelFiles, stop: threading.Event) -> None:
+        self.ckpt, self.files, self.stop = ckpt, files, stop
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.ckpt, name)
+
+    def tensor(self, hf_name: str, fmt: str = "none") -> object:
+        group = self.files.manifest.tensors[self.ckpt.file_name(hf_name)].group
+        while not self.files.has(group):
+            if self.stop.wait(self.POLL_S):
+                raise RinginferError("the fetch of this stage's tensors stopped")
+        return self.ckpt.tensor(hf_name, fmt)
 
 
 def held(holds: list[str]) -> frozenset[str] | None:
