@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import signal
 import socket
 import struct
@@ -33,10 +34,25 @@ EXACT_RING = ["--objective", "throughput", "--wire-dtype", "float32"]
 LAN_SECRET = "0" * 16 + "a test cluster's secret, not a secret"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on, below the kernel's ephemeral range: a port 0 bind (a
+    daemon's transfer socket) or an outgoing connection can't take it before its daemon
+    binds it, as one from that range could."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 @functools.cache

@@ -152,8 +152,9 @@ def test_a_lone_prompt_longer_than_a_chunk_computes_what_local_computes(cluster)
 
 def test_a_request_cancelled_mid_batch_leaves_the_others_exact(cluster, alone):  # noqa: ANN001
     pipeline, tokenizer = alone
-    procs = [start_client(cluster.nodes[i % 3], PROMPTS[i], "--max-tokens", "40")
-             for i in range(4)]  # fmt: skip
+    # The one cancelled could not end first: it asks for far more tokens than the others.
+    procs = [start_client(cluster.nodes[i % 3], PROMPTS[i], "--max-tokens",
+                          "1000" if i == 1 else "60") for i in range(4)]  # fmt: skip
     deadline = time.monotonic() + 60
     while cluster.nodes[1].status()["stats"]["requests_in_flight"] == 0:  # procs[1] runs there
         assert time.monotonic() < deadline
