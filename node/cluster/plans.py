@@ -64,7 +64,8 @@ class Plans:
         self.acks: dict[tuple[int, str], set[str]] = {}
         self.ack_event = asyncio.Event()
         self.replan = asyncio.Event()
-        self.loading = ""
+        self.fetch_text = ""  # the fetch's progress, shown first while it runs
+        self.load_text = ""  # the stage build's progress
         self.fetching: asyncio.Task | None = None  # tensors for a proposed plan's layers
         self.ready: Shard | None = None  # a stage built while its tensors were fetched
 
@@ -75,8 +76,8 @@ class Plans:
             return "leaving"
         if node.membership.impostor_seen():
             return "duplicate id"
-        if self.loading:
-            return self.loading
+        if self.fetch_text or self.load_text:
+            return self.fetch_text or self.load_text
         if self.pending:
             return "replanning"
         if self.plan is None:
@@ -253,7 +254,7 @@ class Plans:
             finally:
                 stop.set()
                 fetch.cancel()
-                self.loading = ""
+                self.fetch_text = self.load_text = ""
         self._ack(source, plan.epoch, "fetch")
 
     async def _preload(self, start: int, end: int, stop: threading.Event) -> None:
@@ -281,9 +282,7 @@ class Plans:
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
-            self.loading = self.loading if self.loading.startswith("fetching") else (
-                f"loading {100 * done // total}%"
-            )  # fmt: skip
+            self.load_text = f"loading {100 * done // total}%"
             if time.monotonic() - last[0] > 1.0 or done == total:
                 last[0] = time.monotonic()
                 log.info("loading %s: %d/%d tensors", label, done, total)
@@ -291,7 +290,7 @@ class Plans:
         return Shard(ckpt, start, end, cfg.device, cfg.dtype, progress, cfg.quantize)
 
     def _show(self, text: str) -> None:
-        self.loading = text
+        self.fetch_text = text
 
     async def _prepare(self, plan: Plan, source: str) -> None:
         requester = self.node.requester
@@ -320,7 +319,7 @@ class Plans:
                 began = time.monotonic()
                 try:
                     await node.transfers.ensure(mine.start, mine.end, self._show)  # evicted?
-                    self.loading = ""
+                    self.fetch_text = ""
                     stage.shard = await asyncio.get_running_loop().run_in_executor(
                         node.compute, lambda: self._shard(node.ckpt, mine.start, mine.end)
                     )
@@ -330,7 +329,7 @@ class Plans:
                               f"{node.cfg.name} could not load: {e}")  # fmt: skip
                     return
                 finally:
-                    self.loading = ""
+                    self.fetch_text = self.load_text = ""
                 log.info("loaded %s in %.1fs", label, time.monotonic() - began)
         if self.pending and self.pending.epoch == plan.epoch:
             self._ack(source, plan.epoch, "load")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -359,8 +360,10 @@ class ModelFiles:
         """The groups it has, as HELLO says: ["*"] for all of them."""
         return ["*"] if self.whole else sorted(self.cache.held(self.manifest.fingerprint))
 
+    @functools.cached_property
     def header(self) -> bytes:
-        """The model's header, for a member that joins without the model."""
+        """The model's header, for a member that joins without the model: read (an HF
+        directory's files bundled) once, not per MANIFEST."""
         if self.whole:
             return header_of(self.whole.path, self.whole)
         return self.cache.header_path(self.manifest).read_bytes()
@@ -493,7 +496,7 @@ class Transfers:
         files = self.files
         manifest_json = json.dumps(files.manifest.to_json()).encode()
         reply = bytes_message(
-            Kind.MANIFEST_REPLY, manifest_json, files.header(),
+            Kind.MANIFEST_REPLY, manifest_json, files.header,
             body={"fingerprint": files.manifest.fingerprint,
                   "transfer": self.node.transfer_port, "holds": files.holds()},
         )  # fmt: skip
