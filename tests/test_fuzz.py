@@ -14,11 +14,13 @@ import json
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 import zmq
 
-from protocol.wire import VERSION, Kind, encode, message
+from node.cluster.transfer import bytes_message
+from protocol.wire import VERSION, Kind, decode, encode, message
 from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster
 
@@ -56,8 +58,20 @@ def templates(rng: random.Random, status: dict, node: dict) -> list[list[bytes]]
         message(Kind.GENERATE, body={"prompt": "hi", "max_tokens": 2, "sampling": {}}),
         message(Kind.SCORE, body={"text": "a b c d", "context": 4}),
         message(Kind.TOKEN, body={"token": 1, "text": "x"}),
+        *transfer_messages("0" * 32, "blk.0.attn_q.weight", 0, 64),
     ]  # fmt: skip
     return [encode(m) for m in msgs]
+
+
+def transfer_messages(fingerprint: str, tensor: str, start: int, size: int) -> list:
+    """The weight-sharing messages, a FETCH of bytes `start`+`size` of `tensor` first."""
+    return [
+        message(Kind.FETCH, body={"fingerprint": fingerprint, "tensor": tensor, "start": start,
+                                  "size": size}),
+        message(Kind.MANIFEST),
+        bytes_message(Kind.CHUNK, b"\0" * 64, body={"tensor": tensor, "start": start}),
+        bytes_message(Kind.MANIFEST_REPLY, b"{}", b"GGUF", body={"fingerprint": fingerprint}),
+    ]  # fmt: skip
 
 
 def any_json(rng: random.Random, depth: int = 0) -> object:
@@ -189,4 +203,64 @@ def test_mutated_membership_and_plan_messages_leave_one_exact_cluster(cluster): 
         assert now["stats"]["errors"].get("internal", 0) == 0, d.text()[-3000:]
         assert "Traceback" not in d.text()
     cluster.wait_live(3)
+    generates_exactly(cluster)
+
+
+def test_mutated_fetches_get_one_answer_each_and_leave_the_transfer_socket_serving(cluster):  # noqa: ANN001
+    """A peer's transfer socket answers every frame sent to it, an error or bytes that are
+    exactly the file's at the place the reply names (gguf-py reads the oracle), and serves
+    each intact FETCH among the mutated ones."""
+    from gguf import GGUFReader
+
+    from node.engine.weights import default_model_path
+
+    truth = {t.name: np.ascontiguousarray(t.data).view(np.uint8).ravel().tobytes()
+             for t in GGUFReader(default_model_path()).tensors}  # fmt: skip
+    rng = random.Random(13)
+    d = cluster.nodes[1]
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 30_000)
+        sock.connect(f"tcp://{d.address}")
+        sock.send_multipart(encode(message(Kind.MANIFEST)))
+        manifest = decode(sock.recv_multipart())
+        fingerprint, port = manifest.body["fingerprint"], manifest.body["transfer"]
+        sock.close()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 30_000)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        base, intact = [], set()
+        for name in rng.sample(sorted(truth), 20):
+            start = rng.randrange(len(truth[name]))
+            size = min(4096, len(truth[name]) - start)
+            base.append([encode(m) for m in transfer_messages(fingerprint, name, start, size)])
+        for i in range(FRAMES_PER_NODE):
+            messages = rng.choice(base)
+            if i % 10:
+                sock.send_multipart(mutate(rng, rng.choice(messages)))
+            else:
+                sock.send_multipart(messages[0])
+                intact.add(json.loads(messages[0][0])["body"]["tensor"])
+        # Before a tensor's start, past its end, of an unknown tensor: refused.
+        bad = [("output_norm.weight", -8, 16), ("output_norm.weight", 0, 10**6),
+               ("output_norm.weight", -(2**70), 16), ("no.such.tensor", 0, 16)]  # fmt: skip
+        for b in bad:
+            sock.send_multipart(encode(transfer_messages(fingerprint, *b)[0]))
+        served = set()
+        for _ in range(FRAMES_PER_NODE + len(bad)):
+            reply = decode(sock.recv_multipart())
+            assert reply.kind in (Kind.CHUNK, Kind.ERROR), reply
+            if reply.kind == Kind.CHUNK:
+                name, start, data = reply.body["tensor"], reply.body["start"], reply.frames[0]
+                assert data == truth[name][start : start + len(data)], (name, start)
+                served.add(name)
+        assert intact <= served
+        sock.close()
+    finally:
+        ctx.destroy(linger=0)
+    assert d.proc.poll() is None, d.text()[-3000:]
+    assert "Traceback" not in d.text() and "never retrieved" not in d.text()
     generates_exactly(cluster)

@@ -119,7 +119,7 @@ class TransferServer:
         if entry is None or not self.holds(entry.group):
             raise ProtocolError("not-held", f"this node does not hold tensor '{b['tensor']}'")
         start, size = b["start"], b["size"]
-        if not (0 < size <= CHUNK_BYTES and start + size <= entry.n_bytes):
+        if not (start >= 0 and 0 < size <= CHUNK_BYTES and start + size <= entry.n_bytes):
             raise ProtocolError("bad-range", f"bytes {start}+{size} of '{entry.name}'")
         loop = asyncio.get_running_loop()
         try:
