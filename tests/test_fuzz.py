@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zmq
 
-from node.cluster.transfer import bytes_message
+from node.cluster.transfer import IN_FLIGHT, bytes_message
 from protocol.wire import VERSION, Kind, decode, encode, message
 from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster
@@ -206,6 +208,23 @@ def test_mutated_membership_and_plan_messages_leave_one_exact_cluster(cluster): 
     generates_exactly(cluster)
 
 
+def dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)
+    sock.connect(f"tcp://{address}")
+    return sock
+
+
+def transfer_socket(ctx: zmq.Context, address: str) -> tuple[str, int]:
+    """The model fingerprint and transfer port the daemon at `address` tells a MANIFEST."""
+    sock = dealer(ctx, address)
+    sock.send_multipart(encode(message(Kind.MANIFEST)))
+    manifest = decode(sock.recv_multipart())
+    sock.close()
+    return manifest.body["fingerprint"], manifest.body["transfer"]
+
+
 def test_mutated_fetches_get_one_answer_each_and_leave_the_transfer_socket_serving(cluster):  # noqa: ANN001
     """A peer's transfer socket answers every frame sent to it, an error or bytes that are
     exactly the file's at the place the reply names (gguf-py reads the oracle), and serves
@@ -220,43 +239,37 @@ def test_mutated_fetches_get_one_answer_each_and_leave_the_transfer_socket_servi
     d = cluster.nodes[1]
     ctx = zmq.Context()
     try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 30_000)
-        sock.connect(f"tcp://{d.address}")
-        sock.send_multipart(encode(message(Kind.MANIFEST)))
-        manifest = decode(sock.recv_multipart())
-        fingerprint, port = manifest.body["fingerprint"], manifest.body["transfer"]
-        sock.close()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 30_000)
-        sock.connect(f"tcp://127.0.0.1:{port}")
+        fingerprint, port = transfer_socket(ctx, d.address)
+        sock = dealer(ctx, f"127.0.0.1:{port}")
         base, intact = [], set()
         for name in rng.sample(sorted(truth), 20):
             start = rng.randrange(len(truth[name]))
             size = min(4096, len(truth[name]) - start)
             base.append([encode(m) for m in transfer_messages(fingerprint, name, start, size)])
-        for i in range(FRAMES_PER_NODE):
-            messages = rng.choice(base)
-            if i % 10:
-                sock.send_multipart(mutate(rng, rng.choice(messages)))
-            else:
-                sock.send_multipart(messages[0])
-                intact.add(json.loads(messages[0][0])["body"]["tensor"])
         # Before a tensor's start, past its end, of an unknown tensor: refused.
         bad = [("output_norm.weight", -8, 16), ("output_norm.weight", 0, 10**6),
                ("output_norm.weight", -(2**70), 16), ("no.such.tensor", 0, 16)]  # fmt: skip
-        for b in bad:
-            sock.send_multipart(encode(transfer_messages(fingerprint, *b)[0]))
+        frames = [encode(transfer_messages(fingerprint, *b)[0]) for b in bad]
+        for i in range(FRAMES_PER_NODE):
+            messages = rng.choice(base)
+            if i % 10:
+                frames.append(mutate(rng, rng.choice(messages)))
+            else:
+                frames.append(messages[0])
+                intact.add(json.loads(messages[0][0])["body"]["tensor"])
         served = set()
-        for _ in range(FRAMES_PER_NODE + len(bad)):
-            reply = decode(sock.recv_multipart())
-            assert reply.kind in (Kind.CHUNK, Kind.ERROR), reply
-            if reply.kind == Kind.CHUNK:
-                name, start, data = reply.body["tensor"], reply.body["start"], reply.frames[0]
-                assert data == truth[name][start : start + len(data)], (name, start)
-                served.add(name)
+        for at in range(0, len(frames), IN_FLIGHT):  # as many at once as a fetch asks
+            batch = frames[at : at + IN_FLIGHT]
+            for f in batch:
+                sock.send_multipart(f)
+            for _ in batch:
+                reply = decode(sock.recv_multipart())
+                assert reply.kind in (Kind.CHUNK, Kind.ERROR), reply
+                if reply.kind == Kind.CHUNK:
+                    name, start, data = (reply.body["tensor"], reply.body["start"],
+                                         reply.frames[0])  # fmt: skip
+                    assert data == truth[name][start : start + len(data)], (name, start)
+                    served.add(name)
         assert intact <= served
         sock.close()
     finally:
@@ -264,3 +277,33 @@ def test_mutated_fetches_get_one_answer_each_and_leave_the_transfer_socket_servi
     assert d.proc.poll() is None, d.text()[-3000:]
     assert "Traceback" not in d.text() and "never retrieved" not in d.text()
     generates_exactly(cluster)
+
+
+def test_a_peer_that_never_reads_its_chunks_costs_bounded_memory(cluster):  # noqa: ANN001
+    """300 chunks of 4 MiB asked for and never read: the daemon keeps a few queued for that
+    peer, not 1.2 GB, and goes on serving another peer at once."""
+    d = cluster.nodes[1]
+
+    def rss_mib() -> float:
+        status = Path(f"/proc/{d.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+    ctx = zmq.Context()
+    try:
+        fingerprint, port = transfer_socket(ctx, d.address)
+        before = rss_mib()
+        stuck = ctx.socket(zmq.DEALER)  # its own queue holds one reply, its kernel's little
+        stuck.setsockopt(zmq.RCVHWM, 1)
+        stuck.setsockopt(zmq.RCVBUF, 4096)
+        stuck.connect(f"tcp://127.0.0.1:{port}")
+        ask = transfer_messages(fingerprint, "token_embd.weight", 0, 4 << 20)[0]
+        for _ in range(300):
+            stuck.send_multipart(encode(ask))
+        time.sleep(5.0)
+        other = dealer(ctx, f"127.0.0.1:{port}")
+        other.send_multipart(encode(ask))
+        assert decode(other.recv_multipart()).kind == Kind.CHUNK
+        assert rss_mib() - before < 400, (before, rss_mib())
+    finally:
+        ctx.destroy(linger=0)
+    assert d.proc.poll() is None and "Traceback" not in d.text()

@@ -106,8 +106,10 @@ class TransferServer:
             now = time.monotonic()
             self.paced = max(self.paced, now) + len(reply.frames[0]) / self.busy_rate
             await asyncio.sleep(self.paced - now)
-        with contextlib.suppress(zmq.ZMQError):
-            await self.sock.send_multipart([identity, *encode(reply)], copy=False)
+        try:  # a peer with TRANSFER_QUEUE replies unread has stopped reading: it asks again
+            await self.sock.send_multipart([identity, *encode(reply)], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            log.debug("transfer: reply not sent (%s)", e)
 
     async def _answer(self, msg: Message) -> Message:
         if msg.kind != Kind.FETCH:

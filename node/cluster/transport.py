@@ -27,6 +27,7 @@ from protocol.wire import Kind, Message, ProtocolError, decode, encode, error
 log = logging.getLogger("ringinfer")
 
 HARD_MAX_MESSAGE = 1 << 30  # ZeroMQ drops the connection above this; below, we answer errors
+TRANSFER_QUEUE = 32  # replies queued for a transfer peer: twice what a fetch asks at once
 
 Handler = Callable[[bytes, Message, str], Awaitable[None]]  # (client identity, message, host)
 Refused = Callable[[Message, str, str], None]  # a refused message, its error code and text
@@ -67,6 +68,8 @@ def listen(
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
         sock.setsockopt(zmq.LINGER, 0)
+        if sock is transfer:  # chunks for a peer that stops reading are dropped, not hoarded
+            sock.setsockopt(zmq.SNDHWM, TRANSFER_QUEUE)
         if keys:
             keys.serve(sock)
         try:
