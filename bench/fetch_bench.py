@@ -12,6 +12,8 @@ rate against a raw TCP stream of the same bytes, and the time from its start to 
 - `--link 1gbit`: every host's network card is capped at that rate (a token bucket, tc tbf,
   both ways), as on a real LAN; without it the namespaces' veth pairs run as fast as the CPU
   copies, which on 2 cores the sender, the receiver and the kernel share.
+- `--loopback`: both hosts on 127.0.0.1, no namespaces, for a machine without `ip` (such as
+  a many-core GPU box, where the CPU no longer bounds the copy as on 2 cores).
 
 Each repeat starts host 2 with an empty data dir (a new laptop): the join time includes its
 first compute measurement. Medians. Needs root (ip netns). Writes bench/results/fetch.json.
@@ -73,16 +75,22 @@ print(got, time.perf_counter() - began)
 """
 
 
-def in_ns(ns: str, *cmd: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], cwd=ROOT, **kw)
+def on(lan: Lan | None, i: int, *cmd: str) -> list[str]:
+    """`cmd` as host i runs it: in its namespace, or here with --loopback."""
+    return ["ip", "netns", "exec", lan.hosts[i], *cmd] if lan else list(cmd)
 
 
-def raw_rate(lan: Lan, path: Path, n: int, keep: Path | None = None) -> float:
+def address(lan: Lan | None, i: int) -> str:
+    return lan.address(i) if lan else "127.0.0.1"
+
+
+def raw_rate(lan: Lan | None, path: Path, n: int, keep: Path | None = None) -> float:
     """Bytes/s of one TCP stream from host 1 to host 2 (written to `keep` and hashed)."""
-    server = in_ns(lan.hosts[0], sys.executable, "-c", SERVE, str(path), str(n), str(RAW_PORT))
+    server = subprocess.Popen(on(lan, 0, sys.executable, "-c", SERVE, str(path), str(n),
+                                 str(RAW_PORT)))  # fmt: skip
     time.sleep(1.0)  # listening
-    cmd = ["ip", "netns", "exec", lan.hosts[1], sys.executable, "-c", RECEIVE, lan.address(0),
-           str(n), str(RAW_PORT), *([str(keep)] if keep else [])]  # fmt: skip
+    cmd = on(lan, 1, sys.executable, "-c", RECEIVE, address(lan, 0), str(n), str(RAW_PORT),
+             *([str(keep)] if keep else []))  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
     server.wait(timeout=60)
     got, seconds = int(out[0]), float(out[1])
@@ -90,12 +98,12 @@ def raw_rate(lan: Lan, path: Path, n: int, keep: Path | None = None) -> float:
     return n / seconds
 
 
-def daemon(lan: Lan, i: int, root: Path, args: list[str]) -> subprocess.Popen:
+def daemon(lan: Lan | None, i: int, root: Path, args: list[str]) -> subprocess.Popen:
     log = open(root / f"h{i + 1}.log", "w")  # noqa: SIM115 - the daemon writes it
-    cmd = [sys.executable, "-m", "node.cli", "daemon", "--port", str(PORT), "--name",
-           f"h{i + 1}", "--data-dir", str(root / f"h{i + 1}"), "--api", "off", "--no-mdns",
-           *args]  # fmt: skip
-    return in_ns(lan.hosts[i], *cmd, stdout=log, stderr=subprocess.STDOUT)
+    cmd = on(lan, i, sys.executable, "-m", "node.cli", "daemon", "--port", str(PORT + i),
+             "--name", f"h{i + 1}", "--data-dir", str(root / f"h{i + 1}"), "--api", "off",
+             "--no-mdns", *args)  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stamp(line: str) -> float:
@@ -112,11 +120,11 @@ def wait_for(path: Path, pattern: str, timeout: float = 300) -> re.Match:
     raise SystemExit(f"{path.name} never logged /{pattern}/:\n{path.read_text()[-3000:]}")
 
 
-def join(lan: Lan, root: Path, model: Path, n_layers: int, security: list[str]) -> dict:
+def join(lan: Lan | None, root: Path, model: Path, n_layers: int, security: list[str]) -> dict:
     """Host 2 joins with an empty data dir: its fetch, and its start to serving."""
     shutil.rmtree(root / "h2", ignore_errors=True)
     began = time.time()
-    proc = daemon(lan, 1, root, [*security, "--peer", f"{lan.address(0)}:{PORT}",
+    proc = daemon(lan, 1, root, [*security, "--peer", f"{address(lan, 0)}:{PORT}",
                                  "--layers", f"0:{n_layers}"])  # fmt: skip
     try:
         log = root / "h2.log"
@@ -142,9 +150,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--insecure", action="store_true", help="no cluster secret")
     parser.add_argument("--link", help="cap each host's link at this rate (tc units: 1gbit)")
+    parser.add_argument("--loopback", action="store_true", help="both hosts on 127.0.0.1")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/fetch.json")
     args = parser.parse_args()
-    require_netns()
+    if args.loopback and args.link:
+        parser.error("--link shapes the namespaces' links: not with --loopback")
+    if not args.loopback:
+        require_netns()
     root = Path(tempfile.mkdtemp(prefix="fetch-bench-"))
     model = args.model or renamed_model(root / "default-renamed.gguf")
     manifest = build(model, model.name)
@@ -156,7 +168,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "node.cli", "secret", str(root / "cluster.key")],
                        check=True, cwd=ROOT)  # fmt: skip
         security = ["--secret-file", str(root / "cluster.key")]
-    lan = Lan(2)
+    lan = None if args.loopback else Lan(2)
     holder = None
     try:
         for i in range(2 if args.link else 0):
@@ -176,7 +188,8 @@ def main() -> None:
         if holder:
             holder.send_signal(signal.SIGTERM)
             holder.wait(timeout=60)
-        lan.close()
+        if lan:
+            lan.close()
         shutil.rmtree(root, ignore_errors=True)
 
     def med(key: str) -> float:
@@ -185,6 +198,7 @@ def main() -> None:
     raw_rate_med, kept_med = statistics.median(raw), statistics.median(kept)
     result = {
         **provenance(), "model": str(model), "secret": not args.insecure, "link": args.link,
+        "hosts": "loopback" if args.loopback else "namespaces",
         "repeats": args.repeats, "bytes": n_bytes,
         "raw_tcp_mib_s": raw_rate_med / 2**20, "fetch_mib_s": med("fetch_rate") / 2**20,
         "fetch_vs_raw": med("fetch_rate") / raw_rate_med,
