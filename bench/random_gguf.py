@@ -25,8 +25,10 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=8192)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--source", type=Path, help="the GGUF whose metadata and tokenizer it "
+                        "copies (default: the default model's)")  # fmt: skip
     args = parser.parse_args()
-    source = GGUFReader(default_model_path())
+    source = GGUFReader(args.source or default_model_path())
     dims = {
         "llama.block_count": args.layers, "llama.embedding_length": args.dim,
         "llama.feed_forward_length": args.ffn, "llama.attention.head_count": args.heads,
