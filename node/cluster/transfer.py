@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -57,6 +58,8 @@ CHUNK_BYTES = 4 << 20
 IN_FLIGHT = 16  # chunks asked of one member before its first answer (most are one tensor)
 CHUNK_TIMEOUT_S = 15.0  # a member silent this long on a chunk is given up
 SERVING = 8  # requests a member answers at once
+STORE_THREADS = min(4, os.cpu_count() or 1)  # chunks written and tensors hashed at once
+STORING = 4 * STORE_THREADS  # chunks received and not yet stored, all members together
 
 
 def bytes_message(kind: Kind, *frames: bytes | memoryview, **fields: object) -> Message:
@@ -173,7 +176,7 @@ class Progress:
 class _Tensor:
     entry: TensorEntry
     writer: GroupWriter
-    left: int  # chunks not written yet
+    unwritten: int  # chunks not written yet (counted on the disk threads, under the lock)
     senders: set[str] = field(default_factory=set)
     banned: set[str] = field(default_factory=set)  # sent it corrupt once
     failures: int = 0
@@ -204,12 +207,15 @@ class Fetch:
         self.changed = asyncio.Event()
         self.in_flight = 0  # chunks asked and not answered, all members together
         self.failure = ""
-        self.disk = ThreadPoolExecutor(1, "fetch")  # writes and hashes, one at a time
+        self.disk = ThreadPoolExecutor(STORE_THREADS, "fetch")  # writes and hashes
+        self.lock = threading.Lock()  # the disk threads' counts and group files
+        self.storing = asyncio.Semaphore(STORING)  # received chunks waiting for the disk
+        self.stores: set[asyncio.Task] = set()
 
     def _queue(self, t: _Tensor) -> None:
         chunks = [(t.entry.name, at, min(CHUNK_BYTES, t.entry.n_bytes - at))
                   for at in range(0, t.entry.n_bytes, CHUNK_BYTES)]  # fmt: skip
-        t.left = len(chunks)
+        t.unwritten = len(chunks)
         self.tensors[t.entry.name] = t
         self.todo.extend(chunks)
 
@@ -219,6 +225,8 @@ class Fetch:
             try:
                 await asyncio.gather(*(self._worker(s) for s in self.sources))
             finally:
+                for task in self.stores:
+                    task.cancel()
                 self.disk.shutdown(wait=True)
                 for w in self.writers.values():
                     w.close()
@@ -279,9 +287,11 @@ class Fetch:
                     log.warning("fetch: %s sent what was not asked; not asking it again",
                                 source.name)  # fmt: skip
                     return
-                del asked[key]
-                self.in_flight -= 1
-                await self._landed(source, key[0], key[1], msg.frames[0])
+                del asked[key]  # still in flight until stored: a bad hash puts it back
+                await self.storing.acquire()
+                task = asyncio.ensure_future(self._landed(source, *key, msg.frames[0]))
+                self.stores.add(task)
+                task.add_done_callback(self.stores.discard)
         finally:
             for (name, start), size in asked.items():  # given to the others
                 self.todo.appendleft((name, start, size))
@@ -298,48 +308,58 @@ class Fetch:
                 return False
         return False
 
-    def _store(
-        self, t: _Tensor, start: int, data: bytes, last: bool, whole: bytes | None
-    ) -> bool:
-        """On the disk thread: write a chunk; False when it completes a tensor that fails
-        its hash. A group complete is put in place at once: a stage may be loading it."""
+    def _store(self, t: _Tensor, start: int, data: bytes, whole: bytes | None) -> bool:
+        """On a disk thread: write a chunk; False when it completes a tensor that fails its
+        hash. A group complete is put in place at once: a stage may be loading it."""
         w = t.writer
         w.write(t.entry.name, start, data)
-        if not last:
-            return True
-        if not w.verify(t.entry.name, whole):
+        with self.lock:
+            t.unwritten -= 1
+            if t.unwritten:
+                return True
+        if not w.verify(t.entry.name, whole):  # the tensor's last write: hashed by one thread
             return False
-        if not w.missing():
-            w.finish()
+        with self.lock:
+            if w.path.exists() and not w.missing():
+                w.finish()
         return True
 
     async def _landed(self, source: Source, name: str, start: int, data: bytes) -> None:
+        """A chunk received: stored on the disk threads, while its worker asks for more."""
         t = self.tensors[name]
-        loop = asyncio.get_running_loop()
         t.senders.add(source.name)
-        t.left -= 1
         self.progress.done += len(data)
         self.progress.received += len(data)
         whole = data if len(data) == t.entry.n_bytes else None  # hashed as it is, not re-read
-        # Submitted in arrival order to one thread: the last chunk's write runs last.
-        last = t.left == 0
-        if await loop.run_in_executor(self.disk, self._store, t, start, data, last, whole):
-            return
+        try:
+            stored = asyncio.get_running_loop().run_in_executor(
+                self.disk, self._store, t, start, data, whole
+            )
+            if not await stored:
+                self._refetch(t)
+        except OSError as e:  # the disk: full, or gone
+            self.failure = f"cannot write to the shard cache: {e}"
+        finally:  # after a refetch is queued: workers wait while anything is in flight
+            self.in_flight -= 1
+            self.storing.release()
+            self.changed.set()
+
+    def _refetch(self, t: _Tensor) -> None:
+        """A tensor that failed its hash: asked again of another member, its senders named."""
         senders = ", ".join(sorted(t.senders))
         log.warning("fetch: tensor %s from %s failed its SHA-256; fetching it again from "
-                    "another member", name, senders)  # fmt: skip
-        self.progress.bad.update(dict.fromkeys(t.senders, name))
+                    "another member", t.entry.name, senders)  # fmt: skip
+        self.progress.bad.update(dict.fromkeys(t.senders, t.entry.name))
         self.progress.done -= t.entry.n_bytes
         t.failures += 1
         blamed = t.banned | t.senders
         if any(s.has(t.entry.group) and s.name not in blamed for s in self.sources):
             t.banned = blamed
         elif t.failures >= 3:
-            self.failure = f"tensor {name} failed its SHA-256 {t.failures} times"
+            self.failure = f"tensor {t.entry.name} failed its SHA-256 {t.failures} times"
             return
         t.senders = set()
         self._queue(t)
-        self.changed.set()
 
 
 @dataclass

@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +80,14 @@ class GroupWriter:
     verified: set[str]
 
     fd: int = -1  # the .part file, open while chunks come
+    opening: threading.Lock = field(default_factory=threading.Lock)  # chunks write at once
 
     def write(self, name: str, start: int, data: bytes) -> None:
         if start < 0 or start + len(data) > self.entries[name].n_bytes:
             raise ValueError(f"chunk {start}+{len(data)} outside tensor '{name}'")
-        if self.fd < 0:
-            self.fd = os.open(self.path, os.O_WRONLY)
+        with self.opening:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_WRONLY)
         view, at = memoryview(data), self.infos[name].offset + start
         while view:
             n = os.pwrite(self.fd, view, at)
