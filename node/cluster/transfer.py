@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ringinfer")
 
 CHUNK_BYTES = 4 << 20
-IN_FLIGHT = 16  # chunks asked of one member before its first answer (most are one tensor)
+IN_FLIGHT = 16  # chunks asked on one connection before its first answer
+CONNECTIONS = 2  # to each member: with the secret, each connection's crypto is one thread
 CHUNK_TIMEOUT_S = 15.0  # a member silent this long on a chunk is given up
 SERVING = 8  # requests a member answers at once
 STORE_THREADS = min(4, os.cpu_count() or 1)  # chunks written and tensors hashed at once
@@ -223,7 +224,8 @@ class Fetch:
         """Fetch everything; RinginferError if some tensor has no member left to give it."""
         if self.tensors:
             try:
-                await asyncio.gather(*(self._worker(s) for s in self.sources))
+                await asyncio.gather(*(self._worker(s) for s in self.sources
+                                       for _ in range(CONNECTIONS)))  # fmt: skip
             finally:
                 for task in self.stores:
                     task.cancel()

@@ -56,7 +56,9 @@ def listen(
     transfer socket's port 0: any free one). With `keys` they are CURVE servers, and
     handshakes wait for the ZAP handler (bound first, so no connection is ever admitted
     unchecked)."""
-    ctx = zmq.asyncio.Context()  # its own: the ZAP endpoint is bound once per context
+    # Its own: the ZAP endpoint is bound once per context. Each connection's encryption
+    # runs on one of its I/O threads: transfers of several connections take several.
+    ctx = zmq.asyncio.Context(io_threads=min(4, os.cpu_count() or 1))
     zap = None
     if keys:
         zap = ctx.socket(zmq.REP)
