@@ -208,6 +208,7 @@ class Fetch:
         self.changed = asyncio.Event()
         self.in_flight = 0  # chunks asked and not answered, all members together
         self.failure = ""
+        self.dropped: set[str] = set()  # members not asked again
         self.disk = ThreadPoolExecutor(STORE_THREADS, "fetch")  # writes and hashes
         self.lock = threading.Lock()  # the disk threads' counts and group files
         self.storing = asyncio.Semaphore(STORING)  # received chunks waiting for the disk
@@ -240,7 +241,15 @@ class Fetch:
                 w.finish()
         return self.progress
 
+    def _drop(self, source: Source, why: str) -> None:
+        """Ask a member for nothing more, on any of its connections; logged once."""
+        if source.name not in self.dropped:
+            self.dropped.add(source.name)
+            log.warning("fetch: %s %s", source.name, why)
+
     def _next(self, source: Source) -> tuple[str, int, int] | None:
+        if source.name in self.dropped:
+            return None
         for i, (name, start, size) in enumerate(self.todo):
             t = self.tensors[name]
             if source.has(t.entry.group) and source.name not in t.banned:
@@ -272,22 +281,19 @@ class Fetch:
                         await asyncio.wait_for(self.changed.wait(), 1.0)
                     continue
                 if not await self._answered(sock, source):
-                    log.warning("fetch: %s stopped answering; the others take its chunks",
-                                source.name)  # fmt: skip
+                    self._drop(source, "stopped answering; the others take its chunks")
                     return
                 try:
                     msg = decode(await sock.recv_multipart())
                 except ProtocolError as e:
-                    log.warning("fetch: %s sent a bad frame (%s); not asking it again",
-                                source.name, e)  # fmt: skip
+                    self._drop(source, f"sent a bad frame ({e}); not asking it again")
                     return
                 if msg.kind == Kind.ERROR:
-                    log.warning("fetch: %s refused: %s", source.name, msg.body["message"])
+                    self._drop(source, f"refused: {msg.body['message']}")
                     return
                 key = (msg.body["tensor"], msg.body["start"])
                 if msg.kind != Kind.CHUNK or key not in asked or len(msg.frames[0]) != asked[key]:
-                    log.warning("fetch: %s sent what was not asked; not asking it again",
-                                source.name)  # fmt: skip
+                    self._drop(source, "sent what was not asked; not asking it again")
                     return
                 del asked[key]  # still in flight until stored: a bad hash puts it back
                 await self.storing.acquire()
