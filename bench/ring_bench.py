@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.ports import free_port  # noqa: E402
+
 CLI = [sys.executable, "-m", "node.cli"]
 PROMPT = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle. "
@@ -72,12 +74,6 @@ def side_by_side(runs: dict[str, list[dict]], keys: list[str]) -> dict[str, floa
 
 def run_plain(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cluster(root: Path, flags: list[list[str]]) -> tuple[list[subprocess.Popen], list[str]]:
@@ -241,7 +237,6 @@ def main() -> None:
 
 def model_config(engine: list[str]) -> Any:
     """The model's config, read the way the daemons read it."""
-    sys.path.insert(0, str(ROOT))
     from node.engine.weights import open_checkpoint
 
     return open_checkpoint(engine[1] if engine[:1] == ["--model"] else None).config

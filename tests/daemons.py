@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from discovery.capabilities import CACHE_FILE, cache_key, model_key_of
 from node.cluster.secret import ENV
 from node.engine.weights import default_model_path, layer_format, open_checkpoint
 from tests.conftest import run_cli
+from tests.ports import free_port
 
 # What loopback clusters' daemons find in their data dir instead of measuring: one machine
 # runs them all, so equal capabilities make their plans repeatable.
@@ -32,27 +31,6 @@ SAME_CAPABILITIES = {"flops": 1e11, "bandwidth": 1e10, "layer_overhead_s": 5e-5}
 # decoding; test_ring's perplexity test bounds that path).
 EXACT_RING = ["--objective", "throughput", "--wire-dtype", "float32"]
 LAN_SECRET = "0" * 16 + "a test cluster's secret, not a secret"
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nobody listens on, below the kernel's ephemeral range: a port 0 bind (a
-    daemon's transfer socket) or an outgoing connection can't take it before its daemon
-    binds it, as one from that range could."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        port = random.randrange(max(1024, low - 12000), low)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
 
 
 @functools.cache
