@@ -128,9 +128,7 @@ def test_mutated_frames_of_every_type_leave_the_ring_serving_exactly(cluster):  
         for d, status in zip(cluster.nodes, before, strict=True):
             me = next(n for n in status["nodes"] if n["id"] == status["node"])
             base = templates(rng, status, me)
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://{d.address}")
+            sock = dealer(ctx, d.address)
             for _ in range(FRAMES_PER_NODE):
                 sock.send_multipart(mutate(rng, rng.choice(base)))
                 sent += 1
@@ -189,9 +187,7 @@ def test_mutated_membership_and_plan_messages_leave_one_exact_cluster(cluster): 
     try:
         for d in cluster.nodes:
             base = membership_templates(rng, status)
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://{d.address}")
+            sock = dealer(ctx, d.address)
             for _ in range(FRAMES_PER_NODE // 2):
                 sock.send_multipart(mutate(rng, rng.choice(base)))
             time.sleep(1.0)

@@ -56,6 +56,7 @@ log = logging.getLogger("ringinfer")
 
 CHUNK_BYTES = 4 << 20
 IN_FLIGHT = 16  # chunks asked on one connection before its first answer
+TRANSFER_QUEUE = 2 * IN_FLIGHT  # replies a member queues for one connection, then drops
 CONNECTIONS = 2  # to each member: with the secret, each connection's crypto is one thread
 CHUNK_TIMEOUT_S = 15.0  # a member silent this long on a chunk is given up
 SERVING = 8  # requests a member answers at once
@@ -339,11 +340,9 @@ class Fetch:
         self.progress.done += len(data)
         self.progress.received += len(data)
         whole = data if len(data) == t.entry.n_bytes else None  # hashed as it is, not re-read
+        loop = asyncio.get_running_loop()
         try:
-            stored = asyncio.get_running_loop().run_in_executor(
-                self.disk, self._store, t, start, data, whole
-            )
-            if not await stored:
+            if not await loop.run_in_executor(self.disk, self._store, t, start, data, whole):
                 self._refetch(t)
         except OSError as e:  # the disk: full, or gone
             self.failure = f"cannot write to the shard cache: {e}"

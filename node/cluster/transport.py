@@ -21,13 +21,13 @@ import zmq.asyncio
 from node.cluster.log_budget import LogBudget
 from node.cluster.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
 from node.cluster.status import Stats
+from node.cluster.transfer import TRANSFER_QUEUE
 from node.errors import RinginferError
 from protocol.wire import Kind, Message, ProtocolError, decode, encode, error
 
 log = logging.getLogger("ringinfer")
 
 HARD_MAX_MESSAGE = 1 << 30  # ZeroMQ drops the connection above this; below, we answer errors
-TRANSFER_QUEUE = 32  # replies queued for a transfer peer: twice what a fetch asks at once
 
 Handler = Callable[[bytes, Message, str], Awaitable[None]]  # (client identity, message, host)
 Refused = Callable[[Message, str, str], None]  # a refused message, its error code and text
