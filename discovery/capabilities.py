@@ -26,7 +26,7 @@ import torch
 
 from node import __version__
 from node.engine.local import available_memory
-from node.engine.models import GPT2, LLAMA
+from node.engine.models import family_named
 from node.engine.models.linear import Linear
 from node.engine.models.quantized import fill_random, swap_modules
 from node.errors import RinginferError
@@ -229,7 +229,7 @@ def _measure_here(request: dict[str, Any]) -> dict[str, Any]:
         flops, bandwidth, overhead = measure_compute(device, dtype)
         out["compute"] = {"flops": flops, "bandwidth": bandwidth, "layer_overhead_s": overhead}
     if request["family"]:
-        family = next(f for f in (LLAMA, GPT2) if f.name == request["family"])
+        family = family_named(request["family"])
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in request["config"].items()}
         config = family.config_cls(**fields)
         out["layer_s"] = measure_layer(family, config, device, dtype, request["format"])

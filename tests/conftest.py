@@ -55,6 +55,31 @@ FAMILIES = {
             tie_word_embeddings=True,
         ),
     ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    ),
+    # Experts: 8 of width 32, top 2 renormalised; layer 2 dense (mlp_only_layers).
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+             norm_topk_prob=True, mlp_only_layers=[2]),
+    ),  # fmt: skip
+    # Mixtral: 4 experts, top 3, its own tensor names (block_sparse_moe, w1/w2/w3), a window.
+    "mixtral": (
+        "MixtralConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2,
+             num_local_experts=4, num_experts_per_tok=3, sliding_window=7),
+    ),  # fmt: skip
+    # Qwen2-MoE: a shared expert with a sigmoid gate, top-k not renormalised, every 2nd
+    # layer sparse (decoder_sparse_step).
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2,
+             num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+             shared_expert_intermediate_size=64, decoder_sparse_step=2),
+    ),  # fmt: skip
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=50257, n_embd=64, n_layer=4, n_head=4, n_positions=64),

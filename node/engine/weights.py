@@ -7,6 +7,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from node.engine.gguf_file import (
     TensorInfo,
     int4_groups,
 )
-from node.engine.models import LLAMA, Family, family_for_hf, llama
+from node.engine.models import Family, family_for_gguf, family_for_hf
 from node.engine.models.quantized import (
     QuantizedTensor,
     check_device,
@@ -132,12 +133,7 @@ class GGUFCheckpoint(Checkpoint):
         self.tensors = self.file.tensors
         self.meta = self.file.metadata
         self.arch = self.meta.get("general.architecture")
-        if self.arch not in llama.GGUF_ARCHITECTURES:
-            raise RinginferError(
-                f"unsupported GGUF architecture '{self.arch}' "
-                f"(supported: {', '.join(llama.GGUF_ARCHITECTURES)})"
-            )
-        self.family = LLAMA
+        self.family = family_for_gguf(self.arch)
         factors = None
         if "rope_freqs.weight" in self.tensors:
             from gguf.quants import dequantize
@@ -145,39 +141,58 @@ class GGUFCheckpoint(Checkpoint):
             freqs = self.tensors["rope_freqs.weight"]
             factors = tuple(dequantize(self.file.read(freqs.name), freqs.type).tolist())
         try:
-            self.config = llama.LlamaConfig.from_gguf(self.meta, set(self.tensors), factors)
+            self.config = self.family.config_cls.from_gguf(self.meta, set(self.tensors), factors)
         except (KeyError, TypeError) as e:
             raise RinginferError(f"{path} lacks GGUF metadata {e}") from None
+        self._stage_cls = self.family.stage_cls
 
     def file_name(self, hf_name: str) -> str:
-        return llama.gguf_name(hf_name)
+        return self._stage_cls.gguf_source(hf_name)[0]
 
     def _info(self, hf_name: str) -> TensorInfo:
-        gguf_name = llama.gguf_name(hf_name)
+        """The tensor `hf_name` is in the file: a whole tensor, or one expert's matrix of a
+        stacked [experts, rows, columns] tensor, as a matrix of its own."""
+        gguf_name, expert = self._stage_cls.gguf_source(hf_name)
         if gguf_name not in self.tensors:
             raise RinginferError(f"{self.path} has no tensor '{gguf_name}'")
-        return self.tensors[gguf_name]
+        info = self.tensors[gguf_name]
+        if expert is None:
+            return info
+        if len(info.shape) != 3 or not 0 <= expert < info.shape[0]:
+            raise RinginferError(
+                f"tensor '{gguf_name}' of shape {list(info.shape)} has no expert {expert}"
+            )
+        size = info.n_bytes // info.shape[0]
+        return replace(info, shape=info.shape[1:], offset=info.offset + expert * size,
+                       n_bytes=size)  # fmt: skip
+
+    def _read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The raw bytes of `info` (of rows [a, b) only, if given): a whole tensor or an
+        expert's part of one."""
+        start = info.offset - self.tensors[info.name].offset
+        a, b = rows if rows is not None else (0, info.shape[0])
+        row_bytes = info.n_bytes // info.shape[0]
+        return self.file.read_bytes(info.name, start + a * row_bytes, (b - a) * row_bytes)
 
     def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor | QuantizedTensor:
         from gguf.quants import dequantize
 
         info = self._info(hf_name)
         if fmt == "int4" and info.type in INT4_TYPES:
-            groups = int4_groups(self.file.read(info.name), info.type, info.shape[0])
+            groups = int4_groups(self._read(info), info.type, info.shape[0])
             t: torch.Tensor | QuantizedTensor = QuantizedTensor(*map(torch.from_numpy, groups))
         elif len(info.shape) == 1:
-            raw = self.file.read(info.name)
-            t = torch.from_numpy(np.array(dequantize(raw, info.type), np.float32))
+            t = torch.from_numpy(np.array(dequantize(self._read(info), info.type), np.float32))
         else:  # row chunks: a float copy of one chunk at most, whatever the tensor's size
             n, k = info.shape
             step = row_chunk(k)
 
             def rows(i: int) -> torch.Tensor:
-                raw = self.file.read(info.name, (i, min(n, i + step)))
+                raw = self._read(info, (i, min(n, i + step)))
                 return torch.from_numpy(np.asarray(dequantize(raw, info.type)).reshape(-1, k))
 
             t = convert_rows((n, k), ((i, rows(i)) for i in range(0, n, step)), fmt)
-        return llama.from_gguf_layout(hf_name, t, self.config, self.arch)
+        return self._stage_cls.from_gguf_layout(hf_name, t, self.config, self.arch)
 
     def source_format(self, hf_name: str) -> str:
         info = self._info(hf_name)

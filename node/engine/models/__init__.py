@@ -12,15 +12,23 @@ from node.errors import RinginferError
 
 @dataclass(frozen=True)
 class Family:
+    """One implementation: its config reader, its stage, and the names it answers to."""
+
     name: str
     config_cls: type
     stage_cls: type[Stage]
+    hf_types: tuple[str, ...]
+    gguf_archs: tuple[str, ...]
 
 
-LLAMA = Family("llama", llama.LlamaConfig, llama.LlamaStage)
-GPT2 = Family("gpt2", gpt2.GPT2Config, gpt2.GPT2Stage)
-_BY_HF_TYPE = {t: f for f, mod in ((LLAMA, llama), (GPT2, gpt2)) for t in mod.HF_MODEL_TYPES}
+LLAMA = Family("llama", llama.LlamaConfig, llama.LlamaStage, llama.HF_MODEL_TYPES,
+               llama.GGUF_ARCHITECTURES)  # fmt: skip
+GPT2 = Family("gpt2", gpt2.GPT2Config, gpt2.GPT2Stage, gpt2.HF_MODEL_TYPES, ())
+FAMILIES = (LLAMA, GPT2)
+_BY_HF_TYPE = {t: f for f in FAMILIES for t in f.hf_types}
+_BY_GGUF_ARCH = {a: f for f in FAMILIES for a in f.gguf_archs}
 SUPPORTED = sorted(_BY_HF_TYPE)
+SUPPORTED_GGUF = sorted(_BY_GGUF_ARCH)
 
 
 def family_for_hf(config: dict[str, Any]) -> Family:
@@ -30,3 +38,16 @@ def family_for_hf(config: dict[str, Any]) -> Family:
             f"unsupported architecture '{model_type}' (supported: {', '.join(SUPPORTED)})"
         )
     return _BY_HF_TYPE[model_type]
+
+
+def family_for_gguf(arch: Any) -> Family:
+    if arch not in _BY_GGUF_ARCH:
+        raise RinginferError(
+            f"unsupported GGUF architecture '{arch}' (supported: {', '.join(SUPPORTED_GGUF)})"
+        )
+    return _BY_GGUF_ARCH[arch]
+
+
+def family_named(name: str) -> Family:
+    """A family by its own name (as a measuring child process is told it)."""
+    return next(f for f in FAMILIES if f.name == name)

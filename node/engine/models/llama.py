@@ -1,4 +1,5 @@
-"""Llama family: Llama 2/3/3.1+, Mistral, Qwen2, SmolLM2 (RMSNorm, SwiGLU, RoPE, GQA)."""
+"""Llama family: Llama 2/3/3.1+, Mistral, Qwen2, Qwen3, SmolLM2 (RMSNorm, SwiGLU, RoPE, GQA),
+and its mixture-of-experts variants Mixtral, Qwen2-MoE and Qwen3-MoE (node/engine/models/moe.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from torch import nn
 
 from node.engine.models.attention import Part, Step, positions_of
 from node.engine.models.linear import Linear
+from node.engine.models.moe import GatedMLP, SparseMoE
 from node.engine.models.stage import Stage, embedding
 from node.errors import RinginferError
 
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+HF_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe")
+# Architectures whose converters permute Q and K rows for llama.cpp's RoPE kernel.
+_PERMUTED = ("llama",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,18 @@ class LlamaConfig:
     o_bias: bool = False
     sliding_window: int | None = None
     tie_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE
+    # Mixture of experts (n_experts 0: every layer dense).
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_dim: int = 0
+    shared_expert_dim: int = 0  # Qwen2-MoE's shared expert (0: none)
+    norm_topk_prob: bool = False  # renormalise the chosen experts' weights to sum 1
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP
+    expert_prefix: str = "mlp"  # the checkpoint's MoE module: mlp, or Mixtral's block_sparse_moe
+
+    def is_moe(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer not in self.dense_layers
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -54,12 +70,20 @@ class LlamaConfig:
                 raise RinginferError(f"unsupported {d['model_type']} option '{unsupported}'")
         if d.get("hidden_act", "silu") != "silu":
             raise RinginferError(f"unsupported activation '{d['hidden_act']}'")
-        # Qwen2 writes a sliding_window it only uses with use_sliding_window (refused above).
-        window = d.get("sliding_window") if d["model_type"] == "mistral" else None
+        kind = d["model_type"]
+        # Qwen writes a sliding_window it only uses with use_sliding_window (refused above).
+        window = d.get("sliding_window") if kind in ("mistral", "mixtral") else None
+        n_experts = d.get("num_experts") or d.get("num_local_experts") or 0
+        n_layers = d["num_hidden_layers"]
+        sparse_step = d.get("decoder_sparse_step") or 1
+        dense = tuple(
+            i for i in range(n_layers)
+            if i in (d.get("mlp_only_layers") or ()) or (i + 1) % sparse_step
+        )  # fmt: skip
         return cls(
             vocab_size=d["vocab_size"],
             dim=dim,
-            n_layers=d["num_hidden_layers"],
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=d.get("num_key_value_heads") or n_heads,
             hidden_dim=d["intermediate_size"],
@@ -72,10 +96,19 @@ class LlamaConfig:
             rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
             rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
             rope_original_max_len=rope.get("original_max_position_embeddings", 8192),
-            qkv_bias=d["model_type"] == "qwen2" or d.get("attention_bias", False),
+            qkv_bias=kind == "qwen2" or d.get("qkv_bias", kind == "qwen2_moe")
+            or d.get("attention_bias", False),
             o_bias=d.get("attention_bias", False),
             sliding_window=window,
             tie_embeddings=d.get("tie_word_embeddings", False),
+            qk_norm=kind in ("qwen3", "qwen3_moe"),
+            n_experts=n_experts,
+            n_experts_used=d.get("num_experts_per_tok", 0) if n_experts else 0,
+            expert_dim=(d.get("moe_intermediate_size") or d["intermediate_size"]) * (n_experts > 0),
+            shared_expert_dim=d.get("shared_expert_intermediate_size") or 0,
+            norm_topk_prob=kind == "mixtral" or d.get("norm_topk_prob", False),
+            dense_layers=dense if n_experts else (),
+            expert_prefix="block_sparse_moe" if kind == "mixtral" else "mlp",
         )
 
     @classmethod
@@ -96,10 +129,11 @@ class LlamaConfig:
             rope_type = "linear"
         elif scaling not in ("none", None):
             raise RinginferError(f"unsupported RoPE scaling '{scaling}' in GGUF file")
+        n_layers, n_experts = key("block_count"), key("expert_count", 0)
         return cls(
             vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
             dim=dim,
-            n_layers=key("block_count"),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=key("attention.head_count_kv") or n_heads,
             hidden_dim=key("feed_forward_length"),
@@ -113,7 +147,17 @@ class LlamaConfig:
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
             o_bias="blk.0.attn_output.bias" in tensor_names,
             tie_embeddings="output.weight" not in tensor_names,
-        )
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            n_experts=n_experts,
+            n_experts_used=key("expert_used_count", 0),
+            expert_dim=key("expert_feed_forward_length") or key("feed_forward_length"),
+            shared_expert_dim=key("expert_shared_feed_forward_length", 0),
+            # llama.cpp renormalises for Mixtral and Qwen3-MoE, not for Qwen2-MoE.
+            norm_topk_prob=key("expert_weights_norm", arch != "qwen2moe"),
+            dense_layers=tuple(
+                i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names
+            ) if n_experts else (),
+        )  # fmt: skip
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies, including the context-extension scalings we support."""
@@ -178,35 +222,35 @@ class Attention(nn.Module):
         q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.dim, q_size + 2 * kv_size, cfg.qkv_bias, device_type)
         self.o_proj = Linear(q_size, cfg.dim, cfg.o_bias, device_type)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         heads = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        qk = rotate(heads[:, : self.n_heads + self.n_kv_heads], *step.rope)  # q, k in one go
+        qk = heads[:, : self.n_heads + self.n_kv_heads]
+        if hasattr(self, "q_norm"):
+            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        qk = rotate(qk, *step.rope)  # q, k in one go
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
         v = heads[:, self.n_heads + self.n_kv_heads :]
         y = step.attend(layer, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, device_type: str) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(cfg.dim, 2 * cfg.hidden_dim, False, device_type)
-        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, False, device_type)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig, device_type: str) -> None:
+    def __init__(self, cfg: LlamaConfig, layer: int, device_type: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, device_type)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg, device_type)
+        self.mlp: nn.Module = (
+            SparseMoE(cfg.dim, cfg.expert_dim, cfg.n_experts, cfg.n_experts_used,
+                      cfg.norm_topk_prob, cfg.shared_expert_dim, device_type)
+            if cfg.is_moe(layer) else GatedMLP(cfg.dim, cfg.hidden_dim, device_type)
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), step, layer)
@@ -220,7 +264,7 @@ class LlamaStage(Stage):
         super().__init__(cfg, start, end)
         if self.is_first:
             self.embed_tokens = embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, device_type) for _ in range(end - start))
+        self.layers = nn.ModuleList(Block(cfg, i, device_type) for i in range(start, end))
         if self.is_last:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.lm_head = Linear(cfg.dim, cfg.vocab_size, False, device_type)
@@ -230,10 +274,16 @@ class LlamaStage(Stage):
         self.inv_freq = self.inv_freq.to(device)
 
     def checkpoint_names(self, key: str) -> list[str]:
-        m = re.match(r"layers\.(\d+)\.(.*)\.(weight|bias)$", key)
+        m = re.match(r"layers\.(\d+)\.(.*?)(\w+)\.(weight|bias)$", key)
         if m:
-            prefix = f"model.layers.{self.start + int(m[1])}."
-            return [f"{prefix}{part}.{m[3]}" for part in _FUSED.get(m[2], (m[2],))]
+            layer, owner, leaf, kind = m.groups()  # owner: "" or ending in "."
+            leaves = _FUSED.get(leaf, (leaf,))
+            if self.cfg.expert_prefix != "mlp" and owner.startswith("mlp."):  # Mixtral's names
+                owner = f"{self.cfg.expert_prefix}.{owner[4:]}"
+                if ".experts." in owner:
+                    leaves = tuple(_MIXTRAL_EXPERT[n] for n in leaves)
+            prefix = f"model.layers.{self.start + int(layer)}.{owner}"
+            return [f"{prefix}{n}.{kind}" for n in leaves]
         if key == "lm_head.weight":
             return ["model.embed_tokens.weight" if self.cfg.tie_embeddings else key]
         return [f"model.{key}"]
@@ -249,12 +299,18 @@ class LlamaStage(Stage):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
 
+    @staticmethod
+    def gguf_source(hf_name: str) -> tuple[str, int | None]:
+        return gguf_source(hf_name)
+
+    @staticmethod
+    def from_gguf_layout(hf_name: str, tensor: Any, cfg: Any, arch: str) -> Any:
+        return from_gguf_layout(hf_name, tensor, cfg, arch)
+
 
 # Our fused projections and the checkpoint tensors they concatenate (one matmul, not three).
-_FUSED = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _GGUF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
@@ -265,11 +321,28 @@ _GGUF_LAYER_NAMES = {
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
+# One expert's matrix: a slice of llama.cpp's stacked [experts, rows, columns] tensor.
+_GGUF_EXPERT_NAMES = {
+    "gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps",
+    "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
+    "down_proj": "ffn_down_exps", "w2": "ffn_down_exps",
+}  # fmt: skip
+_EXPERT = re.compile(
+    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight"
+)
 _GGUF_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -277,21 +350,28 @@ _GGUF_NAMES = {
 }
 
 
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's tensor name for a Hugging Face checkpoint name."""
+def gguf_source(hf_name: str) -> tuple[str, int | None]:
+    """llama.cpp's tensor for a Hugging Face checkpoint name, and the expert's index in it
+    where llama.cpp stacks the experts of a layer into one tensor."""
+    m = _EXPERT.fullmatch(hf_name)
+    if m:
+        return f"blk.{m[1]}.{_GGUF_EXPERT_NAMES[m[3]]}.weight", int(m[2])
     m = re.match(r"model\.layers\.(\d+)\.(.*)", hf_name)
     if m:
-        return f"blk.{m[1]}.{_GGUF_LAYER_NAMES[m[2]]}"
-    return _GGUF_NAMES[hf_name]
+        return f"blk.{m[1]}.{_GGUF_LAYER_NAMES[m[2]]}", None
+    return _GGUF_NAMES[hf_name], None
 
 
 def from_gguf_layout(hf_name: str, tensor: Any, cfg: LlamaConfig, arch: str) -> Any:
-    """Undo the row permutation llama.cpp's converter applies to Q and K for its RoPE kernel
-    (on a float tensor or a QuantizedTensor: whole rows move, codes and scales alike).
-
-    Only the `llama` architecture is permuted; qwen2 uses the NeoX (HF) layout as stored.
+    """A GGUF tensor in the checkpoint's layout: Qwen2-MoE's shared-expert gate is a vector
+    there, a [1, dim] matrix here; and the row permutation llama.cpp's converter applies to Q
+    and K for its RoPE kernel is undone (on a float tensor or a QuantizedTensor: whole rows
+    move, codes and scales alike). Only the `llama` architecture is permuted; the Qwens use
+    the NeoX (HF) layout as stored.
     """
-    if arch != "llama":
+    if hf_name.endswith("shared_expert_gate.weight"):
+        return tensor.reshape(1, -1)
+    if arch not in _PERMUTED:
         return tensor
     if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
         heads = cfg.n_heads

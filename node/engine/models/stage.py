@@ -92,5 +92,16 @@ class Stage(nn.Module):
             return owner.arrange(tensor)
         return tensor
 
+    @staticmethod
+    def gguf_source(hf_name: str) -> tuple[str, int | None]:
+        """llama.cpp's tensor for a checkpoint tensor, and the expert's index where llama.cpp
+        stacks a layer's experts into one tensor (families read from GGUF files)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def from_gguf_layout(hf_name: str, tensor: Any, cfg: Any, arch: str) -> Any:
+        """A GGUF tensor in the Hugging Face checkpoint's layout (identity by default)."""
+        return tensor
+
     def to_device(self, device: torch.device) -> None:
         """Move tensors that are derived from the config rather than loaded (none by default)."""

@@ -1,0 +1,98 @@
+"""Mixture of experts: a router picks `top_k` of `n_experts` SwiGLU MLPs for each row.
+
+Each expert is a gated MLP of its own (its projections quantized like any linear layer), so a
+token reads only the experts it routes to: decode cost follows the active parameters, not the
+total. A pass groups its rows by expert and calls each expert used once, with all its rows:
+8 streams routed to the same expert read its weights once, as a dense layer would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.engine.models.linear import Linear
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, dim: int, hidden_dim: int, device_type: str, act: str = "silu") -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(dim, 2 * hidden_dim, False, device_type)
+        self.down_proj = Linear(hidden_dim, dim, False, device_type)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(gate * up)
+
+
+class Router(nn.Module):
+    """Expert scores from a plain matrix in the compute dtype: never quantized, since its
+    rounding would change which experts a token picks."""
+
+    def __init__(self, dim: int, n_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class SparseMoE(nn.Module):
+    """Routed experts (Mixtral, Qwen2-MoE, Qwen3-MoE), plus Qwen2-MoE's shared expert with its
+    own sigmoid gate, which every row passes through."""
+
+    def __init__(
+        self,
+        dim: int,
+        expert_dim: int,
+        n_experts: int,
+        top_k: int,
+        norm_topk_prob: bool,
+        shared_expert_dim: int,
+        device_type: str,
+    ) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.gate = Router(dim, n_experts)
+        self.experts = nn.ModuleList(
+            GatedMLP(dim, expert_dim, device_type) for _ in range(n_experts)
+        )
+        self.shared_expert = None
+        if shared_expert_dim:
+            self.shared_expert = GatedMLP(dim, shared_expert_dim, device_type)
+            self.shared_expert_gate = Router(dim, 1)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [N, top_k] in x's dtype, experts [N, top_k]): softmax over all experts in
+        float32, the top k kept (renormalised to sum 1 where the model says so)."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        weights, experts = self.route(rows)
+        out = torch.zeros_like(rows)
+        # Every (row, choice) pair sorted by expert: each expert's rows are one slice.
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        at = 0
+        for e, count in enumerate(counts):
+            if not count:
+                continue
+            pairs = order[at : at + count]
+            at += count
+            picked = pairs // self.top_k
+            y = self.experts[e](rows[picked]) * weights.flatten()[pairs, None]
+            out.index_add_(0, picked, y)  # ascending expert order, as the reference sums
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
+        return out.view(x.shape)
