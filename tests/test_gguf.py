@@ -3,6 +3,7 @@ read by us and by transformers; and the GGUF tokenizer against transformers' con
 
 from __future__ import annotations
 
+import re
 import zlib
 from pathlib import Path
 
@@ -21,11 +22,26 @@ HF_TO_GGUF = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
+# llama.cpp stacks a layer's experts into one [experts, rows, columns] tensor per projection.
+EXPERT_TO_GGUF = {
+    "gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+    "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps",
+}  # fmt: skip
+# convert_hf_to_gguf.py's architecture names (Mixtral is written as llama).
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -86,7 +102,7 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
 
     model = hf_model(hf_dir)
     cfg = model.config
-    arch = cfg.model_type  # llama or qwen2: llama.cpp permutes Q/K rows for llama only
+    arch = GGUF_ARCH.get(cfg.model_type, cfg.model_type)  # llama.cpp permutes Q/K for llama only
     w = gguf.GGUFWriter(out, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -96,8 +112,19 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if hasattr(cfg, "moe_intermediate_size"):
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", 0):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+        w.add_expert_weights_norm(cfg.model_type == "mixtral" or cfg.norm_topk_prob)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])  # "hi" is two tokens
@@ -106,37 +133,111 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     rope = cfg.rope_parameters
     if rope.get("rope_type") == "llama3":  # llama.cpp stores llama3 scaling as a tensor
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
-    for name, tensor in model.state_dict().items():
-        arr = tensor.numpy().astype(np.float32)
+    stacked: dict[str, dict[int, np.ndarray]] = {}
+    for name, arr in checkpoint_state(hf_dir).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp writes no output.weight for tied embeddings
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            module, kind = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
-            if arch == "llama" and module.endswith("q_proj"):
-                arr = llama_cpp_permute(arr, cfg.num_attention_heads)
-            if arch == "llama" and module.endswith("k_proj"):
-                arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
-        kind = (types or {}).get(gname, quant)
-        qtype = gguf.GGMLQuantizationType[kind]
-        if arr.ndim == 2 and (kind in K_TYPES or kind.startswith("IQ")):
-            seed = zlib.crc32(gname.encode())
-            w.add_tensor(gname, random_blocks(arr.shape, kind, seed), raw_dtype=qtype)
-        elif arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(gname, arr)
+        gname, expert = gguf_place(name)
+        heads = permuted_heads(name, arch, cfg)
+        arr = llama_cpp_permute(arr, heads) if heads else arr
+        if name.endswith("shared_expert_gate.weight"):
+            arr = arr.reshape(-1)  # llama.cpp: a vector
+        if expert is not None:
+            stacked.setdefault(gname, {})[expert] = arr
+            continue
+        add_tensor(w, gname, arr, (types or {}).get(gname, quant))
+    for gname, by_expert in stacked.items():
+        arr = np.stack([by_expert[e] for e in sorted(by_expert)])
+        add_tensor(w, gname, arr, (types or {}).get(gname, quant))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return out
+
+
+def add_tensor(w: object, gname: str, arr: np.ndarray, kind: str) -> None:
+    """One tensor, matrices (and stacks of them) in `kind`; routers stay float32 as
+    llama.cpp's converter keeps them."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    if arr.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32 or "ffn_gate_inp" in gname:
+        w.add_tensor(gname, arr)
+    elif kind in K_TYPES or kind.startswith("IQ"):
+        seed = zlib.crc32(gname.encode())
+        rows = random_blocks((int(np.prod(arr.shape[:-1])), arr.shape[-1]), kind, seed)
+        w.add_tensor(gname, rows.reshape(*arr.shape[:-1], -1), raw_dtype=qtype)
+    else:
+        w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+
+
+def checkpoint_state(hf_dir: Path) -> dict[str, np.ndarray]:
+    """The checkpoint file's tensors as the converter reads them, in float32 (a tied head
+    named too: it is the token table)."""
+    from safetensors.numpy import load_file
+
+    state = {k: v.astype(np.float32) for k, v in load_file(hf_dir / "model.safetensors").items()}
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    return state
+
+
+def gguf_place(name: str) -> tuple[str, int | None]:
+    """llama.cpp's tensor for a checkpoint tensor, and the expert's index where it stacks a
+    layer's experts into one tensor."""
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if name in fixed:
+        return fixed[name], None
+    m = re.fullmatch(r"model\.layers\.(\d+)\.\w+\.experts\.(\d+)\.(\w+)\.weight", name)
+    if m:
+        return f"blk.{m[1]}.{EXPERT_TO_GGUF[m[3]]}.weight", int(m[2])
+    layer, rest = name.removeprefix("model.layers.").split(".", 1)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}", None
+
+
+def permuted_heads(name: str, arch: str, cfg: object) -> int | None:
+    """The heads whose rows llama.cpp's converter permutes in this tensor (llama only)."""
+    if arch != "llama":
+        return None
+    if ".q_proj." in name:
+        return cfg.num_attention_heads
+    return cfg.num_key_value_heads if ".k_proj." in name else None
+
+
+def dequantized_twin(gguf_path: Path, hf_dir: Path, out: Path) -> Path:
+    """A Hugging Face directory of `hf_dir`'s model holding the weights `gguf_path` holds,
+    as gguf-py reads and dequantizes them: transformers runs it as the reference of a
+    quantized file (its own GGUF loader does not read tiny mixture-of-experts shapes)."""
+    import shutil
+
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.numpy import save_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    arch = GGUF_ARCH.get(cfg.model_type, cfg.model_type)
+    held = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    state = {}
+    for name, original in checkpoint_state(hf_dir).items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        gname, expert = gguf_place(name)
+        t = held[gname]
+        arr = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        arr = arr[expert] if expert is not None else arr
+        heads = permuted_heads(name, arch, cfg)
+        if heads:  # llama_cpp_permute undone
+            arr = arr.reshape(heads, -1, 2, *arr.shape[1:]).swapaxes(1, 2)
+        state[name] = np.ascontiguousarray(arr, dtype=np.float32).reshape(original.shape)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(hf_dir / "config.json", out / "config.json")
+    save_file(state, out / "model.safetensors")
     return out
 
 
