@@ -80,6 +80,16 @@ FAMILIES = {
              num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
              shared_expert_intermediate_size=64, decoder_sparse_step=2),
     ),  # fmt: skip
+    # gpt-oss: sinks, windows (5) shorter than the prompt on layers 0 and 2, YaRN, biases,
+    # a top-k softmax router, the clamped SwiGLU; experts stored stacked and interleaved.
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                              "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                              "original_max_position_embeddings": 16}),
+    ),  # fmt: skip
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=50257, n_embd=64, n_layer=4, n_head=4, n_positions=64),

@@ -52,7 +52,9 @@ def test_a_request_runs_once_a_pass_and_its_later_chunk_waits():
     assert [w.req for w in batch] == ["a", "c"] and [w.req for w in rest] == ["b"]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "gpt2", "qwen3_moe", "qwen2_moe", "gpt_oss"]
+)
 def test_a_packed_pass_computes_what_each_request_computes_alone(tiny_models, family):  # noqa: ANN001
     """Four requests of different lengths on one whole-model shard, scheduled by next_batch
     with chunks of 8 (mistral's sliding window is 6): prompts in chunks next to decodes,

@@ -100,20 +100,24 @@ class HFCheckpoint(Checkpoint):
         return self._open[file]
 
     def file_name(self, hf_name: str) -> str:
+        name = self.family.stage_cls.hf_source(hf_name)[0]
         # The original GPT-2 checkpoints name tensors without the `transformer.` prefix.
-        for candidate in (hf_name, hf_name.removeprefix("transformer.")):
+        for candidate in (name, name.removeprefix("transformer.")):
             if candidate in self.files:
                 return candidate
-        raise RinginferError(f"checkpoint {self.path} has no tensor '{hf_name}'")
+        raise RinginferError(f"checkpoint {self.path} has no tensor '{name}'")
 
     def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor:
         name = self.file_name(hf_name)
+        expert = self.family.stage_cls.hf_source(hf_name)[1]
         try:
-            return self._handle(self.files[name]).get_tensor(name)
+            handle = self._handle(self.files[name])
+            t = handle.get_tensor(name) if expert is None else handle.get_slice(name)[expert]
         except RinginferError:
             raise
         except Exception as e:  # safetensors raises several types for a bad file
             raise RinginferError(f"cannot read tensor '{name}': {e}") from None
+        return self.family.stage_cls.from_hf_file_layout(hf_name, t)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_hf_dir(self.path, self.raw_config)

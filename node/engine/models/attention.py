@@ -71,19 +71,27 @@ class Step:
             int(lengths.max()),
         )
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """q [1, H, N, D] and the new k, v [1, Hkv, N, D] of all parts packed: each part's
-        keys and values go into its cache, its queries attend to that cache alone."""
+        keys and values go into its cache, its queries attend to that cache alone (and to a
+        learned sink logit per head, where the model has them)."""
         if len(self.parts) == 1:
             p = self.parts[0]
-            return attend(q, *p.cache.update(layer, p.start, k, v), self.masks[0])
-        if self.ragged and q.dtype in (torch.bfloat16, torch.float16):
+            return attend(q, *p.cache.update(layer, p.start, k, v), self.masks[0], sinks)
+        if self.ragged and sinks is None and q.dtype in (torch.bfloat16, torch.float16):
             return self._attend_ragged(layer, q, k, v)
         out, at = [], 0
         for p, mask in zip(self.parts, self.masks, strict=True):
             span = slice(at, at + p.count)
             keys, values = p.cache.update(layer, p.start, k[:, :, span], v[:, :, span])
-            out.append(attend(q[:, :, span], keys, values, mask))
+            out.append(attend(q[:, :, span], keys, values, mask, sinks))
             at += p.count
         return torch.cat(out, dim=2)
 
@@ -131,13 +139,40 @@ def causal_mask(
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, H, T, D] against k, v [B, Hkv, L, D]; grouped-query heads share their kv head.
 
     With no mask, several queries are a prompt from position 0 (T == L): causal.
     """
     is_causal = mask is None and q.shape[2] > 1
+    if sinks is not None:
+        return attend_with_sinks(q, k, v, mask, sinks)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True
     )
+
+
+def attend_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """gpt-oss's attention: each head's softmax also spans a learned sink logit, which takes
+    its share of the probability and adds nothing to the output (so a head can attend to
+    nothing). Written out, as the reference does: SDPA has no such column."""
+    t, length = q.shape[2], k.shape[2]
+    if mask is None and t > 1:  # a prompt from position 0
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.shape[0], -1, t, 1)
+    logits = torch.cat([scores, column], dim=-1)
+    probs = F.softmax(logits - logits.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v

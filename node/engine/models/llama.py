@@ -37,15 +37,21 @@ class LlamaConfig:
     norm_eps: float
     max_seq_len: int
     rope_theta: float
-    rope_type: str = "default"  # default | linear | llama3 | freq_factors
+    rope_type: str = "default"  # default | linear | llama3 | freq_factors | yarn
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
     rope_freq_factors: tuple[float, ...] | None = None  # GGUF's rope_freqs tensor (llama3)
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: float | None = None  # yarn: cos and sin scaled (None: from factor)
     qkv_bias: bool = False
     o_bias: bool = False
     sliding_window: int | None = None
+    window_layers: tuple[int, ...] | None = None  # the layers the window applies to (None: all)
+    attention_sinks: bool = False  # gpt-oss: a learned sink logit per head
     tie_embeddings: bool = False
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE
     # Mixture of experts (n_experts 0: every layer dense).
@@ -56,9 +62,26 @@ class LlamaConfig:
     norm_topk_prob: bool = False  # renormalise the chosen experts' weights to sum 1
     dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP
     expert_prefix: str = "mlp"  # the checkpoint's MoE module: mlp, or Mixtral's block_sparse_moe
+    moe_scoring: str = "softmax"  # softmax | topk_softmax (gpt-oss)
+    expert_act: str = "silu"  # silu | gpt_oss (clamped SwiGLU)
+    moe_bias: bool = False  # biases on the router and the experts (gpt-oss)
 
     def is_moe(self, layer: int) -> bool:
         return self.n_experts > 0 and layer not in self.dense_layers
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention (None: it sees the whole context)."""
+        if self.window_layers is None or layer in self.window_layers:
+            return self.sliding_window
+        return None
+
+    def rope_scale(self) -> float:
+        """What cos and sin are multiplied by: YaRN's attention factor, else 1."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.rope_attention_factor is not None:
+            return self.rope_attention_factor
+        return 0.1 * math.log(self.rope_factor) + 1.0 if self.rope_factor > 1 else 1.0
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -170,6 +193,8 @@ class LlamaConfig:
             return inv_freq / self.rope_factor
         if self.rope_type == "freq_factors":
             return inv_freq / torch.tensor(self.rope_freq_factors, device="cpu")
+        if self.rope_type == "yarn":
+            return self._yarn(inv_freq)
         if self.rope_type == "llama3":
             low_wavelen = self.rope_original_max_len / self.rope_low_freq_factor
             high_wavelen = self.rope_original_max_len / self.rope_high_freq_factor
@@ -182,6 +207,27 @@ class LlamaConfig:
             medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
             return torch.where(medium, smoothed, scaled)
         raise RinginferError(f"unsupported RoPE scaling '{self.rope_type}'")
+
+    def _yarn(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """YaRN: frequencies that turn fewer than `beta_slow` times over the original context
+        are interpolated by `factor`, those turning more than `beta_fast` times kept, a
+        linear ramp between (as transformers' _compute_yarn_parameters)."""
+        dim, base = self.head_dim, self.rope_theta
+
+        def dim_of(rotations: float) -> float:
+            turns = self.rope_original_max_len / (rotations * 2 * math.pi)
+            return dim * math.log(turns) / (2 * math.log(base))
+
+        low, high = dim_of(self.rope_beta_fast), dim_of(self.rope_beta_slow)
+        if self.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.arange(dim // 2, dtype=torch.float32, device="cpu")
+        ramp = ((ramp - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp
+        return inv_freq / self.rope_factor * (1 - keep) + inv_freq * keep
 
 
 class RMSNorm(nn.Module):
@@ -198,11 +244,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin [T, head_dim] for `rotate` (Hugging Face half-split layout)."""
+    """cos and signed sin [T, head_dim] for `rotate` (Hugging Face half-split layout), both
+    times `scale` (YaRN's attention factor)."""
     freqs = positions.to(inv_freq.device, torch.float32)[:, None] * inv_freq[None, :]
     cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
 
@@ -225,6 +274,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.sinks = nn.Parameter(torch.empty(cfg.n_heads)) if cfg.attention_sinks else None
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -236,7 +286,7 @@ class Attention(nn.Module):
         qk = rotate(qk, *step.rope)  # q, k in one go
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
         v = heads[:, self.n_heads + self.n_kv_heads :]
-        y = step.attend(layer, q, k, v)
+        y = step.attend(layer, q, k, v, self.sinks)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -248,7 +298,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp: nn.Module = (
             SparseMoE(cfg.dim, cfg.expert_dim, cfg.n_experts, cfg.n_experts_used,
-                      cfg.norm_topk_prob, cfg.shared_expert_dim, device_type)
+                      cfg.norm_topk_prob, cfg.shared_expert_dim, device_type, cfg.moe_scoring,
+                      cfg.expert_act, cfg.moe_bias)
             if cfg.is_moe(layer) else GatedMLP(cfg.dim, cfg.hidden_dim, device_type)
         )  # fmt: skip
 
@@ -274,26 +325,28 @@ class LlamaStage(Stage):
         self.inv_freq = self.inv_freq.to(device)
 
     def checkpoint_names(self, key: str) -> list[str]:
-        m = re.match(r"layers\.(\d+)\.(.*?)(\w+)\.(weight|bias)$", key)
+        m = re.match(r"layers\.(\d+)\.(.*?)(\w+)(\.weight|\.bias)?$", key)
         if m:
-            layer, owner, leaf, kind = m.groups()  # owner: "" or ending in "."
+            layer, owner, leaf, kind = m.groups()  # owner: "" or ending in "."; kind: or None
             leaves = _FUSED.get(leaf, (leaf,))
             if self.cfg.expert_prefix != "mlp" and owner.startswith("mlp."):  # Mixtral's names
                 owner = f"{self.cfg.expert_prefix}.{owner[4:]}"
                 if ".experts." in owner:
                     leaves = tuple(_MIXTRAL_EXPERT[n] for n in leaves)
             prefix = f"model.layers.{self.start + int(layer)}.{owner}"
-            return [f"{prefix}{n}.{kind}" for n in leaves]
+            return [f"{prefix}{n}{kind or ''}" for n in leaves]
         if key == "lm_head.weight":
             return ["model.embed_tokens.weight" if self.cfg.tie_embeddings else key]
         return [f"model.{key}"]
 
     def layers_forward(self, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         h = self.embed_tokens(x) if self.is_first else x
-        rope = rope_tables(self.inv_freq, positions_of(parts, h.device), h.dtype)
-        step = Step(parts, self.cfg.sliding_window, h.device, rope)
+        positions = positions_of(parts, h.device)
+        rope = rope_tables(self.inv_freq, positions, h.dtype, self.cfg.rope_scale())
+        windows = [self.cfg.window(self.start + i) for i in range(len(self.layers))]
+        steps = {w: Step(parts, w, h.device, rope) for w in set(windows)}
         for i, layer in enumerate(self.layers):
-            h = layer(h, step, i)
+            h = layer(h, steps[windows[i]], i)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

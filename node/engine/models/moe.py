@@ -14,37 +14,53 @@ from torch import nn
 
 from node.engine.models.linear import Linear
 
+# gpt-oss's clamped SwiGLU: (up + 1) * gate * sigmoid(alpha * gate), gate <= limit and
+# |up| <= limit.
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
+
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+    """down(act(gate(x)) * up(x)), gate and up fused into one matmul. `act`: silu (SwiGLU),
+    gelu (GeGLU, tanh approximation), or gpt-oss's clamped SwiGLU."""
 
-    def __init__(self, dim: int, hidden_dim: int, device_type: str, act: str = "silu") -> None:
+    def __init__(
+        self, dim: int, hidden_dim: int, device_type: str, act: str = "silu", bias: bool = False
+    ) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(dim, 2 * hidden_dim, False, device_type)
-        self.down_proj = Linear(hidden_dim, dim, False, device_type)
+        self.gate_up_proj = Linear(dim, 2 * hidden_dim, bias, device_type)
+        self.down_proj = Linear(hidden_dim, dim, bias, device_type)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
-        return self.down_proj(gate * up)
+        if self.act == "silu":
+            return self.down_proj(F.silu(gate) * up)
+        if self.act == "gelu":
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        gate = gate.clamp(max=SWIGLU_LIMIT)
+        up = up.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT)
+        return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * SWIGLU_ALPHA)))
 
 
 class Router(nn.Module):
     """Expert scores from a plain matrix in the compute dtype: never quantized, since its
     rounding would change which experts a token picks."""
 
-    def __init__(self, dim: int, n_experts: int) -> None:
+    def __init__(self, dim: int, n_experts: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
+        self.bias = nn.Parameter(torch.empty(n_experts)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class SparseMoE(nn.Module):
-    """Routed experts (Mixtral, Qwen2-MoE, Qwen3-MoE), plus Qwen2-MoE's shared expert with its
-    own sigmoid gate, which every row passes through."""
+    """Routed experts (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss), plus Qwen2-MoE's shared
+    expert with its own sigmoid gate, which every row passes through.
+
+    `scoring`: "softmax" over all experts, then the top k (renormalised if `norm_topk_prob`);
+    or gpt-oss's "topk_softmax", a softmax over the top k logits alone."""
 
     def __init__(
         self,
@@ -55,12 +71,15 @@ class SparseMoE(nn.Module):
         norm_topk_prob: bool,
         shared_expert_dim: int,
         device_type: str,
+        scoring: str = "softmax",
+        act: str = "silu",
+        bias: bool = False,
     ) -> None:
         super().__init__()
-        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
-        self.gate = Router(dim, n_experts)
+        self.top_k, self.norm_topk_prob, self.scoring = top_k, norm_topk_prob, scoring
+        self.gate = Router(dim, n_experts, bias)
         self.experts = nn.ModuleList(
-            GatedMLP(dim, expert_dim, device_type) for _ in range(n_experts)
+            GatedMLP(dim, expert_dim, device_type, act, bias) for _ in range(n_experts)
         )
         self.shared_expert = None
         if shared_expert_dim:
@@ -70,7 +89,11 @@ class SparseMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [N, top_k] in x's dtype, experts [N, top_k]): softmax over all experts in
         float32, the top k kept (renormalised to sum 1 where the model says so)."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        logits = self.gate(x)
+        if self.scoring == "topk_softmax":
+            top, experts = torch.topk(logits, self.top_k, dim=-1)
+            return F.softmax(top, dim=-1), experts
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)

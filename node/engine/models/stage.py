@@ -93,6 +93,17 @@ class Stage(nn.Module):
         return tensor
 
     @staticmethod
+    def hf_source(hf_name: str) -> tuple[str, int | None]:
+        """The checkpoint file's tensor a tensor comes from, and its index along the first
+        axis where the file stacks a layer's experts into one tensor (gpt-oss)."""
+        return hf_name, None
+
+    @staticmethod
+    def from_hf_file_layout(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor read per `hf_source` in the layout its name stands for (identity)."""
+        return tensor
+
+    @staticmethod
     def gguf_source(hf_name: str) -> tuple[str, int | None]:
         """llama.cpp's tensor for a checkpoint tensor, and the expert's index where llama.cpp
         stacks a layer's experts into one tensor (families read from GGUF files)."""
