@@ -41,7 +41,17 @@ EXPERT_TO_GGUF = {
     "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps",
 }  # fmt: skip
 # convert_hf_to_gguf.py's architecture names (Mixtral is written as llama).
-GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "gpt_oss": "gpt-oss"}  # fmt: skip
+# gpt-oss's own names where they differ from the table above.
+GPT_OSS_TO_GGUF = {
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "self_attn.sinks": "attn_sinks.weight",
+    "mlp.router.weight": "ffn_gate_inp.weight",
+    "mlp.router.bias": "ffn_gate_inp.bias",
+}
+STACKED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?")
+EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.(\w+)")
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -120,24 +130,30 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
-        if hasattr(cfg, "moe_intermediate_size"):
-            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        width = getattr(cfg, "moe_intermediate_size", None)
+        if width or cfg.model_type == "gpt_oss":
+            w.add_expert_feed_forward_length(width or cfg.intermediate_size)
         if getattr(cfg, "shared_expert_intermediate_size", 0):
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-        w.add_expert_weights_norm(cfg.model_type == "mixtral" or cfg.norm_topk_prob)
+        w.add_expert_weights_norm(cfg.model_type == "mixtral" or getattr(cfg, "norm_topk_prob", 0))
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])  # "hi" is two tokens
     w.add_token_types([1] * cfg.vocab_size)
     w.add_token_merges([])
     rope = cfg.rope_parameters
+    if cfg.model_type == "gpt_oss":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if rope.get("rope_type") == "llama3":  # llama.cpp stores llama3 scaling as a tensor
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
     stacked: dict[str, dict[int, np.ndarray]] = {}
     for name, arr in checkpoint_state(hf_dir).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp writes no output.weight for tied embeddings
-        gname, expert = gguf_place(name)
+        gname, expert = gguf_place(name, arch)
         heads = permuted_heads(name, arch, cfg)
         arr = llama_cpp_permute(arr, heads) if heads else arr
         if name.endswith("shared_expert_gate.weight"):
@@ -162,7 +178,8 @@ def add_tensor(w: object, gname: str, arr: np.ndarray, kind: str) -> None:
     import gguf
 
     qtype = gguf.GGMLQuantizationType[kind]
-    if arr.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32 or "ffn_gate_inp" in gname:
+    float_kept = "ffn_gate_inp" in gname or gname.endswith(".bias")
+    if arr.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32 or float_kept:
         w.add_tensor(gname, arr)
     elif kind in K_TYPES or kind.startswith("IQ"):
         seed = zlib.crc32(gname.encode())
@@ -179,10 +196,53 @@ def checkpoint_state(hf_dir: Path) -> dict[str, np.ndarray]:
 
     state = {k: v.astype(np.float32) for k, v in load_file(hf_dir / "model.safetensors").items()}
     state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    return state
+    return split_experts(state)
 
 
-def gguf_place(name: str) -> tuple[str, int | None]:
+def split_experts(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """gpt-oss's stacked experts ([experts, in, 2*out], gate and up interleaved column by
+    column) as one [out, in] matrix and one vector per expert and projection."""
+    out = {}
+    for name, arr in state.items():
+        m = STACKED.fullmatch(name)
+        if not m:
+            out[name] = arr
+            continue
+        kind = "bias" if m[3] else "weight"
+        for e, x in enumerate(arr):
+            parts = {"gate": x[..., 0::2], "up": x[..., 1::2]} if m[2] == "gate_up_proj" else {
+                "down": x}  # fmt: skip
+            for proj, v in parts.items():
+                out[f"{m[1]}.{e}.{proj}_proj.{kind}"] = v if m[3] else np.ascontiguousarray(v.T)
+    return out
+
+
+def stack_experts(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`split_experts` undone: gpt-oss's checkpoint layout."""
+    out, groups = {}, {}
+    for name, arr in state.items():
+        m = EXPERT.fullmatch(name)
+        if m:
+            groups.setdefault((m[1], m[4]), {}).setdefault(int(m[2]), {})[m[3]] = arr
+        else:
+            out[name] = arr
+    for (prefix, kind), experts in groups.items():
+        bias = kind == "bias"
+        gate_up, down = [], []
+        for e in sorted(experts):
+            p = {k: v if bias else v.T for k, v in experts[e].items()}
+            pair = np.empty((*p["gate"].shape[:-1], 2 * p["gate"].shape[-1]), np.float32)
+            pair[..., 0::2], pair[..., 1::2] = p["gate"], p["up"]
+            gate_up.append(pair)
+            down.append(p["down"])
+        suffix = "_bias" if bias else ""
+        # Contiguous: np.stack keeps the transposes' layout, which save_file writes as is.
+        out[f"{prefix}.gate_up_proj{suffix}"] = np.ascontiguousarray(np.stack(gate_up))
+        out[f"{prefix}.down_proj{suffix}"] = np.ascontiguousarray(np.stack(down))
+    return out
+
+
+def gguf_place(name: str, arch: str) -> tuple[str, int | None]:
     """llama.cpp's tensor for a checkpoint tensor, and the expert's index where it stacks a
     layer's experts into one tensor."""
     fixed = {
@@ -192,10 +252,12 @@ def gguf_place(name: str) -> tuple[str, int | None]:
     }
     if name in fixed:
         return fixed[name], None
-    m = re.fullmatch(r"model\.layers\.(\d+)\.\w+\.experts\.(\d+)\.(\w+)\.weight", name)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.\w+\.experts\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m:
-        return f"blk.{m[1]}.{EXPERT_TO_GGUF[m[3]]}.weight", int(m[2])
+        return f"blk.{m[1]}.{EXPERT_TO_GGUF[m[3]]}.{m[4]}", int(m[2])
     layer, rest = name.removeprefix("model.layers.").split(".", 1)
+    if arch == "gpt-oss" and rest in GPT_OSS_TO_GGUF:
+        return f"blk.{layer}.{GPT_OSS_TO_GGUF[rest]}", None
     module, kind = rest.rsplit(".", 1)
     return f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}", None
 
@@ -227,7 +289,7 @@ def dequantized_twin(gguf_path: Path, hf_dir: Path, out: Path) -> Path:
     for name, original in checkpoint_state(hf_dir).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        gname, expert = gguf_place(name)
+        gname, expert = gguf_place(name, arch)
         t = held[gname]
         arr = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
         arr = arr[expert] if expert is not None else arr
@@ -237,7 +299,8 @@ def dequantized_twin(gguf_path: Path, hf_dir: Path, out: Path) -> Path:
         state[name] = np.ascontiguousarray(arr, dtype=np.float32).reshape(original.shape)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(hf_dir / "config.json", out / "config.json")
-    save_file(state, out / "model.safetensors")
+    save_file(stack_experts(state) if cfg.model_type == "gpt_oss" else state,
+              out / "model.safetensors")  # fmt: skip
     return out
 
 

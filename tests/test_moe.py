@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (Qwen3-MoE, Qwen2-MoE, Mixtral) and Qwen3, read from GGUF
+"""Mixture-of-experts families (Qwen3-MoE, Qwen2-MoE, Mixtral, gpt-oss) and Qwen3, read from GGUF
 files as llama.cpp's converter writes them, against transformers at every split point; the
 routing's edge cases; experts kept in the file's format; greedy through a 3-daemon ring."""
 
@@ -16,14 +16,16 @@ from tests.conftest import hf_model, make_model, run_cli
 from tests.test_gguf import PROMPT, dequantized_twin, write_gguf
 from tests.test_quantized import EXACT, relative_error
 
-FAMILIES = ["qwen3", "qwen3_moe", "qwen2_moe", "mixtral"]
+FAMILIES = ["qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"]
 # GGUF carries no sliding window for llama-architecture files: Mixtral's real models have
 # none, so its GGUF twin is written without one. transformers' GGUF loader ignores
 # attention.key_length, so Qwen3's is written with its default head size (128).
 GGUF_OVERRIDES = {"mixtral": {"sliding_window": None}, "qwen3": {"head_dim": 128}}
 # Within what bfloat16 activations change (see test_quantized): int4 codes are the file's
-# weights exactly, int8 rows requantize Q8_0's blocks.
-TOLERANCE = {"F32": 1e-5, "Q4_0": EXACT, "Q8_0": 0.025}
+# weights exactly, int8 rows requantize Q8_0's blocks. MXFP4: float32 elsewhere, experts
+# in MXFP4 (as gpt-oss's GGUFs hold them), computed in float32 from their exact values.
+PROJECTIONS = ("gate", "up", "down")
+TOLERANCE = {"F32": 1e-5, "Q4_0": EXACT, "Q8_0": 0.025, "MXFP4": 1e-5}
 
 
 def logits(path: str, splits: tuple[int, ...], quantize: str = "auto") -> torch.Tensor:
@@ -39,20 +41,26 @@ def gguf_sources(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {f: make_model(f, root / f, **GGUF_OVERRIDES.get(f, {})) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("quant", ["F32", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("quant", ["F32", "Q8_0", "Q4_0", "MXFP4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_at_every_split_equals_transformers(gguf_sources, tmp_path, family, quant):  # noqa: ANN001
     """Experts stacked as llama.cpp stacks them, Qwen2-MoE's shared expert and its gate
     vector, Mixtral's permuted Q/K: transformers runs the weights the file holds (gguf-py's
     dequantization), we keep them as the file's int4 / int8."""
     source = gguf_sources[family]
-    path = write_gguf(source, tmp_path / f"{family}-{quant}.gguf", quant)
+    experts = {f"blk.{i}.ffn_{p}_exps.weight": "MXFP4" for i in range(4) for p in PROJECTIONS}
+    types = experts if quant == "MXFP4" else None
+    path = write_gguf(source, tmp_path / f"{family}-{quant}.gguf", quant.replace("MXFP4", "F32"),
+                      types)  # fmt: skip
     reference = dequantized_twin(path, source, tmp_path / "twin") if quant != "F32" else source
     with torch.inference_mode():
         expected = hf_model(reference)(torch.tensor([PROMPT])).logits
     ckpt = open_checkpoint(str(path))
-    experts = {"qwen3": 0, "qwen3_moe": 8, "qwen2_moe": 6, "mixtral": 4}
-    assert ckpt.config.n_experts == experts[family]
+    counts = {"qwen3": 0, "qwen3_moe": 8, "qwen2_moe": 6, "mixtral": 4, "gpt_oss": 4}
+    assert ckpt.config.n_experts == counts[family]
+    if quant == "MXFP4" and counts[family]:
+        stage = load_stage(ckpt, 0, 4, torch.device("cpu"), torch.float32, quantize="auto")
+        assert set(holdings(stage)) == {"mxfp4", "float32"}
     for splits in [(), *[(s,) for s in range(1, ckpt.n_layers)], (1, 2, 3)]:
         got = logits(str(path), splits)
         assert relative_error(got, expected) < TOLERANCE[quant], (family, quant, splits)

@@ -18,11 +18,13 @@ from node.engine.gguf_file import (
     FLOAT_TYPES,
     INT4_TYPES,
     INT8_TYPES,
+    MXFP4_TYPES,
     GGUFFile,
     TensorInfo,
     int4_groups,
 )
 from node.engine.models import Family, family_for_gguf, family_for_hf
+from node.engine.models.mxfp4 import Mxfp4Tensor
 from node.engine.models.quantized import (
     QuantizedTensor,
     check_device,
@@ -154,15 +156,15 @@ class GGUFCheckpoint(Checkpoint):
         return self._stage_cls.gguf_source(hf_name)[0]
 
     def _info(self, hf_name: str) -> TensorInfo:
-        """The tensor `hf_name` is in the file: a whole tensor, or one expert's matrix of a
-        stacked [experts, rows, columns] tensor, as a matrix of its own."""
+        """The tensor `hf_name` is in the file: a whole tensor, or one expert's part of a
+        stacked [experts, ...] tensor, as a tensor of its own."""
         gguf_name, expert = self._stage_cls.gguf_source(hf_name)
         if gguf_name not in self.tensors:
             raise RinginferError(f"{self.path} has no tensor '{gguf_name}'")
         info = self.tensors[gguf_name]
         if expert is None:
             return info
-        if len(info.shape) != 3 or not 0 <= expert < info.shape[0]:
+        if len(info.shape) < 2 or not 0 <= expert < info.shape[0]:
             raise RinginferError(
                 f"tensor '{gguf_name}' of shape {list(info.shape)} has no expert {expert}"
             )
@@ -184,7 +186,9 @@ class GGUFCheckpoint(Checkpoint):
         info = self._info(hf_name)
         if fmt == "int4" and info.type in INT4_TYPES:
             groups = int4_groups(self._read(info), info.type, info.shape[0])
-            t: torch.Tensor | QuantizedTensor = QuantizedTensor(*map(torch.from_numpy, groups))
+            t: Any = QuantizedTensor(*map(torch.from_numpy, groups))
+        elif info.type in MXFP4_TYPES and len(info.shape) == 2:  # converted by load_stage
+            t = convert(Mxfp4Tensor.from_gguf(self._read(info), info.shape[0]), fmt)
         elif len(info.shape) == 1:
             t = torch.from_numpy(np.array(dequantize(self._read(info), info.type), np.float32))
         else:  # row chunks: a float copy of one chunk at most, whatever the tensor's size
@@ -204,6 +208,8 @@ class GGUFCheckpoint(Checkpoint):
             return "int4"
         if info.type in INT8_TYPES:
             return "int8"
+        if info.type in MXFP4_TYPES:
+            return "mxfp4"
         if info.type in FLOAT_TYPES:
             return "none"
         raise RinginferError(
@@ -356,7 +362,7 @@ def weight_format(ckpt: Checkpoint, names: list[str], quantize: str, device: tor
     if device.type not in ("cpu", "cuda"):
         return "none"
     sources = {ckpt.source_format(n) for n in names}
-    return next(f for f in ("none", "int8", "int4") if f in sources)
+    return next(f for f in ("none", "int8", "int4", "mxfp4") if f in sources)
 
 
 def layer_format(ckpt: Checkpoint, quantize: str, device: torch.device) -> str:

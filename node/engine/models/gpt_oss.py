@@ -98,6 +98,8 @@ def config_from_gguf(
         rope_type="yarn" if scaling == "yarn" else "default",
         rope_factor=key("rope.scaling.factor", 1.0),
         rope_original_max_len=key("rope.scaling.original_context_length", 4096),
+        rope_beta_fast=key("rope.scaling.yarn_beta_fast", 32.0),
+        rope_beta_slow=key("rope.scaling.yarn_beta_slow", 1.0),
         sliding_window=key("attention.sliding_window"),
         window_layers=tuple(range(0, n_layers, 2)),
         expert_dim=key("expert_feed_forward_length") or key("feed_forward_length"),

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from node.engine.models.linear import Linear
+from node.engine.models.mxfp4 import Mxfp4Linear, Mxfp4Tensor, quantize_mxfp4
 from node.errors import RinginferError
 
 GROUP = 32  # int4 group size: llama.cpp's block size, the smallest the kernels take
@@ -79,8 +81,11 @@ def row_chunk(width: int) -> int:
     return max(1, CHUNK // width)
 
 
-def quantize(w: torch.Tensor, fmt: str) -> QuantizedTensor:
-    """A float weight [N, K] in `fmt` (int8 symmetric per row; int4 min/max per group)."""
+def quantize(w: torch.Tensor, fmt: str) -> QuantizedTensor | Mxfp4Tensor:
+    """A float weight [N, K] in `fmt` (int8 symmetric per row; int4 min/max per group;
+    MXFP4 as llama.cpp quantizes it)."""
+    if fmt == "mxfp4":
+        return quantize_mxfp4(w)
     step = row_chunk(w.shape[1])
     return convert_rows(w.shape, ((i, w[i : i + step]) for i in range(0, len(w), step)), fmt)
 
@@ -127,10 +132,13 @@ def _quantize_rows(w: torch.Tensor, fmt: str) -> QuantizedTensor:
     return QuantizedTensor(q.to(torch.uint8).view(n, k), scale, low + 8 * scale)
 
 
-def convert(t: torch.Tensor | QuantizedTensor, fmt: str) -> torch.Tensor | QuantizedTensor:
-    """A weight in `fmt`: float ('none', dequantized if need be) or int8/int4 codes."""
+def convert(t: torch.Tensor | QuantizedTensor | Mxfp4Tensor, fmt: str) -> Any:
+    """A weight in `fmt`: float ('none', dequantized if need be), int8/int4 codes, or MXFP4
+    (as the file holds it)."""
     if fmt == "none":
-        return t.dequantize() if isinstance(t, QuantizedTensor) else t
+        return t.dequantize() if isinstance(t, QuantizedTensor | Mxfp4Tensor) else t
+    if isinstance(t, Mxfp4Tensor):
+        return t if fmt == "mxfp4" else convert(t.dequantize(), fmt)
     if isinstance(t, QuantizedTensor):
         if t.bits == int(fmt[3:]) and (t.bits == 8 or t.group == GROUP):
             return t
@@ -162,7 +170,7 @@ def check_device(fmt: str, device: torch.device) -> None:
 
 # Bytes a weight costs held in each format: int4 codes plus a bfloat16 scale and zero per
 # group of 32; int8 codes (plus one scale per row, left out).
-BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5 + 4 / GROUP}
+BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5 + 4 / GROUP, "mxfp4": 0.5 + 1 / GROUP}
 
 
 def quantizable(module: nn.Module, vocab_size: int) -> bool:
@@ -201,9 +209,12 @@ def fill_random(stage: nn.Module, formats: dict[str, str], device: torch.device,
 
 
 def module_format(module: nn.Module, fmt: str) -> str:
-    """int4 where rows split into whole groups, else int8."""
+    """int4 and MXFP4 where rows split into whole groups (MXFP4 for linear layers only),
+    else int8."""
     width = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
-    return "int8" if fmt == "int4" and width % GROUP else fmt
+    if fmt == "mxfp4" and isinstance(module, nn.Embedding):
+        return "int8"
+    return "int8" if fmt in ("int4", "mxfp4") and width % GROUP else fmt
 
 
 def quantized_module(module: nn.Module, fmt: str, device: torch.device) -> nn.Module | None:
@@ -220,6 +231,8 @@ def quantized_module(module: nn.Module, fmt: str, device: torch.device) -> nn.Mo
         return None
     if fmt == "int4":
         return Int4Linear(module.in_features, module.out_features, bias, device.type)
+    if fmt == "mxfp4":
+        return Mxfp4Linear(module.in_features, module.out_features, bias)
     return Int8Linear(module.in_features, module.out_features, bias)
 
 
@@ -386,9 +399,9 @@ def holdings(model: nn.Module) -> dict[str, int]:
     held: dict[str, int] = {}
     seen: set[int] = set()
     for m in model.modules():
-        if isinstance(m, QuantizedLinear | QuantizedEmbedding):
+        if isinstance(m, QuantizedLinear | QuantizedEmbedding | Mxfp4Linear):
             is_int4 = isinstance(m, Int4Linear) or getattr(m, "zeros", None) is not None
-            fmt = "int4" if is_int4 else "int8"
+            fmt = "mxfp4" if isinstance(m, Mxfp4Linear) else "int4" if is_int4 else "int8"
             tensors = [b for b in m.buffers(recurse=False) if b is not None]
         elif isinstance(m, Linear | nn.Embedding):
             fmt, tensors = str(m.weight.dtype).removeprefix("torch."), [m.weight]
