@@ -87,13 +87,11 @@ class ModelShape:
 
     def read(self, start: int, end: int) -> int:
         """What one decode step reads of layers [start, end)."""
-        dense = self.dense_count(start, end)
-        return (end - start - dense) * (self.layer_read or self.layer_bytes) + dense * (
-            self.dense_bytes
-        )
+        dense, each = self.dense_count(start, end), self.layer_read or self.layer_bytes
+        return (end - start - dense) * each + dense * self.dense_bytes
 
     def summary(self) -> str:
-        """'qwen3_moe · 128 experts, 8 active · 3.3B active of 30.5B' or 'llama · 135M
+        """'qwen3_moe · 128 experts, 8 active · 3.4B active of 30.5B' or 'llama · 135M
         parameters': what a user recognises the model by."""
         parts = [self.architecture] if self.architecture else []
         if self.experts:
