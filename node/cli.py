@@ -499,7 +499,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if predicted:
         plan += (f" ({status['objective']}: predicted {predicted['tpot_ms']:.1f} ms/token, "
                  f"{predicted['pipelined_tokens_per_s']:.1f} tokens/s pipelined)")  # fmt: skip
-    print(f"model {status['model']} · cluster {status['cluster']} · {plan} · "
+    about = f" ({status['model_summary']})" if status.get("model_summary") else ""
+    print(f"model {status['model']}{about} · cluster {status['cluster']} · {plan} · "
           f"{status['stats']['requests_in_flight']} request(s) in flight here")  # fmt: skip
     rows = [("NAME", "ADDRESS", "DEVICE", "MEMORY", "COMPUTE", "LAYERS", "WEIGHTS", "STATE",
              "RTT", "REQS", "BATCH", "WAITING", "TOK/S")]  # fmt: skip
@@ -530,7 +531,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """The planner on a described cluster: what a cluster would run, before buying it."""
     import torch
 
-    from node.cluster.planner import make_plan, predict
+    from node.cluster.planner import make_plan, predict, stage_bytes
     from node.engine.shapes import find_shape
 
     dtype = getattr(torch, args.dtype, None)
@@ -550,8 +551,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = predict(plan.stages, shape, by_id, cluster.links)
     stages = []
     for s, stage_s in zip(plan.stages, p.stage_s, strict=True):
-        used = (s.end - s.start) * shape.layer_slot(args.context)
-        used += shape.embed_bytes * (s.start == 0) + shape.head_bytes * (s.end == shape.n_layers)
+        used = stage_bytes(s, shape) + (s.end - s.start) * shape.kv_bytes * args.context
         stages.append({"node": s.node, "name": cluster.names[s.node], "start": s.start,
                        "end": s.end, "memory_used": used, "memory": by_id[s.node].memory,
                        "stage_ms": round(stage_s * 1e3, 3)})  # fmt: skip
@@ -560,7 +560,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "model": name, "source": source, "dtype": args.dtype, "objective": args.objective,
         "weights": held, "weight_bytes_per_param": round(shape.dtype_bytes, 4),
         "context": args.context, "n_layers": shape.n_layers, "layer_bytes": shape.layer_bytes,
-        "stages": stages, "left_out": left_out, "predicted": p.to_json(),
+        "layer_read_bytes": shape.read(0, shape.n_layers) // shape.n_layers,
+        "weight_bytes": shape.held(0, shape.n_layers) + shape.embed_bytes + shape.head_bytes,
+        "architecture": shape.architecture, "params": shape.params,
+        "active_params": shape.active_params, "experts": shape.experts,
+        "experts_used": shape.experts_used, "stages": stages, "left_out": left_out,
+        "predicted": p.to_json(),
     }  # fmt: skip
     if args.json:
         print(json.dumps(result))
@@ -569,6 +574,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{name} ({source}), weights {held}: {shape.n_layers} layers of "
           f"{shape.layer_bytes / gib:.2f} GiB, embedding {shape.embed_bytes / gib:.2f} GiB, "
           f"head {shape.head_bytes / gib:.2f} GiB, KV budget {args.context} positions")  # fmt: skip
+    reads = ""
+    if shape.experts:
+        reads = (f": {result['weight_bytes'] / gib:.1f} GiB held, a token reads "
+                 f"{result['layer_read_bytes'] / gib:.2f} GiB of each layer")  # fmt: skip
+    print(f"{shape.summary()}{reads}")
     pred = result["predicted"]
     print(f"objective {args.objective}: predicted {pred['tpot_ms']:.1f} ms/token "
           f"({pred['tokens_per_s']:.2f} tokens/s for one request, "

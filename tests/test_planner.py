@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -14,6 +15,7 @@ from node.cluster.planner import (
     capacity,
     make_plan,
     predict,
+    stage_bytes,
 )
 from node.errors import RinginferError
 
@@ -159,3 +161,44 @@ def test_layers_a_node_holds_stay_with_it_when_plans_are_about_as_good():
     assert sum(s.end - s.start for s in plan.stages if s.node == "b") < 15
     assert NodeSpec("a", GIB).missing_bytes(SHAPE, 0, 30) == 0  # holds=None: everything
     assert b.missing_bytes(SHAPE, 10, 30) == 5 * SHAPE.layer_bytes
+
+
+# An MoE model: layers of 0.1 GiB (all experts) of which a token reads 0.01 GiB, and two
+# dense layers of 0.02 GiB read whole.
+MOE = replace(SHAPE, layer_read=GIB // 100, dense_layers=(0, 1), dense_bytes=GIB // 50)
+STREAM = dict(flops=1e18, bandwidth=1e9, layer_overhead_s=0.0)  # time: bytes read / 1 GB/s
+
+
+def test_moe_memory_is_all_experts_and_time_only_the_routed_ones():
+    node = NodeSpec("a", 8 * GIB, **STREAM)
+    # memory: 0.1 GiB a layer, as a dense model of the same bytes
+    assert capacity(node, MOE, 0, False, False) == int(8 * GIB * HEADROOM // (GIB // 10))
+    plan = make_plan("m", 1, MOE, [node])
+    assert ranges(plan) == [("a", 0, 30)]
+    assert stage_bytes(plan.stages[0], MOE) == 28 * (GIB // 10) + 2 * (GIB // 50) + 2 * (GIB // 100)
+    # time: 28 MoE layers read 0.01 GiB each, 2 dense ones 0.02 GiB, the head 0.01 GiB
+    read = 28 * (GIB // 100) + 2 * (GIB // 50) + GIB // 100
+    assert predict(plan.stages, MOE, by_id([node])).tpot_s == pytest.approx(read / 1e9)
+    dense = replace(MOE, layer_read=0, dense_layers=())
+    assert predict(plan.stages, dense, by_id([node])).tpot_s > 8 * read / 1e9
+
+
+def test_an_moe_models_dense_layers_count_where_they_are():
+    nodes = [NodeSpec("a", 8 * GIB, **STREAM), NodeSpec("b", 8 * GIB, **STREAM)]
+    stages = make_plan("m", 1, MOE, nodes, objective="throughput").stages
+    assert [(s.start, s.end) for s in stages] == [(0, 15), (15, 30)]
+    first, second = predict(stages, MOE, by_id(nodes)).stage_s
+    # the first stage's two dense layers read 0.01 GiB more each; the second has the head
+    assert first - second == pytest.approx((2 * GIB // 100 - GIB // 100) / 1e9)
+    assert NodeSpec("c", GIB, holds=frozenset()).missing_bytes(MOE, 0, 3) == (
+        2 * (GIB // 50) + GIB // 10 + GIB // 100
+    )
+    # the larger kind bounds how many layers a node takes, so none overfills
+    bigger = replace(MOE, dense_bytes=GIB // 5)
+    assert capacity(nodes[0], bigger, 0, False, False) == int(8 * GIB * HEADROOM // (GIB // 5))
+
+
+def test_an_moe_model_that_does_not_fit_says_a_layer_holds_every_expert():
+    shape = replace(MOE, experts=128, experts_used=8)
+    with pytest.raises(RinginferError, match="holds all its 128 experts .* reads 8 of them"):
+        make_plan("m", 1, shape, [NodeSpec("a", GIB), NodeSpec("b", GIB)])

@@ -67,6 +67,9 @@ def test_the_page_shows_the_ring_streams_a_chat_and_drops_a_dead_node(cluster, p
     }
     assert cards(page) == want and len(want) == 3
     assert page.inner_text("#plan") == f"plan epoch {status['epoch']}"
+    assert status["model_summary"] == "llama · 135M parameters"  # the default SmolLM2 GGUF
+    model = f"{status['model']} · {status['model_summary']} · {status['n_layers']} layers"
+    assert page.inner_text("#model") == model
     assert len(page.query_selector_all("#ring circle.node")) == 3
     assert page.evaluate("localStorage.getItem('ringinfer.apiKey')") == KEY
 

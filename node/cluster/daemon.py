@@ -90,8 +90,9 @@ class Daemon:
     ) -> None:
         self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
         self.shape = shape_of(
-            ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype), cfg.layer_format
-        )
+            ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype), cfg.layer_format,
+            ckpt.architecture,
+        )  # fmt: skip
         c = ckpt.config
         self.fingerprint = files.manifest.fingerprint  # the content's
         self.transfer_port = listening.transfer_port

@@ -45,20 +45,69 @@ OBJECTIVES = ("latency", "throughput")
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the planner needs to know about a model at one compute dtype."""
+    """What the planner needs to know about a model at one compute dtype, and what status
+    shows of it.
+
+    A mixture-of-experts layer holds all its experts but a decode step reads only those a
+    token routes to: memory follows `layer_bytes`, time `layer_read`. An MoE model's few
+    dense layers (`dense_layers`) are counted apart, so totals and stage times are exact;
+    how many layers a node takes is bounded by the larger kind, so it never overfills.
+    """
 
     n_layers: int
-    layer_bytes: int  # one decoder layer's weights
+    layer_bytes: int  # one decoder layer's weights (an MoE model's: an MoE layer, all experts)
     embed_bytes: int  # what the first stage adds: token (and position) embeddings
     head_bytes: int  # what the last stage adds: final norm and LM head
     kv_bytes: int = 0  # one layer's keys and values for one position
     hidden: int = 0  # activation width: a decode step sends hidden x wire_bytes per hop
     dtype_bytes: float = 2  # bytes per layer weight (int4: 0.625), to count FLOPs from bytes
     wire_bytes: int = 2
+    layer_read: int = 0  # of layer_bytes, what one decode step reads (0: all of it)
+    dense_layers: tuple[int, ...] = ()  # an MoE model's layers with a dense MLP instead
+    dense_bytes: int = 0  # one of those: held and read whole
+    # Shown, not planned with: config.json's model_type (a GGUF's architecture), parameters
+    # of the whole model and of one token's path through it, routed experts per MoE layer.
+    architecture: str = ""
+    params: int = 0
+    active_params: int = 0
+    experts: int = 0
+    experts_used: int = 0
 
     def layer_slot(self, context: int) -> int:
-        """Bytes one layer takes on a node: weights and its KV budget."""
-        return self.layer_bytes + self.kv_bytes * context
+        """Bytes one layer takes on a node at most: weights and its KV budget."""
+        return max(self.layer_bytes, self.dense_bytes) + self.kv_bytes * context
+
+    def dense_count(self, start: int, end: int) -> int:
+        return sum(start <= i < end for i in self.dense_layers)
+
+    def held(self, start: int, end: int) -> int:
+        """The weights of layers [start, end)."""
+        dense = self.dense_count(start, end)
+        return (end - start - dense) * self.layer_bytes + dense * self.dense_bytes
+
+    def read(self, start: int, end: int) -> int:
+        """What one decode step reads of layers [start, end)."""
+        dense, each = self.dense_count(start, end), self.layer_read or self.layer_bytes
+        return (end - start - dense) * each + dense * self.dense_bytes
+
+    def summary(self) -> str:
+        """'qwen3_moe · 128 experts, 8 active · 3.4B active of 30.5B' or 'llama · 135M
+        parameters': what a user recognises the model by."""
+        parts = [self.architecture] if self.architecture else []
+        if self.experts:
+            parts.append(f"{self.experts} experts, {self.experts_used} active")
+            parts.append(f"{_amount(self.active_params)} active of {_amount(self.params)}")
+        elif self.params:
+            parts.append(f"{_amount(self.params)} parameters")
+        return " · ".join(parts)
+
+
+def _amount(n: int) -> str:
+    """30.5B, 135M, 98K: parameter counts as model cards write them."""
+    for unit, size in (("B", 1e9), ("M", 1e6)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if unit == "B" else f"{n / size:.0f}{unit}"
+    return f"{n / 1e3:.0f}K"
 
 
 @dataclass(frozen=True)
@@ -79,7 +128,7 @@ class NodeSpec:
         if self.holds is None:
             return 0
         held = self.holds
-        out = sum(shape.layer_bytes for i in range(start, end) if f"blk.{i}" not in held)
+        out = sum(shape.held(i, i + 1) for i in range(start, end) if f"blk.{i}" not in held)
         if start == 0 and "embed" not in held:
             out += shape.embed_bytes
         if end == shape.n_layers and "head" not in held:
@@ -153,11 +202,20 @@ class Prediction:
 
 
 def layer_time(node: NodeSpec, shape: ModelShape) -> float:
-    """One layer, one decode position: as timed on the node, else weights streamed or FLOPs
-    done, whichever is slower, plus the kernels' fixed cost."""
+    """One layer, one decode position: as timed on the node, else the weights a step reads
+    streamed or their FLOPs done, whichever is slower, plus the kernels' fixed cost. Of an
+    MoE model, an MoE layer: its attention, router, shared expert and the experts used."""
     if node.layer_s > 0:
         return node.layer_s
-    return _roofline(node, shape, shape.layer_bytes) + node.layer_overhead_s
+    return _roofline(node, shape, shape.layer_read or shape.layer_bytes) + node.layer_overhead_s
+
+
+def layers_time(node: NodeSpec, shape: ModelShape, start: int, end: int) -> float:
+    """Layers [start, end), one decode position, an MoE model's dense layers at their own
+    size (a measured layer time stands for every layer)."""
+    dense = 0 if node.layer_s > 0 else shape.dense_count(start, end)
+    dense_s = _roofline(node, shape, shape.dense_bytes) + node.layer_overhead_s
+    return (end - start - dense) * layer_time(node, shape) + dense * dense_s
 
 
 def head_time(node: NodeSpec, shape: ModelShape) -> float:
@@ -184,7 +242,7 @@ def hop_time(a: str, b: str, shape: ModelShape, links: Links) -> float:
 def stage_bytes(stage: StageSpec, shape: ModelShape) -> int:
     """The weights a stage holds: its layers, with the embedding or head at the ends."""
     return (
-        (stage.end - stage.start) * shape.layer_bytes
+        shape.held(stage.start, stage.end)
         + (stage.start == 0) * shape.embed_bytes
         + (stage.end == shape.n_layers) * shape.head_bytes
     )
@@ -203,7 +261,7 @@ def predict(
     links = links or {}
     k = len(plan_stages)
     compute = [
-        (s.end - s.start) * layer_time(nodes[s.node], shape)
+        layers_time(nodes[s.node], shape, s.start, s.end)
         + (head_time(nodes[s.node], shape) if s.end == shape.n_layers else 0.0)
         for s in plan_stages
     ]
@@ -369,12 +427,17 @@ class _Segment:
         return (p.bottleneck_s, p.tpot_s, len(order), ids)
 
     def _does_not_fit(self, group: Sequence[NodeSpec]) -> str:
-        s = self.shape
-        need = self.layers * s.layer_slot(self.context) + s.embed_bytes + s.head_bytes
-        have = ", ".join(f"{n.id}: {n.memory / 2**30:.2f} GiB" for n in group)
+        s, gib, end = self.shape, 2**30, self.start + self.layers
+        need = s.held(self.start, end) + self.layers * s.kv_bytes * self.context
+        need += s.embed_bytes + s.head_bytes
+        have = ", ".join(f"{n.id}: {n.memory / gib:.2f} GiB" for n in group)
+        experts = ""
+        if s.experts:
+            experts = (f"; a layer holds all its {s.experts} experts ({s.layer_bytes / gib:.2f} "
+                       f"GiB) though a token reads {s.experts_used} of them")  # fmt: skip
         return (
-            f"{self.layers} layers ({need / 2**30:.2f} GiB with embedding, head and a "
-            f"{self.context}-position KV budget) do not fit on {have}"
+            f"{self.layers} layers ({need / gib:.2f} GiB with embedding, head and a "
+            f"{self.context}-position KV budget) do not fit on {have}{experts}"
         )
 
 

@@ -83,9 +83,16 @@ def status(d: Daemon) -> dict[str, Any]:
     if plan and all(s.node in specs for s in plan.stages):
         predicted = predict(plan.stages, d.shape, specs, d.plans.links()).to_json()
     stats = d.stats
+    shape = d.shape
     return {
         "epoch": plan.epoch if plan else 0,
         "model": d.ckpt.name,
+        "architecture": shape.architecture,
+        "params": shape.params,
+        "active_params": shape.active_params,
+        "experts": shape.experts,  # routed experts per MoE layer (0: a dense model)
+        "experts_used": shape.experts_used,
+        "model_summary": shape.summary(),
         "n_layers": d.ckpt.n_layers,
         "context": d.ckpt.config.max_seq_len,
         "live": plan is not None,

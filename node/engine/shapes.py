@@ -7,10 +7,12 @@ weights: the architecture is built on PyTorch's `meta` device and its parameters
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from node.cluster.planner import ModelShape
 from node.engine.models import Family, family_for_hf
@@ -21,48 +23,71 @@ from node.json_file import read_json
 
 _LAYER_PARAM = re.compile(r"(^|\.)\d+\.")
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
-
-# Well-known models' sizes, from their hub configs. Kinds: llama, llama3 (llama with
-# Llama 3.1's RoPE scaling), qwen2, gpt2.
-# name: (kind, hidden, layers, heads, kv heads, MLP width, vocabulary, context, tied)
-_TABLE: dict[str, tuple[str, int, int, int, int, int, int, int, bool]] = {
-    "meta-llama/Llama-3.1-8B": ("llama3", 4096, 32, 32, 8, 14336, 128256, 131072, False),
-    "meta-llama/Llama-3.1-70B": ("llama3", 8192, 80, 64, 8, 28672, 128256, 131072, False),
-    "meta-llama/Llama-3.1-405B": ("llama3", 16384, 126, 128, 8, 53248, 128256, 131072, False),
-    "meta-llama/Llama-3.2-1B": ("llama3", 2048, 16, 32, 8, 8192, 128256, 131072, True),
-    "meta-llama/Llama-3.2-3B": ("llama3", 3072, 28, 24, 8, 8192, 128256, 131072, True),
-    "mistralai/Mistral-7B-v0.3": ("llama", 4096, 32, 32, 8, 14336, 32768, 32768, False),
-    "Qwen/Qwen2.5-7B": ("qwen2", 3584, 28, 28, 4, 18944, 152064, 32768, False),
-    "Qwen/Qwen2.5-72B": ("qwen2", 8192, 80, 64, 8, 29568, 152064, 32768, False),
-    "HuggingFaceTB/SmolLM2-135M": ("llama", 576, 30, 9, 3, 1536, 49152, 8192, True),
-    "HuggingFaceTB/SmolLM2-360M": ("llama", 960, 32, 15, 5, 2560, 49152, 8192, True),
-    "HuggingFaceTB/SmolLM2-1.7B": ("llama", 2048, 24, 32, 32, 8192, 49152, 8192, True),
-    "openai-community/gpt2": ("gpt2", 768, 12, 12, 12, 3072, 50257, 1024, True),
-    "openai-community/gpt2-medium": ("gpt2", 1024, 24, 16, 16, 4096, 50257, 1024, True),
-    "openai-community/gpt2-large": ("gpt2", 1280, 36, 20, 20, 5120, 50257, 1024, True),
-    "openai-community/gpt2-xl": ("gpt2", 1600, 48, 25, 25, 6400, 50257, 1024, True),
-}
+# Well-known models' shapes: the fields of their config.json on the Hugging Face hub that
+# our config readers take, each model's own fields over its family's common ones.
+_LLAMA31 = {"model_type": "llama", "vocab_size": 128256, "max_position_embeddings": 131072,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+_LLAMA32 = {**_LLAMA31, "rope_scaling": {**_LLAMA31["rope_scaling"], "factor": 32.0},
+            "tie_word_embeddings": True}
+_SMOLLM2 = {"model_type": "llama", "vocab_size": 49152, "max_position_embeddings": 8192,
+            "tie_word_embeddings": True}
+_QWEN25 = {"model_type": "qwen2", "vocab_size": 152064, "max_position_embeddings": 32768}
+_QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "max_position_embeddings": 40960,
+          "head_dim": 128}
+_QWEN3_MOE = {**_QWEN3, "model_type": "qwen3_moe", "norm_topk_prob": True}
+_QWEN2_MOE = {"model_type": "qwen2_moe", "vocab_size": 151936, "norm_topk_prob": False}
+_GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024}
 
 
-def _hf_config(row: tuple[str, int, int, int, int, int, int, int, bool]) -> dict[str, Any]:
-    """A table row as the config.json fields our config readers take."""
-    kind, dim, layers, heads, kv, ffn, vocab, context, tied = row
-    if kind == "gpt2":
-        return {"model_type": "gpt2", "n_embd": dim, "n_layer": layers, "n_head": heads,
-                "n_inner": ffn, "vocab_size": vocab, "n_positions": context,
-                "tie_word_embeddings": tied}  # fmt: skip
-    config = {
-        "model_type": "qwen2" if kind == "qwen2" else "llama", "hidden_size": dim,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "intermediate_size": ffn, "vocab_size": vocab, "max_position_embeddings": context,
-        "tie_word_embeddings": tied,
-    }  # fmt: skip
-    return {**config, "rope_scaling": _LLAMA3_ROPE} if kind == "llama3" else config
+def _dims(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> dict[str, int]:
+    """The five numbers every Llama-like config.json has, by their names there."""
+    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "intermediate_size": mlp}  # fmt: skip
 
 
-BUILT_IN = {name: _hf_config(row) for name, row in _TABLE.items()}
+def _experts(count: int, used: int, width: int, shared: int = 0) -> dict[str, int]:
+    """Qwen-MoE's expert fields: routed experts, those a token uses, their MLP width, and
+    the shared expert's (Qwen2-MoE)."""
+    fields = {"num_experts": count, "num_experts_per_tok": used, "moe_intermediate_size": width}
+    return {**fields, "shared_expert_intermediate_size": shared} if shared else fields
+
+
+BUILT_IN: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-3.1-8B": {**_LLAMA31, **_dims(4096, 32, 32, 8, 14336)},
+    "meta-llama/Llama-3.1-70B": {**_LLAMA31, **_dims(8192, 80, 64, 8, 28672)},
+    "meta-llama/Llama-3.1-405B": {**_LLAMA31, **_dims(16384, 126, 128, 8, 53248)},
+    "meta-llama/Llama-3.2-1B": {**_LLAMA32, **_dims(2048, 16, 32, 8, 8192)},
+    "meta-llama/Llama-3.2-3B": {**_LLAMA32, **_dims(3072, 28, 24, 8, 8192)},
+    "mistralai/Mistral-7B-v0.3": {"model_type": "mistral", "vocab_size": 32768,
+                                  "max_position_embeddings": 32768,
+                                  **_dims(4096, 32, 32, 8, 14336)},
+    "mistralai/Mixtral-8x7B-v0.1": {"model_type": "mixtral", "vocab_size": 32000,
+                                    "max_position_embeddings": 32768,
+                                    **_dims(4096, 32, 32, 8, 14336),
+                                    "num_local_experts": 8, "num_experts_per_tok": 2},
+    "Qwen/Qwen2.5-7B": {**_QWEN25, **_dims(3584, 28, 28, 4, 18944)},
+    "Qwen/Qwen2.5-72B": {**_QWEN25, **_dims(8192, 80, 64, 8, 29568)},
+    "Qwen/Qwen1.5-MoE-A2.7B": {**_QWEN2_MOE, "max_position_embeddings": 8192,
+                               **_dims(2048, 24, 16, 16, 5632), **_experts(60, 4, 1408, 5632)},
+    "Qwen/Qwen2-57B-A14B": {**_QWEN2_MOE, "max_position_embeddings": 131072,
+                            **_dims(3584, 28, 28, 4, 18944), **_experts(64, 8, 2560, 20480)},
+    "Qwen/Qwen3-0.6B": {**_QWEN3, **_dims(1024, 28, 16, 8, 3072), "tie_word_embeddings": True},
+    "Qwen/Qwen3-8B": {**_QWEN3, **_dims(4096, 36, 32, 8, 12288)},
+    "Qwen/Qwen3-32B": {**_QWEN3, **_dims(5120, 64, 64, 8, 25600)},
+    "Qwen/Qwen3-30B-A3B": {**_QWEN3_MOE, **_dims(2048, 48, 32, 4, 6144), **_experts(128, 8, 768)},
+    "Qwen/Qwen3-235B-A22B": {**_QWEN3_MOE, **_dims(4096, 94, 64, 4, 12288),
+                             **_experts(128, 8, 1536)},
+    "HuggingFaceTB/SmolLM2-135M": {**_SMOLLM2, **_dims(576, 30, 9, 3, 1536)},
+    "HuggingFaceTB/SmolLM2-360M": {**_SMOLLM2, **_dims(960, 32, 15, 5, 2560)},
+    "HuggingFaceTB/SmolLM2-1.7B": {**_SMOLLM2, **_dims(2048, 24, 32, 32, 8192)},
+    "openai-community/gpt2": {**_GPT2, "n_embd": 768, "n_layer": 12, "n_head": 12},
+    "openai-community/gpt2-medium": {**_GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16},
+    "openai-community/gpt2-large": {**_GPT2, "n_embd": 1280, "n_layer": 36, "n_head": 20},
+    "openai-community/gpt2-xl": {**_GPT2, "n_embd": 1600, "n_layer": 48, "n_head": 25},
+    # Gemma 3 (gemma3_text) and gpt-oss (gpt_oss) go here once node/engine/models reads
+    # their model_type: every row must build (tests/test_plan_cli.py plans each one).
+}  # fmt: skip
 
 
 def _key(name: str) -> str:
@@ -79,48 +104,98 @@ def built_in(name: str) -> tuple[str, dict[str, Any]] | None:
     return (full, BUILT_IN[full]) if full else None
 
 
+@dataclass
+class _Tally:
+    """Of some weights: bytes held, bytes one decode step reads, parameters, and those one
+    token computes with."""
+
+    held: float = 0.0
+    read: float = 0.0
+    params: int = 0
+    active: float = 0.0
+
+
+def _routed(stage: nn.Module) -> list[nn.Module]:
+    """The stage's mixture-of-experts modules: each has `experts` (a ModuleList) of which a
+    token uses `top_k`, as SparseMoE."""
+    return [
+        m for m in stage.modules()
+        if isinstance(getattr(m, "experts", None), nn.ModuleList) and getattr(m, "top_k", 0)
+    ]  # fmt: skip
+
+
+def _tally(stage: nn.Module, layers: bool, vocab_size: int, quantize: str, size: int) -> _Tally:
+    """The stage's decoder-layer weights (`layers`), or the others: linear layers and the
+    token table in `quantize`, the rest at `size` bytes; a routed expert's share of tokens
+    is top_k in n."""
+    share = {id(p): m.top_k / len(m.experts) for m in _routed(stage)
+             for p in m.experts.parameters()}  # fmt: skip
+    out = _Tally()
+    for prefix, module in stage.named_modules():
+        for name, p in module.named_parameters(prefix, recurse=False):
+            if bool(_LAYER_PARAM.search(name)) != layers:
+                continue
+            fmt = "none"
+            if name.endswith(".weight") and quantizable(module, vocab_size):
+                fmt = module_format(module, quantize)
+            held, used = p.numel() * BYTES_PER_WEIGHT.get(fmt, size), share.get(id(p), 1.0)
+            out.held += held
+            out.read += held * used
+            out.params += p.numel()
+            out.active += p.numel() * used
+    return out
+
+
 def shape_of(
     family: Family,
     config: Any,
     dtype: torch.dtype,
     wire_dtype: torch.dtype = torch.float16,
     quantize: str = "none",
+    architecture: str = "",
 ) -> ModelShape:
-    """Weight bytes per layer, for the embedding and for the head, from the model on `meta`,
-    with linear layers and the token table held in `quantize` (none, int8, int4)."""
+    """Weight bytes per layer (held, and read by a decode step), for the embedding and for
+    the head, and parameter counts, from the model on `meta` with linear layers and the
+    token table held in `quantize` (none, int8, int4). One layer of each kind is built: an
+    MoE model's dense layers (`config.dense_layers`) are another size."""
     n = config.n_layers
+    dense = tuple(getattr(config, "dense_layers", ()))
+    dense = dense if len(dense) < n else ()  # no MoE layer at all: just a dense model
+    main = next(i for i in range(n) if i not in dense)
     with torch.device("meta"):
-        first = family.stage_cls(config, 0, 1, "cpu")
-        last = family.stage_cls(config, n - 1, n, "cpu") if n > 1 else None
+        built: dict[int, nn.Module] = {}
+        for i in (0, n - 1, main, *dense[:1]):
+            if i not in built:
+                built[i] = family.stage_cls(config, i, i + 1, "cpu")
     size = torch.empty((), dtype=dtype).element_size()
 
-    def count(stage: torch.nn.Module | None, layers: bool) -> int:
-        total = 0.0
-        for prefix, module in stage.named_modules() if stage is not None else ():
-            for name, p in module.named_parameters(prefix, recurse=False):
-                if bool(_LAYER_PARAM.search(name)) != layers:
-                    continue
-                fmt = "none"
-                if name.endswith(".weight") and quantizable(module, config.vocab_size):
-                    fmt = module_format(module, quantize)
-                total += p.numel() * BYTES_PER_WEIGHT.get(fmt, size)
-        return int(total)
+    def tally(i: int, layers: bool) -> _Tally:
+        return _tally(built[i], layers, config.vocab_size, quantize, size)
 
-    embed = count(first, False) if last is not None else 0  # one stage: all edges are "head"
-    head = count(last if last is not None else first, False)
-    layer_params = sum(
-        p.numel() for name, p in first.named_parameters() if _LAYER_PARAM.search(name)
-    )
-    layer_bytes = count(first, True)
+    layer, embed, head = tally(main, True), tally(0, False), tally(n - 1, False)
+    if n == 1:  # one stage: all its other weights count as the head's
+        embed = _Tally()
+    other = tally(dense[0], True) if dense else _Tally()
+    tied = config.vocab_size * config.dim if getattr(config, "tie_embeddings", False) else 0
+    edges = embed.params + head.params - tied  # a tied head is the embedding's copy
+    routed = _routed(built[main])
     return ModelShape(
         n_layers=n,
-        layer_bytes=layer_bytes,
-        embed_bytes=embed,
-        head_bytes=head,
+        layer_bytes=int(layer.held),
+        embed_bytes=int(embed.held),
+        head_bytes=int(head.held),
         kv_bytes=2 * config.n_kv_heads * config.head_dim * size,
         hidden=config.dim,
-        dtype_bytes=layer_bytes / layer_params,
+        dtype_bytes=layer.held / layer.params,
         wire_bytes=torch.empty((), dtype=wire_dtype).element_size(),
+        layer_read=int(layer.read),
+        dense_layers=dense,
+        dense_bytes=int(other.held),
+        architecture=architecture,
+        params=edges + (n - len(dense)) * layer.params + len(dense) * other.params,
+        active_params=round(edges + (n - len(dense)) * layer.active + len(dense) * other.params),
+        experts=len(routed[0].experts) if routed else 0,
+        experts_used=routed[0].top_k if routed else 0,
     )
 
 
@@ -132,7 +207,7 @@ def shape_from_hf_config(
         cfg = family.config_cls.from_hf(config)
     except KeyError as e:
         raise RinginferError(f"the model's config lacks the field {e}") from None
-    return shape_of(family, cfg, dtype, quantize=quantize)
+    return shape_of(family, cfg, dtype, quantize=quantize, architecture=config["model_type"])
 
 
 def find_shape(
@@ -147,7 +222,8 @@ def find_shape(
     if spec is None or Path(spec).expanduser().exists():
         ckpt = open_checkpoint(spec)
         fmt = layer_format(ckpt, quantize, torch.device("cpu"))
-        shape = shape_of(ckpt.family, ckpt.config, dtype, quantize=fmt)
+        shape = shape_of(ckpt.family, ckpt.config, dtype, quantize=fmt,
+                         architecture=ckpt.architecture)
         return ckpt.name, shape, str(ckpt.path), fmt
     fmt = "none" if quantize == "auto" else quantize
     cached = _hub_cached_config(spec)

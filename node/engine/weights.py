@@ -54,6 +54,7 @@ class Checkpoint:
     path: Path
     family: Family
     config: Any
+    architecture: str  # what the file calls it: config.json's model_type, a GGUF's architecture
 
     @property
     def n_layers(self) -> int:
@@ -84,6 +85,7 @@ class HFCheckpoint(Checkpoint):
         self.path, self.name = path, name
         self.raw_config = read_json(path / "config.json")
         self.family = family_for_hf(self.raw_config)
+        self.architecture = str(self.raw_config.get("model_type"))
         try:
             self.config = self.family.config_cls.from_hf(self.raw_config)
         except KeyError as e:
@@ -140,6 +142,7 @@ class GGUFCheckpoint(Checkpoint):
         self.meta = self.file.metadata
         self.arch = self.meta.get("general.architecture")
         self.family = family_for_gguf(self.arch)
+        self.architecture = str(self.arch)
         factors = None
         if "rope_freqs.weight" in self.tensors:
             from gguf.quants import dequantize

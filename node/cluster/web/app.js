@@ -118,7 +118,8 @@ function ringOrder(nodes) {
 
 function render(s) {
   status = s;
-  $("model").textContent = `${s.model} · ${s.n_layers} layers`;
+  // e.g. "Qwen3-30B-A3B · qwen3_moe · 128 experts, 8 active · 3.4B active of 30.5B · 48 layers"
+  $("model").textContent = [s.model, s.model_summary, `${s.n_layers} layers`].filter(Boolean).join(" · ");
   $("cluster-name").textContent = `'${s.cluster}' · ${s.nodes.length} node${s.nodes.length === 1 ? "" : "s"} · ${s.objective}`;
   const plan = $("plan");
   plan.textContent = s.live ? `plan epoch ${s.epoch}` : s.plan_error ? "no plan" : "planning…";
