@@ -29,7 +29,9 @@ LAPTOPS = {
 
 
 # qwen3_moe has a dense layer 2 (mlp_only_layers), qwen2_moe every other layer dense.
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize(
+    "family", ["llama", "gpt2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"]
+)
 def test_shapes_count_what_transformers_counts(tiny_models, family):  # noqa: ANN001
     name, shape, source, fmt = find_shape(str(tiny_models[family]), torch.float32)
     assert fmt == "none"
@@ -164,6 +166,30 @@ def test_qwen3_235b_in_int4_is_sized_as_held_and_timed_by_the_experts_used(tmp_p
     assert streamed < out["predicted"]["tpot_ms"] / 1e3 < streamed * 1.05
     text = plan(tmp_path, machines(5, "32G"), *args).stdout
     assert "qwen3_moe · 128 experts, 8 active · 22.2B active of 235.1B: 136.9 GiB held" in text
+
+
+@pytest.mark.parametrize("model,total,active", [("gpt-oss-20b", 20.9, 3.6),
+                                                ("gpt-oss-120b", 116.8, 5.1)])  # fmt: skip
+def test_gpt_oss_has_its_published_size_and_120b_fits_three_32gb_machines(
+    tmp_path, model, total, active,  # noqa: ANN001
+):  # fmt: skip
+    """Model card counts (billions, all and active per token, where the card leaves the
+    embedding table out); gpt-oss-120b's 117B at 0.625 bytes (int4) is 68 GiB: three 32 GB
+    machines hold it, two do not."""
+    _, shape, _, _ = find_shape(model, torch.bfloat16)
+    assert shape.params / 1e9 == pytest.approx(total, rel=0.01)
+    table = 201088 * 2880
+    assert (shape.active_params - table) / 1e9 == pytest.approx(active, rel=0.02)
+    if model != "gpt-oss-120b":
+        return
+    args = ("--model", model, "--quantize", "int4")
+    assert plan(tmp_path, machines(2, "32G"), *args).returncode == 2
+    proc = plan(tmp_path, machines(3, "32G"), *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["stages"]) == 3 and out["stages"][-1]["end"] == 36
+    assert (out["experts"], out["experts_used"]) == (128, 4)
+    assert 0 < out["predicted"]["tpot_ms"] < 1000
 
 
 def test_throughput_spreads_a_small_model_that_latency_keeps_on_one_node(tmp_path):  # noqa: ANN001

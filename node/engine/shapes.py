@@ -38,6 +38,11 @@ _QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "max_position_embeddings"
 _QWEN3_MOE = {**_QWEN3, "model_type": "qwen3_moe", "norm_topk_prob": True}
 _QWEN2_MOE = {"model_type": "qwen2_moe", "vocab_size": 151936, "norm_topk_prob": False}
 _GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024}
+_GPT_OSS = {"model_type": "gpt_oss", "vocab_size": 201088, "max_position_embeddings": 131072,
+            "head_dim": 64, "sliding_window": 128, "num_experts_per_tok": 4,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                "original_max_position_embeddings": 4096}}
 
 
 def _dims(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> dict[str, int]:
@@ -85,8 +90,11 @@ BUILT_IN: dict[str, dict[str, Any]] = {
     "openai-community/gpt2-medium": {**_GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16},
     "openai-community/gpt2-large": {**_GPT2, "n_embd": 1280, "n_layer": 36, "n_head": 20},
     "openai-community/gpt2-xl": {**_GPT2, "n_embd": 1600, "n_layer": 48, "n_head": 25},
-    # Gemma 3 (gemma3_text) and gpt-oss (gpt_oss) go here once node/engine/models reads
-    # their model_type: every row must build (tests/test_plan_cli.py plans each one).
+    "openai/gpt-oss-20b": {**_GPT_OSS, **_dims(2880, 24, 64, 8, 2880), "num_local_experts": 32},
+    "openai/gpt-oss-120b": {**_GPT_OSS, **_dims(2880, 36, 64, 8, 2880),
+                            "num_local_experts": 128},
+    # Gemma 3 (gemma3_text) goes here once node/engine/models reads its model_type: every
+    # row must build (tests/test_plan_cli.py plans each one).
 }  # fmt: skip
 
 
