@@ -73,6 +73,10 @@ class Checkpoint:
         """The tensor's name in the file."""
         return hf_name
 
+    def file_names(self, hf_name: str) -> list[str]:
+        """Every file tensor it is read from (MXFP4: its codes and its scales)."""
+        return [self.file_name(hf_name)]
+
     def tokenizer(self) -> Tokenizer:
         raise NotImplementedError
 
@@ -104,24 +108,37 @@ class HFCheckpoint(Checkpoint):
         return self._open[file]
 
     def file_name(self, hf_name: str) -> str:
+        return self.file_names(hf_name)[0]
+
+    def file_names(self, hf_name: str) -> list[str]:
         name = self.family.stage_cls.hf_source(hf_name)[0]
         # The original GPT-2 checkpoints name tensors without the `transformer.` prefix.
         for candidate in (name, name.removeprefix("transformer.")):
             if candidate in self.files:
-                return candidate
+                return [candidate]
+        if f"{name}_blocks" in self.files:  # MXFP4, as gpt-oss's checkpoints hold experts
+            return [f"{name}_blocks", f"{name}_scales"]
         raise RinginferError(f"checkpoint {self.path} has no tensor '{name}'")
 
-    def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor:
-        name = self.file_name(hf_name)
-        expert = self.family.stage_cls.hf_source(hf_name)[1]
+    def source_format(self, hf_name: str) -> str:
+        return "mxfp4" if self.file_name(hf_name).endswith("_blocks") else "none"
+
+    def _read(self, name: str, index: int | None) -> torch.Tensor:
+        """A file tensor, or its `index`-th slice along the first axis (one expert's)."""
         try:
             handle = self._handle(self.files[name])
-            t = handle.get_tensor(name) if expert is None else handle.get_slice(name)[expert]
-        except RinginferError:
-            raise
+            return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
         except Exception as e:  # safetensors raises several types for a bad file
             raise RinginferError(f"cannot read tensor '{name}': {e}") from None
-        return self.family.stage_cls.from_hf_file_layout(hf_name, t)
+
+    def tensor(self, hf_name: str, fmt: str = "none") -> Any:
+        expert = self.family.stage_cls.hf_source(hf_name)[1]
+        names = self.file_names(hf_name)
+        if len(names) == 1:
+            return self.family.stage_cls.from_hf_file_layout(hf_name, self._read(names[0], expert))
+        t = Mxfp4Tensor.from_hf_blocks(*(self._read(n, expert) for n in names))
+        t = self.family.stage_cls.from_hf_file_layout(hf_name, t)
+        return t if fmt == "mxfp4" else t.dequantize()  # float, for others to convert
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_hf_dir(self.path, self.raw_config)
@@ -295,7 +312,7 @@ def stage_tensors(ckpt: Checkpoint, start: int, end: int) -> set[str]:
     with torch.device("meta"):
         stage = ckpt.family.stage_cls(ckpt.config, start, end, "cpu")
     keys = stage.state_dict()
-    return {ckpt.file_name(n) for key in keys for n in stage.checkpoint_names(key)}
+    return {f for key in keys for n in stage.checkpoint_names(key) for f in ckpt.file_names(n)}
 
 
 def load_stage(

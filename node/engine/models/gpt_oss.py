@@ -14,10 +14,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
 from node.engine.models.llama import LlamaConfig, LlamaStage
 from node.engine.models.moe import SWIGLU_ALPHA, SWIGLU_LIMIT
+from node.engine.models.mxfp4 import Mxfp4Tensor
 from node.errors import RinginferError
 
 HF_MODEL_TYPES = ("gpt_oss",)
@@ -139,12 +138,15 @@ class GptOssStage(LlamaStage):
         return f"{m[1]}.{stacked}{'_bias' if m[4] == 'bias' else ''}", int(m[2])
 
     @staticmethod
-    def from_hf_file_layout(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """An expert's slice of a stacked tensor ([in, 2*out] with gate and up interleaved
-        column by column; down [in, out]) as the [out, in] matrix or vector it names."""
+    def from_hf_file_layout(hf_name: str, tensor: Any) -> Any:
+        """An expert's slice of a stacked tensor as the [out, in] matrix or vector it names.
+        Float: [in, 2*out] with gate and up interleaved column by column, down [in, out].
+        MXFP4 (`*_blocks`): already [out, in], gate and up interleaved row by row."""
         m = _EXPERT.fullmatch(hf_name)
         if not m:
             return tensor
+        if isinstance(tensor, Mxfp4Tensor):
+            return tensor if m[3] == "down" else tensor.rows(slice(m[3] == "up", None, 2))
         if m[3] != "down":
             tensor = tensor[..., 0::2] if m[3] == "gate" else tensor[..., 1::2]
         return tensor.t() if m[4] == "weight" else tensor
