@@ -343,8 +343,9 @@ class _Reply:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.no_think and not args.chat:
-        raise RinginferError("--no-think needs --chat (it is a chat template's variable)")
+    for flag in ("no_think", "show_thinking"):  # both are about a chat's reply
+        if getattr(args, flag) and not args.chat:
+            raise RinginferError(f"--{flag.replace('_', '-')} needs --chat")
     return generate_local(args) if args.local else generate_remote(args)
 
 

@@ -159,7 +159,7 @@ def test_bad_chat_template_kwargs_are_a_400_with_one_line(cluster):  # noqa: ANN
         assert "\n" not in error["message"] and len(error["message"]) < 200, error
         good, answer, _ = post(url, body)
         assert good == 200 and answer["choices"][0]["message"]["content"] is not None
-    proc = run_cli("generate", "--local", "hi", "--no-think")
-    assert proc.returncode == 2 and proc.stderr.strip() == (
-        "ringinfer: error: --no-think needs --chat (it is a chat template's variable)"
-    ), proc.stderr
+    for flag in ("--no-think", "--show-thinking"):
+        proc = run_cli("generate", "--local", "hi", flag)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr == f"ringinfer: error: {flag} needs --chat\n"
