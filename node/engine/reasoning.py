@@ -45,9 +45,10 @@ def reply_format(tokenizer: Tokenizer, prompt: list[int]) -> str:
 
 class ReplySplitter:
     """Feed a reply's text with `push`, then `flush` at its end; each returns the parts
-    that may be shown now. The thought is shown without the whitespace around it, the
-    answer without the whitespace before it (Qwen3 writes "\\n" inside the block and
-    "\\n\\n" after it). `done` turns true at harmony's end of reply: later text is dropped."""
+    that may be shown now. In the <think> formats the thought is shown without the
+    whitespace around it and the answer without the whitespace before it (Qwen3 writes "\\n"
+    inside the block and "\\n\\n" after it), as llama.cpp shows them; harmony's text is kept
+    as is. `done` turns true at harmony's end of reply: later text is dropped."""
 
     def __init__(self, fmt: str) -> None:
         if fmt not in FORMATS:
