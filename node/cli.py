@@ -19,6 +19,14 @@ from node.cluster.cluster_file import BINARY, parse_amount, read_cluster
 from node.cluster.secret import ENV, FILE_NAME, ClusterKeys, find_keys, new_secret
 from node.data_dir import CACHE_SIZE
 from node.engine.batching import PREFILL_CHUNK
+from node.engine.reasoning import (
+    FORMATS,
+    PLAIN,
+    REASONING,
+    ReplySplitter,
+    reply_format,
+    split_reply,
+)
 from node.errors import RinginferError
 from protocol.wire import Kind
 
@@ -116,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --local: a prompt longer than N goes in chunks of N, as a "
                           "daemon's stage takes it (default 256)")  # fmt: skip
     _sampling_flags(gen)
+    gen.add_argument("--no-think", action="store_true",
+                     help="with --chat: ask the template for a reply without thinking "
+                          "(Qwen3's enable_thinking=false)")  # fmt: skip
+    gen.add_argument("--show-thinking", action="store_true",
+                     help="with --chat: print the model's thought too, on stderr (stdout "
+                          "has only the answer)")  # fmt: skip
     _engine_flags(gen)
     gen.add_argument("--wait", type=float, default=600, help="seconds to wait for a live plan")
     gen.add_argument("--timeout", type=float, default=300, help="seconds to wait for a token")
@@ -289,8 +303,54 @@ def _print_result(args: argparse.Namespace, result: dict) -> None:
         sys.stdout.write("\n")
 
 
+class _Reply:
+    """What `generate` shows of a reply: with --chat its answer on stdout as it comes and,
+    with --show-thinking, its thought on stderr; or with --json one object at the end."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.format, self.thought_shown = args, PLAIN, False
+        self.splitter = ReplySplitter(PLAIN)
+
+    def accepted(self, fmt: str) -> None:
+        """The reply's format, once the prompt is rendered (plain unless --chat)."""
+        self.format = fmt if self.args.chat and fmt in FORMATS else PLAIN
+        self.splitter = ReplySplitter(self.format)
+
+    def text(self, piece: str) -> None:
+        if not self.args.json:
+            self._show(self.splitter.push(piece))
+
+    def done(self, result: dict) -> None:
+        if not self.args.json:
+            self._show(self.splitter.flush())
+        if self.args.chat:
+            thought, answer = split_reply(self.format, result["text"])
+            result.update(content=answer, reasoning_content=thought or None)
+        _print_result(self.args, result)
+
+    def _show(self, parts: list[tuple[str, str]]) -> None:
+        for kind, text in parts:
+            if kind == REASONING:
+                if self.args.show_thinking:
+                    sys.stderr.write(text)
+                    self.thought_shown = True
+                continue
+            if self.thought_shown:  # the thought's last line ends before the answer starts
+                sys.stderr.write("\n")
+                self.thought_shown = False
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    for flag in ("no_think", "show_thinking"):  # both are about a chat's reply
+        if getattr(args, flag) and not args.chat:
+            raise RinginferError(f"--{flag.replace('_', '-')} needs --chat")
     return generate_local(args) if args.local else generate_remote(args)
+
+
+def _template_variables(args: argparse.Namespace) -> dict[str, Any] | None:
+    return {"enable_thinking": False} if args.no_think else None
 
 
 def generate_local(args: argparse.Namespace) -> int:
@@ -304,14 +364,15 @@ def generate_local(args: argparse.Namespace) -> int:
     STATUS.live(f"opening {args.model or 'the default model'} ...")
     ckpt = open_checkpoint(args.model)
     tokenizer = ckpt.tokenizer()
-    prompt = tokenizer.encode_prompt(args.prompt, args.chat)
+    prompt = tokenizer.encode_prompt(args.prompt, args.chat, _template_variables(args))
     capacity, max_tokens = fit_request(len(prompt), args.max_tokens, ckpt.config.max_seq_len)
     splits = args.split or []
     quantize = args.quantize or "auto"
     pipeline = LocalPipeline(ckpt, splits, device, dtype, STATUS.loading(ckpt.name), quantize)
 
     timings = Timings()
-    stream = TextStream(tokenizer)
+    stream, reply = TextStream(tokenizer), _Reply(args)
+    reply.accepted(reply_format(tokenizer, prompt))
     tokens: list[int] = []
     pieces: list[str] = []
     step = pipeline.session(capacity, params, args.prefill_chunk or PREFILL_CHUNK)
@@ -322,15 +383,13 @@ def generate_local(args: argparse.Namespace) -> int:
             break
         piece = stream.push(token)
         pieces.append(piece)
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        reply.text(piece)
     finish_reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
     result = generation_result(
         "".join(pieces), tokens, len(prompt), ckpt.name, finish_reason, timings
     )
     result["quantization"] = pipeline.quantization
-    _print_result(args, result)
+    reply.done(result)
     return 0
 
 
@@ -348,18 +407,20 @@ def generate_remote(args: argparse.Namespace) -> int:
         replies = client.generate(
             args.timeout, prompt=args.prompt, max_tokens=args.max_tokens, sampling=params.to_json(),
             chat=args.chat, ignore_eos=args.ignore_eos,
+            chat_template_kwargs=_template_variables(args),
         )  # fmt: skip
-        place = 0
+        place, reply = 0, _Reply(args)
         for msg in replies:
-            if msg.kind == Kind.QUEUED and msg.body["position"] != place:
+            if msg.kind == Kind.ACCEPTED:
+                reply.accepted(msg.body.get("reply_format", PLAIN))
+            elif msg.kind == Kind.QUEUED and msg.body["position"] != place:
                 place = msg.body["position"]
                 print(f"queued: {place} of {msg.body['queued']} waiting for the ring's cache "
                       "room", file=sys.stderr)  # fmt: skip
-            elif msg.kind.value == "token" and not args.json:
-                sys.stdout.write(msg.body["text"])
-                sys.stdout.flush()
-            elif msg.kind.value == "done":
-                _print_result(args, msg.body["result"])
+            elif msg.kind == Kind.TOKEN:
+                reply.text(msg.body["text"])
+            elif msg.kind == Kind.DONE:
+                reply.done(msg.body["result"])
     return 0
 
 

@@ -58,6 +58,8 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False  # llama.cpp's extension: generate max_tokens whatever comes
+    # vLLM's and llama.cpp's: variables for the chat template (checked where it is rendered)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_request(body: Any, chat: bool) -> CompletionRequest:
@@ -68,6 +70,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     req = CompletionRequest(chat=chat, model=get.typed("model", str))
     if chat:
         req.messages = _messages(body.get("messages"))
+        req.template_kwargs = get.typed("chat_template_kwargs", dict) or {}
     else:
         req.prompt = _prompt(body.get("prompt"))
     n = get.integer("n", low=1)
@@ -227,10 +230,15 @@ class Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, **extra}  # fmt: skip
 
-    def whole(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
-        """The answer of a request that did not stream."""
+    def whole(
+        self, text: str, finish_reason: str, usage: dict[str, int], reasoning: str = ""
+    ) -> dict[str, Any]:
+        """The answer of a request that did not stream; a chat's thought, if it had one, in
+        `reasoning_content` beside the answer (as vLLM and llama.cpp answer)."""
         if self.chat:
             message = {"role": "assistant", "content": text}
+            if reasoning:
+                message["reasoning_content"] = reasoning
             choice = {"index": 0, "message": message, "logprobs": None,
                       "finish_reason": finish_reason}  # fmt: skip
             return self._object("chat.completion", [choice], usage=usage)
@@ -239,16 +247,16 @@ class Answer:
 
     def chunk(
         self, text: str | None, finish_reason: str | None = None, usage: bool = False,
-        first: bool = False,
+        first: bool = False, reasoning: bool = False,
     ) -> dict[str, Any]:  # fmt: skip
-        """One streamed event: text (the first one of a chat also says the role), or the
-        end with its finish reason. `usage`: the stream promised a usage event, so others
-        carry `usage: null`."""
+        """One streamed event: text (the first one of a chat also says the role; a chat's
+        thought goes in `reasoning_content`), or the end with its finish reason. `usage`:
+        the stream promised a usage event, so others carry `usage: null`."""
         extra = {"usage": None} if usage else {}
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text is not None:
-                delta["content"] = text
+                delta["reasoning_content" if reasoning else "content"] = text
             choice = {"index": 0, "delta": delta, "logprobs": None,
                       "finish_reason": finish_reason}  # fmt: skip
             return self._object("chat.completion.chunk", [choice], **extra)

@@ -60,6 +60,8 @@ def test_defaults_and_content_parts():
         ({**CHAT, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
         ({**CHAT, "logprobs": True}, "logprobs"),
         ({**CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ({**CHAT, "chat_template_kwargs": [1]}, "chat_template_kwargs"),
+        ({**CHAT, "chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
     ],
 )
 def test_bad_chat_bodies_are_400s_naming_the_field(body, param):  # noqa: ANN001
@@ -84,6 +86,18 @@ def test_chunks_have_openai_shapes():
     assert end["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
     assert "usage" not in end and end["id"] == first["id"]
     assert Answer(chat=False, model="m").usage_chunk({"total_tokens": 1})["choices"] == []
+    thought = answer.chunk("hm", reasoning=True)["choices"][0]["delta"]
+    assert thought == {"reasoning_content": "hm"}
+
+
+def test_a_chat_answer_carries_its_thought_only_when_it_had_one():
+    answer, use = Answer(chat=True, model="m"), {"total_tokens": 1}
+    message = answer.whole("4", "stop", use, "2+2")["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
+    assert "reasoning_content" not in answer.whole("4", "stop", use)["choices"][0]["message"]
+    body = {**CHAT, "chat_template_kwargs": {"enable_thinking": False}}
+    assert parse_request(body, chat=True).template_kwargs == {"enable_thinking": False}
+    assert parse_request(CHAT, chat=True).template_kwargs == {}
 
 
 def feed(stops: list[str], pieces: list[str]) -> tuple[list[str], bool]:

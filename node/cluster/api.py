@@ -24,7 +24,9 @@ from aiohttp import web
 from discovery.interfaces import is_loopback
 from node.cluster.status import status
 from node.engine.local import PromptTooLong
+from node.engine.reasoning import PLAIN, REASONING, ReplySplitter, reply_format, split_reply
 from node.engine.sampling import SamplingParams
+from node.engine.tokenizer import BadTemplateVariables
 from node.errors import RinginferError
 from protocol.openai import (
     Answer,
@@ -245,6 +247,7 @@ class API:
         self._check_model(ask.model)
         self._check_live()
         prompt = self._tokens(ask)
+        reply = reply_format(self.daemon.tokenizer, prompt) if chat else PLAIN
         queue: asyncio.Queue[Message] = asyncio.Queue()
         params = SamplingParams(ask.temperature, ask.top_k, ask.top_p, ask.seed)
         try:
@@ -268,8 +271,8 @@ class API:
                 first = await queue.get()
                 if first.kind == Kind.ERROR:
                     raise _ring_error(first)
-                return await self._stream(request, ask, answer, first, queue, len(prompt))
-            return await self._whole(answer, queue, len(prompt))
+                return await self._stream(request, ask, answer, first, queue, len(prompt), reply)
+            return await self._whole(answer, queue, len(prompt), reply)
         finally:
             if not task.done():  # the client went away: every stage frees the request
                 task.cancel()
@@ -280,15 +283,17 @@ class API:
             raise APIError(400, "this model has no chat template: use /v1/completions")
         try:
             if ask.chat:
-                prompt = tokenizer.encode_chat(ask.messages)
+                prompt = tokenizer.encode_chat(ask.messages, ask.template_kwargs)
             else:
                 prompt = tokenizer.encode(ask.prompt)
+        except BadTemplateVariables as e:
+            raise APIError(400, str(e), param="chat_template_kwargs") from None
         except RinginferError as e:
             raise APIError(400, str(e)) from None
         return prompt
 
     async def _whole(
-        self, answer: Answer, queue: asyncio.Queue[Message], prompt_tokens: int
+        self, answer: Answer, queue: asyncio.Queue[Message], prompt_tokens: int, reply: str
     ) -> web.Response:
         while True:
             msg = await queue.get()
@@ -297,16 +302,24 @@ class API:
             if msg.kind == Kind.DONE:
                 result = msg.body["result"]
                 use = usage(prompt_tokens, len(result["tokens"]))
-                return web.json_response(answer.whole(result["text"], result["finish_reason"], use))
+                thought, text = split_reply(reply, result["text"])
+                return web.json_response(answer.whole(text, result["finish_reason"], use, thought))
 
     async def _stream(
         self, request: web.Request, ask: CompletionRequest, answer: Answer, first: Message,
-        queue: asyncio.Queue[Message], prompt_tokens: int,
+        queue: asyncio.Queue[Message], prompt_tokens: int, reply: str,
     ) -> web.StreamResponse:  # fmt: skip
+        """Server-sent events of a reply: its thought's deltas (reasoning_content), then its
+        answer's (content), told apart as its format (`reply`) writes them."""
         response = await _event_stream(request)
+        splitter = ReplySplitter(reply)
 
         async def send(obj: dict[str, Any]) -> None:
             await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        async def send_parts(parts: list[tuple[str, str]]) -> None:
+            for kind, text in parts:
+                await send(answer.chunk(text, usage=ask.include_usage, reasoning=kind == REASONING))
 
         try:
             if ask.chat:  # OpenAI's first chat chunk says who speaks
@@ -314,7 +327,7 @@ class API:
             msg = first
             while True:
                 if msg.kind == Kind.TOKEN and msg.body["text"]:
-                    await send(answer.chunk(msg.body["text"], usage=ask.include_usage))
+                    await send_parts(splitter.push(msg.body["text"]))
                 elif msg.kind == Kind.QUEUED:  # an SSE comment: clients skip it, people see it
                     place, waiting = msg.body["position"], msg.body["queued"]
                     await response.write(f": queued {place} of {waiting}\n\n".encode())
@@ -323,6 +336,7 @@ class API:
                     break
                 elif msg.kind == Kind.DONE:
                     result = msg.body["result"]
+                    await send_parts(splitter.flush())
                     await send(answer.chunk(None, result["finish_reason"], ask.include_usage))
                     if ask.include_usage:
                         use = usage(prompt_tokens, len(result["tokens"]))

@@ -28,6 +28,7 @@ from node.cluster.planner import Plan
 from node.cluster.transport import ClientGone
 from node.engine.local import Timings, TokenLoop, fit_request, generation_result
 from node.engine.perplexity import Tally, Window, result, windows
+from node.engine.reasoning import PLAIN, reply_format
 from node.engine.sampling import Candidates, SamplingParams
 from node.engine.stop_strings import StopStrings
 from node.engine.tokenizer import TextStream
@@ -85,6 +86,7 @@ class Request:
     attempt: int = 0  # replays so far, and queue retries: each opens the request anew
     patience: float = 0.0  # seconds the pending step may take before it is presumed lost
     scored: int = 0  # scoring a window: how many log-probabilities the last stage returns
+    reply_format: str = PLAIN  # how the reply is written (engine/reasoning.py); ACCEPTED says
 
     @property
     def ring_id(self) -> str:
@@ -125,9 +127,11 @@ class Requester:
         body, reply = msg.body, functools.partial(self.node.transport.reply, identity)
         try:
             params = SamplingParams.from_json(body["sampling"])
-            prompt = self.node.tokenizer.encode_prompt(body["prompt"], body.get("chat") is True)
+            chat, tokenizer = body.get("chat") is True, self.node.tokenizer
+            prompt = tokenizer.encode_prompt(body["prompt"], chat, body.get("chat_template_kwargs"))
             req = self.new_request(reply, prompt, max(1, body["max_tokens"]), params,
                                    ignore_eos=body.get("ignore_eos") is True)  # fmt: skip
+            req.reply_format = reply_format(tokenizer, prompt) if chat else PLAIN
         except RinginferError as e:
             raise ProtocolError("bad-request", str(e)) from None
         await self.serve(req, self._generate(req))
@@ -200,7 +204,7 @@ class Requester:
             {"node": s.node, "name": self.node.name(s.node), "start": s.start, "end": s.end}
             for s in req.plan.stages
         ]
-        body = {"plan": plan_json, "prompt_tokens": prompt_tokens}
+        body = {"plan": plan_json, "prompt_tokens": prompt_tokens, "reply_format": req.reply_format}
         await req.sink(message(Kind.ACCEPTED, req=req.id, body=body))
         return plan_json
 

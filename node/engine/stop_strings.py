@@ -24,7 +24,7 @@ class StopStrings:
         if cut >= 0:
             self.hit, self.held = True, ""
             return text[:cut]
-        keep = max((_overlap(text, s) for s in self.stops), default=0)
+        keep = max((overlap(text, s) for s in self.stops), default=0)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
@@ -34,7 +34,7 @@ class StopStrings:
         return text
 
 
-def _overlap(text: str, stop: str) -> int:
+def overlap(text: str, stop: str) -> int:
     """Length of the longest end of `text` that begins `stop` (shorter than `stop`)."""
     for n in range(min(len(text), len(stop) - 1), 0, -1):
         if text.endswith(stop[:n]):

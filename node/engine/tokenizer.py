@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from collections.abc import Callable, Iterable
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,24 @@ _GGUF_PRE = {
 # End-of-turn tokens that stop generation wherever a vocabulary has them (GGUF files often
 # name only one end token, and not always the one the chat template ends turns with).
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>")
+# gpt-oss's harmony format: <|end|> closes one message of a reply (its thought, before the
+# answer), <|return|> the reply and <|call|> a tool call (llama.cpp stops on these too).
+_HARMONY = ("<|channel|>", "<|message|>", "<|return|>")
+_HARMONY_END = ("<|return|>", "<|call|>")
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+
+# Variables a request may set in the chat template (chat_template_kwargs): bounded, plain.
+MAX_TEMPLATE_VARS, MAX_TEMPLATE_TEXT = 16, 4096
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+# What the renderer sets itself (ours, as transformers does, then Jinja's globals): not the
+# request's to change.
+_RENDERER_SETS = {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools",
+                  "documents", "raise_exception", "strftime_now",
+                  "range", "dict", "lipsum", "cycler", "joiner", "namespace"}  # fmt: skip
+
+
+class BadTemplateVariables(RinginferError):
+    """A request's chat template variables are not ones we render with."""
 
 
 class Tokenizer:
@@ -46,6 +67,10 @@ class Tokenizer:
     ) -> None:
         self._encode, self._decode = encode, decode
         self.stop_ids = frozenset(stop_ids) | {vocab[t] for t in _END_OF_TURN if t in vocab}
+        self.harmony = all(t in vocab for t in _HARMONY)
+        if self.harmony:
+            ends = {vocab[t] for t in _HARMONY_END if t in vocab}
+            self.stop_ids = (self.stop_ids | ends) - {vocab.get("<|end|>")}
         self.chat_template, self.bos, self.eos = chat_template, bos, eos
 
     @property
@@ -60,35 +85,57 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._decode(ids)
 
-    def encode_prompt(self, text: str, chat: bool) -> list[int]:
+    def encode_prompt(
+        self, text: str, chat: bool, variables: Mapping[str, Any] | None = None
+    ) -> list[int]:
         """A user's prompt: wrapped in the chat template when `chat`, else encoded as is."""
-        return self.encode_chat([{"role": "user", "content": text}]) if chat else self.encode(text)
+        if not chat:
+            return self.encode(text)
+        return self.encode_chat([{"role": "user", "content": text}], variables)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, str]], variables: Mapping[str, Any] | None = None
+    ) -> list[int]:
         """A conversation (role and content per turn) through the model's chat template,
-        ready for the assistant's next reply."""
-        if not self.chat_template:
-            raise RinginferError("this model has no chat template; drop --chat")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda v, **kw: json.dumps(v, ensure_ascii=False, **kw)
+        ready for the assistant's next reply. `variables` (a request's chat_template_kwargs,
+        e.g. Qwen3's enable_thinking) are checked with `template_variables`."""
+        extra, template = template_variables(variables), self._template
         try:
-            text = env.from_string(self.chat_template).render(
+            text = template.render(
+                **extra,
                 messages=messages,
                 add_generation_prompt=True,
                 bos_token=self.bos or "",
                 eos_token=self.eos or "",
             )
-        except TemplateError as e:
-            raise RinginferError(f"the model's chat template failed: {e}") from None
+        except Exception as e:  # a template fails in many ways (raise_exception, a type's)
+            raise RinginferError(f"the model's chat template failed: {_one_line(e)}") from None
         # Templates write their own BOS, as transformers' apply_chat_template assumes.
         return self.encode(text, add_special=False)
+
+    @cached_property
+    def _template(self) -> Any:
+        """The chat template compiled once, in the environment transformers renders it in
+        (a sandbox, its globals and filters), so its text is the one the model was taught."""
+        if not self.chat_template:
+            raise RinginferError("this model has no chat template; drop --chat")
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        )
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda v, **kw: json.dumps(v, ensure_ascii=False, **kw)
+        try:
+            return env.from_string(self.chat_template)
+        except TemplateError as e:
+            raise RinginferError(f"the model's chat template failed: {_one_line(e)}") from None
 
     @classmethod
     def from_hf_dir(cls, path: Path, config: dict[str, Any]) -> Tokenizer:
@@ -238,6 +285,46 @@ def _gpt2_ranks_file() -> Path | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     return next((Path(str(f.locate())) for f in files if str(f).endswith("gpt2.tiktoken")), None)
+
+
+def template_variables(value: Any) -> dict[str, Any]:
+    """A request's chat template variables, checked as hostile input (an API body may
+    come from any web page): at most MAX_TEMPLATE_VARS names, each to a JSON scalar."""
+    if value is None:
+        return {}
+    where = "chat_template_kwargs"
+    if not isinstance(value, Mapping):
+        why = "must be an object of names to strings, numbers, booleans or null"
+        raise BadTemplateVariables(f"{where} {why}")
+    if len(value) > MAX_TEMPLATE_VARS:
+        why = f"at most {MAX_TEMPLATE_VARS} names, got {len(value)}"
+        raise BadTemplateVariables(f"{where}: {why}")
+    for name, v in value.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            why = "is not a name (a letter, then letters, digits or _, up to 64)"
+            raise BadTemplateVariables(f"{where}: {str(name)[:80]!r} {why}")
+        why = _variable_problem(name, v)
+        if why:
+            raise BadTemplateVariables(f"{where}.{name}: {why}")
+    return dict(value)
+
+
+def _variable_problem(name: str, value: Any) -> str | None:
+    if name in _RENDERER_SETS:
+        return "not the request's to set"
+    if isinstance(value, str):
+        return f"at most {MAX_TEMPLATE_TEXT} characters" if len(value) > MAX_TEMPLATE_TEXT else None
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return "a number out of range" if abs(value) > 2**53 else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "a number out of range"
+    return "must be a string, number, boolean or null"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _token_text(token: Any) -> str | None:
