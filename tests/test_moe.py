@@ -4,6 +4,9 @@ routing's edge cases; experts kept in the file's format; greedy through a 3-daem
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from node.engine.gguf_file import GGUFFile
 from node.engine.local import LocalPipeline
 from node.engine.models.moe import SparseMoE
 from node.engine.models.quantized import Int4Linear, holdings
-from node.engine.weights import load_stage, open_checkpoint
+from node.engine.weights import load_stage, open_checkpoint, stage_tensors
 from tests.conftest import hf_model, make_model, run_cli
 from tests.test_gguf import PROMPT, dequantized_twin, write_gguf
 from tests.test_quantized import EXACT, relative_error
@@ -165,3 +168,49 @@ def test_experts_of_a_gguf_with_a_type_we_cannot_keep_are_named(tmp_path):  # no
     proc = run_cli("generate", "--local", "--model", str(path), "hi")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "blk.1.ffn_up_exps.weight' is IQ2_XXS" in proc.stderr, proc.stderr
+
+
+def openai_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., out, in] float as gpt-oss's hub checkpoints store it: `_blocks` [..., out,
+    in/32, 16] (byte j holds inputs 2j and 2j+1) and `_scales` [..., out, in/32] (e8m0),
+    quantized by gguf-py (whose blocks hold inputs j and j+16 in byte j)."""
+    import gguf
+
+    *outer, k = w.shape
+    raw = gguf.quants.quantize(w.reshape(-1, k), gguf.GGMLQuantizationType.MXFP4)
+    raw = raw.reshape(-1, k // 32, 17)
+    codes = np.concatenate([raw[..., 1:] & 15, raw[..., 1:] >> 4], axis=-1)  # inputs in order
+    blocks = codes[..., 0::2] | codes[..., 1::2] << 4
+    # Contiguous copies: safetensors.numpy writes a strided view's memory as it lies.
+    return (np.ascontiguousarray(blocks.reshape(*outer, k // 32, 16)),
+            np.ascontiguousarray(raw[..., 0].reshape(*outer, k // 32)))  # fmt: skip
+
+
+def test_gpt_oss_hub_checkpoint_in_mxfp4_equals_transformers(gguf_sources, tmp_path):  # noqa: ANN001
+    """A gpt-oss directory as OpenAI ships it (experts as MXFP4 `_blocks` / `_scales` and a
+    quantization_config): transformers dequantizes it, we keep the experts in MXFP4, and
+    fetching a layer takes both its codes and its scales."""
+    from safetensors.numpy import load_file, save_file
+
+    source, path = gguf_sources["gpt_oss"], tmp_path / "gpt-oss-mxfp4"
+    path.mkdir()
+    state = {}
+    for name, w in load_file(source / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = openai_mxfp4(np.ascontiguousarray(np.swapaxes(w, 1, 2)))
+            state[f"{name}_blocks"], state[f"{name}_scales"] = blocks, scales
+        else:
+            state[name] = w
+    save_file(state, path / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(config))
+    with torch.inference_mode():
+        expected = hf_model(path)(torch.tensor([PROMPT])).logits
+    ckpt = open_checkpoint(str(path))
+    for splits in [(), (2,)]:
+        torch.testing.assert_close(logits(str(path), splits), expected, atol=1e-5, rtol=0)
+    stage = load_stage(ckpt, 1, 2, torch.device("cpu"), torch.float32, quantize="auto")
+    assert set(holdings(stage)) == {"mxfp4", "float32"}
+    assert {"model.layers.1.mlp.experts.down_proj_blocks",
+            "model.layers.1.mlp.experts.down_proj_scales"} <= stage_tensors(ckpt, 1, 2)  # fmt: skip
