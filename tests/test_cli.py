@@ -102,6 +102,22 @@ def _bert(tmp: Path) -> Path:
     return tmp / "bert"
 
 
+def _deepseek_gguf(tmp: Path) -> Path:
+    """A well-formed GGUF of an architecture we lack."""
+    import gguf
+    import numpy as np
+
+    path = tmp / "deepseek.gguf"
+    w = gguf.GGUFWriter(path, "deepseek2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def _truncated_weights(tmp: Path, tiny_models: dict) -> Path:  # noqa: ANN001
     import shutil
 
@@ -126,7 +142,10 @@ BAD_MODELS = {
     "missing path": (lambda tmp, m: tmp / "nope.gguf", "does not exist"),
     "corrupt gguf": (lambda tmp, m: _corrupt_gguf(tmp), "not a readable GGUF"),
     "bad config": (lambda tmp, m: _bad_config(tmp), "not valid JSON"),
-    "unsupported architecture": (lambda tmp, m: _bert(tmp), "unsupported architecture 'bert'"),
+    "unsupported architecture": (lambda tmp, m: _bert(tmp),
+                                 "unsupported architecture 'bert' (supported: gpt2, gpt_oss, "),
+    "unsupported gguf architecture": (lambda tmp, m: _deepseek_gguf(tmp),
+                                      "unsupported GGUF architecture 'deepseek2' (supported: "),
     "truncated weights": (_truncated_weights, "cannot read"),
     "config disagrees with weights": (_config_disagrees, "does not fit the model's config"),
     "no tokenizer": (lambda tmp, m: m["llama"], "no tokenizer.json"),
