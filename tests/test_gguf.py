@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,17 +16,8 @@ from node.engine.weights import open_checkpoint
 from tests.conftest import hf_model, run_cli
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7, 9, 61, 88, 13, 200]
-HF_TO_GGUF = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
+# GGUF architectures whose name differs from the Hugging Face model_type.
+GGUF_ARCH = {"gemma3_text": "gemma3"}
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -81,12 +73,16 @@ def random_blocks(shape: tuple[int, ...], quant: str, seed: int) -> np.ndarray:
 
 def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None = None) -> Path:
     """`hf_dir`'s model as llama.cpp's converter writes it, matrices in `quant` (or as
-    `types` names them by GGUF tensor name)."""
+    `types` names them by GGUF tensor name). Tensor names come from gguf-py's own map for
+    the architecture, as the converter's do."""
     import gguf
 
     model = hf_model(hf_dir)
     cfg = model.config
-    arch = cfg.model_type  # llama or qwen2: llama.cpp permutes Q/K rows for llama only
+    arch = GGUF_ARCH.get(cfg.model_type, cfg.model_type)
+    names = gguf.get_tensor_name_map(
+        next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), cfg.num_hidden_layers
+    )
     w = gguf.GGUFWriter(out, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -94,36 +90,32 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # Gemma: global layers
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    w.add_rope_dimension_count(head_dim)
+    if arch == "gemma3":
+        gemma3_metadata(w, cfg)
+    else:
+        w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])  # "hi" is two tokens
     w.add_token_types([1] * cfg.vocab_size)
     w.add_token_merges([])
-    rope = cfg.rope_parameters
     if rope.get("rope_type") == "llama3":  # llama.cpp stores llama3 scaling as a tensor
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
     for name, tensor in model.state_dict().items():
         arr = tensor.numpy().astype(np.float32)
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp writes no output.weight for tied embeddings
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            module, kind = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
-            if arch == "llama" and module.endswith("q_proj"):
-                arr = llama_cpp_permute(arr, cfg.num_attention_heads)
-            if arch == "llama" and module.endswith("k_proj"):
-                arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads)
+        if arch == "llama" and name.endswith("k_proj.weight"):
+            arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            arr = arr + 1  # the converter's norm_shift: Gemma scales by (1 + w)
         kind = (types or {}).get(gname, quant)
         qtype = gguf.GGMLQuantizationType[kind]
         if arr.ndim == 2 and (kind in K_TYPES or kind.startswith("IQ")):
@@ -138,6 +130,23 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def gemma3_metadata(w: Any, cfg: Any) -> None:
+    """What convert_hf_to_gguf.py's Gemma3Model writes beyond the common keys: the head
+    size, the window, the global layers' RoPE scaling, the logit cap. Not the layer kinds,
+    the local RoPE base or the score scale: llama.cpp assumes those."""
+    import gguf
+
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_sliding_window(cfg.sliding_window)
+    rope = cfg.rope_parameters["full_attention"]
+    if rope["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if cfg.final_logit_softcapping:
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
 
 
 @pytest.mark.parametrize(

@@ -161,9 +161,7 @@ class LlamaConfig:
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies, including the context-extension scalings we support."""
-        # Explicit CPU: stages are built under the meta device, and these are not loaded weights.
-        exponent = torch.arange(0, self.head_dim, 2, device="cpu").float() / self.head_dim
-        inv_freq = 1.0 / (self.rope_theta**exponent)
+        inv_freq = default_inv_freq(self.rope_theta, self.head_dim)
         if self.rope_type == "default":
             return inv_freq
         if self.rope_type == "linear":
@@ -182,6 +180,13 @@ class LlamaConfig:
             medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
             return torch.where(medium, smoothed, scaled)
         raise RinginferError(f"unsupported RoPE scaling '{self.rope_type}'")
+
+
+def default_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/head_dim), unscaled."""
+    # Explicit CPU: stages are built under the meta device, and these are not loaded weights.
+    exponent = torch.arange(0, head_dim, 2, device="cpu").float() / head_dim
+    return 1.0 / (theta**exponent)
 
 
 class RMSNorm(nn.Module):
@@ -216,15 +221,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, device_type: str) -> None:
+    """Fused q/k/v, optional q/k head norms (of class `norm`), RoPE, and `step`'s attention.
+    `cfg` is any family's config with Llama's attention fields."""
+
+    def __init__(self, cfg: Any, device_type: str, norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.dim, q_size + 2 * kv_size, cfg.qkv_bias, device_type)
         self.o_proj = Linear(q_size, cfg.dim, cfg.o_bias, device_type)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.q_norm = norm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = norm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -274,19 +282,8 @@ class LlamaStage(Stage):
         self.inv_freq = self.inv_freq.to(device)
 
     def checkpoint_names(self, key: str) -> list[str]:
-        m = re.match(r"layers\.(\d+)\.(.*?)(\w+)\.(weight|bias)$", key)
-        if m:
-            layer, owner, leaf, kind = m.groups()  # owner: "" or ending in "."
-            leaves = _FUSED.get(leaf, (leaf,))
-            if self.cfg.expert_prefix != "mlp" and owner.startswith("mlp."):  # Mixtral's names
-                owner = f"{self.cfg.expert_prefix}.{owner[4:]}"
-                if ".experts." in owner:
-                    leaves = tuple(_MIXTRAL_EXPERT[n] for n in leaves)
-            prefix = f"model.layers.{self.start + int(layer)}.{owner}"
-            return [f"{prefix}{n}.{kind}" for n in leaves]
-        if key == "lm_head.weight":
-            return ["model.embed_tokens.weight" if self.cfg.tie_embeddings else key]
-        return [f"model.{key}"]
+        c = self.cfg
+        return checkpoint_names(key, self.start, c.tie_embeddings, expert_prefix=c.expert_prefix)
 
     def layers_forward(self, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         h = self.embed_tokens(x) if self.is_first else x
@@ -311,7 +308,7 @@ class LlamaStage(Stage):
 # Our fused projections and the checkpoint tensors they concatenate (one matmul, not three).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-_GGUF_LAYER_NAMES = {
+GGUF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.q_proj.bias": "attn_q.bias",
@@ -350,15 +347,39 @@ _GGUF_NAMES = {
 }
 
 
-def gguf_source(hf_name: str) -> tuple[str, int | None]:
+def checkpoint_names(
+    key: str, start: int, tied: bool, prefix: str = "", expert_prefix: str = "mlp"
+) -> list[str]:
+    """The Hugging Face checkpoint tensors our parameter `key` of a stage from layer `start`
+    is made of: fused projections split into theirs, names under `prefix` (a multimodal
+    checkpoint's "language_model."), Mixtral's MoE under `expert_prefix` with its own leaves."""
+    m = re.match(r"layers\.(\d+)\.(.*?)(\w+)\.(weight|bias)$", key)
+    if m:
+        layer, owner, leaf, kind = m.groups()  # owner: "" or ending in "."
+        leaves = _FUSED.get(leaf, (leaf,))
+        if expert_prefix != "mlp" and owner.startswith("mlp."):  # Mixtral's names
+            owner = f"{expert_prefix}.{owner[4:]}"
+            if ".experts." in owner:
+                leaves = tuple(_MIXTRAL_EXPERT[n] for n in leaves)
+        base = f"{prefix}model.layers.{start + int(layer)}.{owner}"
+        return [f"{base}{n}.{kind}" for n in leaves]
+    if key == "lm_head.weight":
+        return [f"{prefix}model.embed_tokens.weight" if tied else f"{prefix}{key}"]
+    return [f"{prefix}model.{key}"]
+
+
+def gguf_source(
+    hf_name: str, layer_names: dict[str, str] = GGUF_LAYER_NAMES
+) -> tuple[str, int | None]:
     """llama.cpp's tensor for a Hugging Face checkpoint name, and the expert's index in it
-    where llama.cpp stacks the experts of a layer into one tensor."""
+    where llama.cpp stacks the experts of a layer into one tensor. `layer_names`: a
+    family's own names for a layer's tensors (default: Llama's)."""
     m = _EXPERT.fullmatch(hf_name)
     if m:
         return f"blk.{m[1]}.{_GGUF_EXPERT_NAMES[m[3]]}.weight", int(m[2])
     m = re.match(r"model\.layers\.(\d+)\.(.*)", hf_name)
     if m:
-        return f"blk.{m[1]}.{_GGUF_LAYER_NAMES[m[2]]}", None
+        return f"blk.{m[1]}.{layer_names[m[2]]}", None
     return _GGUF_NAMES[hf_name], None
 
 
