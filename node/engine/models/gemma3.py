@@ -18,10 +18,17 @@ from torch import nn
 
 from node.engine.models import llama
 from node.engine.models.attention import Part, Step, positions_of
-from node.engine.models.linear import Linear
-from node.engine.models.llama import RMSNorm, default_inv_freq, rope_tables
+from node.engine.models.llama import (
+    DecoderShape,
+    LlamaStage,
+    RMSNorm,
+    default_inv_freq,
+    gguf_keys,
+    gguf_shape,
+    hf_shape,
+    rope_tables,
+)
 from node.engine.models.moe import GatedMLP
-from node.engine.models.stage import Stage, embedding
 from node.errors import RinginferError
 
 HF_MODEL_TYPES = ("gemma3_text", "gemma3")
@@ -47,16 +54,7 @@ GGUF_LAYER_NAMES = {
 
 
 @dataclass(frozen=True)
-class Gemma3Config:
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    hidden_dim: int
-    head_dim: int
-    norm_eps: float
-    max_seq_len: int
+class Gemma3Config(DecoderShape):
     sliding: tuple[bool, ...]  # per layer: attends within the window (else to everything)
     sliding_window: int | None
     rope_theta: float  # global layers
@@ -98,15 +96,7 @@ class Gemma3Config:
                 **(rope.get(FULL) or {})}  # fmt: skip
         local = {"rope_theta": d.get("rope_local_base_freq", 1e4), **(rope.get(SLIDING) or {})}
         return cls(
-            vocab_size=d["vocab_size"],
-            dim=d["hidden_size"],
-            n_layers=n_layers,
-            n_heads=d["num_attention_heads"],
-            n_kv_heads=d["num_key_value_heads"],
-            hidden_dim=d["intermediate_size"],
-            head_dim=d["head_dim"],
-            norm_eps=d["rms_norm_eps"],
-            max_seq_len=d["max_position_embeddings"],
+            **hf_shape(d),
             sliding=tuple(t == SLIDING for t in types),
             sliding_window=d["sliding_window"],
             rope_theta=full["rope_theta"],
@@ -127,11 +117,7 @@ class Gemma3Config:
         """What llama.cpp reads of a gemma3 GGUF, and what it assumes for the rest: layer
         kinds by the pattern of 6, a local RoPE base of 10000, and scores scaled by
         1/sqrt(head_dim), except for the 62-layer 27B (1/sqrt(hidden / heads))."""
-        arch = meta["general.architecture"]
-
-        def key(name: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{name}", default)
-
+        key, shape = gguf_keys(meta), gguf_shape(meta)
         if key("attn_logit_softcapping"):
             raise RinginferError("unsupported gemma3 option 'attn_logit_softcapping'")
         if freq_factors is not None:
@@ -139,9 +125,7 @@ class Gemma3Config:
         scaling = key("rope.scaling.type", "none")
         if scaling not in ("none", "linear", None):
             raise RinginferError(f"unsupported RoPE scaling '{scaling}' in GGUF file")
-        dim, n_heads = key("embedding_length"), key("attention.head_count")
-        n_layers = key("block_count")
-        head_dim = key("attention.key_length") or dim // n_heads
+        n_layers, head_dim = shape["n_layers"], shape["head_dim"]
         window = key("attention.sliding_window")
         pattern = key("attention.sliding_window_pattern", _SLIDING_PATTERN)
         if not window:
@@ -151,31 +135,24 @@ class Gemma3Config:
         else:
             sliding = tuple(t == SLIDING for t in _pattern(n_layers, pattern))
         return cls(
-            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=key("attention.head_count_kv") or n_heads,
-            hidden_dim=key("feed_forward_length"),
-            head_dim=head_dim,
-            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
-            max_seq_len=key("context_length", 2048),
+            **shape,
             sliding=sliding,
             sliding_window=window or None,
             rope_theta=key("rope.freq_base", 1e6),
             rope_local_theta=key("rope.freq_base_swa", 1e4),
             rope_factor=key("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0,
-            query_pre_attn_scalar=dim / n_heads if n_layers == 62 else head_dim,
+            query_pre_attn_scalar=shape["dim"] / shape["n_heads"] if n_layers == 62 else head_dim,
             final_logit_softcapping=key("final_logit_softcapping"),
             tie_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
         )
 
-    def inv_freq(self, sliding: bool) -> torch.Tensor:
-        """RoPE inverse frequencies of a sliding or a global layer."""
-        if sliding:
-            return default_inv_freq(self.rope_local_theta, self.head_dim) / self.rope_local_factor
-        return default_inv_freq(self.rope_theta, self.head_dim) / self.rope_factor
+    def inv_freq(self) -> dict[bool, torch.Tensor]:
+        """RoPE inverse frequencies of sliding (True) and global (False) layers."""
+        return {
+            True: default_inv_freq(self.rope_local_theta, self.head_dim) / self.rope_local_factor,
+            False: default_inv_freq(self.rope_theta, self.head_dim) / self.rope_factor,
+        }
 
 
 def _pattern(n_layers: int, every: int) -> list[str]:
@@ -202,7 +179,10 @@ class GemmaRMSNorm(RMSNorm):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Gemma3Config, device_type: str) -> None:
+    """Attention and MLP, each between a norm before it and a norm of its output. Every
+    layer has the same modules (`layer`, which LlamaStage passes, is not needed)."""
+
+    def __init__(self, cfg: Gemma3Config, layer: int, device_type: str) -> None:
         super().__init__()
         self.input_layernorm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = llama.Attention(cfg, device_type, GemmaRMSNorm)
@@ -218,19 +198,16 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(mlp)
 
 
-class Gemma3Stage(Stage):
-    """Layers [start, end) of a Gemma 3 text model, plus embedding / head at the ends."""
+class Gemma3Stage(LlamaStage):
+    """Layers [start, end) of a Gemma 3 text model, plus embedding / head at the ends: Llama's
+    layout and names, its own blocks and norms, a RoPE table for each kind of layer."""
+
+    block_cls = Block
+    norm_cls = GemmaRMSNorm
 
     def __init__(self, cfg: Gemma3Config, start: int, end: int, device_type: str = "cpu") -> None:
-        super().__init__(cfg, start, end)
-        if self.is_first:
-            self.embed_tokens = embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, device_type) for _ in range(start, end))
-        if self.is_last:
-            self.norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
-            self.lm_head = Linear(cfg.dim, cfg.vocab_size, False, device_type)
+        super().__init__(cfg, start, end, device_type)
         self.sliding = cfg.sliding[start:end]
-        self.inv_freq = {kind: cfg.inv_freq(kind) for kind in set(self.sliding)}
         # A float32 tensor, rounded to the compute dtype when used, as transformers does.
         self.embed_scale = torch.tensor(cfg.dim**0.5, device="cpu")
 
@@ -254,15 +231,15 @@ class Gemma3Stage(Stage):
         scale = self.cfg.query_pre_attn_scalar**-0.5
         steps = {
             kind: Step(parts, self.cfg.sliding_window if kind else None, h.device,
-                       rope_tables(inv_freq, positions, h.dtype), scale)
-            for kind, inv_freq in self.inv_freq.items()
+                       rope_tables(self.inv_freq[kind], positions, h.dtype), scale)
+            for kind in set(self.sliding)
         }  # fmt: skip
         for i, layer in enumerate(self.layers):
             h = layer(h, steps[self.sliding[i]], i)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(h))
+        logits = super().head(h)
         cap = self.cfg.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ _PERMUTED = ("llama",)
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class DecoderShape:
+    """The sizes of a decoder with Llama's layout, shared by the families built on it."""
+
     vocab_size: int
     dim: int
     n_layers: int
@@ -36,6 +38,49 @@ class LlamaConfig:
     head_dim: int
     norm_eps: float
     max_seq_len: int
+
+
+def hf_shape(d: dict[str, Any]) -> dict[str, Any]:
+    """DecoderShape's fields from a Hugging Face config.json."""
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    return dict(
+        vocab_size=d["vocab_size"],
+        dim=dim,
+        n_layers=d["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        hidden_dim=d["intermediate_size"],
+        head_dim=d.get("head_dim") or dim // n_heads,
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        max_seq_len=d.get("max_position_embeddings", 2048),
+    )
+
+
+def gguf_keys(meta: dict[str, Any]) -> Callable[..., Any]:
+    """key(name, default): the GGUF metadata value `{architecture}.{name}`."""
+    arch = meta["general.architecture"]
+    return lambda name, default=None: meta.get(f"{arch}.{name}", default)
+
+
+def gguf_shape(meta: dict[str, Any]) -> dict[str, Any]:
+    """DecoderShape's fields from a GGUF file's metadata (llama.cpp's keys)."""
+    key = gguf_keys(meta)
+    dim, n_heads = key("embedding_length"), key("attention.head_count")
+    return dict(
+        vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        dim=dim,
+        n_layers=key("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=key("attention.head_count_kv") or n_heads,
+        hidden_dim=key("feed_forward_length"),
+        head_dim=key("attention.key_length") or dim // n_heads,
+        norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
+        max_seq_len=key("context_length", 2048),
+    )
+
+
+@dataclass(frozen=True)
+class LlamaConfig(DecoderShape):
     rope_theta: float
     rope_type: str = "default"  # default | linear | llama3 | freq_factors
     rope_factor: float = 1.0
@@ -64,7 +109,6 @@ class LlamaConfig:
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        dim, n_heads = d["hidden_size"], d["num_attention_heads"]
         for unsupported in ("mlp_bias", "use_sliding_window"):
             if d.get(unsupported):
                 raise RinginferError(f"unsupported {d['model_type']} option '{unsupported}'")
@@ -81,15 +125,7 @@ class LlamaConfig:
             if i in (d.get("mlp_only_layers") or ()) or (i + 1) % sparse_step
         )  # fmt: skip
         return cls(
-            vocab_size=d["vocab_size"],
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=d.get("num_key_value_heads") or n_heads,
-            hidden_dim=d["intermediate_size"],
-            head_dim=d.get("head_dim") or dim // n_heads,
-            norm_eps=d.get("rms_norm_eps", 1e-6),
-            max_seq_len=d.get("max_position_embeddings", 2048),
+            **hf_shape(d),
             rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
             rope_type=rope_type,
             rope_factor=rope.get("factor", 1.0),
@@ -115,12 +151,7 @@ class LlamaConfig:
     def from_gguf(
         cls, meta: dict[str, Any], tensor_names: set[str], freq_factors: tuple[float, ...] | None
     ) -> LlamaConfig:
-        arch = meta["general.architecture"]
-
-        def key(name: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{name}", default)
-
-        dim, n_heads = key("embedding_length"), key("attention.head_count")
+        arch, key = meta["general.architecture"], gguf_keys(meta)
         scaling = key("rope.scaling.type", "none")
         rope_type = "default"
         if freq_factors is not None:
@@ -131,15 +162,7 @@ class LlamaConfig:
             raise RinginferError(f"unsupported RoPE scaling '{scaling}' in GGUF file")
         n_layers, n_experts = key("block_count"), key("expert_count", 0)
         return cls(
-            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=key("attention.head_count_kv") or n_heads,
-            hidden_dim=key("feed_forward_length"),
-            head_dim=key("attention.key_length") or dim // n_heads,
-            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
-            max_seq_len=key("context_length", 2048),
+            **gguf_shape(meta),
             rope_theta=key("rope.freq_base", 10000.0),
             rope_type=rope_type,
             rope_factor=key("rope.scaling.factor", key("rope.scale_linear", 1.0)),
@@ -266,15 +289,19 @@ class Block(nn.Module):
 
 
 class LlamaStage(Stage):
-    """Layers [start, end) of a Llama-family model, plus embedding / head at the ends."""
+    """Layers [start, end) of a Llama-family model, plus embedding / head at the ends.
+    Families of the same layout (Gemma 3) bring their own block and final norm."""
 
-    def __init__(self, cfg: LlamaConfig, start: int, end: int, device_type: str = "cpu") -> None:
+    block_cls: ClassVar[type[nn.Module]] = Block  # (cfg, layer, device_type)
+    norm_cls: ClassVar[type[RMSNorm]] = RMSNorm
+
+    def __init__(self, cfg: Any, start: int, end: int, device_type: str = "cpu") -> None:
         super().__init__(cfg, start, end)
         if self.is_first:
             self.embed_tokens = embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i, device_type) for i in range(start, end))
+        self.layers = nn.ModuleList(self.block_cls(cfg, i, device_type) for i in range(start, end))
         if self.is_last:
-            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.norm = self.norm_cls(cfg.dim, cfg.norm_eps)
             self.lm_head = Linear(cfg.dim, cfg.vocab_size, False, device_type)
         self.inv_freq = cfg.inv_freq()
 
