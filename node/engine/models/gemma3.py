@@ -79,7 +79,7 @@ class Gemma3Config(DecoderShape):
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> Gemma3Config:
         multimodal = config["model_type"] == "gemma3"
-        d = {**_HF_DEFAULTS, **(config.get("text_config") or {} if multimodal else config)}
+        d = {**_HF_DEFAULTS, **((config.get("text_config") or {}) if multimodal else config)}
         for option in ("attn_logit_softcapping", "use_bidirectional_attention"):
             if d.get(option):
                 raise RinginferError(f"unsupported gemma3 option '{option}'")
@@ -132,6 +132,8 @@ class Gemma3Config(DecoderShape):
             sliding = (False,) * n_layers
         elif isinstance(pattern, list):  # a flag per layer
             sliding = tuple(bool(p) for p in pattern)
+            if len(sliding) != n_layers:
+                raise RinginferError(f"{len(sliding)} sliding-window flags for {n_layers} layers")
         else:
             sliding = tuple(t == SLIDING for t in _pattern(n_layers, pattern))
         return cls(
