@@ -95,7 +95,10 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF directory, .gguf file or hub id (default: SmolLM2)")
+    parser.add_argument(
+        "--model",
+        help="HF directory, .gguf file, packaged model (gemma-3-270m) or hub id (default: SmolLM2)",
+    )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", help="auto (default), float32, bfloat16 or float16")
     parser.add_argument("--threads", type=_positive, help="CPU threads for torch")

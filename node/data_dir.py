@@ -15,6 +15,12 @@ DEFAULT = Path.home() / ".ringinfer"
 CACHE_SIZE = 32 << 30  # the shard cache's default limit (node/engine/shard_cache.py)
 
 
+def cache_dir() -> Path:
+    """Where files derived from installed packages and model files are kept, shared by all
+    daemons and commands: a packaged model's joined GGUF, a converted tokenizer."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ringinfer"
+
+
 def claim(path: Path) -> tuple[str, IO]:
     """(node id, lock handle): the id is made on first use and kept; the lock lives as long
     as the handle, so two daemons never share an id by sharing a directory."""

@@ -90,6 +90,19 @@ FAMILIES = {
                               "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                               "original_max_position_embeddings": 16}),
     ),  # fmt: skip
+    # Gemma 3: head_dim 24 and scores scaled by 20^-1/2; a window (5) shorter than the prompt
+    # on sliding layers 0, 2, 3, global layer 1 with linearly scaled RoPE; capped logits.
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+             query_pre_attn_scalar=20, sliding_window=5,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                          "sliding_attention"],
+             rope_parameters={
+                 "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+             final_logit_softcapping=30.0),
+    ),  # fmt: skip
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=50257, n_embd=64, n_layer=4, n_head=4, n_positions=64),

@@ -69,7 +69,7 @@ def test_cuda_quantized_near_transformers_on_the_same_weights(tiny_models, famil
     torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])  # gemma3: its own score scale
 def test_a_ragged_decode_pass_on_cuda_equals_each_request_alone(tiny_models, family):  # noqa: ANN001
     """Several requests' decode steps in one pass take one flash-attention call over their
     ragged cache lengths (attention.py's _attend_ragged); each equals its own pass."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,40 +17,15 @@ from node.engine.weights import open_checkpoint
 from tests.conftest import hf_model, run_cli
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7, 9, 61, 88, 13, 200]
-HF_TO_GGUF = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "mlp.gate": "ffn_gate_inp",
-    "block_sparse_moe.gate": "ffn_gate_inp",
-    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
-    "mlp.shared_expert.up_proj": "ffn_up_shexp",
-    "mlp.shared_expert.down_proj": "ffn_down_shexp",
-    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-}
 # llama.cpp stacks a layer's experts into one [experts, rows, columns] tensor per projection.
 EXPERT_TO_GGUF = {
     "gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
     "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps",
 }  # fmt: skip
-# convert_hf_to_gguf.py's architecture names (Mixtral is written as llama).
-GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-             "gpt_oss": "gpt-oss"}  # fmt: skip
-# gpt-oss's own names where they differ from the table above.
-GPT_OSS_TO_GGUF = {
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "self_attn.sinks": "attn_sinks.weight",
-    "mlp.router.weight": "ffn_gate_inp.weight",
-    "mlp.router.bias": "ffn_gate_inp.bias",
-}
+# GGUF architectures whose name differs from the Hugging Face model_type (Mixtral is
+# written as llama).
+GGUF_ARCH = {"gemma3_text": "gemma3", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss"}  # fmt: skip
 STACKED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?")
 EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.(\w+)")
 
@@ -107,12 +83,14 @@ def random_blocks(shape: tuple[int, ...], quant: str, seed: int) -> np.ndarray:
 
 def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None = None) -> Path:
     """`hf_dir`'s model as llama.cpp's converter writes it, matrices in `quant` (or as
-    `types` names them by GGUF tensor name)."""
+    `types` names them by GGUF tensor name). Tensor names come from gguf-py's own map for
+    the architecture, as the converter's do."""
     import gguf
 
     model = hf_model(hf_dir)
     cfg = model.config
     arch = GGUF_ARCH.get(cfg.model_type, cfg.model_type)  # llama.cpp permutes Q/K for llama only
+    names = tensor_names(arch, cfg.num_hidden_layers)
     w = gguf.GGUFWriter(out, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -120,12 +98,16 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # Gemma: global layers
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_rope_dimension_count(head_dim)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
+    if arch == "gemma3":
+        gemma3_metadata(w, cfg)
+    else:
+        w.add_rope_dimension_count(head_dim)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
     if experts:
         w.add_expert_count(experts)
@@ -141,7 +123,6 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])  # "hi" is two tokens
     w.add_token_types([1] * cfg.vocab_size)
     w.add_token_merges([])
-    rope = cfg.rope_parameters
     if cfg.model_type == "gpt_oss":
         w.add_sliding_window(cfg.sliding_window)
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -153,11 +134,13 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
     for name, arr in checkpoint_state(hf_dir).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp writes no output.weight for tied embeddings
-        gname, expert = gguf_place(name, arch)
+        gname, expert = gguf_place(name, names)
         heads = permuted_heads(name, arch, cfg)
         arr = llama_cpp_permute(arr, heads) if heads else arr
         if name.endswith("shared_expert_gate.weight"):
             arr = arr.reshape(-1)  # llama.cpp: a vector
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            arr = arr + 1  # the converter's norm_shift: Gemma scales by (1 + w)
         if expert is not None:
             stacked.setdefault(gname, {})[expert] = arr
             continue
@@ -242,24 +225,28 @@ def stack_experts(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def gguf_place(name: str, arch: str) -> tuple[str, int | None]:
+def tensor_names(arch: str, n_layers: int) -> list[Any]:
+    """gguf-py's own maps from Hugging Face names to llama.cpp's: the architecture's, then
+    Llama's (the MoE architectures list no dense MLP, which our tiny models' mlp_only_layers
+    have)."""
+    import gguf
+
+    which = [next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
+             for name in dict.fromkeys((arch, "llama"))]  # fmt: skip
+    return [gguf.get_tensor_name_map(a, n_layers) for a in which]
+
+
+def gguf_place(name: str, names: Any) -> tuple[str, int | None]:
     """llama.cpp's tensor for a checkpoint tensor, and the expert's index where it stacks a
     layer's experts into one tensor."""
-    fixed = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    if name in fixed:
-        return fixed[name], None
     m = re.fullmatch(r"model\.layers\.(\d+)\.\w+\.experts\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m:
         return f"blk.{m[1]}.{EXPERT_TO_GGUF[m[3]]}.{m[4]}", int(m[2])
-    layer, rest = name.removeprefix("model.layers.").split(".", 1)
-    if arch == "gpt-oss" and rest in GPT_OSS_TO_GGUF:
-        return f"blk.{layer}.{GPT_OSS_TO_GGUF[rest]}", None
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}", None
+    gname = next(filter(None, (n.get_name(name, try_suffixes=(".weight", ".bias")) for n in names)),
+                 None)  # fmt: skip
+    if gname is None:
+        raise KeyError(f"gguf-py names no tensor for {name}")
+    return (f"{gname}.weight" if name.endswith(".sinks") else gname), None  # as the converter
 
 
 def permuted_heads(name: str, arch: str, cfg: object) -> int | None:
@@ -284,24 +271,44 @@ def dequantized_twin(gguf_path: Path, hf_dir: Path, out: Path) -> Path:
 
     cfg = AutoConfig.from_pretrained(hf_dir)
     arch = GGUF_ARCH.get(cfg.model_type, cfg.model_type)
+    names = tensor_names(arch, cfg.num_hidden_layers)
     held = {t.name: t for t in GGUFReader(gguf_path).tensors}
     state = {}
     for name, original in checkpoint_state(hf_dir).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        gname, expert = gguf_place(name, arch)
+        gname, expert = gguf_place(name, names)
         t = held[gname]
         arr = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
         arr = arr[expert] if expert is not None else arr
         heads = permuted_heads(name, arch, cfg)
         if heads:  # llama_cpp_permute undone
             arr = arr.reshape(heads, -1, 2, *arr.shape[1:]).swapaxes(1, 2)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            arr = arr - 1  # the converter's norm_shift undone
         state[name] = np.ascontiguousarray(arr, dtype=np.float32).reshape(original.shape)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(hf_dir / "config.json", out / "config.json")
     save_file(stack_experts(state) if cfg.model_type == "gpt_oss" else state,
               out / "model.safetensors")  # fmt: skip
     return out
+
+
+def gemma3_metadata(w: Any, cfg: Any) -> None:
+    """What convert_hf_to_gguf.py's Gemma3Model writes beyond the common keys: the head
+    size, the window, the global layers' RoPE scaling, the logit cap. Not the layer kinds,
+    the local RoPE base or the score scale: llama.cpp assumes those."""
+    import gguf
+
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_sliding_window(cfg.sliding_window)
+    rope = cfg.rope_parameters["full_attention"]
+    if rope["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if cfg.final_logit_softcapping:
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
 
 
 @pytest.mark.parametrize(

@@ -55,9 +55,10 @@ def test_sliding_window_is_exercised(tiny_models):  # noqa: ANN001
     assert (our_logits(path) - full).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_tracks_transformers(tiny_models, dtype):  # noqa: ANN001
-    path = tiny_models["llama"]
+def test_half_precision_tracks_transformers(tiny_models, dtype, family):  # noqa: ANN001
+    path = tiny_models[family]
     from transformers import AutoModelForCausalLM
 
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

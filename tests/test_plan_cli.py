@@ -30,7 +30,8 @@ LAPTOPS = {
 
 # qwen3_moe has a dense layer 2 (mlp_only_layers), qwen2_moe every other layer dense.
 @pytest.mark.parametrize(
-    "family", ["llama", "gpt2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"]
+    "family",
+    ["llama", "gpt2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "gemma3"],
 )
 def test_shapes_count_what_transformers_counts(tiny_models, family):  # noqa: ANN001
     name, shape, source, fmt = find_shape(str(tiny_models[family]), torch.float32)

@@ -17,7 +17,7 @@ from torch import nn
 from node.cluster.planner import ModelShape
 from node.engine.models import Family, family_for_hf
 from node.engine.models.quantized import BYTES_PER_WEIGHT, module_format, quantizable
-from node.engine.weights import layer_format, open_checkpoint
+from node.engine.weights import PACKAGED, layer_format, open_checkpoint
 from node.errors import RinginferError
 from node.json_file import read_json
 
@@ -227,7 +227,7 @@ def find_shape(
 
     Never downloads: sizing a cluster must work before anything is fetched.
     """
-    if spec is None or Path(spec).expanduser().exists():
+    if spec is None or Path(spec).expanduser().exists() or spec in PACKAGED:
         ckpt = open_checkpoint(spec)
         fmt = layer_format(ckpt, quantize, torch.device("cpu"))
         shape = shape_of(ckpt.family, ckpt.config, dtype, quantize=fmt,

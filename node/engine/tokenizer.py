@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
@@ -12,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from node.data_dir import cache_dir
 from node.errors import RinginferError
 from node.json_file import read_json
 
@@ -31,7 +34,8 @@ _GGUF_PRE = {
 }
 # End-of-turn tokens that stop generation wherever a vocabulary has them (GGUF files often
 # name only one end token, and not always the one the chat template ends turns with).
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>")
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>",
+                "<end_of_turn>")  # fmt: skip
 # gpt-oss's harmony format: <|end|> closes one message of a reply (its thought, before the
 # answer), <|return|> the reply and <|call|> a tool call (llama.cpp stops on these too).
 _HARMONY = ("<|channel|>", "<|message|>", "<|return|>")
@@ -181,7 +185,7 @@ class Tokenizer:
         if kind == "gpt2" and pre in _GGUF_PRE:
             tok = _bpe_from_gguf(meta, vocab, _GGUF_PRE[pre])
         else:  # SentencePiece vocabularies and rarer pre-tokenizers: transformers' converter
-            tok = _convert_with_transformers(path)
+            tok = _convert_with_transformers(path, meta)
         bos_id = meta.get("tokenizer.ggml.bos_token_id")
         eos_id = meta.get("tokenizer.ggml.eos_token_id")
         add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos_id is not None
@@ -270,13 +274,33 @@ def _bpe_from_gguf(meta: dict[str, Any], vocab: dict[str, int], patterns: list[s
     return tok
 
 
-def _convert_with_transformers(path: Path) -> Any:
-    from transformers import AutoTokenizer
+def _convert_with_transformers(path: Path, meta: dict[str, Any]) -> Any:
+    """transformers' tokenizer for a GGUF, kept in the cache as tokenizer.json under a hash of
+    the file's tokenizer metadata: converting a large SentencePiece vocabulary rebuilds its
+    merges (Gemma 3's 262k tokens: ~10 s at every start)."""
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer
 
+    fields = sorted((k, v) for k, v in meta.items() if k.startswith("tokenizer.ggml."))
+    key = json.dumps([transformers.__version__, fields], ensure_ascii=False).encode()
+    cached = cache_dir() / "tokenizers" / f"{hashlib.sha256(key).hexdigest()[:32]}.json"
+    if cached.exists():
+        try:
+            return HFTokenizer.from_file(str(cached))
+        except Exception:  # a damaged cache entry: convert again below and replace it
+            pass
     try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).backend_tokenizer
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # converter errors are of many kinds; all mean "unsupported"
         raise RinginferError(f"cannot build a tokenizer from {path}: {e}") from None
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}.partial")
+    try:  # a cache that cannot be written costs time only
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tok.backend_tokenizer.save(str(partial))
+        os.replace(partial, cached)
+    except OSError:
+        partial.unlink(missing_ok=True)
+    return tok.backend_tokenizer
 
 
 def _gpt2_ranks_file() -> Path | None:

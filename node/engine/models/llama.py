@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ _PERMUTED = ("llama",)
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class DecoderShape:
+    """The sizes of a decoder with Llama's layout, shared by the families built on it."""
+
     vocab_size: int
     dim: int
     n_layers: int
@@ -36,6 +38,49 @@ class LlamaConfig:
     head_dim: int
     norm_eps: float
     max_seq_len: int
+
+
+def hf_shape(d: dict[str, Any]) -> dict[str, Any]:
+    """DecoderShape's fields from a Hugging Face config.json."""
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    return dict(
+        vocab_size=d["vocab_size"],
+        dim=dim,
+        n_layers=d["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        hidden_dim=d["intermediate_size"],
+        head_dim=d.get("head_dim") or dim // n_heads,
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        max_seq_len=d.get("max_position_embeddings", 2048),
+    )
+
+
+def gguf_keys(meta: dict[str, Any]) -> Callable[..., Any]:
+    """key(name, default): the GGUF metadata value `{architecture}.{name}`."""
+    arch = meta["general.architecture"]
+    return lambda name, default=None: meta.get(f"{arch}.{name}", default)
+
+
+def gguf_shape(meta: dict[str, Any]) -> dict[str, Any]:
+    """DecoderShape's fields from a GGUF file's metadata (llama.cpp's keys)."""
+    key = gguf_keys(meta)
+    dim, n_heads = key("embedding_length"), key("attention.head_count")
+    return dict(
+        vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        dim=dim,
+        n_layers=key("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=key("attention.head_count_kv") or n_heads,
+        hidden_dim=key("feed_forward_length"),
+        head_dim=key("attention.key_length") or dim // n_heads,
+        norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
+        max_seq_len=key("context_length", 2048),
+    )
+
+
+@dataclass(frozen=True)
+class LlamaConfig(DecoderShape):
     rope_theta: float
     rope_type: str = "default"  # default | linear | llama3 | freq_factors | yarn
     rope_factor: float = 1.0
@@ -87,7 +132,6 @@ class LlamaConfig:
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        dim, n_heads = d["hidden_size"], d["num_attention_heads"]
         for unsupported in ("mlp_bias", "use_sliding_window"):
             if d.get(unsupported):
                 raise RinginferError(f"unsupported {d['model_type']} option '{unsupported}'")
@@ -104,15 +148,7 @@ class LlamaConfig:
             if i in (d.get("mlp_only_layers") or ()) or (i + 1) % sparse_step
         )  # fmt: skip
         return cls(
-            vocab_size=d["vocab_size"],
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=d.get("num_key_value_heads") or n_heads,
-            hidden_dim=d["intermediate_size"],
-            head_dim=d.get("head_dim") or dim // n_heads,
-            norm_eps=d.get("rms_norm_eps", 1e-6),
-            max_seq_len=d.get("max_position_embeddings", 2048),
+            **hf_shape(d),
             rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
             rope_type=rope_type,
             rope_factor=rope.get("factor", 1.0),
@@ -138,12 +174,7 @@ class LlamaConfig:
     def from_gguf(
         cls, meta: dict[str, Any], tensor_names: set[str], freq_factors: tuple[float, ...] | None
     ) -> LlamaConfig:
-        arch = meta["general.architecture"]
-
-        def key(name: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{name}", default)
-
-        dim, n_heads = key("embedding_length"), key("attention.head_count")
+        arch, key = meta["general.architecture"], gguf_keys(meta)
         scaling = key("rope.scaling.type", "none")
         rope_type = "default"
         if freq_factors is not None:
@@ -154,15 +185,7 @@ class LlamaConfig:
             raise RinginferError(f"unsupported RoPE scaling '{scaling}' in GGUF file")
         n_layers, n_experts = key("block_count"), key("expert_count", 0)
         return cls(
-            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=key("attention.head_count_kv") or n_heads,
-            hidden_dim=key("feed_forward_length"),
-            head_dim=key("attention.key_length") or dim // n_heads,
-            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
-            max_seq_len=key("context_length", 2048),
+            **gguf_shape(meta),
             rope_theta=key("rope.freq_base", 10000.0),
             rope_type=rope_type,
             rope_factor=key("rope.scaling.factor", key("rope.scale_linear", 1.0)),
@@ -184,9 +207,7 @@ class LlamaConfig:
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies, including the context-extension scalings we support."""
-        # Explicit CPU: stages are built under the meta device, and these are not loaded weights.
-        exponent = torch.arange(0, self.head_dim, 2, device="cpu").float() / self.head_dim
-        inv_freq = 1.0 / (self.rope_theta**exponent)
+        inv_freq = default_inv_freq(self.rope_theta, self.head_dim)
         if self.rope_type == "default":
             return inv_freq
         if self.rope_type == "linear":
@@ -230,6 +251,13 @@ class LlamaConfig:
         return inv_freq / self.rope_factor * (1 - keep) + inv_freq * keep
 
 
+def default_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/head_dim), unscaled."""
+    # Explicit CPU: stages are built under the meta device, and these are not loaded weights.
+    exponent = torch.arange(0, head_dim, 2, device="cpu").float() / head_dim
+    return 1.0 / (theta**exponent)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -265,16 +293,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, device_type: str) -> None:
+    """Fused q/k/v, optional q/k head norms (of class `norm`), RoPE, and `step`'s attention.
+    `cfg` is any family's config with Llama's attention fields."""
+
+    def __init__(self, cfg: Any, device_type: str, norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.dim, q_size + 2 * kv_size, cfg.qkv_bias, device_type)
         self.o_proj = Linear(q_size, cfg.dim, cfg.o_bias, device_type)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.sinks = nn.Parameter(torch.empty(cfg.n_heads)) if cfg.attention_sinks else None
+            self.q_norm = norm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = norm(cfg.head_dim, cfg.norm_eps)
+        sinks = getattr(cfg, "attention_sinks", False)  # gpt-oss
+        self.sinks = nn.Parameter(torch.empty(cfg.n_heads)) if sinks else None
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -309,15 +341,19 @@ class Block(nn.Module):
 
 
 class LlamaStage(Stage):
-    """Layers [start, end) of a Llama-family model, plus embedding / head at the ends."""
+    """Layers [start, end) of a Llama-family model, plus embedding / head at the ends.
+    Families of the same layout (Gemma 3) bring their own block and final norm."""
 
-    def __init__(self, cfg: LlamaConfig, start: int, end: int, device_type: str = "cpu") -> None:
+    block_cls: ClassVar[type[nn.Module]] = Block  # (cfg, layer, device_type)
+    norm_cls: ClassVar[type[RMSNorm]] = RMSNorm
+
+    def __init__(self, cfg: Any, start: int, end: int, device_type: str = "cpu") -> None:
         super().__init__(cfg, start, end)
         if self.is_first:
             self.embed_tokens = embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i, device_type) for i in range(start, end))
+        self.layers = nn.ModuleList(self.block_cls(cfg, i, device_type) for i in range(start, end))
         if self.is_last:
-            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.norm = self.norm_cls(cfg.dim, cfg.norm_eps)
             self.lm_head = Linear(cfg.dim, cfg.vocab_size, False, device_type)
         self.inv_freq = cfg.inv_freq()
 
@@ -325,19 +361,8 @@ class LlamaStage(Stage):
         self.inv_freq = self.inv_freq.to(device)
 
     def checkpoint_names(self, key: str) -> list[str]:
-        m = re.match(r"layers\.(\d+)\.(.*?)(\w+)(\.weight|\.bias)?$", key)
-        if m:
-            layer, owner, leaf, kind = m.groups()  # owner: "" or ending in "."; kind: or None
-            leaves = _FUSED.get(leaf, (leaf,))
-            if self.cfg.expert_prefix != "mlp" and owner.startswith("mlp."):  # Mixtral's names
-                owner = f"{self.cfg.expert_prefix}.{owner[4:]}"
-                if ".experts." in owner:
-                    leaves = tuple(_MIXTRAL_EXPERT[n] for n in leaves)
-            prefix = f"model.layers.{self.start + int(layer)}.{owner}"
-            return [f"{prefix}{n}{kind or ''}" for n in leaves]
-        if key == "lm_head.weight":
-            return ["model.embed_tokens.weight" if self.cfg.tie_embeddings else key]
-        return [f"model.{key}"]
+        c = self.cfg
+        return checkpoint_names(key, self.start, c.tie_embeddings, expert_prefix=c.expert_prefix)
 
     def layers_forward(self, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         h = self.embed_tokens(x) if self.is_first else x
@@ -364,7 +389,7 @@ class LlamaStage(Stage):
 # Our fused projections and the checkpoint tensors they concatenate (one matmul, not three).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-_GGUF_LAYER_NAMES = {
+GGUF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.q_proj.bias": "attn_q.bias",
@@ -403,15 +428,39 @@ _GGUF_NAMES = {
 }
 
 
-def gguf_source(hf_name: str) -> tuple[str, int | None]:
+def checkpoint_names(
+    key: str, start: int, tied: bool, prefix: str = "", expert_prefix: str = "mlp"
+) -> list[str]:
+    """The Hugging Face checkpoint tensors our parameter `key` of a stage from layer `start`
+    is made of: fused projections split into theirs, names under `prefix` (a multimodal
+    checkpoint's "language_model."), Mixtral's MoE under `expert_prefix` with its own leaves."""
+    m = re.match(r"layers\.(\d+)\.(.*?)(\w+)(\.weight|\.bias)?$", key)
+    if m:
+        layer, owner, leaf, kind = m.groups()  # owner: "" or ending in "."; kind: or None
+        leaves = _FUSED.get(leaf, (leaf,))
+        if expert_prefix != "mlp" and owner.startswith("mlp."):  # Mixtral's names
+            owner = f"{expert_prefix}.{owner[4:]}"
+            if ".experts." in owner:
+                leaves = tuple(_MIXTRAL_EXPERT[n] for n in leaves)
+        base = f"{prefix}model.layers.{start + int(layer)}.{owner}"
+        return [f"{base}{n}{kind or ''}" for n in leaves]
+    if key == "lm_head.weight":
+        return [f"{prefix}model.embed_tokens.weight" if tied else f"{prefix}{key}"]
+    return [f"{prefix}model.{key}"]
+
+
+def gguf_source(
+    hf_name: str, layer_names: dict[str, str] = GGUF_LAYER_NAMES
+) -> tuple[str, int | None]:
     """llama.cpp's tensor for a Hugging Face checkpoint name, and the expert's index in it
-    where llama.cpp stacks the experts of a layer into one tensor."""
+    where llama.cpp stacks the experts of a layer into one tensor. `layer_names`: a
+    family's own names for a layer's tensors (default: Llama's)."""
     m = _EXPERT.fullmatch(hf_name)
     if m:
         return f"blk.{m[1]}.{_GGUF_EXPERT_NAMES[m[3]]}.weight", int(m[2])
     m = re.match(r"model\.layers\.(\d+)\.(.*)", hf_name)
     if m:
-        return f"blk.{m[1]}.{_GGUF_LAYER_NAMES[m[2]]}", None
+        return f"blk.{m[1]}.{layer_names[m[2]]}", None
     return _GGUF_NAMES[hf_name], None
 
 
