@@ -240,8 +240,8 @@ class StageServer:
         if plan_stage is None:
             return
         room = node.cfg.memory * HEADROOM - stage_bytes(plan_stage, node.shape)
-        held = sum(e.cache.k.nbytes + e.cache.v.nbytes for e in shard.requests.values())
-        need = node.shape.kv_bytes * (shard.end - shard.start) * capacity
+        held = sum(e.cache.nbytes for e in shard.requests.values())
+        need = node.shape.kv_bytes * shard.stage.cache_positions(capacity)
         if held + need > room:
             raise ProtocolError(
                 "busy", f"{node.cfg.name} is full: {len(shard.requests)} request(s) hold "

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from node.engine.batching import PREFILL_CHUNK
-from node.engine.kv_cache import KVCache
+from node.engine.kv_cache import SPAN, KVCache
 from node.engine.models.quantized import holdings, label
 from node.engine.sampling import Candidates, SamplingParams, candidates, pick
 from node.engine.weights import Checkpoint, Progress, load_stage
@@ -108,8 +108,10 @@ class LocalPipeline:
         """The formats the stages hold their weights in, e.g. 'int4+int8'."""
         return label(holdings(torch.nn.ModuleList(self.stages)))
 
-    def new_caches(self, capacity: int) -> list[KVCache]:
-        return [s.new_cache(1, capacity, self.dtype, self.device) for s in self.stages]
+    def new_caches(self, capacity: int, span: int = SPAN) -> list[KVCache]:
+        """Each stage's cache for a request of `capacity` positions; passes of up to `span`
+        positions fit a sliding-window layer's buffer without growing it."""
+        return [s.new_cache(1, capacity, self.dtype, self.device, span) for s in self.stages]
 
     def forward(
         self,
@@ -129,7 +131,7 @@ class LocalPipeline:
         """A step function bound to fresh caches: what one request decodes with. A prompt
         longer than `chunk` goes in chunks of it, as a ring's stages take it, so that one
         request alone computes here exactly what it computes in a ring."""
-        caches = self.new_caches(capacity)
+        caches = self.new_caches(capacity, chunk)
 
         @torch.inference_mode()
         def step(ids: torch.Tensor, positions: torch.Tensor) -> Candidates:

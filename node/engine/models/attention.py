@@ -54,8 +54,8 @@ class Step:
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         scale: float | None = None,
     ) -> None:
-        self.parts, self.rope, self.scale = parts, rope, scale
-        self.masks = [causal_mask(p.start, p.count, window, device) for p in parts]
+        self.parts, self.rope, self.scale, self.window = parts, rope, scale, window
+        self._masks: dict[tuple[int, int], torch.Tensor | None] = {}
         self.device = device
         # A decode pass of several requests on a GPU: one flash-attention call for all of
         # them where their dtype allows it (see _attend_ragged).
@@ -74,6 +74,14 @@ class Step:
             int(lengths.max()),
         )
 
+    def mask(self, i: int, first: int) -> torch.Tensor | None:
+        """Part i's mask over the keys its cache returns from position `first` on: made once
+        a pass (every layer of a kind holds the same positions)."""
+        if (i, first) not in self._masks:
+            p = self.parts[i]
+            self._masks[i, first] = causal_mask(p.start, p.count, self.window, self.device, first)
+        return self._masks[i, first]
+
     def attend(
         self,
         layer: int,
@@ -87,15 +95,15 @@ class Step:
         learned sink logit per head, where the model has them)."""
         if len(self.parts) == 1:
             p = self.parts[0]
-            keys, values = p.cache.update(layer, p.start, k, v)
-            return attend(q, keys, values, self.masks[0], self.scale, sinks)
+            keys, values, first = p.cache.update(layer, p.start, k, v)
+            return attend(q, keys, values, self.mask(0, first), self.scale, sinks)
         if self.ragged and sinks is None and q.dtype in (torch.bfloat16, torch.float16):
             return self._attend_ragged(layer, q, k, v)
         out, at = [], 0
-        for p, mask in zip(self.parts, self.masks, strict=True):
+        for i, p in enumerate(self.parts):
             span = slice(at, at + p.count)
-            keys, values = p.cache.update(layer, p.start, k[:, :, span], v[:, :, span])
-            out.append(attend(q[:, :, span], keys, values, mask, self.scale, sinks))
+            keys, values, first = p.cache.update(layer, p.start, k[:, :, span], v[:, :, span])
+            out.append(attend(q[:, :, span], keys, values, self.mask(i, first), self.scale, sinks))
             at += p.count
         return torch.cat(out, dim=2)
 
@@ -105,14 +113,16 @@ class Step:
         """One query per part, on a GPU: the new keys and values written in one call, the
         parts' caches packed, and one flash-attention call over their ragged lengths. A
         kernel launch per request and layer would cost more than the attention itself."""
-        slots, new = [], []
+        slots, new, held = [], [], []
         for i, p in enumerate(self.parts):
+            keys, values, _ = p.cache.buffers(layer)  # a window-less layer's: from position 0
             at = slice(p.start, p.start + 1)
-            slots += [p.cache.k[layer, 0, :, at], p.cache.v[layer, 0, :, at]]
+            slots += [keys[0, :, at], values[0, :, at]]
             new += [k[0, :, i : i + 1], v[0, :, i : i + 1]]
+            held.append((keys[0, :, : p.start + 1], values[0, :, : p.start + 1]))
         torch._foreach_copy_(slots, new)
-        keys = torch.cat([p.cache.k[layer, 0, :, : p.start + 1] for p in self.parts], dim=1)
-        values = torch.cat([p.cache.v[layer, 0, :, : p.start + 1] for p in self.parts], dim=1)
+        keys = torch.cat([kv[0] for kv in held], dim=1)
+        values = torch.cat([kv[1] for kv in held], dim=1)
         cum_q, cum_k, max_k = self.lengths
         out = torch.ops.aten._flash_attention_forward(
             q[0].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
@@ -122,20 +132,22 @@ class Step:
 
 
 def causal_mask(
-    start: int, count: int, window: int | None, device: torch.device
+    start: int, count: int, window: int | None, device: torch.device, first: int = 0
 ) -> torch.Tensor | None:
-    """Boolean [count, start+count] mask (True = may attend), or None where `attend` is exact
-    without one: a single query (it sees every cached key) or a prompt from position 0
-    (SDPA's is_causal, which also skips the masked half of the work).
+    """Boolean [count, start+count-first] mask over keys first..start+count-1 (True = may
+    attend), or None where `attend` is exact without one: a single query that sees every
+    key held, or a prompt from position 0 (SDPA's is_causal, which also skips the masked
+    half of the work).
 
-    Queries sit at positions start..start+count-1 and see keys 0..their own position, and
-    no further back than `window` positions where the model has a sliding window.
+    Queries sit at positions start..start+count-1 and see keys up to their own position, no
+    further back than `window` positions where the model has a sliding window (a sliding
+    layer's cache holds keys from `first` on, node/engine/kv_cache.py).
     """
     length = start + count
-    if (count == 1 or start == 0) and (window is None or length <= window):
+    if (count == 1 or start == 0) and (window is None or length - first <= window):
         return None
     q_pos = torch.arange(start, length, device=device)[:, None]
-    k_pos = torch.arange(length, device=device)[None, :]
+    k_pos = torch.arange(first, length, device=device)[None, :]
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window

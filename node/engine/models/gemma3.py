@@ -217,6 +217,9 @@ class Gemma3Stage(LlamaStage):
         self.inv_freq = {kind: f.to(device) for kind, f in self.inv_freq.items()}
         self.embed_scale = self.embed_scale.to(device)
 
+    def windows(self) -> list[int | None]:
+        return [self.cfg.sliding_window if sliding else None for sliding in self.sliding]
+
     def checkpoint_names(self, key: str) -> list[str]:
         return llama.checkpoint_names(key, self.start, self.cfg.tie_embeddings, self.cfg.prefix)
 

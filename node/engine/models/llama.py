@@ -360,6 +360,9 @@ class LlamaStage(Stage):
     def to_device(self, device: torch.device) -> None:
         self.inv_freq = self.inv_freq.to(device)
 
+    def windows(self) -> list[int | None]:
+        return [self.cfg.window(layer) for layer in range(self.start, self.end)]
+
     def checkpoint_names(self, key: str) -> list[str]:
         c = self.cfg
         return checkpoint_names(key, self.start, c.tie_embeddings, expert_prefix=c.expert_prefix)
@@ -368,7 +371,7 @@ class LlamaStage(Stage):
         h = self.embed_tokens(x) if self.is_first else x
         positions = positions_of(parts, h.device)
         rope = rope_tables(self.inv_freq, positions, h.dtype, self.cfg.rope_scale())
-        windows = [self.cfg.window(self.start + i) for i in range(len(self.layers))]
+        windows = self.windows()
         steps = {w: Step(parts, w, h.device, rope) for w in set(windows)}
         for i, layer in enumerate(self.layers):
             h = layer(h, steps[windows[i]], i)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.engine.kv_cache import KVCache
+from node.engine.kv_cache import SPAN, KVCache, held_positions
 from node.engine.models.attention import Part
 from node.engine.models.linear import Linear
 
@@ -70,11 +70,22 @@ class Stage(nn.Module):
         raise NotImplementedError
 
     def new_cache(
-        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
-    ) -> KVCache:
+        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
+        span: int = SPAN,
+    ) -> KVCache:  # fmt: skip
+        """A request's cache; a sliding-window layer's holds its window and `span` more."""
         c = self.cfg
-        n_layers = self.end - self.start
-        return KVCache(n_layers, batch, c.n_kv_heads, c.head_dim, capacity, dtype, device)
+        return KVCache(self.end - self.start, batch, c.n_kv_heads, c.head_dim, capacity, dtype,
+                       device, self.windows(), span)  # fmt: skip
+
+    def windows(self) -> list[int | None]:
+        """Each owned layer's sliding window (None: it attends to the whole context)."""
+        return [None] * (self.end - self.start)
+
+    def cache_positions(self, capacity: int) -> int:
+        """Positions a request of `capacity` holds across the owned layers' caches: what
+        admission counts, at one layer's keys and values each."""
+        return sum(held_positions(w, capacity) for w in self.windows())
 
     def checkpoint_names(self, key: str) -> list[str]:
         """The Hugging Face checkpoint tensors one of our parameters is made of, in order."""
