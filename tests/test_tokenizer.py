@@ -78,3 +78,56 @@ def test_text_stream_never_splits_a_character(source):  # noqa: ANN001
     pieces = [stream.push(t) for t in tok.encode(text, add_special=False)]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def o200k_pattern() -> str:
+    """tiktoken's own o200k pattern, read from its source without its download."""
+    from unittest import mock
+
+    import tiktoken_ext.openai_public as openai_public
+
+    with mock.patch.object(openai_public, "load_tiktoken_bpe", return_value={}):
+        return openai_public.o200k_base()["pat_str"]
+
+
+def test_gguf_gpt4o_pre_tokenizer_equals_tiktoken(tmp_path):  # noqa: ANN001
+    """gpt-oss's GGUF tokenizer (pre "gpt-4o"): a byte-level vocabulary with a few merges,
+    written as llama.cpp's converter writes one, encodes as tiktoken does with the same
+    ranks and o200k's own pattern: its splits (contractions in any case, digits in threes,
+    punctuation runs with their newlines) and whole pre-tokens taken before merging."""
+    import gguf
+    import tiktoken
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    merged = [b"th", b"the", b" t", b" the", b"in", b"ing", b"12", b"123", b"'s", b"'S",
+              b"xyz", b"!\n", b"\xc3\xa9"]  # fmt: skip
+    ranks = {bytes([b]): b for b in range(256)} | {t: 256 + i for i, t in enumerate(merged)}
+
+    def text(t: bytes) -> str:
+        return "".join(byte_chars[b] for b in t)
+
+    tokens = sorted(ranks, key=ranks.get)
+    merges = [f"{text(a)} {text(t[len(a):])}" for t in merged if t != b"xyz"
+              for a in [max((p for p in ranks if t.startswith(p) and p != t
+                             and t[len(p):] in ranks), key=len)]]  # fmt: skip
+    path = tmp_path / "o200k.gguf"
+    w = gguf.GGUFWriter(path, "gpt-oss")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-4o")
+    w.add_token_list([text(t) for t in tokens])
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(merges)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from node.engine.gguf_file import GGUFFile
+
+    ours = Tokenizer.from_gguf(GGUFFile(path).metadata, path)
+    theirs = tiktoken.Encoding("o200k-test", pat_str=o200k_pattern(), mergeable_ranks=ranks,
+                               special_tokens={})  # fmt: skip
+    samples = ["The theing 1234567 it's IT'S Xyz xyz", "xyz the thing!!\n\nwow/ ok",
+               "  café   12\r\nDON'T don'T 99 bottles", "naïve Ünïcödé 日本 🤖!\n"]
+    for sample in samples:
+        assert ours.encode(sample, add_special=False) == theirs.encode(sample), sample

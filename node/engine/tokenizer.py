@@ -24,6 +24,18 @@ _LLAMA3_PAT = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
     r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# o200k (gpt-oss, GPT-4o), llama.cpp's pre-tokenizer "gpt-4o": tiktoken's own pattern.
+_O200K_PAT = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])  # fmt: skip
 _GGUF_PRE = {
     "default": [_GPT2_PAT],
     "gpt-2": [_GPT2_PAT],
@@ -31,7 +43,10 @@ _GGUF_PRE = {
     "llama-bpe": [_LLAMA3_PAT],
     "llama3": [_LLAMA3_PAT],
     "qwen2": [_LLAMA3_PAT.replace(r"\p{N}{1,3}", r"\p{N}")],
+    "gpt-4o": [_O200K_PAT],
 }
+# Vocabularies made by tiktoken take a pre-token that is itself a token whole, before merging.
+_WHOLE_FIRST = ([_LLAMA3_PAT], [_O200K_PAT])
 # End-of-turn tokens that stop generation wherever a vocabulary has them (GGUF files often
 # name only one end token, and not always the one the chat template ends turns with).
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>",
@@ -262,7 +277,7 @@ def _bpe_from_gguf(meta: dict[str, Any], vocab: dict[str, int], patterns: list[s
 
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=patterns == [_LLAMA3_PAT]))
+    tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=patterns in _WHOLE_FIRST))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
