@@ -9,20 +9,50 @@ Layout (llama.cpp's block_mxfp4, which gpt-oss GGUFs use): per row, per block of
 one e8m0 exponent byte and 16 bytes whose low nibbles are inputs 0..15 and high nibbles
 inputs 16..31. Hugging Face's gpt-oss checkpoints pair neighbours instead (byte j holds
 inputs 2j and 2j+1): `from_hf_blocks` reorders them.
+
+Matmuls read the codes as they are (`mxfp4_linear`): on the CPU a kernel compiled for the
+running machine at first use (mxfp4.cpp) decodes each block into registers, about as fast
+per weight byte as PyTorch's int4 kernel; with many rows (prefill), on a GPU, or where that
+kernel is off (`RINGINFER_MXFP4_KERNEL=0`, or it would not compile), the weights are
+dequantized a tile of rows at a time for a GEMM. Both give the exact weights, so results
+differ from the float reference by the order of summation only.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger("ringinfer")
+
 BLOCK = 32
 # e2m1 values, doubled so that they are integers (llama.cpp's kvalues_mxfp4).
 KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+KERNEL_ENV = "RINGINFER_MXFP4_KERNEL"  # "0": never compile or use the CPU kernel
+SOURCE = Path(__file__).with_suffix(".cpp")
+CACHE = Path(os.environ.get("RINGINFER_CACHE", Path.home() / ".cache" / "ringinfer"))
+# Compiler and linker flags, best first: for this CPU and thread-parallel (at::parallel_for
+# is OpenMP's), then a portable build for compilers that take neither.
+FLAGS = ((["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]), (["-O3"], []))
+# Up to this many rows the kernel reads the codes directly; more rows share each
+# dequantized tile through a GEMM (bench/README.md, mxfp4_bench.py).
+DIRECT_ROWS = 16
+# Values dequantized at a time: a tile of rows, never the whole float weight (1 MiB of
+# float32 on the CPU; 32 MiB of bfloat16 on a GPU, which wants larger GEMMs).
+TILE_VALUES = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
 @dataclass
@@ -99,7 +129,107 @@ class Mxfp4Linear(nn.Module):
     def load(self, parts: list[Mxfp4Tensor], device: torch.device, dtype: torch.dtype) -> None:
         w = Mxfp4Tensor.cat(parts) if len(parts) > 1 else parts[0]
         self.codes, self.exponents = w.codes.to(device), w.exponents.to(device)
+        if device.type == "cpu":
+            kernel()  # compiled (once) while loading, not in the first request
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = Mxfp4Tensor(self.codes, self.exponents).dequantize(x.dtype)
-        return F.linear(x, w, self.bias)
+        rows = x.reshape(-1, self.in_features)
+        y = mxfp4_linear(rows, Mxfp4Tensor(self.codes, self.exponents), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def mxfp4_linear(x: torch.Tensor, w: Mxfp4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b for x [M, K], from W's codes: the CPU kernel (float32 inside, x's dtype
+    out), or exact tiles of W in x's dtype through F.linear."""
+    ops = kernel() if x.device.type == "cpu" else None
+    if ops is None:
+        return _by_tiles(x, w, bias, lambda part: part.dequantize(x.dtype))
+    if len(x) <= DIRECT_ROWS:
+        return ops.linear(x, w.codes, w.exponents, bias)
+    buffer = torch.empty(max(1, TILE_VALUES["cpu"] // w.shape[1]), w.shape[1])
+
+    def dequantize(part: Mxfp4Tensor) -> torch.Tensor:
+        out = buffer[: len(part.codes)]
+        ops.dequantize(part.codes, part.exponents, out)
+        return out
+
+    b = None if bias is None else bias.float()
+    return _by_tiles(x.float(), w, b, dequantize).to(x.dtype)
+
+
+def _by_tiles(x: torch.Tensor, w: Mxfp4Tensor, bias: torch.Tensor | None,
+              dequantize: Callable[[Mxfp4Tensor], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """F.linear over tiles of W's rows, each dequantized when its turn comes."""
+    n, k = w.shape
+    step = max(1, TILE_VALUES.get(x.device.type, TILE_VALUES["cuda"]) // k)
+    if n <= step:
+        return F.linear(x, dequantize(w), bias)
+    y = x.new_empty(len(x), n)
+    for i in range(0, n, step):
+        part = slice(i, i + step)
+        y[:, part] = F.linear(x, dequantize(w.rows(part)), None if bias is None else bias[part])
+    return y
+
+
+def kernel() -> Any | None:
+    """The CPU kernel's ops (`torch.ops.ringinfer_mxfp4`), or None where it is off or would
+    not build; the first call compiles it (once per CPU model, torch and Python version)."""
+    return _kernel(os.environ.get(KERNEL_ENV, "1") != "0")
+
+
+@functools.cache
+def _kernel(enabled: bool) -> Any | None:
+    if not enabled:
+        reason = f"{KERNEL_ENV}=0"
+    else:
+        try:
+            return build_kernel()
+        except Exception as e:  # no compiler, a compiler error, no torch headers: all fall back
+            reason = f"it did not compile: {_first_error(str(e) or type(e).__name__)}"
+    log.warning("MXFP4 CPU kernel off (%s): weights are dequantized a tile at a time, "
+                "several times slower", reason)  # fmt: skip
+    return None
+
+
+def build_kernel() -> Any:
+    """Load the kernel built for this CPU, torch and Python, building it first if need be
+    (~5 s, in $RINGINFER_CACHE or ~/.cache/ringinfer); raises where no flags build."""
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags, link in FLAGS:
+        parts = [torch.__version__, sys.version, platform.machine(), _cpu_flags(), *flags]
+        where = CACHE / f"mxfp4-{hashlib.sha256(source + repr(parts).encode()).hexdigest()[:16]}"
+        built = where / "ringinfer_mxfp4.so"
+        try:
+            if built.exists():  # what torch's loader would find up to date, without ninja
+                torch.ops.load_library(built)
+            else:
+                from torch.utils import cpp_extension
+
+                log.info("compiling the MXFP4 CPU kernel (%s) into %s, once", " ".join(flags),
+                         where)  # fmt: skip
+                where.mkdir(parents=True, exist_ok=True)
+                cpp_extension.load("ringinfer_mxfp4", [str(SOURCE)], extra_cflags=flags,
+                                   extra_ldflags=link, build_directory=str(where),
+                                   is_python_module=False)  # fmt: skip
+            return torch.ops.ringinfer_mxfp4
+        except Exception as e:
+            errors.append(e)
+    raise errors[0]
+
+
+def _cpu_flags() -> str:
+    """What the compiler's -march=native sees: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.startswith(keys)}))
+
+
+def _first_error(message: str) -> str:
+    """The compiler's first diagnostic (or a missing tool) out of torch's build log."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    said = (line for line in lines if "error:" in line or "not found" in line)
+    return next(said, lines[0])[:200]
