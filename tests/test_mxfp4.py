@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # [N, K]: N not a multiple of 4, 8 or 16 (the kernel's tiles), K from one block to gpt-oss's
 # 2880; 300 rows of 2880 span several of the fallback's tiles.
 SHAPES = [(1, 32), (13, 64), (37, 2880), (300, 2880)]
-ROWS = [1, 3, 7, 16, 17, 300]  # one, a partial tile, 4+3, the most the kernel takes, GEMMs
+# One row, the kernel's tiles of 4 rows (partial, 4 + 3, 4 x 4 + 1), then GEMMs of tiles.
+ROWS = [1, 3, 7, 17, mxfp4.DIRECT_ROWS + 1, 300]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-8}  # bfloat16: its rounding of y
 # Subnormal scales (2^-128, 2^-127), the smallest normal one, 1/2, and 2^126 (where codes of
 # 4 and more overflow float32 to inf, in the oracle as here).
@@ -78,6 +79,15 @@ def test_fallback_equals_the_dequantized_reference(monkeypatch, rows, dtype):  #
     monkeypatch.setenv(KERNEL_ENV, "0")
     assert mxfp4.kernel() is None
     check(rows, dtype)
+
+
+@pytest.mark.parametrize("kernel", ["1", "0"])
+def test_many_tiles_of_rows_make_the_whole(monkeypatch, kernel):  # noqa: ANN001
+    """Tiles of 3 rows of 2880 (the last one short) with the kernel's dequantization and
+    with the fallback's."""
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    monkeypatch.setitem(mxfp4.TILE_VALUES, "cpu", 3 * 2880)
+    check(300, torch.float32)
 
 
 def extreme_blocks() -> tuple[torch.Tensor, Mxfp4Tensor]:

@@ -48,11 +48,11 @@ CACHE = Path(os.environ.get("RINGINFER_CACHE", Path.home() / ".cache" / "ringinf
 # is OpenMP's), then a portable build for compilers that take neither.
 FLAGS = ((["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]), (["-O3"], []))
 # Up to this many rows the kernel reads the codes directly; more rows share each
-# dequantized tile through a GEMM (bench/README.md, mxfp4_bench.py).
-DIRECT_ROWS = 16
-# Values dequantized at a time: a tile of rows, never the whole float weight (1 MiB of
-# float32 on the CPU; 32 MiB of bfloat16 on a GPU, which wants larger GEMMs).
-TILE_VALUES = {"cpu": 1 << 18, "cuda": 1 << 24}
+# dequantized tile through a GEMM (faster from about 64 rows on 1 or 2 cores: bench/README.md).
+DIRECT_ROWS = 64
+# Values dequantized at a time: a tile of rows, never the whole float weight (4 MiB of
+# float32 on the CPU, 32 MiB of bfloat16 on a GPU: GEMMs that size keep all cores busy).
+TILE_VALUES = {"cpu": 1 << 20, "cuda": 1 << 24}
 
 
 @dataclass
