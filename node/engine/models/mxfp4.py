@@ -188,7 +188,7 @@ def _kernel(enabled: bool) -> Any | None:
         try:
             return build_kernel()
         except Exception as e:  # no compiler, a compiler error, no torch headers: all fall back
-            reason = f"it did not compile: {_first_error(str(e) or type(e).__name__)}"
+            reason = f"it did not compile: {_first_error(str(e))}"
     log.warning("MXFP4 CPU kernel off (%s): weights are dequantized a tile at a time, "
                 "several times slower", reason)  # fmt: skip
     return None
@@ -215,9 +215,13 @@ def build_kernel() -> Any:
                 cpp_extension.load("ringinfer_mxfp4", [str(SOURCE)], extra_cflags=flags,
                                    extra_ldflags=link, build_directory=str(where),
                                    is_python_module=False)  # fmt: skip
-            return torch.ops.ringinfer_mxfp4
         except Exception as e:
             errors.append(e)
+            continue
+        if errors:
+            log.warning("MXFP4 CPU kernel built without %s (%s): slower", " ".join(FLAGS[0][0]),
+                        _first_error(str(errors[0])))  # fmt: skip
+        return torch.ops.ringinfer_mxfp4
     raise errors[0]
 
 
@@ -233,6 +237,6 @@ def _cpu_flags() -> str:
 
 def _first_error(message: str) -> str:
     """The compiler's first diagnostic (or a missing tool) out of torch's build log."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    lines = [line.strip() for line in message.splitlines() if line.strip()] or ["no message"]
     said = (line for line in lines if "error:" in line or "not found" in line)
     return next(said, lines[0])[:200]
