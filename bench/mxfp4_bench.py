@@ -4,6 +4,7 @@ against dequantizing them per call, int4 and bfloat16 on the same shapes.
 One gpt-oss-20b expert's matrices, gate_up 5760x2880 and down 2880x2880, random weights,
 float32 rows in as a CPU stage sends them (bfloat16 for `bfloat16`), per call:
 - `mxfp4`: Mxfp4Linear with its kernel (up to 64 rows; dequantized tiles and a GEMM above);
+  `mxfp4_bf16_rows` the same with bfloat16 rows (its GEMMs then take bfloat16 tiles);
 - `dequantize`: Mxfp4Linear with RINGINFER_MXFP4_KERNEL=0 (the exact fallback);
 - `int4`: Int4Linear (PyTorch's int4 kernel, bfloat16 inside) on the same weights;
 - `bfloat16`: F.linear with the weights in bfloat16.
@@ -52,6 +53,7 @@ def paths(n: int, k: int, rows: int) -> dict[str, tuple[Callable[[], object], in
     held = mx.codes.nbytes + mx.exponents.nbytes
     return {
         "mxfp4": (lambda: mx(x), held),
+        "mxfp4_bf16_rows": (lambda: mx(xb), held),
         "dequantize": (lambda: mx(x), held),  # run with the kernel switched off
         "int4": (lambda: int4(x), int4.packed.nbytes + int4.scales_zeros.nbytes),
         "bfloat16": (lambda: F.linear(xb, wb), wb.nbytes),
@@ -134,7 +136,7 @@ def main() -> None:
                 report["results"][f"{name} {n}x{k}, {rows} rows, {threads} threads"] = r
                 print(f"{threads}t {name} M={rows}: "
                       + ", ".join(f"{p} {r[p]['us']:.0f} us ({r[p]['gb_per_s']:.1f} GB/s)"
-                                  for p in ("mxfp4", "dequantize", "int4", "bfloat16"))
+                                  for p in r if isinstance(r[p], dict))
                       + f"; mxfp4/int4 per byte {r['mxfp4_vs_int4_time_per_byte']:.2f}",
                       file=sys.stderr, flush=True)  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -81,13 +81,15 @@ def test_fallback_equals_the_dequantized_reference(monkeypatch, rows, dtype):  #
     check(rows, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel", ["1", "0"])
-def test_many_tiles_of_rows_make_the_whole(monkeypatch, kernel):  # noqa: ANN001
-    """Tiles of 3 rows of 2880 (the last one short) with the kernel's dequantization and
-    with the fallback's."""
+def test_many_tiles_of_rows_make_the_whole(monkeypatch, kernel, dtype):  # noqa: ANN001
+    """Tiles of 3 rows of 2880 in float32, 6 in bfloat16 (the last one short), with the
+    kernel's dequantization and with the fallback's."""
     monkeypatch.setenv(KERNEL_ENV, kernel)
-    monkeypatch.setitem(mxfp4.TILE_VALUES, "cpu", 3 * 2880)
-    check(300, torch.float32)
+    monkeypatch.setitem(mxfp4.TILE_BYTES, "cpu", 3 * 2880 * 4)
+    assert mxfp4.tile_rows(2880, dtype, "cpu") == 12 // dtype.itemsize
+    check(300, dtype)
 
 
 def extreme_blocks() -> tuple[torch.Tensor, Mxfp4Tensor]:
@@ -112,9 +114,10 @@ def test_every_code_under_extreme_exponents_decodes_as_gguf_py_does():
     assert ((oracle[0] != 0) & (oracle[0].abs() < torch.finfo(torch.float32).tiny)).any()
     assert (oracle.view(len(EXPONENTS), 16, BLOCK)[:, :, 8] == 0).all()  # input 8: code 8
     ops = mxfp4.build_kernel()
-    tile = torch.empty(w.shape)
-    ops.dequantize(w.codes, w.exponents, tile)
-    assert torch.equal(tile, oracle)
+    for dtype in (torch.float32, torch.bfloat16):  # the kernel's tiles for GEMMs
+        tile = torch.empty(w.shape, dtype=dtype)
+        ops.dequantize(w.codes, w.exponents, tile)
+        assert torch.equal(tile.float(), oracle), dtype
 
 
 @pytest.mark.parametrize("rows", [16, 512])  # the kernel's own loop; the tiles' GEMM

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -199,21 +200,41 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
-// The weights of codes [N, K/32, 16] into out, float32 [N, K]: tiles for a GEMM.
+// A block's weights as float32, or as bfloat16: the top half of each float, which is exact
+// (a weight has at most 4 significant bits, so the bottom half is zero).
+template <typename T>
+void store_block(const uint8_t* q, uint8_t e, T* out) {
+  Vec v[VECS];
+  decode(q, e, v);
+  if constexpr (std::is_same_v<T, float>) {
+    for (int j = 0; j < VECS; ++j) store(out + j * W, v[j]);
+  } else {
+    alignas(64) float f[BLOCK];
+    for (int j = 0; j < VECS; ++j) store(f + j * W, v[j]);
+    uint32_t bits[BLOCK];
+    std::memcpy(bits, f, sizeof bits);
+    for (int i = 0; i < BLOCK; ++i) out[i] = uint16_t(bits[i] >> 16);
+  }
+}
+
+// The weights of codes [N, K/32, 16] into out, float32 or bfloat16 [N, K]: tiles for a GEMM.
 void dequantize(const at::Tensor& codes, const at::Tensor& exponents, at::Tensor out) {
   check(codes, exponents);
   const int64_t n = codes.size(0), blocks = codes.size(1);
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
-                  out.size(0) == n && out.size(1) == blocks * BLOCK,
-              "out must be contiguous float32 [", n, ", ", blocks * BLOCK, "]");
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) &&
+                  out.is_contiguous() && out.dim() == 2 && out.size(0) == n &&
+                  out.size(1) == blocks * BLOCK,
+              "out must be contiguous float32 or bfloat16 [", n, ", ", blocks * BLOCK, "]");
   const uint8_t* q = codes.data_ptr<uint8_t>();
   const uint8_t* e = exponents.data_ptr<uint8_t>();
-  float* w = out.data_ptr<float>();
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
   at::parallel_for(0, n * blocks, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      Vec v[VECS];
-      decode(q + b * (BLOCK / 2), e[b], v);
-      for (int j = 0; j < VECS; ++j) store(w + b * BLOCK + j * W, v[j]);
+      if (bf16)
+        store_block(q + b * (BLOCK / 2), e[b],
+                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + b * BLOCK);
+      else
+        store_block(q + b * (BLOCK / 2), e[b], out.data_ptr<float>() + b * BLOCK);
     }
   });
 }

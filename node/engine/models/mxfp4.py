@@ -48,11 +48,14 @@ CACHE = Path(os.environ.get("RINGINFER_CACHE", Path.home() / ".cache" / "ringinf
 # is OpenMP's), then a portable build for compilers that take neither.
 FLAGS = ((["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]), (["-O3"], []))
 # Up to this many rows the kernel reads the codes directly; more rows share each
-# dequantized tile through a GEMM (faster from about 64 rows on 1 or 2 cores: bench/README.md).
+# dequantized tile through a GEMM: faster from about 64 float32 rows on 1 or 2 cores, and
+# from 16 bfloat16 rows where the CPU has AMX (bench/README.md).
 DIRECT_ROWS = 64
-# Values dequantized at a time: a tile of rows, never the whole float weight (4 MiB of
-# float32 on the CPU, 32 MiB of bfloat16 on a GPU: GEMMs that size keep all cores busy).
-TILE_VALUES = {"cpu": 1 << 20, "cuda": 1 << 24}
+DIRECT_ROWS_AMX_BF16 = 16
+# Bytes dequantized at a time: a tile of rows, never the whole float weight. GEMMs that size
+# keep the cores busy (1 MiB tiles left two threads half idle; bfloat16's AMX GEMMs on
+# 2880 inputs are 1.3x faster with 1456 rows a tile than with 364: bench/README.md).
+TILE_BYTES = {"cpu": 8 << 20, "cuda": 32 << 20}
 
 
 @dataclass
@@ -143,28 +146,30 @@ class Mxfp4Linear(nn.Module):
 
 def mxfp4_linear(x: torch.Tensor, w: Mxfp4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + b for x [M, K], from W's codes: the CPU kernel (float32 inside, x's dtype
-    out), or exact tiles of W in x's dtype through F.linear."""
+    out), or exact tiles of W through F.linear."""
     ops = kernel() if x.device.type == "cpu" else None
     if ops is None:
         return _by_tiles(x, w, bias, lambda part: part.dequantize(x.dtype))
-    if len(x) <= DIRECT_ROWS:
+    # bfloat16 rows meet bfloat16 tiles (exact weights), others float32 ones.
+    dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    if len(x) <= (DIRECT_ROWS_AMX_BF16 if dtype == torch.bfloat16 and _amx() else DIRECT_ROWS):
         return ops.linear(x, w.codes, w.exponents, bias)
-    buffer = torch.empty(max(1, TILE_VALUES["cpu"] // w.shape[1]), w.shape[1])
+    buffer = torch.empty(tile_rows(w.shape[1], dtype, "cpu"), w.shape[1], dtype=dtype)
 
     def dequantize(part: Mxfp4Tensor) -> torch.Tensor:
         out = buffer[: len(part.codes)]
         ops.dequantize(part.codes, part.exponents, out)
         return out
 
-    b = None if bias is None else bias.float()
-    return _by_tiles(x.float(), w, b, dequantize).to(x.dtype)
+    b = None if bias is None else bias.to(dtype)
+    return _by_tiles(x.to(dtype), w, b, dequantize).to(x.dtype)
 
 
 def _by_tiles(x: torch.Tensor, w: Mxfp4Tensor, bias: torch.Tensor | None,
               dequantize: Callable[[Mxfp4Tensor], torch.Tensor]) -> torch.Tensor:  # fmt: skip
-    """F.linear over tiles of W's rows, each dequantized when its turn comes."""
+    """F.linear over tiles of W's rows (in x's dtype), each dequantized when its turn comes."""
     n, k = w.shape
-    step = max(1, TILE_VALUES.get(x.device.type, TILE_VALUES["cuda"]) // k)
+    step = tile_rows(k, x.dtype, x.device.type)
     if n <= step:
         return F.linear(x, dequantize(w), bias)
     y = x.new_empty(len(x), n)
@@ -172,6 +177,16 @@ def _by_tiles(x: torch.Tensor, w: Mxfp4Tensor, bias: torch.Tensor | None,
         part = slice(i, i + step)
         y[:, part] = F.linear(x, dequantize(w.rows(part)), None if bias is None else bias[part])
     return y
+
+
+@functools.cache
+def _amx() -> bool:
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def tile_rows(k: int, dtype: torch.dtype, device_type: str) -> int:
+    """Rows of `k` weights in `dtype` a tile holds."""
+    return max(1, TILE_BYTES.get(device_type, TILE_BYTES["cuda"]) // (k * dtype.itemsize))
 
 
 def kernel() -> Any | None:
