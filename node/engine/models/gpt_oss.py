@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from node.engine.models import llama
 from node.engine.models.llama import LlamaConfig, LlamaStage
 from node.engine.models.moe import SWIGLU_ALPHA, SWIGLU_LIMIT
 from node.engine.models.mxfp4 import Mxfp4Tensor
@@ -25,26 +26,13 @@ GGUF_ARCHITECTURES = ("gpt-oss",)
 _EXPERT = re.compile(
     r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.(weight|bias)"
 )
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.*)")
+# llama.cpp's names for gpt-oss's tensors where they are not Llama's.
 _GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
+    **llama.GGUF_LAYER_NAMES,
     "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.o_proj.bias": "attn_output.bias",
     "self_attn.sinks": "attn_sinks.weight",
     "mlp.router.weight": "ffn_gate_inp.weight",
     "mlp.router.bias": "ffn_gate_inp.bias",
-}
-_GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
 }
 
 
@@ -153,14 +141,7 @@ class GptOssStage(LlamaStage):
 
     @staticmethod
     def gguf_source(hf_name: str) -> tuple[str, int | None]:
-        m = _EXPERT.fullmatch(hf_name)
-        if m:
-            layer = m[1].split(".")[2]
-            return f"blk.{layer}.ffn_{m[3]}_exps.{m[4]}", int(m[2])
-        m = _LAYER.fullmatch(hf_name)
-        if m:
-            return f"blk.{m[1]}.{_GGUF_LAYER_NAMES[m[2]]}", None
-        return _GGUF_NAMES[hf_name], None
+        return llama.gguf_source(hf_name, _GGUF_LAYER_NAMES)
 
     @staticmethod
     def from_gguf_layout(hf_name: str, tensor: Any, cfg: Any, arch: str) -> Any:

@@ -422,7 +422,7 @@ _GGUF_EXPERT_NAMES = {
     "down_proj": "ffn_down_exps", "w2": "ffn_down_exps",
 }  # fmt: skip
 _EXPERT = re.compile(
-    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight"
+    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.(weight|bias)"
 )
 _GGUF_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -460,7 +460,7 @@ def gguf_source(
     family's own names for a layer's tensors (default: Llama's)."""
     m = _EXPERT.fullmatch(hf_name)
     if m:
-        return f"blk.{m[1]}.{_GGUF_EXPERT_NAMES[m[3]]}.weight", int(m[2])
+        return f"blk.{m[1]}.{_GGUF_EXPERT_NAMES[m[3]]}.{m[4]}", int(m[2])
     m = re.match(r"model\.layers\.(\d+)\.(.*)", hf_name)
     if m:
         return f"blk.{m[1]}.{layer_names[m[2]]}", None
