@@ -5,12 +5,14 @@ token routes to; the goal is that it costs no more than 1.3x a dense layer that 
 same number of weights (a SwiGLU MLP `top_k` experts wide), with every expert held, in
 memory close to what the GGUF file holds.
 
-For each shape (real configs, a few random layers, int4 as their Q4_K_M GGUFs keep them):
+For each shape (real configs, a few random layers, held as their GGUFs hold them: Qwen3 in
+int4 as its Q4_K_M keeps it, gpt-oss in MXFP4 as its experts are; every linear layer here):
 - ms per layer per decode step (discovery.capabilities.measure_layer: random weights, the
   stage's own code, one position at a time), MoE and its dense twin;
 - the predicted ms per token of the whole model (layers x ms per layer; head excluded);
-- bytes held per layer against what a Q4_K_M file holds for it (4.5 bits a weight for
-  Q4_K, 6.5625 for the Q6_K down projections half of its layers use: ~4.85 on average).
+- bytes held per layer against what the file holds for it (Q4_K_M: 4.5 bits a weight for
+  Q4_K, 6.5625 for the Q6_K down projections half of its layers use, ~4.85 on average;
+  MXFP4: 4.25).
 Writes bench/results/moe.json (or --out). Usage: python bench/moe_bench.py [--shapes ...]
 """
 
@@ -29,6 +31,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 from discovery.capabilities import measure_layer  # noqa: E402
 from node.engine.models import family_for_hf  # noqa: E402
+from node.engine.models.quantized import BYTES_PER_WEIGHT  # noqa: E402
 
 # Hub config.json fields of the real models (the fields our config reader uses).
 SHAPES = {
@@ -39,14 +42,23 @@ SHAPES = {
         "num_experts_per_tok": 8, "norm_topk_prob": True, "vocab_size": 151936,
         "max_position_embeddings": 40960, "rope_theta": 1000000.0,
     },
+    "gpt-oss-20b": {
+        "model_type": "gpt_oss", "hidden_size": 2880, "num_hidden_layers": 24,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+        "intermediate_size": 2880, "num_local_experts": 32, "num_experts_per_tok": 4,
+        "vocab_size": 201088, "max_position_embeddings": 131072, "sliding_window": 128,
+    },
 }  # fmt: skip
-Q4_K_M_BITS = 4.85  # bits per weight of a Q4_K_M file's layers (Q4_K, Q6_K down in half)
+# How each shape's GGUF holds its layers: Q4_K_M (int4 here), gpt-oss's MXFP4 experts.
+FORMATS = {"Qwen3-30B-A3B": "int4", "gpt-oss-20b": "mxfp4"}
+FILE_BITS = {"Qwen3-30B-A3B": 4.85, "gpt-oss-20b": 4.25}  # bits a weight in the GGUF
 
 
 def dense_twin(fields: dict) -> dict:
-    """The same layer with one dense SwiGLU MLP as wide as the experts a token reads."""
+    """The same attention with one dense SwiGLU MLP as wide as the experts a token reads."""
     dense = {k: v for k, v in fields.items() if "expert" not in k and k != "norm_topk_prob"}
-    width = fields["num_experts_per_tok"] * fields["moe_intermediate_size"]
+    width = fields["num_experts_per_tok"] * fields.get("moe_intermediate_size",
+                                                       fields["intermediate_size"])  # fmt: skip
     width += fields.get("shared_expert_intermediate_size", 0)
     return {**dense, "model_type": "qwen3", "intermediate_size": width}
 
@@ -59,11 +71,12 @@ def layer_weights(family: object, cfg: object) -> int:
 
 
 def run(name: str, fields: dict, device: torch.device) -> dict:
-    out = {}
+    out = {"format": FORMATS[name]}
     for kind, config in (("moe", fields), ("dense_same_active", dense_twin(fields))):
         family = family_for_hf(config)
         cfg = family.config_cls.from_hf(config)
-        ms = 1e3 * measure_layer(family, cfg, device, torch.float32, "int4", max_bytes=1 << 40)
+        fmt = FORMATS[name]
+        ms = 1e3 * measure_layer(family, cfg, device, torch.float32, fmt, max_bytes=1 << 40)
         weights = layer_weights(family, cfg)
         active = weights
         if cfg.n_experts:
@@ -74,15 +87,15 @@ def run(name: str, fields: dict, device: torch.device) -> dict:
             "predicted_ms_per_token": ms * cfg.n_layers,
             "weights_per_layer": weights,
             "active_weights_per_layer": active,
-            "int4_bytes_per_layer": weights * (0.5 + 4 / 32),
-            "q4_k_m_bytes_per_layer": weights * Q4_K_M_BITS / 8,
+            "held_bytes_per_layer": weights * BYTES_PER_WEIGHT[fmt],
+            "file_bytes_per_layer": weights * FILE_BITS[name] / 8,
             "config": dataclasses.asdict(cfg),
         }
         print(f"{name} {kind}: {ms:.2f} ms/layer, {weights / 1e6:.0f}M weights "
               f"({active / 1e6:.0f}M active)", file=sys.stderr)  # fmt: skip
     moe, dense = out["moe"], out["dense_same_active"]
     out["moe_vs_dense"] = moe["ms_per_layer"] / dense["ms_per_layer"]
-    out["held_vs_q4_k_m"] = moe["int4_bytes_per_layer"] / moe["q4_k_m_bytes_per_layer"]
+    out["held_vs_file"] = moe["held_bytes_per_layer"] / moe["file_bytes_per_layer"]
     print(f"{name}: MoE / dense of the same active weights = {out['moe_vs_dense']:.2f} "
           "(goal <= 1.3)", file=sys.stderr)  # fmt: skip
     return out
@@ -99,7 +112,7 @@ def main() -> None:
     device = torch.device(args.device)
     report = {
         "benchmark": "mixture-of-experts layers against dense layers (issue 22)",
-        "format": "int4", "device": args.device, "threads": args.threads,
+        "device": args.device, "threads": args.threads,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
         "shapes": {name: run(name, SHAPES[name], device) for name in args.shapes.split(",")},
