@@ -143,7 +143,7 @@ BAD_MODELS = {
     "corrupt gguf": (lambda tmp, m: _corrupt_gguf(tmp), "not a readable GGUF"),
     "bad config": (lambda tmp, m: _bad_config(tmp), "not valid JSON"),
     "unsupported architecture": (lambda tmp, m: _bert(tmp),
-                                 "unsupported architecture 'bert' (supported: gpt2, gpt_oss, "),
+                                 "unsupported architecture 'bert' (supported: gemma3, "),
     "unsupported gguf architecture": (lambda tmp, m: _deepseek_gguf(tmp),
                                       "unsupported GGUF architecture 'deepseek2' (supported: "),
     "truncated weights": (_truncated_weights, "cannot read"),
