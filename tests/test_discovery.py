@@ -110,7 +110,8 @@ def test_daemons_find_each_other_by_mdns_plan_and_generate_like_local(cluster, l
         time.sleep(0.5)
     assert finished(generation(n3, LONG)) == expected
     table = n3.cli("status", "--node", n3.address).stdout.splitlines()
-    assert table[0].startswith("model SmolLM2-135M-Instruct · cluster default · plan epoch")
+    assert table[0].startswith("model SmolLM2-135M-Instruct (llama · 135M parameters) · "
+                               "cluster default · plan epoch")  # fmt: skip
     assert table[1].split() == ["NAME", "ADDRESS", "DEVICE", "MEMORY", "COMPUTE", "LAYERS",
                                 "WEIGHTS", "STATE", "RTT", "REQS", "BATCH", "WAITING",
                                 "TOK/S"]  # fmt: skip
