@@ -105,9 +105,9 @@ def compile_seconds() -> dict:
         "mxfp4.build_kernel(); print(time.perf_counter() - t)"
     )
     env = {**os.environ, "RINGINFER_CACHE": tempfile.mkdtemp()}
+    command = [sys.executable, "-c", script]
     first, later = (
-        float(subprocess.run([sys.executable, "-c", script], cwd=BENCH.parent, env=env,
-                             check=True, capture_output=True, text=True).stdout)  # fmt: skip
+        float(subprocess.check_output(command, cwd=BENCH.parent, env=env, text=True))
         for _ in range(2)
     )
     return {"first_use_s": first, "later_process_s": later, "compile_s": first - later}
