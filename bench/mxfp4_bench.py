@@ -11,6 +11,8 @@ float32 rows in as a CPU stage sends them (bfloat16 for `bfloat16`), per call:
 Microseconds per call (median over rounds that alternate the paths, each round's own median),
 and GB/s of the weight bytes each path holds and reads. `compile_s`: the kernel's first use in
 a fresh cache (a child process) less a later one's. Writes bench/results/mxfp4.json (or --out).
+`--flags` builds the kernel with other compiler flags: an AVX2 machine's kernels on an
+AVX-512 one are `ATEN_CPU_CAPABILITY=avx2 ... --flags "-O3 -mavx2 -mfma -fopenmp"`.
 """
 
 from __future__ import annotations
@@ -103,9 +105,9 @@ def compile_seconds() -> dict:
         "mxfp4.build_kernel(); print(time.perf_counter() - t)"
     )
     env = {**os.environ, "RINGINFER_CACHE": tempfile.mkdtemp()}
+    command = [sys.executable, "-c", script]
     first, later = (
-        float(subprocess.run([sys.executable, "-c", script], cwd=BENCH.parent, env=env,
-                             check=True, capture_output=True, text=True).stdout)  # fmt: skip
+        float(subprocess.check_output(command, cwd=BENCH.parent, env=env, text=True))
         for _ in range(2)
     )
     return {"first_use_s": first, "later_process_s": later, "compile_s": first - later}
@@ -118,13 +120,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.2, help="per path and round")
     parser.add_argument("--out", default=str(BENCH / "results" / "mxfp4.json"))
+    parser.add_argument("--flags", help="the kernel's compiler flags (default: this CPU's)")
     args = parser.parse_args()
+    if args.flags:
+        mxfp4.FLAGS = ((args.flags.split(), ["-fopenmp"] if "-fopenmp" in args.flags else []),)
     ops = mxfp4.build_kernel()
     report: dict = {
         "benchmark": "MXFP4 experts on the CPU: kernel, dequantize fallback, int4, bfloat16",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "kernel_isa": ops.isa()},
-        "kernel_build": compile_seconds(),
+                    "torch": torch.__version__, "kernel_isa": ops.isa(),
+                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "kernel_flags": mxfp4.FLAGS[0][0],
+        "kernel_build": compile_seconds() if not args.flags else None,
         "results": {},
     }  # fmt: skip
     print(f"kernel build: {report['kernel_build']}", file=sys.stderr)

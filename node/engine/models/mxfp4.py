@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,7 @@ def _kernel(enabled: bool) -> Any | None:
     return None
 
 
+@functools.cache
 def build_kernel() -> Any:
     """Load the kernel built for this CPU, torch and Python, building it first if need be
     (~5 s, in $RINGINFER_CACHE or ~/.cache/ringinfer); raises where no flags build."""
@@ -216,20 +218,13 @@ def build_kernel() -> Any:
     errors = []
     for flags, link in FLAGS:
         parts = [torch.__version__, sys.version, platform.machine(), _cpu_flags(), *flags]
-        where = CACHE / f"mxfp4-{hashlib.sha256(source + repr(parts).encode()).hexdigest()[:16]}"
-        built = where / "ringinfer_mxfp4.so"
+        built = CACHE / f"mxfp4-{hashlib.sha256(source + repr(parts).encode()).hexdigest()[:16]}"
+        built /= "ringinfer_mxfp4" + (".pyd" if sys.platform == "win32" else ".so")
         try:
-            if built.exists():  # what torch's loader would find up to date, without ninja
+            if built.exists():
                 torch.ops.load_library(built)
             else:
-                from torch.utils import cpp_extension
-
-                log.info("compiling the MXFP4 CPU kernel (%s) into %s, once", " ".join(flags),
-                         where)  # fmt: skip
-                where.mkdir(parents=True, exist_ok=True)
-                cpp_extension.load("ringinfer_mxfp4", [str(SOURCE)], extra_cflags=flags,
-                                   extra_ldflags=link, build_directory=str(where),
-                                   is_python_module=False)  # fmt: skip
+                _compile(flags, link, built)
         except Exception as e:
             errors.append(e)
             continue
@@ -238,6 +233,22 @@ def build_kernel() -> Any:
                         _first_error(str(errors[0])))  # fmt: skip
         return torch.ops.ringinfer_mxfp4
     raise errors[0]
+
+
+def _compile(flags: list[str], link: list[str], built: Path) -> None:
+    """Build and load the library, then move it to `built`: in a scratch folder of its own,
+    so that processes starting together each build (torch's lock in a shared folder would
+    hang every later start if one was killed while building), and none finds a half-written
+    library."""
+    from torch.utils import cpp_extension
+
+    log.info("compiling the MXFP4 CPU kernel (%s) into %s, once", " ".join(flags), built.parent)
+    built.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=built.parent) as scratch:
+        library = cpp_extension.load("ringinfer_mxfp4", [str(SOURCE)], extra_cflags=flags,
+                                     extra_ldflags=link, build_directory=scratch,
+                                     is_python_module=False)  # fmt: skip
+        os.replace(library, built)
 
 
 def _cpu_flags() -> str:
