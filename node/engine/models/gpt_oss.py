@@ -41,15 +41,13 @@ def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
         SWIGLU_ALPHA, SWIGLU_LIMIT,
     ):  # fmt: skip
         raise RinginferError("unsupported gpt-oss SwiGLU constants (alpha 1.702, limit 7 only)")
-    n_layers, heads = d["num_hidden_layers"], d["num_attention_heads"]
+    n_layers = d["num_hidden_layers"]
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     types = d.get("layer_types") or [
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)
     ]
     return _config(
-        vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=n_layers, n_heads=heads,
-        n_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        llama.hf_shape(d),
         norm_eps=d.get("rms_norm_eps", 1e-5), max_seq_len=d.get("max_position_embeddings", 4096),
         rope_theta=rope.get("rope_theta", d.get("rope_theta", 150000.0)),
         rope_type=rope.get("rope_type", rope.get("type", "default")),
@@ -71,15 +69,10 @@ def config_from_gguf(
 ) -> LlamaConfig:
     """llama.cpp's gpt-oss metadata; its sliding layers are the even ones (swa pattern 2)."""
 
-    def key(name: str, default: Any = None) -> Any:
-        return meta.get(f"gpt-oss.{name}", default)
-
-    n_layers, heads, dim = key("block_count"), key("attention.head_count"), key("embedding_length")
-    scaling = key("rope.scaling.type", "none")
+    key = llama.gguf_keys(meta)
+    n_layers, scaling = key("block_count"), key("rope.scaling.type", "none")
     return _config(
-        vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]), dim=dim,
-        n_layers=n_layers, n_heads=heads, n_kv_heads=key("attention.head_count_kv") or heads,
-        head_dim=key("attention.key_length") or dim // heads,
+        llama.gguf_shape(meta),
         norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
         max_seq_len=key("context_length", 4096), rope_theta=key("rope.freq_base", 150000.0),
         rope_type="yarn" if scaling == "yarn" else "default",
@@ -95,10 +88,12 @@ def config_from_gguf(
     )  # fmt: skip
 
 
-def _config(**fields: Any) -> LlamaConfig:
-    """What every gpt-oss shares: biases, sinks, its router and experts."""
+def _config(shape: dict[str, Any], **fields: Any) -> LlamaConfig:
+    """The decoder's sizes (`shape`, with gpt-oss's own defaults in `fields` over them) and
+    what every gpt-oss shares: biases, sinks, its router and experts (as wide as its MLP)."""
+    fields = {**shape, **fields}
     return LlamaConfig(
-        **fields, hidden_dim=fields["expert_dim"], qkv_bias=True, o_bias=True,
+        **{**fields, "hidden_dim": fields["expert_dim"]}, qkv_bias=True, o_bias=True,
         attention_sinks=True, moe_scoring="topk_softmax", expert_act="gpt_oss", moe_bias=True,
     )  # fmt: skip
 
