@@ -172,15 +172,14 @@ class GGUFCheckpoint(Checkpoint):
             self.config = self.family.config_cls.from_gguf(self.meta, set(self.tensors), factors)
         except (KeyError, TypeError) as e:
             raise RinginferError(f"{path} lacks GGUF metadata {e}") from None
-        self._stage_cls = self.family.stage_cls
 
     def file_name(self, hf_name: str) -> str:
-        return self._stage_cls.gguf_source(hf_name)[0]
+        return self.family.stage_cls.gguf_source(hf_name)[0]
 
     def _info(self, hf_name: str) -> TensorInfo:
         """The tensor `hf_name` is in the file: a whole tensor, or one expert's part of a
         stacked [experts, ...] tensor, as a tensor of its own."""
-        gguf_name, expert = self._stage_cls.gguf_source(hf_name)
+        gguf_name, expert = self.family.stage_cls.gguf_source(hf_name)
         if gguf_name not in self.tensors:
             raise RinginferError(f"{self.path} has no tensor '{gguf_name}'")
         info = self.tensors[gguf_name]
@@ -222,7 +221,7 @@ class GGUFCheckpoint(Checkpoint):
                 return torch.from_numpy(np.asarray(dequantize(raw, info.type)).reshape(-1, k))
 
             t = convert_rows((n, k), ((i, rows(i)) for i in range(0, n, step)), fmt)
-        return self._stage_cls.from_gguf_layout(hf_name, t, self.config, self.arch)
+        return self.family.stage_cls.from_gguf_layout(hf_name, t, self.config, self.arch)
 
     def source_format(self, hf_name: str) -> str:
         info = self._info(hf_name)
