@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -83,6 +84,21 @@ def run(model: Path, threads: int, tokens: int, prompt: int, repeats: int = 5) -
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout)
+
+
+def perplexity(model: Path, text: Path, context: int, threads: int) -> dict:
+    """llama-perplexity's final estimate over `text` in windows of `context` tokens."""
+    out = subprocess.run(
+        [str(build("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(context),
+         "-t", str(threads), "-b", str(context)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out.stdout + out.stderr)
+    if not found:
+        raise RuntimeError(f"llama-perplexity printed no estimate:\n{out.stderr[-2000:]}")
+    chunks = re.search(r"calculating perplexity over (\d+) chunks", out.stderr)
+    return {"perplexity": float(found[1]), "stderr": float(found[2]), "context": context,
+            "windows": int(chunks[1]) if chunks else None, "build": VERSION}  # fmt: skip
 
 
 def main() -> None:

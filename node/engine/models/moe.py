@@ -102,6 +102,28 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         weights, experts = self.route(rows)
+        experts_of = self._one_row if len(rows) == 1 else self._grouped
+        out = experts_of(rows, weights, experts)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
+        return out.view(x.shape)
+
+    def _one_row(
+        self, row: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """A decode step of one stream: its top k experts in ascending order, each scaled and
+        summed in place. No gather, scatter or sort: at one row those small kernels cost
+        as much as the experts' own matmuls."""
+        out = None
+        for e, w in sorted(zip(experts[0].tolist(), weights[0].tolist(), strict=True)):
+            y = self.experts[e](row).mul_(w)
+            out = y if out is None else out.add_(y)
+        return out
+
+    def _grouped(
+        self, rows: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """Several rows: each expert used is called once with all the rows routed to it."""
         out = torch.zeros_like(rows)
         # Every (row, choice) pair sorted by expert: each expert's rows are one slice.
         flat = experts.flatten()
@@ -116,6 +138,4 @@ class SparseMoE(nn.Module):
             picked = pairs // self.top_k
             y = self.experts[e](rows[picked]) * weights.flatten()[pairs, None]
             out.index_add_(0, picked, y)  # ascending expert order, as the reference sums
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
-        return out.view(x.shape)
+        return out
