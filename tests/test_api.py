@@ -18,7 +18,7 @@ from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster, Daemon, free_port, seed_capabilities
 
 MODEL = "SmolLM2-135M-Instruct"
-KEY = "s3cret-key"
+KEY = "s3cret-key-of-the-api"
 QUESTION = "What is the capital of France?"
 PROMPTS = ["The capital of France is", "Once upon a time"]
 TOKENS = 20
