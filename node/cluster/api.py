@@ -221,9 +221,11 @@ def _client(request: web.Request) -> str:
         ip = ipaddress.ip_address(remote)
     except ValueError:
         return remote
-    if ip.version == 6 and ip.ipv4_mapped is None:
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip.ipv4_mapped or ip)
+    return str(ip)
 
 
 class API:
