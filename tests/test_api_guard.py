@@ -220,14 +220,23 @@ def test_hostile_numbers_and_nesting_are_400s_never_internal_errors(cluster):  #
 
 
 def test_health_and_heartbeats_keep_time_while_huge_requests_arrive(cluster):  # noqa: ANN001
-    """16 MiB prompts and 400k-message chats, two of each at once, refused while /health,
-    asked every 20 ms from another thread, answers within 0.5 s and no peer drops the node."""
+    """16 MiB prompts, 300k- and 400k-message chats and 16 MiB of empty arrays, all at once,
+    refused while /health, asked every 20 ms from another thread, answers within 0.5 s and
+    no peer drops the node."""
     port, node = cluster.ports[0], cluster.nodes[0]
     epoch = node.status()["epoch"]
     prompt = json.dumps({"prompt": "x" * ((16 << 20) - 64)}).encode()
-    messages = json.dumps({"messages": [{"role": "user", "content": "a"}] * 400_000}).encode()
-    assert len(prompt) <= 16 << 20 and len(messages) > 12 << 20
-    hostile = [("/v1/completions", prompt, 413), ("/v1/chat/completions", messages, 400)] * 2
+    assert len(prompt) <= 16 << 20
+
+    def messages(n: int) -> bytes:
+        return json.dumps({"messages": [{"role": "user", "content": "a"}] * n}).encode()
+
+    hostile = [
+        ("/v1/completions", prompt, 413), ("/v1/completions", prompt, 413),
+        ("/v1/chat/completions", messages(400_000), 400),
+        ("/v1/chat/completions", messages(300_000), 400),  # parsed, then over 4096 messages
+        ("/v1/chat/completions", b"[" + b"[]," * ((16 << 20) // 3 - 1) + b"[]]", 400),
+    ]  # fmt: skip
     latencies: list[float] = []
     done = threading.Event()
 
@@ -259,7 +268,7 @@ def test_health_and_heartbeats_keep_time_while_huge_requests_arrive(cluster):  #
         prober.join()
     for (path, _, status), (got, payload, _) in zip(hostile, answers, strict=True):
         assert got == status and is_error(payload), (path, payload)
-    assert "messages" in answers[1][1]["error"]["message"]
+    assert "4096" in answers[3][1]["error"]["message"]
     assert answers[0][1]["error"]["code"] == "context_length_exceeded"
     assert len(latencies) > 10 and max(latencies) < 0.5, (max(latencies), took)
     statuses = [d.status() for d in cluster.nodes]

@@ -66,6 +66,7 @@ MIN_KEY_BYTES = 16  # 128 bits: not worth guessing, even at the rate the back-of
 # No tokenizer needs more bytes a token than this, on average over a prompt: a longer text
 # cannot fit the context and is refused before it is tokenized (which costs ~1 s a MiB).
 MAX_BYTES_PER_TOKEN = 64
+MAX_VALUES = 2**20  # in one body: 4096 messages need ~20k; a prompt's text ~1 a token
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_ERROR_TEXT = 300  # an internal error's message as a client sees it: one line, this long
@@ -543,6 +544,12 @@ def _parse(raw: bytes, chat: bool, context: int) -> CompletionRequest:
 
 
 def _checked(raw: bytes, chat: bool, context: int) -> CompletionRequest:
+    # Millions of small values cost the parser up to seconds with the GIL held (it has no
+    # hook for arrays or strings); a request needs a few per message. Each value but the
+    # first is after a ',' or opens an array or object: an upper bound, counted in strings too.
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > MAX_VALUES:
+        raise APIError(400, f"the request body holds over {MAX_VALUES} values")
     try:  # the hooks are Python, so the thread lets go of the GIL between values
         body = json.loads(raw, object_pairs_hook=_object, parse_int=_integer,
                           parse_float=_finite, parse_constant=_constant)  # fmt: skip
