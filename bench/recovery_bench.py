@@ -59,7 +59,8 @@ def stream(api: str, tokens: int, on_token: object) -> list[float]:
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
     body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}  # fmt: skip
-    conn.request("POST", "/v1/completions", json.dumps(body))
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})  # fmt: skip
     response = conn.getresponse()
     if response.status != 200:
         raise SystemExit(f"the API answered {response.status}: {response.read()[:300]}")

@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a secret the API asks for as 'Authorization: Bearer'")
     daemon.add_argument("--api-insecure", action="store_true",
                         help="serve the API beyond loopback without a key")  # fmt: skip
+    daemon.add_argument("--api-host", action="append", default=[], metavar="NAME",
+                        help="a name clients reach the API by, besides loopback, IP "
+                             "addresses and --api's host (any other Host is refused); "
+                             "repeatable")  # fmt: skip
+    daemon.add_argument("--api-tls-cert", type=Path, metavar="FILE",
+                        help="serve the API over HTTPS with this certificate (PEM)")  # fmt: skip
+    daemon.add_argument("--api-tls-key", type=Path, metavar="FILE",
+                        help="the private key of --api-tls-cert (PEM)")  # fmt: skip
 
     cache = commands.add_parser("cache", help="list or clear the shard cache (fetched tensors)")
     cache.add_argument("--data-dir", type=Path, help="the daemon's data dir (default ~/.ringinfer)")
@@ -734,7 +742,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         logging.warning("--insecure: no cluster secret, anyone who reaches %s:%d can join "
                         "the cluster, send it frames and read its activations", host, args.port)
     args.host = host
-    api = bind_api(args.api, args.api_key_file, args.api_insecure)
+    api = bind_api(args.api, args.api_key_file, args.api_insecure, args.api_host,
+                   args.api_tls_cert, args.api_tls_key)  # fmt: skip
     listener = listen(host, args.port, keys, args.transfer_port)  # taken ports fail now
     device, dtype = _engine(args)
     wire = args.wire_dtype

@@ -16,6 +16,11 @@ from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000  # a stop string is matched against the reply at every token
+MAX_ERROR_CHARS = 1000  # an error's message: short, whatever value it quotes
+MAX_MESSAGES = 4096  # per chat request: more is no conversation, only work for the server
+MAX_TOKENS = 2**31 - 1  # max_tokens and top_k past any context or vocabulary
+SEEDS = (-(2**63), 2**64 - 1)  # what torch's generators take
 
 
 class APIError(Exception):
@@ -36,8 +41,8 @@ class APIError(Exception):
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "error": {"message": str(self), "type": self.kind, "param": self.param,
-                      "code": self.code}
+            "error": {"message": str(self)[:MAX_ERROR_CHARS], "type": self.kind,
+                      "param": self.param, "code": self.code}
         }  # fmt: skip
 
 
@@ -77,7 +82,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     if n is not None and n != 1:
         raise APIError(400, f"n: only 1 choice per request is supported, got {n}", param="n")
     for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins
-        value = get.integer(name, low=1)
+        value = get.integer(name, low=1, high=MAX_TOKENS)
         if value is not None:
             req.max_tokens = value
             break
@@ -87,8 +92,8 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     req.top_p = top_p or 1.0  # 0 means "only the top token": greedy anyway
     if top_p == 0.0:
         req.temperature = 0.0
-    req.top_k = get.integer("top_k", low=0) or 0
-    req.seed = get.integer("seed")
+    req.top_k = get.integer("top_k", low=0, high=MAX_TOKENS) or 0
+    req.seed = get.integer("seed", *SEEDS)
     req.stop = _stops(body.get("stop"))
     req.stream = bool(get.typed("stream", bool))
     options = get.typed("stream_options", dict) or {}
@@ -125,10 +130,12 @@ class _Fields:
             raise APIError(400, why, param=name)
         return value
 
-    def integer(self, name: str, low: int | None = None) -> int | None:
+    def integer(self, name: str, low: int | None = None, high: int | None = None) -> int | None:
         value = self.typed(name, int)
         if value is not None and low is not None and value < low:
             raise APIError(400, f"{name} must be at least {low}, got {value}", param=name)
+        if value is not None and high is not None and value > high:
+            raise APIError(400, f"{name} must be at most {high}, got {value}", param=name)
         return value
 
     def number(self, name: str, low: float, high: float) -> float | None:
@@ -155,6 +162,9 @@ def _json_type(value: Any) -> str:
 def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise APIError(400, "messages must be a non-empty array", param="messages")
+    if len(value) > MAX_MESSAGES:
+        raise APIError(400, f"messages: at most {MAX_MESSAGES} per request, got {len(value)}",
+                       param="messages")  # fmt: skip
     out = []
     for i, m in enumerate(value):
         where = f"messages[{i}]"
@@ -208,6 +218,8 @@ def _stops(value: Any) -> list[str]:
     if len(value) > MAX_STOPS:
         raise APIError(400, f"stop: at most {MAX_STOPS} strings, got {len(value)}",
                        param="stop")  # fmt: skip
+    if any(len(s) > MAX_STOP_CHARS for s in value):
+        raise APIError(400, f"stop: at most {MAX_STOP_CHARS} characters a string", param="stop")
     return value
 
 

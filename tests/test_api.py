@@ -18,7 +18,7 @@ from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster, Daemon, free_port, seed_capabilities
 
 MODEL = "SmolLM2-135M-Instruct"
-KEY = "s3cret-key"
+KEY = "s3cret-key-of-the-api"
 QUESTION = "What is the capital of France?"
 PROMPTS = ["The capital of France is", "Once upon a time"]
 TOKENS = 20
@@ -205,9 +205,10 @@ def test_a_client_gone_mid_stream_frees_every_stage(cluster):  # noqa: ANN001
     parts = urlsplit(node.api)
     body = json.dumps({"prompt": "Tell me a long story", "max_tokens": 2000, "ignore_eos": True,
                        "stream": True}).encode()  # fmt: skip
-    sock = socket.create_connection((parts.hostname, parts.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))  # fmt: skip
     seen = b""
     while seen.count(b"data: ") < 5:
         seen += sock.recv(65536)

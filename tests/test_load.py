@@ -47,7 +47,8 @@ def test_beyond_the_offered_memory_a_request_queues_then_past_the_queue_is_busy(
         for stream in (False, True):
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
             body = {"prompt": "Thrice", "max_tokens": 3000, "ignore_eos": True, "stream": stream}
-            conn.request("POST", "/v1/completions", json.dumps(body))
+            conn.request("POST", "/v1/completions", json.dumps(body),
+                         {"Content-Type": "application/json"})  # fmt: skip
             response = conn.getresponse()
             error = json.loads(response.read())["error"]
             assert response.status == 503 and response.getheader("Retry-After") == "5"

@@ -15,7 +15,7 @@ from playwright.sync_api import Page, sync_playwright
 from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster
 
-KEY = "page-key"
+KEY = "the-page-s-api-key"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium in a closed network: no background calls home (they fail, slowly), no sandbox as root.

@@ -4,20 +4,32 @@ aiohttp serves it from the daemon's own event loop, so a request through the API
 same generation as one from `ringinfer generate --node`: this node is its requester, its
 tokens come back through the same code, and waiting for them never blocks the ring or
 heartbeats. What the bodies mean and the answers look like is protocol/openai.py.
+
+Nothing a client sends runs long on that loop: bodies are parsed, checked and tokenized in
+worker threads, and a prompt is refused by its byte length before it is tokenized. And no
+web page can drive it: what a browser lets any page send (another Host, as DNS rebinding
+makes it; another Origin; a text/plain body) is refused before any route runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
+import ipaddress
 import json
 import logging
+import math
 import socket
+import ssl
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -50,6 +62,14 @@ RETRY_AFTER_S = 5
 STATUS_EVERY_S = 0.5
 # What a failed request's error code means to an HTTP client: worth retrying, or not.
 RETRYABLE = ("no-plan", "node-gone", "stopping", "wrong-epoch", "not-a-stage", "busy")
+MIN_KEY_BYTES = 16  # 128 bits: not worth guessing, even at the rate the back-off leaves
+# No tokenizer needs more bytes a token than this, on average over a prompt: a longer text
+# cannot fit the context and is refused before it is tokenized (which costs ~1 s a MiB).
+MAX_BYTES_PER_TOKEN = 64
+MAX_VALUES = 2**20  # in one body: 4096 messages need ~20k; a prompt's text ~1 a token
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_ERROR_TEXT = 300  # an internal error's message as a client sees it: one line, this long
 
 
 @dataclass
@@ -59,10 +79,26 @@ class Listener:
     sock: socket.socket
     address: str
     key: str | None  # what `Authorization: Bearer` must carry; None: no key asked
+    hosts: frozenset[str] = LOOPBACK_NAMES  # the names `Host` may carry (IP addresses too)
+    tls: ssl.SSLContext | None = None  # None: plain HTTP
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.address}/"
+
+    @property
+    def key_in_clear(self) -> bool:
+        """Whether clients send the key as plain text over a network (a problem in status)."""
+        host = self.address.rpartition(":")[0].strip("[]")
+        return self.key is not None and self.tls is None and not is_loopback(host)
 
 
-def bind(address: str, key_file: Path | None, insecure: bool) -> Listener | None:
-    """`--api HOST:PORT` (or `off`) as a bound socket; refuses to serve the network unkeyed."""
+def bind(
+    address: str, key_file: Path | None, insecure: bool, hosts: list[str] | None = None,
+    tls_cert: Path | None = None, tls_key: Path | None = None,
+) -> Listener | None:  # fmt: skip
+    """`--api HOST:PORT` (or `off`) as a bound socket; refuses to serve the network unkeyed.
+    `hosts`: names besides loopback and HOST that clients reach it by (`--api-host`)."""
     if address == "off":
         return None
     host, sep, port_text = address.rpartition(":")
@@ -76,6 +112,7 @@ def bind(address: str, key_file: Path | None, insecure: bool) -> Listener | None
             "(a secret clients send as 'Authorization: Bearer'), or --api-insecure to let "
             "anyone on the network use it"
         )
+    tls = _tls_context(tls_cert, tls_key)
     try:
         infos = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM)
         family, _, _, _, sockaddr = infos[0]
@@ -89,7 +126,8 @@ def bind(address: str, key_file: Path | None, insecure: bool) -> Listener | None
             "--api HOST:PORT, or --api off)"
         ) from None
     sock.setblocking(False)
-    return Listener(sock, address, key)
+    names = LOOPBACK_NAMES | {_host_name(n) for n in [host, *(hosts or [])]}
+    return Listener(sock, address, key, names, tls)
 
 
 def _read_key(path: Path) -> str:
@@ -99,7 +137,96 @@ def _read_key(path: Path) -> str:
         raise RinginferError(f"cannot read --api-key-file {path}: {e.strerror}") from None
     if not key:
         raise RinginferError(f"--api-key-file {path} is empty")
+    if len(key.encode()) < MIN_KEY_BYTES:
+        raise RinginferError(
+            f"--api-key-file {path} holds a {len(key.encode())}-byte key, too short to keep "
+            f"guessers out: use at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 16`)"
+        )
     return key
+
+
+def _tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """`--api-tls-cert` and `--api-tls-key` as a server's TLS context (both, or neither)."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise RinginferError("--api-tls-cert and --api-tls-key go together: give both files")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RinginferError(f"cannot load --api-tls-cert {cert} with --api-tls-key {key}: "
+                             f"{why}") from None  # fmt: skip
+    return context
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name, or a listening address's: no port, no brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit() and ":" not in name:
+        host = name
+    return host.rstrip(".")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# Back-off on wrong API keys, per client address (IPv6 clients by their /64): a few are
+# free, then each closes the address out for twice as long as the one before.
+FREE_FAILURES = 5
+FIRST_WAIT_S = 1.0
+MAX_WAIT_S = 300.0
+FORGET_S = 900.0  # failures this old are forgotten
+MAX_CLIENTS = 4096  # addresses remembered; the stalest go first
+
+
+@dataclass
+class Backoff:
+    """Wrong keys per client address and until when each is refused: a guesser gets a few
+    tries, then one more each 1, 2, 4 ... 300 s. Bounded memory, whoever sends."""
+
+    table: OrderedDict[str, tuple[int, float, float]] = field(default_factory=OrderedDict)
+
+    def wait(self, who: str, now: float) -> float:
+        """Seconds until `who` may try a key again (0: now)."""
+        entry = self.table.get(who)
+        return max(0.0, entry[2] - now) if entry else 0.0
+
+    def failed(self, who: str, now: float) -> None:
+        failures, last, _ = self.table.pop(who, (0, now, 0.0))
+        failures = 1 if now - last > FORGET_S else failures + 1
+        until = 0.0
+        if failures >= FREE_FAILURES:
+            until = now + min(MAX_WAIT_S, FIRST_WAIT_S * 2 ** (failures - FREE_FAILURES))
+        self.table[who] = (failures, now, until)
+        while len(self.table) > MAX_CLIENTS:
+            self.table.popitem(last=False)
+
+    def passed(self, who: str) -> None:
+        self.table.pop(who, None)
+
+
+def _client(request: web.Request) -> str:
+    """Who a request is from, for the back-off: its address, an IPv6 one's /64."""
+    remote = request.remote or "?"
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class API:
@@ -108,6 +235,11 @@ class API:
     def __init__(self, daemon: Daemon, listener: Listener) -> None:
         self.daemon, self.listener = daemon, listener
         self.created = int(time.time())
+        self.backoff = Backoff()
+        # Bodies are parsed one at a time (a hostile one holds the GIL a while: one such is
+        # enough); prompts are tokenized beside them (the tokenizer lets go of the GIL).
+        self.parsing = ThreadPoolExecutor(1, thread_name_prefix="api-json")
+        self.tokenizing = ThreadPoolExecutor(2, thread_name_prefix="api-tokens")
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
         app.add_routes([
             web.get("/", self.page),
@@ -126,23 +258,34 @@ class API:
 
     async def start(self) -> None:
         await self.runner.setup()
-        await web.SockSite(self.runner, self.listener.sock, shutdown_timeout=1.0).start()
+        await web.SockSite(self.runner, self.listener.sock, shutdown_timeout=1.0,
+                           ssl_context=self.listener.tls).start()  # fmt: skip
         keyed = "with an API key" if self.listener.key else "without a key"
-        log.info("API and web page on http://%s/ (%s)", self.listener.address, keyed)
+        log.info("API and web page on %s (%s)", self.listener.url, keyed)
+        if self.listener.key_in_clear:
+            log.warning("the API key crosses the network in plain HTTP: give --api-tls-cert "
+                        "and --api-tls-key")  # fmt: skip
 
     async def stop(self) -> None:
         self.closing.set()
         await self.runner.cleanup()
+        self.parsing.shutdown(wait=False, cancel_futures=True)
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- plumbing
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Every failure as OpenAI's error JSON; a key checked on the API's routes."""
+        """Every failure as OpenAI's error JSON; what a browser lets any page send refused
+        first, then a key checked on the API's routes."""
         began = time.perf_counter()
         try:
+            self._guard(request)
             if request.path.startswith("/v1/"):
                 self._authorize(request)
+            if request.method == "POST" and request.content_type != "application/json":
+                why = f"the body must be application/json, not {request.content_type[:80]}"
+                raise APIError(415, why, code="unsupported_media_type")
             response = await handler(request)
         except APIError as e:
             response = _error_response(e)
@@ -154,24 +297,48 @@ class API:
             response = _error_response(e)
         except Exception as e:
             log.exception("API: internal error in %s %s", request.method, request.path)
-            response = _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}",
-                                                "server_error"))  # fmt: skip
+            response = _error_response(APIError(500, _internal(e), "server_error"))
         if request.path != "/v1/status/stream":
             log.info("API: %s %s %d in %.3fs", request.method, request.path, response.status,
                      time.perf_counter() - began)  # fmt: skip
         return response
 
+    def _guard(self, request: web.Request) -> None:
+        """Refuse what only a web page of another site sends: a Host that is none of ours
+        (DNS rebinding: a name of the attacker's resolved to us; an IP address cannot be
+        one), and an Origin other than the page's own."""
+        header = request.headers.get("Host")
+        host = _host_name(header) if header is not None else None
+        if host is not None and host not in self.listener.hosts and not _is_ip(host):
+            raise APIError(421, f"this API does not answer to the name {host[:80]!r} (it "
+                           "may be a DNS rebinding): use its address, or name it with "
+                           "--api-host", code="misdirected_request")  # fmt: skip
+        origin = request.headers.get("Origin")
+        if origin is not None and not _same_origin(origin, request.scheme, header or ""):
+            raise APIError(403, f"requests from a page at {origin[:80]!r} are refused: only "
+                           "this daemon's own page may use its API from a browser",
+                           code="cross_origin")  # fmt: skip
+
     def _authorize(self, request: web.Request) -> None:
+        """The key, where one is asked; a client that sent wrong ones waits (429) first."""
         key = self.listener.key
         if key is None:
             return
+        who, now = _client(request), time.monotonic()
+        wait = self.backoff.wait(who, now)
+        if wait:
+            raise APIError(429, f"too many wrong API keys from {request.remote}: try again "
+                           f"in {math.ceil(wait)} s", "rate_limit_error", "too_many_wrong_keys",
+                           headers={"Retry-After": str(math.ceil(wait))})  # fmt: skip
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
             why = "no API key: send 'Authorization: Bearer KEY' (the daemon's --api-key-file)"
             raise APIError(401, why, "authentication_error", "missing_api_key")
         if not hmac.compare_digest(given.strip().encode(), key.encode()):
+            self.backoff.failed(who, now)
             raise APIError(401, "wrong API key", "authentication_error", "invalid_api_key")
+        self.backoff.passed(who)
 
     @property
     def context(self) -> int:
@@ -243,10 +410,12 @@ class API:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        ask = parse_request(await _json_body(request), chat)
+        raw = await _read_body(request)
+        loop = asyncio.get_running_loop()
+        ask = await loop.run_in_executor(self.parsing, _parse, raw, chat, self.context)
         self._check_model(ask.model)
         self._check_live()
-        prompt = self._tokens(ask)
+        prompt = await loop.run_in_executor(self.tokenizing, self._tokens, ask)
         reply = reply_format(self.daemon.tokenizer, prompt) if chat else PLAIN
         queue: asyncio.Queue[Message] = asyncio.Queue()
         params = SamplingParams(ask.temperature, ask.top_k, ask.top_p, ask.seed)
@@ -278,6 +447,8 @@ class API:
                 task.cancel()
 
     def _tokens(self, ask: CompletionRequest) -> list[int]:
+        """The prompt's tokens, in a worker thread: the chat template's rendering and the
+        tokenizer's work (~1 s a MiB) never hold up the event loop."""
         tokenizer = self.daemon.tokenizer
         if ask.chat and not tokenizer.chat_template:
             raise APIError(400, "this model has no chat template: use /v1/completions")
@@ -349,15 +520,74 @@ class API:
         return response
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _read_body(request: web.Request) -> bytes:
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, f"the request body is over {MAX_BODY // 2**20} MiB") from None
+
+
+def _parse(raw: bytes, chat: bool, context: int) -> CompletionRequest:
+    """A body as a request, in a worker thread: a hostile one (millions of values, deep
+    nesting, 16 MiB of prompt) costs that thread, is freed there, and is never tokenized.
+    The collector waits meanwhile: it would walk the body's millions of containers once per
+    700 of them, holding the GIL for seconds."""
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        return json.loads(raw)
+        return _checked(raw, chat, context)
+    except APIError as e:
+        raise e.with_traceback(None) from None  # its frames hold the body: freed here
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _checked(raw: bytes, chat: bool, context: int) -> CompletionRequest:
+    # Millions of small values cost the parser up to seconds with the GIL held (it has no
+    # hook for arrays or strings); a request needs a few per message. Each value but the
+    # first is after a ',' or opens an array or object: an upper bound, counted in strings too.
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > MAX_VALUES:
+        raise APIError(400, f"the request body holds over {MAX_VALUES} values")
+    try:  # the hooks are Python, so the thread lets go of the GIL between values
+        body = json.loads(raw, object_pairs_hook=_object, parse_int=_integer,
+                          parse_float=_finite, parse_constant=_constant)  # fmt: skip
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    ask = parse_request(body, chat)
+    texts = [m["content"] for m in ask.messages] if chat else [ask.prompt]
+    size, most = sum(len(t.encode()) for t in texts), context * MAX_BYTES_PER_TOKEN
+    if size > most:
+        raise APIError(413, f"the prompt is {size} bytes: longer than the model's context of "
+                       f"{context} tokens can hold ({most} bytes at most)",
+                       code="context_length_exceeded",
+                       param="messages" if chat else "prompt")  # fmt: skip
+    return ask
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(pairs)
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # over Python's 4300 digits
+        raise APIError(400, f"an integer of {len(text)} digits is out of range") from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise APIError(400, f"the number {text[:40]} is out of range (over a double's)")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise APIError(400, f"{name} is not a JSON number: numbers must be finite")
 
 
 async def _event_stream(request: web.Request) -> web.StreamResponse:
@@ -371,6 +601,25 @@ async def _event_stream(request: web.Request) -> web.StreamResponse:
 
 def _error_response(e: APIError) -> web.Response:
     return web.json_response(e.to_json(), status=e.status, headers=e.headers)
+
+
+def _internal(e: Exception) -> str:
+    """An internal error as a client sees it: its type and first line, never a trace."""
+    lines = str(e).strip().splitlines()
+    return f"internal error: {type(e).__name__}: {lines[0] if lines else ''}"[:MAX_ERROR_TEXT]
+
+
+def _same_origin(origin: str, scheme: str, host: str) -> bool:
+    """Whether a browser's Origin is the page's own: scheme, name and port as in Host."""
+    try:
+        return _where(origin) == _where(f"{scheme}://{host}")
+    except ValueError:  # a port out of range, a broken IPv6 address
+        return False
+
+
+def _where(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or DEFAULT_PORTS.get(parts.scheme)
 
 
 def _unavailable(why: str, code: str) -> APIError:

@@ -138,6 +138,14 @@ def problems(d: Daemon) -> list[dict[str, str]]:
             "fix": "`ringinfer secret > cluster.key`, copy it to every machine, restart each "
                    "daemon with --secret-file cluster.key",
         })  # fmt: skip
+    if d.api and d.api.listener.key_in_clear:
+        out.append({
+            "level": "warn",
+            "problem": f"the API on {d.api.listener.address} takes its key over plain HTTP: "
+                       "anyone on the network path can read it",
+            "fix": "restart the daemon with --api-tls-cert FILE --api-tls-key FILE, or serve "
+                   "the API on loopback behind a TLS proxy",
+        })  # fmt: skip
     for address, t in d.transport.strangers.items():
         if now - t < 60:
             out.append({

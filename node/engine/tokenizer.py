@@ -18,6 +18,10 @@ from node.data_dir import cache_dir
 from node.errors import RinginferError
 from node.json_file import read_json
 
+# A batch of one gains nothing from the tokenizers' thread pool, and a process that used it
+# warns in every child it forks.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 # Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre`, as llama.cpp applies them in order.
 _GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_PAT = (
@@ -183,7 +187,7 @@ class Tokenizer:
         if eos is not None and tok.token_to_id(eos) is not None:
             stop.add(tok.token_to_id(eos))
         return cls(
-            lambda text, special: tok.encode(text, add_special_tokens=special).ids,
+            lambda text, special: _ids(tok, text, special),
             lambda ids: tok.decode(ids, skip_special_tokens=False),
             tok.get_vocab(),
             stop,
@@ -207,7 +211,7 @@ class Tokenizer:
         stop = {i for i in (eos_id, meta.get("tokenizer.ggml.eot_token_id")) if i is not None}
 
         def encode(text: str, special: bool) -> list[int]:
-            ids = tok.encode(text, add_special_tokens=False).ids
+            ids = _ids(tok, text, False)
             return [bos_id, *ids] if special and add_bos else ids
 
         return cls(
@@ -324,6 +328,13 @@ def _gpt2_ranks_file() -> Path | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     return next((Path(str(f.locate())) for f in files if str(f).endswith("gpt2.tiktoken")), None)
+
+
+def _ids(tok: Any, text: str, special: bool) -> list[int]:
+    """`tok.encode(text).ids` through encode_batch, which lets go of the GIL while it works
+    (encode holds it, ~1 s a MiB): the API tokenizes in a worker thread, and so the event
+    loop runs on meanwhile."""
+    return tok.encode_batch([text], add_special_tokens=special)[0].ids
 
 
 def template_variables(value: Any) -> dict[str, Any]:
