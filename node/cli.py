@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds to wait for a plan without this node",
     )
+    daemon.add_argument("--plan-deadline", type=float, default=30.0, metavar="S",
+                        help="the longest a new plan waits for running requests: longer ones "
+                             "are replayed into it")  # fmt: skip
     daemon.add_argument("--transfer-port", type=_positive, default=0, metavar="PORT",
                         help="where peers fetch this node's tensors (default: any free port; "
                              "members learn it from each other)")  # fmt: skip
@@ -792,7 +795,7 @@ def cmd_daemon(args: argparse.Namespace, found: Found | None = None) -> int:
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
         max_queue=args.max_queue, step_timeout_s=args.step_timeout, threads=args.threads,
         prefill_chunk=args.prefill_chunk, quantize=quantize, layer_format=fmt, keys=keys,
-        transfer_rate=args.transfer_rate, fallback=fallback,
+        transfer_rate=args.transfer_rate, fallback=fallback, plan_deadline_s=args.plan_deadline,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(

@@ -75,6 +75,7 @@ class DaemonConfig:
     max_queue: int = 32  # requests waiting here for cache room on the stages; beyond: busy
     prefill_chunk: int = PREFILL_CHUNK  # prompt positions a stage computes per pass
     plan_wait_s: float = 600.0
+    plan_deadline_s: float = 30.0  # a new plan waits this long for running requests (plans.py)
     leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node
     threads: int | None = None
     quantize: str = "auto"  # how weights are kept in memory (node/engine/models/quantized.py)
