@@ -363,8 +363,8 @@ class Plans:
         running then are replayed into the new one when the old stages refuse them."""
         requester, deadline = self.node.requester, self.node.cfg.plan_deadline_s
         if requester.requests:
-            log.info("plan epoch %d waits up to %.0fs for %d request(s) to finish", plan.epoch,
-                     deadline, len(requester.requests))  # fmt: skip
+            log.info("plan epoch %d waits for %d request(s) to finish (up to %.0fs)", plan.epoch,
+                     len(requester.requests), deadline)  # fmt: skip
         try:
             await asyncio.wait_for(requester.drained.wait(), deadline)
         except TimeoutError:
