@@ -14,7 +14,7 @@ This file starts and stops them. Model compute runs on one worker thread so the 
 keeps answering status, heartbeats and new connections during a long prefill.
 
 A daemon serving the embedded default for want of another (no --model, and no member
-answered when it started) follows the first other model it hears a member serve: it leaves
+answered when it started) gives way once it hears a member serve another model: it leaves
 the cluster as on SIGTERM, and `run` returns that model for the caller to start again on.
 """
 
