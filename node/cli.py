@@ -31,6 +31,7 @@ from node.errors import RinginferError
 from protocol.wire import Kind
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
+    from node.cluster.cluster_model import Found
     from node.engine.weights import Progress
 
 EXIT_USAGE = 2
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds to wait for a plan without this node",
     )
+    daemon.add_argument("--plan-deadline", type=float, default=30.0, metavar="S",
+                        help="the longest a new plan waits for running requests: longer ones "
+                             "are replayed into it")  # fmt: skip
     daemon.add_argument("--transfer-port", type=_positive, default=0, metavar="PORT",
                         help="where peers fetch this node's tensors (default: any free port; "
                              "members learn it from each other)")  # fmt: skip
@@ -703,7 +707,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_daemon(args: argparse.Namespace) -> int:
+def cmd_daemon(args: argparse.Namespace, found: Found | None = None) -> int:
+    """`found`: the model a member serves, which this node (serving the embedded default for
+    want of another) gives way to: it starts again on that one."""
     # OpenMP threads spin between the many small parallel regions of one step (sleeping
     # there costs ~30% per token), but not for long after it: on a machine that runs
     # several stages, an idle stage must not burn the cores the next one needs: 10^4 spins
@@ -755,8 +761,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         )
     peers = [_resolve(parse_address(p)) for p in args.peer]
     mdns = None if args.no_mdns or is_loopback(host) else lan_interfaces(args.mdns_interface)
-    found = None
-    if args.model is None:
+    if args.model is None and found is None:
         STATUS.live("asking the cluster which model it serves ...")
         # Not our own address, which a shared --peer list may name: nobody answers there yet.
         own = {f"{h}:{args.port}" for h in (host, "127.0.0.1", primary_address())}
@@ -766,7 +771,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     STATUS.live(f"opening {what} ...")
     began = time.perf_counter()
     cache = ShardCache(data_path / "cache", args.cache_size)
-    ckpt, files = cluster_model.open_model(args.model, data_path, cache, found, keys, STATUS.live)
+    ckpt, files, fallback = cluster_model.open_model(
+        args.model, data_path, cache, found, keys, STATUS.live
+    )
     tokenizer = ckpt.tokenizer()
     STATUS.live("")
     logging.info("opened %s in %.1fs", ckpt.path, time.perf_counter() - began)
@@ -797,19 +804,19 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout, leave_timeout_s=args.leave_timeout,
         max_queue=args.max_queue, step_timeout_s=args.step_timeout, threads=args.threads,
         prefill_chunk=args.prefill_chunk, quantize=quantize, layer_format=fmt, keys=keys,
-        transfer_rate=args.transfer_rate,
+        transfer_rate=args.transfer_rate, fallback=fallback, plan_deadline_s=args.plan_deadline,
     )  # fmt: skip
     if args.layers and args.layers[1] > ckpt.n_layers:
         raise RinginferError(
             f"--layers {args.layers[0]}:{args.layers[1]} is outside 0:{ckpt.n_layers}"
         )
 
-    async def serve() -> None:
-        await Daemon(config, node_id, ckpt, tokenizer, listener, files, api).run()
+    async def serve() -> Found | None:
+        return await Daemon(config, node_id, ckpt, tokenizer, listener, files, api).run()
 
-    asyncio.run(serve())
+    switch = asyncio.run(serve())
     lock.close()
-    return 0
+    return 0 if switch is None else cmd_daemon(args, switch)
 
 
 def _resolve(address: str) -> str:

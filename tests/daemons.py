@@ -62,11 +62,12 @@ def renamed_model(path: Path) -> Path:
 
 
 class Daemon:
-    """One daemon; in namespace `netns` at `host` when given (listening on every address)."""
+    """One daemon; in namespace `netns` at `host` when given (listening on every address),
+    with `env` added to its environment."""
 
     def __init__(
         self, root: Path, name: str, port: int, args: list[str], netns: str | None = None,
-        host: str = "127.0.0.1",
+        host: str = "127.0.0.1", env: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.name, self.port, self.netns = name, port, netns
         self.address = f"{host}:{port}"
@@ -90,7 +91,8 @@ class Daemon:
             *prefix, sys.executable, "-m", "node.cli", "daemon", "--host", listen,
             "--port", str(port), "--name", name, "--data-dir", str(self.data_dir), *args,
         ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RINGINFER_DEBUG": "1", **self.env}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RINGINFER_DEBUG": "1", **self.env,
+               **(env or {})}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -114,11 +116,12 @@ class Daemon:
 
 class Cluster:
     """Daemons on one model, waited on until live: by default `n` on loopback, each knowing
-    the first by `--peer`, with equal capabilities; or those given, already started."""
+    the first by `--peer`, with equal capabilities (node i with `env[i]` in its environment);
+    or those given, already started."""
 
     def __init__(
         self, root: Path, n: int, args: list[str], per_node: dict[int, list[str]] | None = None,
-        nodes: list[Daemon] | None = None,
+        nodes: list[Daemon] | None = None, env: dict[int, dict[str, str]] | None = None,
     ) -> None:  # fmt: skip
         if nodes is None:
             ports = [free_port() for _ in range(n)]
@@ -127,7 +130,8 @@ class Cluster:
             for i in range(n):
                 seed_capabilities(root / f"node{i + 1}")
             nodes = [
-                Daemon(root, f"node{i + 1}", port, [*args, *peer, *extra.get(i, [])])
+                Daemon(root, f"node{i + 1}", port, [*args, *peer, *extra.get(i, [])],
+                       env=(env or {}).get(i))  # fmt: skip
                 for i, port in enumerate(ports)
             ]
         self.nodes = nodes

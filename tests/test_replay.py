@@ -1,8 +1,10 @@
-"""A request survives the loss of a stage: the requester replays its history into the next
-plan and the tokens are exactly those of an uninterrupted run (`generate --local`)."""
+"""A request survives the loss of a stage, or a stage's pass that raises: the requester
+replays its history into the next plan and the tokens are exactly those of an uninterrupted
+run (`generate --local`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -18,15 +20,18 @@ from tests.daemons import EXACT_RING, Cluster, Daemon
 PROMPT = "Tell me about the history of Paris"
 TOKENS = 250
 SEEDED = ("--temperature", "0.9", "--top-p", "0.9", "--seed", "5")
+# node2's 10th pass of two or more requests raises (stage_server.py's RINGINFER_FAULT).
+FAULT = {1: {"RINGINFER_FAULT": "pass:2:10"}}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    c = Cluster(tmp_path_factory.mktemp("replay"), 3, EXACT_RING)
+    c = Cluster(tmp_path_factory.mktemp("replay"), 3, EXACT_RING, env=FAULT)
     yield c
     c.stop()
 
 
+@functools.cache
 def local(*args: str) -> list[int]:
     proc = run_cli("generate", "--local", "--json", PROMPT, "--max-tokens", str(TOKENS),
                    "--ignore-eos", *args)  # fmt: skip
@@ -60,6 +65,26 @@ def kill_at_token_50(requester: Daemon, victim: Daemon, *args: str) -> dict:
     proc = at_token_50(requester, *args)
     victim.stop(signal.SIGKILL)
     return result_of(proc)
+
+
+def test_a_pass_that_raises_mid_batch_is_replayed_exactly(cluster):  # noqa: ANN001
+    """Three requests at once (identical rows, so batching changes no rounding); node2's
+    pass of two or more of them raises: each is replayed into the same ring, unharmed."""
+    want = local()
+    first = cluster.nodes[0]
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--node", first.address, PROMPT,
+           "--max-tokens", str(TOKENS), "--ignore-eos", "--json"]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **first.env})  # fmt: skip
+        for _ in range(3)
+    ]
+    results = [result_of(p) for p in procs]
+    assert all(r["tokens"] == want for r in results)
+    replayed = [r["replays"] for r in results if "replays" in r]
+    assert len(replayed) >= 2 and all("a pass failed" in r[0]["why"] for r in replayed), results
+    faulty = cluster.nodes[1].text()
+    assert faulty.count("a pass failed") == 1 and "Traceback" not in faulty, faulty[-3000:]
 
 
 def test_a_killed_middle_stage_is_replayed_around_exactly(cluster):  # noqa: ANN001

@@ -5,7 +5,9 @@ connection, mDNS adverts of its cluster) for their model's manifest and header (
 or a Hugging Face directory's config and tokenizer files). The
 first answer names the model; the header goes into the shard cache, and the daemon serves
 the model from there, fetching its layers' tensors once a plan gives it some. Nobody
-answering means it is alone: it serves the embedded default model.
+answering means it is alone, or that the others are still starting: it serves the embedded
+default model, and gives way to any other model a member turns out to serve (`to_follow`),
+since that one was given with --model (the daemon then starts again on it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import zmq.asyncio
 
 from discovery.interfaces import Interface
 from discovery.mdns import Advert, Discovery
+from node.cluster.members import Member
 from node.cluster.secret import ClusterKeys
 from node.cluster.transfer import Fetch, ModelFiles, Source, held
 from node.engine.manifest import Manifest, load_or_build
@@ -90,6 +93,26 @@ async def _ask(ctx: zmq.asyncio.Context, address: str, keys: ClusterKeys | None)
         sock.close(linger=0)
 
 
+async def ask(address: str, keys: ClusterKeys | None) -> Found | None:
+    """The manifest and header of the model the member at `address` serves."""
+    ctx = zmq.asyncio.Context()
+    try:
+        return await _ask(ctx, address, keys)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def to_follow(ours: str, members: list[Member]) -> Member | None:
+    """For a node serving the embedded default for want of another (model `ours`): the
+    member whose model it should serve instead, of the model most members serve other than
+    ours (the member with the smallest id, on a tie); None while every member serves ours."""
+    others = [m for m in members if m.fingerprint != ours]
+    if not others:
+        return None
+    count = {f: sum(m.fingerprint == f for m in others) for f in {m.fingerprint for m in others}}
+    return min(others, key=lambda m: (-count[m.fingerprint], m.id))
+
+
 async def find(
     peers: list[str],
     mdns: list[Interface] | None,
@@ -140,9 +163,11 @@ def open_model(
     found: Found | None,
     keys: ClusterKeys | None,
     show: Callable[[str], None],
-) -> tuple[Checkpoint, ModelFiles]:
+) -> tuple[Checkpoint, ModelFiles, bool]:
     """The daemon's model: `spec`; without one the cluster's (`found`), read from the shard
-    cache unless it is the embedded default, which is installed here; else the default."""
+    cache unless it is the embedded default, which is installed here; else the default.
+    True with the embedded default served for want of a model given with --model, which
+    gives way to any other model a member serves."""
     if spec is None and found is not None:
         fingerprint = found.manifest.fingerprint
         try:
@@ -152,13 +177,25 @@ def open_model(
         if local is None or local.fingerprint != fingerprint:
             log.info("no --model: serving the cluster's model %s (fingerprint %s), as %s does",
                      found.manifest.name, fingerprint, found.member)  # fmt: skip
-            return _from_cache(found, cache, keys), ModelFiles(found.manifest, cache, None)
+            return _from_cache(found, cache, keys), ModelFiles(found.manifest, cache, None), False
     ckpt = open_checkpoint(spec)
     manifest = _manifest(ckpt.path, ckpt.name, data_dir, show)
+    if spec is not None:
+        log.info("serving %s (fingerprint %s): given with --model", ckpt.name,
+                 manifest.fingerprint)  # fmt: skip
+    elif found is not None:
+        log.info("no --model: serving the embedded default %s (fingerprint %s), as %s does",
+                 ckpt.name, manifest.fingerprint, found.member)  # fmt: skip
+    else:
+        log.info("no --model and no member answered: serving the embedded default %s "
+                 "(fingerprint %s) until a member serves another model", ckpt.name,
+                 manifest.fingerprint)  # fmt: skip
     if isinstance(ckpt, GGUFCheckpoint):
-        return ckpt, ModelFiles(manifest, cache, ckpt.file)
-    assert isinstance(ckpt, HFCheckpoint)
-    return ckpt, ModelFiles(manifest, cache, SafetensorsDir(ckpt.path, ckpt.files))
+        files = ModelFiles(manifest, cache, ckpt.file)
+    else:
+        assert isinstance(ckpt, HFCheckpoint)
+        files = ModelFiles(manifest, cache, SafetensorsDir(ckpt.path, ckpt.files))
+    return ckpt, files, spec is None
 
 
 def _manifest(path: Path, name: str, data_dir: Path, show: Callable[[str], None]) -> Manifest:

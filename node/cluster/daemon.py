@@ -12,6 +12,10 @@ The daemon is the composition of its parts, each in a module named after it:
 
 This file starts and stops them. Model compute runs on one worker thread so the event loop
 keeps answering status, heartbeats and new connections during a long prefill.
+
+A daemon serving the embedded default for want of another (no --model, and no member
+answered when it started) gives way once it hears a member serve another model: it leaves
+the cluster as on SIGTERM, and `run` returns that model for the caller to start again on.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import torch
 
 from discovery.capabilities import Capabilities
 from discovery.interfaces import Interface, primary_address
+from node.cluster import cluster_model
 from node.cluster.api import API, Listener
+from node.cluster.cluster_model import Found
 from node.cluster.membership import Membership
 from node.cluster.plans import Plans
 from node.cluster.requester import Requester
@@ -69,12 +75,14 @@ class DaemonConfig:
     max_queue: int = 32  # requests waiting here for cache room on the stages; beyond: busy
     prefill_chunk: int = PREFILL_CHUNK  # prompt positions a stage computes per pass
     plan_wait_s: float = 600.0
+    plan_deadline_s: float = 30.0  # a new plan waits this long for running requests (plans.py)
     leave_timeout_s: float = 30.0  # SIGTERM: wait this long for a plan without this node
     threads: int | None = None
     quantize: str = "auto"  # how weights are kept in memory (node/engine/models/quantized.py)
     layer_format: str = "none"  # what that makes of the layers' weights: none, int8, int4
     keys: ClusterKeys | None = None  # the cluster secret's keys; None: plain ZeroMQ
     transfer_rate: float = 32e6  # bytes/s this node serves to peers while its stage is busy
+    fallback: bool = False  # the embedded default for want of another: a member's model wins
 
 
 class Daemon:
@@ -104,6 +112,7 @@ class Daemon:
         self.compute = ThreadPoolExecutor(1, "compute", initializer=self._compute_thread_init)
         self.stopping = asyncio.Event()
         self.leaving = asyncio.Event()
+        self.switch: Found | None = None  # the model this node leaves to serve instead
         self.tasks: set[asyncio.Task] = set()
 
         self.membership = Membership(self)
@@ -137,7 +146,8 @@ class Daemon:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
 
-    async def run(self) -> None:
+    async def run(self) -> Found | None:
+        """Serve until signalled; the model to serve instead when this node gave way to it."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._signalled)
@@ -154,6 +164,8 @@ class Daemon:
             self.spawn(self.stage.run_batches()),
             self.spawn(self.transfers.serve()),
         ]
+        if self.cfg.fallback:
+            background.append(self.spawn(self._follow()))
         self.plans.replan.set()
         if self.api:
             await self.api.start()
@@ -174,9 +186,38 @@ class Daemon:
         self.compute.shutdown(wait=True, cancel_futures=True)
         await self.transport.close()
         log.info("stopped")
+        return self.switch
+
+    async def _follow(self) -> None:
+        """Serving the default for want of another: once a member serves another model (one
+        given with --model), leave to serve that one, its layers fetched as a plan asks."""
+        tried = ""
+        while not self.leaving.is_set():
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            member = cluster_model.to_follow(self.fingerprint, list(self.membership.members))
+            if member is None:
+                continue
+            found = await cluster_model.ask(member.address, self.cfg.keys)
+            if found is None or found.manifest.fingerprint != member.fingerprint:
+                if tried != member.id:
+                    log.info("%s serves model %s but did not send its manifest: asking again",
+                             member.name, member.model)  # fmt: skip
+                tried = member.id
+                continue
+            if self.leaving.is_set():
+                return
+            log.info(
+                "switching to model %s (fingerprint %s), which %s serves: this node serves the "
+                "embedded default only because no member answered when it started",
+                found.manifest.name, found.manifest.fingerprint, member.name,
+            )  # fmt: skip
+            self.switch = found
+            self.leaving.set()
 
     def _signalled(self) -> None:
-        """First signal: leave gracefully; a second one: stop now."""
+        """First signal: leave gracefully (and stop, even if switching models); a second
+        one: stop now."""
+        self.switch = None
         if self.leaving.is_set():
             log.info("second signal: stopping now")
             self.stopping.set()

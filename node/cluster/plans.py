@@ -7,6 +7,12 @@ do, while the old plan keeps serving), `prepare` (requesters finish the requests
 plan), `load` (each node loads its layers) and `live`. Nobody swaps layers under a running
 request, and a proposal that a member cannot follow (it left, failed to fetch or load, or
 saw a newer epoch) is abandoned.
+
+Prepare has a deadline (--plan-deadline): a requester whose requests run longer (a long
+generation, or a client stopped with Ctrl-Z that holds its request open) acks anyway, and
+those requests are replayed into the new plan once their old stages refuse them. A member
+that still has not acked some seconds later is silent: the coordinator plans without it for
+a while (BENCH_S), so no one member can hold every new plan back.
 """
 
 from __future__ import annotations
@@ -39,6 +45,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringinfer")
 
+PHASES = ("fetch", "prepare", "load", "failed", "stale")  # what a PLAN_ACK may say
+SILENT_AFTER_S = 10.0  # past the deadline: a member that has not acked prepare by then is silent
+BENCH_S = 60.0  # how long the coordinator plans without a silent member
+
+
+class Acks:
+    """Who acked which phase, for the proposals under way only: a proposal's acks go when it
+    ends (live or abandoned), and acks for any other epoch are dropped as they come."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, dict[str, set[str]]] = {}
+
+    def propose(self, epoch: int) -> None:
+        self.open[epoch] = {}
+
+    def end(self, epoch: int) -> None:
+        self.open.pop(epoch, None)
+
+    def add(self, epoch: int, phase: str, node: str) -> bool:
+        """Record an ack; False when no proposal of that epoch is under way."""
+        phases = self.open.get(epoch)
+        if phases is None or phase not in PHASES:
+            return False
+        phases.setdefault(phase, set()).add(node)
+        return True
+
+    def of(self, epoch: int, phase: str) -> set[str]:
+        return self.open.get(epoch, {}).get(phase, set())
+
 
 def node_spec(
     node_id: str, memory: int, pin: tuple[int, int] | None, caps: Capabilities,
@@ -61,7 +96,8 @@ class Plans:
         self.highest_epoch = 0  # the newest epoch this node heard of, as coordinator
         self.error = ""  # why the last plan could not be made or loaded
         self.planned_members: frozenset[tuple[str, Any]] = frozenset()
-        self.acks: dict[tuple[int, str], set[str]] = {}
+        self.acks = Acks()
+        self.benched: dict[str, float] = {}  # silent members planned without, until when
         self.ack_event = asyncio.Event()
         self.replan = asyncio.Event()
         self.fetch_text = ""  # the fetch's progress, shown first while it runs
@@ -103,12 +139,18 @@ class Plans:
         me = [] if node.leaving.is_set() else [
             node_spec(node.id, cfg.memory, cfg.pin, cfg.caps, mine)
         ]  # fmt: skip
+        benched = self._benched()
         others = [
             node_spec(m.id, m.memory, m.pin, m.caps, plan_holds(m.holds, ends))
             for m in node.membership.members.same_model(node.fingerprint)
-            if m.state != "leaving"
+            if m.state != "leaving" and m.id not in benched
         ]
         return [*me, *others]
+
+    def _benched(self) -> set[str]:
+        now = time.monotonic()
+        self.benched = {n: until for n, until in self.benched.items() if until > now}
+        return set(self.benched)
 
     def links(self) -> dict[tuple[str, str], float]:
         """Round trips we measured, and those our members measured and told us."""
@@ -119,6 +161,8 @@ class Plans:
         return links
 
     def _members(self) -> list[str]:
+        """Who hears the proposal: every same-model member, the benched too (they follow the
+        live plan), though no ack of theirs is waited for."""
         node = self.node
         return [node.id, *(m.id for m in node.membership.members.same_model(node.fingerprint))]
 
@@ -154,45 +198,67 @@ class Plans:
     async def _propose(self, plan: Plan, key: frozenset) -> None:
         """Prepare (requesters drain), load, live: nobody swaps layers under a request."""
         members = self._members()
+        benched = self._benched()
+        waited = [m for m in members if m not in benched]
         ranges = ", ".join(f"{self.node.name(s.node)} {s.start}-{s.end}" for s in plan.stages)
         log.info("proposing plan epoch %d: %s", plan.epoch, ranges)
-        for phase in ("fetch", "prepare", "load"):
+        self.acks.propose(plan.epoch)
+        try:
+            for phase in ("fetch", "prepare", "load"):
+                for member in members:
+                    self._send_plan(member, plan, phase)
+                why = await self._acked(plan.epoch, phase, waited)
+                if why:
+                    log.info("plan epoch %d abandoned during %s: %s", plan.epoch, phase, why)
+                    if self.planned_members == key and not self.acks.of(plan.epoch, "failed"):
+                        self.members_changed()  # a member left or was silent: plan again
+                    return
             for member in members:
-                self._send_plan(member, plan, phase)
-            why = await self._acked(plan.epoch, phase, members)
-            if why:
-                log.info("plan epoch %d abandoned during %s: %s", plan.epoch, phase, why)
-                if self.planned_members == key and not self.acks.get((plan.epoch, "failed")):
-                    self.members_changed()  # a member left: plan again
-                return
-        for member in members:
-            self._send_plan(member, plan, "live")
+                self._send_plan(member, plan, "live")
+        finally:
+            self.acks.end(plan.epoch)
 
     def _send_plan(self, member: str, plan: Plan, phase: str) -> None:
         body = {"plan": plan.to_json(), "phase": phase, "from": self.node.id}
         self.node.send_node(member, message(Kind.PLAN, epoch=plan.epoch, body=body))
 
     async def _acked(self, epoch: int, phase: str, members: list[str]) -> str:
-        """'' once every member reached `phase`, else why the proposal is abandoned."""
+        """'' once every member reached `phase`, else why the proposal is abandoned. Prepare
+        has a deadline: members silent past it are benched, and planned without."""
         node = self.node
+        silent_at = time.monotonic() + node.cfg.plan_deadline_s + SILENT_AFTER_S
         while True:
-            if self.acks.get((epoch, phase), set()) >= set(members):
+            acked = self.acks.of(epoch, phase)
+            if acked >= set(members):
                 return ""
             by_id = node.membership.members.by_id
             gone = [node.name(n) for n in members if n != node.id and n not in by_id]
+            silent = []
+            if phase == "prepare" and time.monotonic() > silent_at:
+                silent = [n for n in members if n not in acked and n != node.id]
             reasons = {
                 f"{', '.join(gone)} left": gone,
-                f"a member failed: {self.error}": self.acks.get((epoch, "failed")),
-                "a member had seen a newer epoch": self.acks.get((epoch, "stale")),
+                f"a member failed: {self.error}": self.acks.of(epoch, "failed"),
+                "a member had seen a newer epoch": self.acks.of(epoch, "stale"),
                 "superseded": self.seen_epoch > epoch or not self._is_coordinator(),
                 "stopping": node.stopping.is_set(),
+                f"{', '.join(map(node.name, silent))} silent: planned without for "
+                f"{BENCH_S:.0f}s": silent,
             }
             for reason, happened in reasons.items():
                 if happened:
+                    self._bench(silent)
                     return reason
             self.ack_event.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ack_event.wait(), 1.0)
+
+    def _bench(self, silent: list[str]) -> None:
+        """Plan without these members for BENCH_S, then try them again."""
+        if silent:
+            until = time.monotonic() + BENCH_S
+            self.benched.update(dict.fromkeys(silent, until))
+            asyncio.get_running_loop().call_later(BENCH_S, self.replan.set)
 
     async def on_plan(self, identity: bytes, msg: Message, host: str) -> None:
         node = self.node
@@ -293,11 +359,17 @@ class Plans:
         self.fetch_text = text
 
     async def _prepare(self, plan: Plan, source: str) -> None:
-        requester = self.node.requester
+        """Ack once no request of ours runs on the old plan, or at the deadline: those still
+        running then are replayed into the new one when the old stages refuse them."""
+        requester, deadline = self.node.requester, self.node.cfg.plan_deadline_s
         if requester.requests:
-            log.info("plan epoch %d waits for %d request(s) to finish", plan.epoch,
-                     len(requester.requests))  # fmt: skip
-        await requester.drained.wait()
+            log.info("plan epoch %d waits for %d request(s) to finish (up to %.0fs)", plan.epoch,
+                     len(requester.requests), deadline)  # fmt: skip
+        try:
+            await asyncio.wait_for(requester.drained.wait(), deadline)
+        except TimeoutError:
+            log.info("plan epoch %d: %d request(s) still running after %.0fs go on in it, "
+                     "replayed", plan.epoch, len(requester.requests), deadline)  # fmt: skip
         if self.pending is plan:
             self._ack(source, plan.epoch, "prepare")
 
@@ -339,10 +411,11 @@ class Plans:
         self.node.send_node(coordinator, message(Kind.PLAN_ACK, epoch=epoch, body=body))
 
     async def on_plan_ack(self, identity: bytes, msg: Message, host: str) -> None:
-        self.acks.setdefault((msg.epoch, msg.body["phase"]), set()).add(msg.body["id"])
-        if msg.body["phase"] == "failed":
-            self.error = str(msg.body.get("error", ""))[:500]
         seen = msg.body.get("seen")
         if type(seen) is int and seen > self.highest_epoch:
             self.highest_epoch = seen
+        if not self.acks.add(msg.epoch, msg.body["phase"], msg.body["id"]):
+            return  # no proposal of that epoch is under way here
+        if msg.body["phase"] == "failed":
+            self.error = str(msg.body.get("error", ""))[:500]
         self.ack_event.set()

@@ -58,7 +58,7 @@ class RequestFailed(Exception):
 
 # Failures of a stage, not of the request: replayed into the next plan (see _recover).
 REPLAYABLE = ("node-gone", "wrong-epoch", "not-a-stage", "unknown-request", "bad-positions",
-              "no-answer")
+              "no-answer", "stage-failed")
 MAX_REPLAYS = 8  # per request: a failure that comes back every time is not a lost stage
 QUEUED_EVERY_S = 5.0  # a queued request's client hears its place at least this often
 

@@ -6,7 +6,11 @@ Work until the batch loop runs it with everything else that is waiting, in one f
 on the compute thread (node/engine/batching.py decides what goes together). The pass's
 hidden states go on to the next stage as one FORWARD; the last stage answers each request's
 requester with a RESULT. A piece that fails here is reported to its requester alone, which
-replays the request (node/cluster/requester.py); the others go on.
+replays the request (node/cluster/requester.py); the others go on. A pass that raises (out of
+memory, say) fails each of its requests with `stage-failed`, which their requesters replay.
+
+`RINGINFER_FAULT=pass:R:N` (for tests) makes this stage's N-th pass of at least R requests
+raise once, after it ran: what a pass that fails half way leaves behind.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -37,6 +42,24 @@ log = logging.getLogger("ringinfer")
 LOAD_WINDOW_S = 10.0  # status's batch size and tokens/s are over this many recent seconds
 GATHER_MAX_S = 0.1  # the longest a pass waits for steps on their way (see _gather)
 ACTIVE_S = 1.0  # a request with no step here for this long is not waited for
+FAULT_ENV = "RINGINFER_FAULT"
+
+
+class Fault:
+    """`pass:R:N` from RINGINFER_FAULT: the N-th pass of at least R requests raises, once."""
+
+    def __init__(self, spec: str) -> None:
+        kind, _, rest = spec.partition(":")
+        rows, _, nth = rest.partition(":")
+        if kind != "pass" or not rows.isdigit() or not nth.isdigit():
+            raise RinginferError(f"{FAULT_ENV}={spec}: expected pass:REQUESTS:NTH")
+        self.rows, self.left = int(rows), int(nth)
+
+    def check(self, requests: int) -> None:
+        if requests >= self.rows and self.left > 0:
+            self.left -= 1
+            if self.left == 0:
+                raise RuntimeError(f"{FAULT_ENV}: this pass of {requests} requests fails")
 
 
 class Load:
@@ -66,6 +89,8 @@ class StageServer:
         self.arrived = asyncio.Event()
         self.load = Load()
         self.pass_s = 0.01  # recent passes' duration, a running mean
+        spec = os.environ.get(FAULT_ENV)
+        self.fault = Fault(spec) if spec else None
 
     async def on_forward(self, identity: bytes, msg: Message, host: str) -> None:
         node = self.node
@@ -168,6 +193,12 @@ class StageServer:
             for w in live:
                 self.fail(w.piece.requester, w.req, w.epoch, e.code, str(e))
             return
+        except Exception as e:  # out of memory, say: the requesters replay what it held
+            why = f"a pass failed: {type(e).__name__}: {str(e)[:200]}"
+            log.error("%s; its %d request(s) are replayed by their requesters", why, len(live))
+            for w in live:
+                self.fail(w.piece.requester, w.req, w.epoch, "stage-failed", why)
+            return
         took = time.perf_counter() - began
         decodes = sum(1 for w in live if w.count == 1)
         stats = node.stats
@@ -198,6 +229,8 @@ class StageServer:
         while the loop thread would otherwise wait for a core right after the compute.
         """
         out = shard.run(batch, entries)
+        if self.fault:
+            self.fault.check(len(batch))
         if isinstance(out, list):
             return [
                 (w.piece.requester, message(Kind.RESULT, answer.tensors(), req=w.req,
