@@ -292,3 +292,24 @@ def test_short_keys_and_half_tls_are_refused_at_start(tmp_path: Path, certs):  #
                        timeout=60)  # fmt: skip
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+
+
+def test_a_ring_client_prompt_too_long_is_refused_by_its_bytes_at_once(cluster):  # noqa: ANN001
+    """`generate --node`'s path (the ring's GENERATE): a 4 MiB prompt is refused by its size
+    (the frame's header bound, before the context's bytes bound), a 60 KB one after it is
+    tokenized off the event loop, and a short one through the same daemon still generates."""
+    from node.cluster.client import Client
+    from node.engine.sampling import SamplingParams
+    from node.errors import RinginferError
+
+    node = cluster.nodes[0]
+    sampling = SamplingParams().to_json()
+    with Client(node.address) as client:
+        began = time.perf_counter()
+        with pytest.raises(RinginferError, match="bytes"):
+            list(client.generate(30, prompt="x" * (4 << 20), max_tokens=2, sampling=sampling))
+        with pytest.raises(RinginferError, match="context holds"):
+            list(client.generate(30, prompt="x " * 30_000, max_tokens=2, sampling=sampling))
+        assert time.perf_counter() - began < 5
+        replies = list(client.generate(60, prompt="Hi", max_tokens=2, sampling=sampling))
+    assert replies[-1].kind.name == "DONE"

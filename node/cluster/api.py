@@ -38,7 +38,7 @@ from node.cluster.status import status
 from node.engine.local import PromptTooLong
 from node.engine.reasoning import PLAIN, REASONING, ReplySplitter, reply_format, split_reply
 from node.engine.sampling import SamplingParams
-from node.engine.tokenizer import BadTemplateVariables
+from node.engine.tokenizer import BadTemplateVariables, too_many_bytes
 from node.errors import RinginferError
 from protocol.openai import (
     Answer,
@@ -61,11 +61,9 @@ MAX_BODY = 16 * 2**20
 RETRY_AFTER_S = 5
 STATUS_EVERY_S = 0.5
 # What a failed request's error code means to an HTTP client: worth retrying, or not.
-RETRYABLE = ("no-plan", "node-gone", "stopping", "wrong-epoch", "not-a-stage", "busy")
+RETRYABLE = ("no-plan", "node-gone", "stopping", "wrong-epoch", "not-a-stage", "busy",
+             "stage-failed")
 MIN_KEY_BYTES = 16  # 128 bits: not worth guessing, even at the rate the back-off leaves
-# No tokenizer needs more bytes a token than this, on average over a prompt: a longer text
-# cannot fit the context and is refused before it is tokenized (which costs ~1 s a MiB).
-MAX_BYTES_PER_TOKEN = 64
 MAX_VALUES = 2**20  # in one body: 4096 messages need ~20k; a prompt's text ~1 a token
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -559,11 +557,9 @@ def _checked(raw: bytes, chat: bool, context: int) -> CompletionRequest:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     ask = parse_request(body, chat)
     texts = [m["content"] for m in ask.messages] if chat else [ask.prompt]
-    size, most = sum(len(t.encode()) for t in texts), context * MAX_BYTES_PER_TOKEN
-    if size > most:
-        raise APIError(413, f"the prompt is {size} bytes: longer than the model's context of "
-                       f"{context} tokens can hold ({most} bytes at most)",
-                       code="context_length_exceeded",
+    too_long = too_many_bytes(texts, context)
+    if too_long:
+        raise APIError(413, too_long, code="context_length_exceeded",
                        param="messages" if chat else "prompt")  # fmt: skip
     return ask
 

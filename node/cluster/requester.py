@@ -31,7 +31,7 @@ from node.engine.perplexity import Tally, Window, result, windows
 from node.engine.reasoning import PLAIN, reply_format
 from node.engine.sampling import Candidates, SamplingParams
 from node.engine.stop_strings import StopStrings
-from node.engine.tokenizer import TextStream
+from node.engine.tokenizer import TextStream, too_many_bytes
 from node.errors import RinginferError
 from protocol.wire import (
     Kind,
@@ -65,6 +65,15 @@ QUEUED_EVERY_S = 5.0  # a queued request's client hears its place at least this 
 
 Sink = Callable[[Message], Awaitable[None]]  # where a request's answers go: client or API
 
+
+def _texts(prompt: Any) -> list[str]:
+    """The texts of a prompt: itself, or a chat's message contents (what is not text is
+    refused by the template's rendering)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    messages = prompt if isinstance(prompt, list) else []
+    return [m["content"] for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), str)]  # fmt: skip
 
 @dataclass
 class Request:
@@ -128,7 +137,9 @@ class Requester:
         try:
             params = SamplingParams.from_json(body["sampling"])
             chat, tokenizer = body.get("chat") is True, self.node.tokenizer
-            prompt = tokenizer.encode_prompt(body["prompt"], chat, body.get("chat_template_kwargs"))
+            encode = functools.partial(tokenizer.encode_prompt, body["prompt"], chat,
+                                       body.get("chat_template_kwargs"))  # fmt: skip
+            prompt = await self.tokenize(_texts(body["prompt"]), encode)
             req = self.new_request(reply, prompt, max(1, body["max_tokens"]), params,
                                    ignore_eos=body.get("ignore_eos") is True)  # fmt: skip
             req.reply_format = reply_format(tokenizer, prompt) if chat else PLAIN
@@ -159,13 +170,22 @@ class Requester:
             raise ProtocolError("stopping", "this daemon is shutting down")
         context = min(msg.body["context"], self.node.ckpt.config.max_seq_len)
         try:
-            tokens = self.node.tokenizer.encode(msg.body["text"])
+            # a text may hold many windows: bounded by the ring's message size, not the context
+            tokens = await asyncio.to_thread(self.node.tokenizer.encode, msg.body["text"])
             wins = windows(tokens, context, self.node.tokenizer.bos_id)
         except RinginferError as e:
             raise ProtocolError("bad-request", str(e)) from None
         reply = functools.partial(self.node.transport.reply, identity)
         req = Request(uuid.uuid4().hex[:16], reply, [], context, 0, SamplingParams(), frozenset())
         await self.serve(req, self._perplexity(req, wins, context))
+
+    async def tokenize(self, texts: list[str], encode: Callable[[], list[int]]) -> list[int]:
+        """`encode()` in a worker thread, after refusing `texts` too long for the context by
+        their bytes: a client's prompt never holds the event loop (heartbeats, the ring)."""
+        too_long = too_many_bytes(texts, self.node.ckpt.config.max_seq_len)
+        if too_long:
+            raise RinginferError(too_long)
+        return await asyncio.to_thread(encode)
 
     async def serve(self, req: Request, work: Coroutine[Any, Any, None]) -> None:
         """Run a client's request to its end, whatever that is, freeing its caches."""

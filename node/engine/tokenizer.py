@@ -40,6 +40,21 @@ _O200K_PAT = "|".join([
     r"\s+(?!\S)",
     r"\s+",
 ])  # fmt: skip
+# No tokenizer needs more bytes a token than this, on average over a prompt: a longer text
+# cannot fit the context and is refused before it is tokenized (which costs ~1 s a MiB).
+MAX_BYTES_PER_TOKEN = 64
+
+
+def too_many_bytes(texts: Iterable[str], context: int) -> str | None:
+    """Why `texts` cannot fit `context` tokens, judged by their bytes before tokenizing; None
+    when they may."""
+    size, most = sum(len(t.encode()) for t in texts), context * MAX_BYTES_PER_TOKEN
+    if size <= most:
+        return None
+    return (f"the prompt is {size} bytes: longer than the model's context of {context} tokens "
+            f"can hold ({most} bytes at most)")  # fmt: skip
+
+
 _GGUF_PRE = {
     "default": [_GPT2_PAT],
     "gpt-2": [_GPT2_PAT],
