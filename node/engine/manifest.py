@@ -42,6 +42,19 @@ _GGML_SIZES = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
 SMALL_FILES = ("*.json", "*.jinja", "tokenizer*", "*.txt")
 NOT_SMALL = ("*.safetensors", "model.safetensors.index.json")
 _FILE_NAME = re.compile(r"^[\w][\w.-]{0,127}$")  # a bundled file: a plain name, never a path
+# A tensor's name, which names its group's file in the shard cache when it has no layer: a
+# plain dotted name (GGUF's `blk.0.attn_q.weight`, Hugging Face's `model.norm.weight`), never
+# a path, `..`, NUL or a cache file's own name.
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,255}")  # fullmatch: no "\n" after
+_RESERVED = ("header", "manifest")
+
+
+def tensor_name_ok(name: object) -> bool:
+    """Whether a peer's tensor name may stand for a cache file (see _TENSOR_NAME)."""
+    return (
+        isinstance(name, str) and bool(_TENSOR_NAME.fullmatch(name)) and ".." not in name
+        and not name.endswith((".part", ".done", ".tmp")) and name not in _RESERVED
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,7 @@ class Manifest:
             tensors = {}
             for name, layer, kind, shape, n_bytes, sha in data["tensors"]:
                 ok = (
-                    isinstance(name, str) and 0 < len(name) <= 256
+                    tensor_name_ok(name)
                     and (layer is None or (type(layer) is int and 0 <= layer < 1 << 16))
                     and isinstance(shape, list) and 0 < len(shape) <= 4
                     and all(type(d) is int and 0 < d < 1 << 40 for d in shape)
@@ -164,7 +177,7 @@ def unbundle(header: bytes) -> dict[str, bytes]:
         files = {n: base64.b64decode(b, validate=True) for n, b in json.loads(header).items()}
     except (ValueError, TypeError, AttributeError) as e:
         raise RinginferError(f"malformed model files from a peer ({e})") from None
-    if "config.json" not in files or not all(_FILE_NAME.match(n) for n in files):
+    if "config.json" not in files or not all(_FILE_NAME.fullmatch(n) for n in files):
         raise RinginferError("malformed model files from a peer (names or no config.json)")
     return files
 
