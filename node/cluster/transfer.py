@@ -46,6 +46,7 @@ from protocol.wire import (
     decode,
     encode,
     error,
+    frame_bound,
     message,
 )
 
@@ -261,6 +262,7 @@ class Fetch:
     async def _worker(self, source: Source) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_bound(CHUNK_BYTES))  # a CHUNK, at most
         if self.keys:
             self.keys.connect_as_client(sock)
         sock.connect(f"tcp://{source.address}")

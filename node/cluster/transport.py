@@ -23,11 +23,9 @@ from node.cluster.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
 from node.cluster.status import Stats
 from node.cluster.transfer import TRANSFER_QUEUE
 from node.errors import RinginferError
-from protocol.wire import Kind, Message, ProtocolError, decode, encode, error
+from protocol.wire import Kind, Message, ProtocolError, decode, encode, error, frame_bound
 
 log = logging.getLogger("ringinfer")
-
-HARD_MAX_MESSAGE = 1 << 30  # ZeroMQ drops the connection above this; below, we answer errors
 
 Handler = Callable[[bytes, Message, str], Awaitable[None]]  # (client identity, message, host)
 Refused = Callable[[Message, str, str], None]  # a refused message, its error code and text
@@ -68,7 +66,9 @@ def listen(
     bound = []
     for sock, at, flag in ((router, port, "--port"), (transfer, transfer_port, "--transfer-port")):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+        # Headers only (the transfer socket takes FETCHes): the ring's rises to the model's
+        # largest frame in Transport, once the model is known (bound_again).
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_bound())
         sock.setsockopt(zmq.LINGER, 0)
         if sock is transfer:  # chunks for a peer that stops reading are dropped, not hoarded
             sock.setsockopt(zmq.SNDHWM, TRANSFER_QUEUE)
@@ -89,6 +89,24 @@ def listen(
     return Listening(ctx, router, zap, transfer, bound[1])
 
 
+def bound_again(sock: zmq.Socket, max_frame: int) -> None:
+    """ZMQ_MAXMSGSIZE (per frame: ZeroMQ drops the connection, not the daemon) on a bound
+    socket: its listener copied the options when it bound, so it binds again, on the same
+    address (a connection made meanwhile reconnects, as after any drop)."""
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    sock.unbind(endpoint)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+    for _ in range(100):  # the old listener closes on an I/O thread: its port frees soon
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            time.sleep(0.01)
+    sock.bind(endpoint)
+
+
 class Transport:
     """Sending to addresses, replying to clients, and dispatching what comes in."""
 
@@ -104,6 +122,8 @@ class Transport:
         self.ctx, self.router, self.zap = listening.ctx, listening.router, listening.zap
         self.keys, self.handlers, self.stats = keys, handlers, stats
         self.max_tensor_bytes, self.refused = max_tensor_bytes, refused
+        self.max_frame = frame_bound(max_tensor_bytes)  # the model's largest, on every link
+        bound_again(self.router, self.max_frame)
         self.links: dict[str, zmq.asyncio.Socket] = {}
         self.tasks: list[asyncio.Task] = []  # the receive loops and the ZAP handler
         self.dispatching: set[asyncio.Task] = set()  # a task per message being handled
@@ -127,7 +147,7 @@ class Transport:
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 200)
-            sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
             if self.keys:
                 self.keys.connect_as_client(sock)
             sock.connect(f"tcp://{address}")

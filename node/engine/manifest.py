@@ -37,6 +37,9 @@ READ_BYTES = 16 << 20  # hashing reads this much at a time
 _LAYER = re.compile(r"^(?:blk|(?:\w+\.)*?(?:layers|h))\.(\d+)\.")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 FORMATS = ("gguf", "safetensors")
+# The largest frame of a MANIFEST_REPLY, its manifest's JSON or its header: a GGUF's (a 262k
+# vocabulary's is ~10 MiB) or a directory's small files in base64 (Gemma 3's ~45 MiB).
+MANIFEST_FRAME = 256 << 20
 _GGML_SIZES = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
 # A directory's files a loader reads besides weights (HUB_FILES', less the weights and index).
 SMALL_FILES = ("*.json", "*.jinja", "tokenizer*", "*.txt")
@@ -127,7 +130,8 @@ class Manifest:
                            str(data["header_sha256"]), tensors, fmt)  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RinginferError(f"malformed model manifest ({e})") from None
-        if not (0 < manifest.header_bytes < 1 << 32 and _HEX64.match(manifest.header_sha256)):
+        sha = manifest.header_sha256
+        if not (0 < manifest.header_bytes <= MANIFEST_FRAME and _HEX64.match(sha)):
             raise RinginferError("malformed model manifest (header)")
         return manifest
 
