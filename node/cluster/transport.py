@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
+from node.cluster.in_flight import InFlight
 from node.cluster.log_budget import LogBudget
 from node.cluster.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
 from node.cluster.status import Stats
@@ -127,6 +128,7 @@ class Transport:
         self.links: dict[str, zmq.asyncio.Socket] = {}
         self.tasks: list[asyncio.Task] = []  # the receive loops and the ZAP handler
         self.dispatching: set[asyncio.Task] = set()  # a task per message being handled
+        self.in_flight = InFlight()  # of those, per connection: past its cap, refused
         self.strangers: dict[str, float] = {}  # address -> when it failed the handshake
         self.refusals, self.internal_errors = LogBudget(), LogBudget(burst=5)
 
@@ -184,9 +186,14 @@ class Transport:
         self._dispatch_later(b"", encode(msg), "self")
 
     def _dispatch_later(self, identity: bytes, frames: list[bytes], host: str) -> None:
-        task = asyncio.ensure_future(self.dispatch(identity, frames, host))
+        counted = bool(identity) and self.in_flight.take(identity)  # b"": ourselves, a link
+        task = asyncio.ensure_future(
+            self.dispatch(identity, frames, host, overloaded=bool(identity) and not counted)
+        )
         self.dispatching.add(task)
         task.add_done_callback(self.dispatching.discard)
+        if counted:
+            task.add_done_callback(lambda _: self.in_flight.release(identity))
 
     async def _receive(self, sock: zmq.asyncio.Socket, from_router: bool) -> None:
         while True:
@@ -216,11 +223,17 @@ class Transport:
                 if self.may_log(self.refusals):
                     log.warning("refused a connection from %s: not this cluster's secret", address)
 
-    async def dispatch(self, identity: bytes, frames: list[bytes], host: str) -> None:
-        """Decode, validate and handle one message; a bad one gets an error reply, never a crash."""
+    async def dispatch(
+        self, identity: bytes, frames: list[bytes], host: str, overloaded: bool = False
+    ) -> None:
+        """Decode, validate and handle one message; a bad one gets an error reply, never a crash.
+        `overloaded`: its connection has its cap of handlers in flight, so it is refused."""
         msg: Message | None = None
         try:
             msg = decode(frames, self.max_tensor_bytes)
+            if overloaded:
+                raise ProtocolError("overloaded", f"{self.in_flight.cap} messages of this "
+                                    "connection are being handled; send fewer at once")  # fmt: skip
             handler = self.handlers.get(msg.kind)
             if handler is None:
                 raise ProtocolError(
