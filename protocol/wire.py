@@ -274,6 +274,8 @@ def decode(frames: list[bytes], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
             raise ProtocolError(
                 "bad-body", f"{kind.value} needs '{name}' of type {types[0].__name__}"
             )
+        if types is _INT and body[name] < 0:  # counts, sizes, offsets, ports, token ids
+            raise ProtocolError("bad-body", f"{kind.value}'s '{name}' must be >= 0")
     specs = _specs(header.get("tensors", []), frames[1:], max_tensor_bytes)
     return Message(
         kind,
