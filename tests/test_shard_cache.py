@@ -8,10 +8,12 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 
 import numpy as np
 import pytest
 import torch
+from gguf import GGUF_MAGIC
 
 from node.engine.gguf_file import GGUFFile
 from node.engine.manifest import Manifest, build, bundle, load_or_build, unbundle
@@ -295,3 +297,17 @@ def test_eviction_closes_open_files_and_counts_and_evicts_part_files(source, tmp
     assert str(paths["blk.1"]) not in _open_fds() and not reader.groups
     assert not [p for p in cache.model_dir(manifest.fingerprint).iterdir() if
                 p.name.startswith("blk.")]  # fmt: skip
+
+
+def test_a_hostile_header_from_a_peer_is_one_line(source, tmp_path):
+    """A member with the secret may send any header its manifest hashes: a GGUF header
+    claiming a 2**40-byte string is a RinginferError, before any allocation."""
+    _, _, manifest = source
+    header = struct.pack("<IIQQQ", GGUF_MAGIC, 3, 0, 1, 1 << 40) + b"k" + bytes(64)
+    hostile = dataclasses.replace(manifest, header_bytes=len(header),
+                                  header_sha256=hashlib.sha256(header).hexdigest())  # fmt: skip
+    cache = ShardCache(tmp_path)
+    cache.store_model(hostile, header)
+    with pytest.raises(RinginferError, match="not a readable GGUF header") as e:
+        cache.checkpoint(hostile)
+    assert "\n" not in str(e.value)

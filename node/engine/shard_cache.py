@@ -202,8 +202,14 @@ class ShardCache:
             files = {n: self.group_path(manifest, e.group).name
                      for n, e in manifest.tensors.items()}  # fmt: skip
             return HFCheckpoint(d, manifest.name, files)
-        return GGUFCheckpoint(self.header_path(manifest), manifest.name,
-                              CachedGGUF(self, manifest))  # fmt: skip
+        try:
+            header = CachedGGUF(self, manifest)
+        except Exception as e:  # as GGUFCheckpoint says of a file: ValueError, OSError, UTF-8
+            raise RinginferError(
+                f"the cached model header {self.header_path(manifest)} is not a readable GGUF "
+                f"header ({e})"
+            ) from None
+        return GGUFCheckpoint(self.header_path(manifest), manifest.name, header)
 
     def store_model(self, manifest: Manifest, header: bytes) -> None:
         """Keep a model's manifest and header (checked against the manifest), and unpack a
