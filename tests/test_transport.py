@@ -137,4 +137,3 @@ def test_bad_frames_are_answered_with_an_error_and_handler_bugs_do_not_stop_it()
             await b.transport.close()
 
     run(main())
-
