@@ -24,6 +24,10 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 4
 MAX_DIMS = 4
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
+FRAME_SLACK = 64 * 1024  # over a frame's content: CURVE's box and ZeroMQ's framing
+MAX_INT = (1 << 63) - 1  # any integer in a header: what int64 (torch, numpy) holds
+MAX_POSITION = (1 << 31) - 1  # a position or a count of them: no context is longer
+MAX_ERROR_TEXT = 200  # an error reply's message: one short line, never a trace
 ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "uint8": 1}
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -122,6 +126,12 @@ class TensorSpec:
     def nbytes(self) -> int:
         return ITEM_SIZES[self.dtype] * math.prod(self.shape)
 
+    @property
+    def bound(self) -> int:
+        """Its bytes were every zero size a one: a shape like [0, 2**62] holds nothing, yet
+        torch overflows on it; bounding this bounds every size and their product."""
+        return ITEM_SIZES[self.dtype] * math.prod(max(d, 1) for d in self.shape)
+
 
 @dataclass
 class Message:
@@ -175,10 +185,52 @@ def encode(msg: Message) -> list[bytes]:
     return [json.dumps(header, separators=(",", ":")).encode(), *msg.frames]
 
 
-def _int(value: Any, what: str, low: int = 0) -> int:
-    if type(value) is not int or value < low:
-        raise ProtocolError("malformed", f"{what} must be an integer >= {low}, got {value!r}")
+def frame_bound(max_tensor_bytes: int = 0) -> int:
+    """The largest frame a socket takes (ZMQ_MAXMSGSIZE, which ZeroMQ checks per frame) when
+    the largest tensor it may legitimately receive has `max_tensor_bytes`: a header, or that
+    tensor, with room for the encryption's overhead. ZeroMQ drops the connection above it
+    before buffering the frame; below it `decode` answers errors."""
+    return max(MAX_HEADER_BYTES, max_tensor_bytes) + FRAME_SLACK
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = MAX_INT) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError(
+            "malformed", f"{what} must be an integer in [{low}, {high}], got {_short(value)}"
+        )
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite(text: str) -> float:
+    """JSON floats: finite only (json reads 1e400 as inf, which breaks every use)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number out of range")
+    return value
+
+
+def _bounded(text: str) -> int:
+    """JSON integers: within int64, whatever field they land in."""
+    value = int(text)
+    if not -MAX_INT - 1 <= value <= MAX_INT:
+        raise ValueError("an integer out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_json(data: bytes | str) -> Any:
+    """JSON as peers must send it: finite floats, int64 integers, no NaN or Infinity;
+    ValueError (or RecursionError for deep nesting) otherwise."""
+    return json.loads(data, parse_float=_finite, parse_int=_bounded,
+                      parse_constant=_no_constant)  # fmt: skip
 
 
 def decode(frames: list[bytes], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Message:
@@ -192,8 +244,8 @@ def decode(frames: list[bytes], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
             "too-large", f"header of {len(frames[0])} bytes (limit {MAX_HEADER_BYTES})"
         )
     try:
-        header = json.loads(frames[0])
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, a huge integer, deep nesting
+        header = read_json(frames[0])
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, a number out of range, nesting
         raise ProtocolError("malformed", "the header frame is not JSON we read") from None
     if not isinstance(header, dict):
         raise ProtocolError("malformed", "the header is not a JSON object")
@@ -222,14 +274,16 @@ def decode(frames: list[bytes], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
             raise ProtocolError(
                 "bad-body", f"{kind.value} needs '{name}' of type {types[0].__name__}"
             )
+        if types is _INT and body[name] < 0:  # counts, sizes, offsets, ports, token ids
+            raise ProtocolError("bad-body", f"{kind.value}'s '{name}' must be >= 0")
     specs = _specs(header.get("tensors", []), frames[1:], max_tensor_bytes)
     return Message(
         kind,
         req=req,
         epoch=_int(header.get("epoch", 0), "epoch"),
         step=_int(header.get("step", 0), "step"),
-        start=_int(pos[0], "pos start"),
-        count=_int(pos[1], "pos count"),
+        start=_int(pos[0], "pos start", high=MAX_POSITION),
+        count=_int(pos[1], "pos count", high=MAX_POSITION),
         body=body,
         specs=specs,
         frames=list(frames[1:]),
@@ -251,9 +305,9 @@ def _specs(raw: Any, frames: list[bytes], max_bytes: int) -> list[TensorSpec]:
         if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS:
             raise ProtocolError("bad-tensor", f"tensor {i}: shape must list 1 to {MAX_DIMS} sizes")
         spec = TensorSpec(item["dtype"], tuple(_int(d, f"tensor {i} size") for d in shape))
-        if spec.nbytes > max_bytes:
+        if spec.bound > max_bytes:  # before any allocation, whatever a zero size hides
             raise ProtocolError(
-                "too-large", f"tensor {i} of {spec.nbytes} bytes (limit {max_bytes})"
+                "too-large", f"tensor {i}: shape {_short(list(spec.shape))} over {max_bytes} bytes"
             )
         if len(frame) != spec.nbytes:
             raise ProtocolError(
@@ -335,12 +389,11 @@ def pieces(msg: Message) -> list[Piece]:
         if not isinstance(item.get("requester"), str):
             raise ProtocolError("bad-body", f"part {i} needs 'requester' of type str")
         seen.add(req)
-        start = _int(item.get("start"), f"part {i} start")
-        count = _int(item.get("count"), f"part {i} count", low=1)
+        start = _int(item.get("start"), f"part {i} start", high=MAX_POSITION)
+        count = _int(item.get("count"), f"part {i} count", low=1, high=MAX_POSITION)
         body = {k: v for k, v in item.items() if k not in ("req", "step", "start", "count", "end")}
-        piece = Piece(req, _int(item.get("step"), f"part {i} step"), start, count,
-                      _int(item.get("end"), f"part {i} end", low=start + count), body)  # fmt: skip
-        out.append(piece)
+        end = _int(item.get("end"), f"part {i} end", start + count, MAX_POSITION)
+        out.append(Piece(req, _int(item.get("step"), f"part {i} step"), start, count, end, body))
     rows = sum(p.count for p in out)
     if len(msg.specs) != 1 or not msg.specs[0].shape or msg.specs[0].shape[0] != rows:
         raise ProtocolError("bad-tensor", f"a forward's parts cover {rows} rows of one tensor")
@@ -348,4 +401,9 @@ def pieces(msg: Message) -> list[Piece]:
 
 
 def error(code: str, text: str, req: str = "", epoch: int = 0) -> Message:
-    return Message(Kind.ERROR, req=req, epoch=epoch, body={"code": code, "message": text})
+    """An ERROR: its code and one short line (an exception's text may carry a C++ trace or
+    a peer's whole payload; none of it goes back on the wire)."""
+    line = text.strip().split("\n", 1)[0]
+    if len(line) > MAX_ERROR_TEXT:
+        line = line[: MAX_ERROR_TEXT - 3] + "..."
+    return Message(Kind.ERROR, req=req, epoch=epoch, body={"code": code, "message": line})

@@ -22,7 +22,7 @@ import torch
 import zmq
 
 from node.cluster.transfer import IN_FLIGHT, bytes_message
-from protocol.wire import VERSION, Kind, decode, encode, message
+from protocol.wire import VERSION, Kind, Message, decode, encode, message
 from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster
 
@@ -303,3 +303,82 @@ def test_a_peer_that_never_reads_its_chunks_costs_bounded_memory(cluster):  # no
     finally:
         ctx.destroy(linger=0)
     assert d.proc.poll() is None and "Traceback" not in d.text()
+
+
+def out_of_range(status: dict, node: dict) -> list[list[bytes]]:
+    """Frames whose numbers JSON allows but nothing can use (1e400 reads as inf, Infinity,
+    NaN, integers past int64, positions past any context) and tensors whose shapes hide
+    huge sizes behind a zero, each to `node`'s stage."""
+    epoch, members = status["epoch"], [n["id"] for n in status["nodes"]]
+    first = node["layers"][0] == 0
+    head = {"v": VERSION, "req": "h1", "epoch": epoch, "step": 0, "pos": [0, 0], "tensors": []}
+
+    def raw(kind: str, body: str, **fields: object) -> list[bytes]:
+        h = json.dumps({**head, "type": kind, **fields, "body": "BODY"})
+        return [h.replace('"BODY"', body).encode()]
+
+    frames = []
+    for number in ("1e400", "-1e400", "Infinity", "-Infinity", "NaN", str(2**64), "1e308"):
+        frames += [
+            raw("ping", f'{{"id":"{members[0]}","t":{number}}}'),
+            raw("pong", f'{{"id":"{members[-1]}","t":{number}}}'),
+            raw("generate", f'{{"prompt":"hi","max_tokens":{number},"sampling":{{}}}}'),
+            raw("generate", '{"prompt":"hi","max_tokens":2,"sampling":{"temperature":%s,'
+                '"top_k":%s,"top_p":%s,"seed":%s}}' % ((number,) * 4)),
+            raw("score", f'{{"text":"a b c d e f","context":{number}}}'),
+            raw("end", "{}", epoch=number),
+            raw("forward", '{"parts":[]}', pos=[number, 1]),
+            raw("fetch", f'{{"fingerprint":"x","tensor":"t","start":{number},"size":16}}'),
+        ]
+    opening = {"req": "h2", "step": 0, "start": 0, "count": 3, "end": 3,
+               "requester": members[0], "capacity": 8, "sampling": {"temperature": 0.7}}
+    x = torch.tensor([1, 2, 3]) if first else torch.full((3, 576), float("nan"))
+    forward = encode(message(Kind.FORWARD, (x,), epoch=epoch, body={"parts": [opening]}))
+    frames.append(forward)  # NaN hidden states into a middle or last stage
+    for shape in ([0, 2**62], [2**40, 0], [0, 2**63 - 1, 2**63 - 1], [3, -576], [3, 2**63]):
+        h = json.loads(forward[0])
+        h["tensors"] = [{"dtype": "float32", "shape": shape}]
+        frames.append([json.dumps(h).encode(), b""])
+    for start in (2**40, 2**63 - 1, -1):
+        h = json.loads(forward[0])
+        h["body"]["parts"][0].update(start=start, end=start + 3)
+        frames.append([json.dumps(h).encode(), forward[1]])
+    return frames
+
+
+def test_numbers_and_shapes_out_of_range_are_refused_and_the_ring_serves(cluster):  # noqa: ANN001
+    """Issue 23: frames carrying 1e400, Infinity, NaN or shapes like [0, 2**62] were
+    OverflowErrors and TypeErrors, answered with a C++ trace, and a 64 MiB frame was read
+    whole. Now the big frame is dropped unread and the rest refused with a code and one
+    short line; nothing is an internal error, and the ring computes exactly."""
+    before = [d.status() for d in cluster.nodes]
+    ctx = zmq.Context()
+    replies: list[Message] = []
+    try:
+        for d, status in zip(cluster.nodes, before, strict=True):
+            me = next(n for n in status["nodes"] if n["id"] == status["node"])
+            big = dealer(ctx, d.address)  # past ZMQ_MAXMSGSIZE: its connection is dropped
+            big.send_multipart([encode(message(Kind.STATUS))[0], bytes(64 << 20)])
+            big.send_multipart(encode(message(Kind.STATUS)))  # once reconnected: answered
+            assert decode(big.recv_multipart()).kind == Kind.STATUS_REPLY
+            assert not big.poll(500)  # nothing else came: the big one was never read
+            big.close()
+            sock = dealer(ctx, d.address)
+            for frames in out_of_range(status, me):
+                sock.send_multipart(frames)
+            while sock.poll(2000):
+                replies.append(decode(sock.recv_multipart()))
+            sock.close()
+    finally:
+        ctx.destroy(linger=0)
+    errors = [m.body for m in replies if m.kind == Kind.ERROR]
+    assert errors and all(
+        "\n" not in e["message"] and len(e["message"]) <= 200 for e in errors), errors
+    assert not [e for e in errors if e["code"] == "internal"], errors
+    for d, old in zip(cluster.nodes, before, strict=True):
+        assert d.proc.poll() is None, d.text()[-3000:]
+        now = d.status()
+        assert now["live"] and now["epoch"] == old["epoch"], now
+        assert now["stats"]["errors"].get("internal", 0) == 0, d.text()[-3000:]
+        assert "Traceback" not in d.text() and "Exception raised from" not in d.text()
+    generates_exactly(cluster)

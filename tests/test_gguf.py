@@ -4,6 +4,7 @@ read by us and by transformers; and the GGUF tokenizer against transformers' con
 from __future__ import annotations
 
 import re
+import struct
 import zlib
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from gguf import GGUF_MAGIC
 
 from node.engine.local import LocalPipeline
 from node.engine.weights import open_checkpoint
@@ -403,3 +405,63 @@ def test_truncated_gguf_is_one_line(tmp_path):  # noqa: ANN001
         proc = run_cli("generate", "--local", "--model", str(bad), "hi")
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert "not a readable GGUF file" in proc.stderr, proc.stderr
+
+
+def _s(text: bytes, claimed: int | None = None) -> bytes:
+    return struct.pack("<Q", len(text) if claimed is None else claimed) + text
+
+
+def _kv(key: bytes, kind: int, value: bytes) -> bytes:
+    return _s(key) + struct.pack("<I", kind) + value
+
+
+def _tensor(name: bytes, dims: list[int], n_dims: int | None = None, kind: int = 0) -> bytes:
+    n = len(dims) if n_dims is None else n_dims
+    return _s(name) + struct.pack(f"<I{len(dims)}QIQ", n, *dims, kind, 0)
+
+
+def _gguf(n_tensors: int, n_kv: int, *parts: bytes) -> bytes:
+    return struct.pack("<IIQQ", GGUF_MAGIC, 3, n_tensors, n_kv) + b"".join(parts) + bytes(64)
+
+
+STRING, ARRAY, UINT8 = 8, 9, 0
+HOSTILE = {
+    "2**40-byte key": _gguf(0, 1, _s(b"k", 1 << 40)),
+    "2**40-byte string": _gguf(0, 1, _kv(b"k", STRING, _s(b"v", 1 << 40))),
+    "2**40 bytes in an array": _gguf(0, 1, _kv(b"k", ARRAY, struct.pack("<IQ", UINT8, 1 << 40))),
+    "2**40 strings in an array": _gguf(0, 1, _kv(b"k", ARRAY, struct.pack("<IQ", STRING, 1 << 40))),
+    "arrays nested 10000 deep": _gguf(0, 1, _kv(b"k", ARRAY, struct.pack("<IQ", ARRAY, 1) * 10000)),
+    "2**62 metadata entries": _gguf(0, 1 << 62),
+    "2**62 tensors": _gguf(1 << 62, 0),
+    "2**31 dims": _gguf(1, 0, _s(b"t") + struct.pack("<I", 1 << 31)),
+    "dims whose product overflows int64": _gguf(1, 0, _tensor(b"t", [1 << 32, 1 << 32, 1 << 32])),
+    "a zero dim": _gguf(1, 0, _tensor(b"t", [32, 0])),
+}
+
+
+@pytest.mark.parametrize("what", list(HOSTILE))
+def test_hostile_gguf_header_is_refused_before_any_allocation(tmp_path, what):  # noqa: ANN001
+    """Every size a header claims is checked against the bytes left in the file first."""
+    import tracemalloc
+
+    from node.engine.gguf_file import GGUFFile
+
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(HOSTILE[what])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as e:
+            GGUFFile(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200, e.value
+
+
+def test_hostile_gguf_is_one_line_and_exit_2(tmp_path):  # noqa: ANN001
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(HOSTILE["2**40-byte string"])
+    proc = run_cli("generate", "--local", "--model", str(path), "hi")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "not a readable GGUF file" in proc.stderr and "MemoryError" not in proc.stderr

@@ -3,19 +3,22 @@ the safetensors library's of Hugging Face directories."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import struct
 
 import numpy as np
 import pytest
 import torch
+from gguf import GGUF_MAGIC
 
 from node.engine.gguf_file import GGUFFile
 from node.engine.manifest import Manifest, build, bundle, load_or_build, unbundle
 from node.engine.safetensors_file import SafetensorsDir
-from node.engine.shard_cache import CachedGGUF, ShardCache
+from node.engine.shard_cache import CachedGGUF, CachedTensors, ShardCache
 from node.engine.weights import (
     GGUFCheckpoint,
     default_model_path,
@@ -216,3 +219,95 @@ def test_bundled_files_from_a_peer_must_be_plain_names():
                 b'{"config.json": "!!"}', b"[]", b"\xff"):  # fmt: skip
         with pytest.raises(RinginferError, match="malformed model files"):
             unbundle(bad)
+
+
+HOSTILE_NAMES = ["../x", "../../etc/passwd", "/etc/passwd", "a/b", "a\x00b", "x\n", "..",
+                 "header", "blk.0.weight.part", ".hidden", ""]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_manifest_naming_a_path_is_refused(source, name):  # noqa: ANN001
+    wire = json.loads(json.dumps(source[2].to_json()))
+    wire["tensors"].append([name, None, 0, [4], 16, "0" * 64])
+    with pytest.raises(RinginferError, match="malformed model manifest"):
+        Manifest.from_json(wire)
+
+
+def test_cache_paths_never_leave_the_cache_dir(source, tmp_path):
+    """Even a manifest built past from_json's checks: nothing is written or read outside."""
+    _, _, manifest = source
+    cache = ShardCache(tmp_path / "cache")
+    (tmp_path / "x.gguf").write_bytes(b"outside")
+    entry = next(iter(manifest.tensors.values()))
+    bad = dataclasses.replace(entry, name="../../x", layer=None)
+    hostile = dataclasses.replace(manifest, tensors={bad.name: bad})
+    with pytest.raises(RinginferError, match="not a file of the shard cache"):
+        cache.writer(hostile, bad.group)
+    with pytest.raises(RinginferError, match="not a file of the shard cache"):
+        CachedTensors(cache, hostile).read_bytes(bad.name, 0, 4)
+    assert (tmp_path / "x.gguf").read_bytes() == b"outside"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]  # no cache dir made
+
+
+def test_a_done_record_is_not_trusted_without_hashing(source, tmp_path):
+    _, file, manifest = source
+    cache = ShardCache(tmp_path)
+    w = cache.writer(manifest, "blk.4")
+    first, second = w.missing()[:2]
+    w.write(first.name, 0, file.read_bytes(first.name, 0, first.n_bytes).tobytes())
+    assert w.verify(first.name)
+    w.close()
+    with open(w.path.with_suffix(".done"), "a") as f:  # claims a tensor never written
+        f.write(second.name + "\n")
+    resumed = cache.writer(manifest, "blk.4")
+    assert resumed.verified == {first.name}
+    w.write(first.name, 0, b"\xff" * 8)  # the verified one changed on disk since
+    w.close()
+    assert cache.writer(manifest, "blk.4").verified == set()
+
+
+def _open_fds() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}  # fmt: skip
+
+
+def test_eviction_closes_open_files_and_counts_and_evicts_part_files(source, tmp_path):
+    _, file, manifest = source
+    cache = ShardCache(tmp_path)
+    fill(cache, manifest, file, {n for n in manifest.tensors if n.startswith(("blk.1.", "blk.2."))})
+    paths = {g: cache.group_path(manifest, g) for g in ("blk.1", "blk.2")}
+    reader = CachedTensors(cache, manifest)
+    name = next(n for n in manifest.tensors if n.startswith("blk.1."))
+    reader.read_bytes(name, 0, 16)
+    assert str(paths["blk.1"]) in _open_fds()
+    part = cache.writer(manifest, "blk.3")  # a fetch given up: its .part stays behind
+    e = part.missing()[0]
+    part.write(e.name, 0, file.read_bytes(e.name, 0, e.n_bytes).tobytes())
+    assert part.verify(e.name)
+    part.close()
+    gone = [paths["blk.2"], part.path, part.path.with_suffix(".done")]
+    for age, p in enumerate([*gone, paths["blk.1"]]):
+        os.utime(p, (1000 + age, 1000 + age))
+    assert part.path.stat().st_size >= paths["blk.2"].stat().st_size  # at its full size
+    total = sum(p.stat().st_size for p in cache.model_dir(manifest.fingerprint).iterdir())
+    cache.limit = total - sum(p.stat().st_size for p in gone)  # room for all but blk.1's
+    assert set(cache.evict(keep=set())) == set(gone)
+    cache.limit = 0
+    assert cache.evict(keep=set()) == [paths["blk.1"]]
+    assert str(paths["blk.1"]) not in _open_fds() and not reader.groups
+    assert not [p for p in cache.model_dir(manifest.fingerprint).iterdir() if
+                p.name.startswith("blk.")]  # fmt: skip
+
+
+def test_a_hostile_header_from_a_peer_is_one_line(source, tmp_path):
+    """A member with the secret may send any header its manifest hashes: a GGUF header
+    claiming a 2**40-byte string is a RinginferError, before any allocation."""
+    _, _, manifest = source
+    header = struct.pack("<IIQQQ", GGUF_MAGIC, 3, 0, 1, 1 << 40) + b"k" + bytes(64)
+    hostile = dataclasses.replace(manifest, header_bytes=len(header),
+                                  header_sha256=hashlib.sha256(header).hexdigest())  # fmt: skip
+    cache = ShardCache(tmp_path)
+    cache.store_model(hostile, header)
+    with pytest.raises(RinginferError, match="not a readable GGUF header") as e:
+        cache.checkpoint(hostile)
+    assert "\n" not in str(e.value)

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from node.cluster.log_budget import LogBudget
 from protocol.wire import (
+    FRAME_SLACK,
+    MAX_ERROR_TEXT,
     MAX_HEADER_BYTES,
     VERSION,
     Kind,
@@ -18,7 +20,9 @@ from protocol.wire import (
     ProtocolError,
     decode,
     encode,
+    error,
     forwards,
+    frame_bound,
     message,
     pieces,
 )
@@ -204,3 +208,52 @@ def test_a_log_budget_holds_back_a_flood_and_reports_it_once():
     assert [ok for ok, _ in taken].count(True) == 3 and all(h == 0 for _, h in taken)
     assert budget.take(10.0) == (True, 47)  # the next window says what was held back
     assert budget.take(10.1) == (True, 0)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"v":%d,"type":"ping","body":{"id":"a","t":1e400}}' % VERSION,
+        b'{"v":%d,"type":"ping","body":{"id":"a","t":Infinity}}' % VERSION,
+        b'{"v":%d,"type":"ping","body":{"id":"a","t":-Infinity}}' % VERSION,
+        b'{"v":%d,"type":"ping","body":{"id":"a","t":NaN}}' % VERSION,
+        b'{"v":%d,"type":"ping","body":{"id":"a","t":1,"x":[%d]}}' % (VERSION, 2**64),
+        b'{"v":%d,"type":"ping","epoch":1e999,"body":{"id":"a","t":1}}' % VERSION,
+    ],
+)
+def test_numbers_out_of_range_anywhere_are_refused(raw):  # noqa: ANN001
+    with pytest.raises(ProtocolError) as e:
+        decode([raw])
+    assert e.value.code == "malformed"
+
+
+@pytest.mark.parametrize(
+    "shape", [[0, 2**62], [2**40, 0], [0, 0, 0, 2**63 - 1], [2**31, 2**31, 2**31, 2**31]]
+)
+def test_shapes_that_hide_huge_sizes_behind_a_zero_are_refused(shape):  # noqa: ANN001
+    head = json.dumps({"v": VERSION, "type": "end", "tensors": [
+        {"dtype": "float32", "shape": shape}]}).encode()  # fmt: skip
+    with pytest.raises(ProtocolError) as e:
+        decode([head, b""])
+    assert e.value.code == "too-large"
+
+
+def test_positions_past_any_context_are_refused():
+    with pytest.raises(ProtocolError):
+        decode([header(pos=[2**40, 3])])
+    msg = decode([header(body={"parts": [part(start=2**40, end=2**40 + 3)]}), bytes(24)])
+    with pytest.raises(ProtocolError):
+        pieces(msg)
+
+
+def test_error_replies_are_one_short_line():
+    trace = "RuntimeError: shape '[0, -1]' is invalid\nException raised from at::native::x\n" * 9
+    body = decode(encode(error("internal", trace))).body
+    assert body["code"] == "internal"
+    assert "\n" not in body["message"] and len(body["message"]) <= MAX_ERROR_TEXT
+    assert body["message"].startswith("RuntimeError: shape")
+
+
+def test_frame_bound_is_the_largest_legitimate_frame_plus_slack():
+    assert frame_bound() == MAX_HEADER_BYTES + FRAME_SLACK
+    assert frame_bound(19 << 20) == (19 << 20) + FRAME_SLACK

@@ -8,7 +8,7 @@ import zmq
 
 from node.cluster.secret import ClusterKeys
 from node.errors import RinginferError
-from protocol.wire import Kind, Message, ProtocolError, decode, encode, message
+from protocol.wire import Kind, Message, ProtocolError, decode, encode, frame_bound, message
 
 DEFAULT_PORT = 7710
 DEFAULT_API = "127.0.0.1:7700"  # the HTTP API and web page (node/cluster/api.py)
@@ -22,6 +22,7 @@ class Client:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, frame_bound())  # replies to clients: headers
         if keys:
             keys.connect_as_client(self.sock)
         self.sock.connect(f"tcp://{address}")

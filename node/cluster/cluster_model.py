@@ -30,7 +30,7 @@ from discovery.mdns import Advert, Discovery
 from node.cluster.members import Member
 from node.cluster.secret import ClusterKeys
 from node.cluster.transfer import Fetch, ModelFiles, Source, held
-from node.engine.manifest import Manifest, load_or_build
+from node.engine.manifest import MANIFEST_FRAME, Manifest, load_or_build
 from node.engine.safetensors_file import SafetensorsDir
 from node.engine.shard_cache import ShardCache
 from node.engine.weights import (
@@ -42,7 +42,7 @@ from node.engine.weights import (
     open_checkpoint,
 )
 from node.errors import RinginferError
-from protocol.wire import VERSION, Kind, ProtocolError, decode, encode, message
+from protocol.wire import VERSION, Kind, ProtocolError, decode, encode, frame_bound, message
 
 log = logging.getLogger("ringinfer")
 
@@ -69,6 +69,7 @@ def _accepts(address: str) -> bool:
 async def _ask(ctx: zmq.asyncio.Context, address: str, keys: ClusterKeys | None) -> Found | None:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, frame_bound(MANIFEST_FRAME))
     if keys:
         keys.connect_as_client(sock)
     sock.connect(f"tcp://{address}")

@@ -46,6 +46,7 @@ from protocol.wire import (
     decode,
     encode,
     error,
+    frame_bound,
     message,
 )
 
@@ -261,6 +262,7 @@ class Fetch:
     async def _worker(self, source: Source) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_bound(CHUNK_BYTES))  # a CHUNK, at most
         if self.keys:
             self.keys.connect_as_client(sock)
         sock.connect(f"tcp://{source.address}")
@@ -497,7 +499,9 @@ class Transfers:
         sources = self.sources()
         if not sources:
             raise RinginferError("no member holds the tensors of this node's layers")
-        fetch = Fetch(self.ctx, self.node.cfg.keys, files.cache, manifest, names, sources)
+        # Off the event loop: a transfer cut short is resumed by hashing what it verified.
+        fetch = await asyncio.to_thread(Fetch, self.ctx, self.node.cfg.keys, files.cache,
+                                        manifest, names, sources)  # fmt: skip
         log.info("fetching %.1f MiB for layers %d-%d from %s", fetch.progress.total / 2**20,
                  start, end, ", ".join(s.name for s in sources))  # fmt: skip
 

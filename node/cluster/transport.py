@@ -18,16 +18,15 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
+from node.cluster.in_flight import InFlight
 from node.cluster.log_budget import LogBudget
 from node.cluster.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
 from node.cluster.status import Stats
 from node.cluster.transfer import TRANSFER_QUEUE
 from node.errors import RinginferError
-from protocol.wire import Kind, Message, ProtocolError, decode, encode, error
+from protocol.wire import Kind, Message, ProtocolError, decode, encode, error, frame_bound
 
 log = logging.getLogger("ringinfer")
-
-HARD_MAX_MESSAGE = 1 << 30  # ZeroMQ drops the connection above this; below, we answer errors
 
 Handler = Callable[[bytes, Message, str], Awaitable[None]]  # (client identity, message, host)
 Refused = Callable[[Message, str, str], None]  # a refused message, its error code and text
@@ -68,7 +67,9 @@ def listen(
     bound = []
     for sock, at, flag in ((router, port, "--port"), (transfer, transfer_port, "--transfer-port")):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+        # Headers only (the transfer socket takes FETCHes): the ring's rises to the model's
+        # largest frame in Transport, once the model is known (bound_again).
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_bound())
         sock.setsockopt(zmq.LINGER, 0)
         if sock is transfer:  # chunks for a peer that stops reading are dropped, not hoarded
             sock.setsockopt(zmq.SNDHWM, TRANSFER_QUEUE)
@@ -89,6 +90,24 @@ def listen(
     return Listening(ctx, router, zap, transfer, bound[1])
 
 
+def bound_again(sock: zmq.Socket, max_frame: int) -> None:
+    """ZMQ_MAXMSGSIZE (per frame: ZeroMQ drops the connection, not the daemon) on a bound
+    socket: its listener copied the options when it bound, so it binds again, on the same
+    address (a connection made meanwhile reconnects, as after any drop)."""
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    sock.unbind(endpoint)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+    for _ in range(100):  # the old listener closes on an I/O thread: its port frees soon
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            time.sleep(0.01)
+    sock.bind(endpoint)
+
+
 class Transport:
     """Sending to addresses, replying to clients, and dispatching what comes in."""
 
@@ -104,9 +123,12 @@ class Transport:
         self.ctx, self.router, self.zap = listening.ctx, listening.router, listening.zap
         self.keys, self.handlers, self.stats = keys, handlers, stats
         self.max_tensor_bytes, self.refused = max_tensor_bytes, refused
+        self.max_frame = frame_bound(max_tensor_bytes)  # the model's largest, on every link
+        bound_again(self.router, self.max_frame)
         self.links: dict[str, zmq.asyncio.Socket] = {}
         self.tasks: list[asyncio.Task] = []  # the receive loops and the ZAP handler
         self.dispatching: set[asyncio.Task] = set()  # a task per message being handled
+        self.in_flight = InFlight()  # of those, per connection: past its cap, refused
         self.strangers: dict[str, float] = {}  # address -> when it failed the handshake
         self.refusals, self.internal_errors = LogBudget(), LogBudget(burst=5)
 
@@ -127,7 +149,7 @@ class Transport:
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 200)
-            sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
             if self.keys:
                 self.keys.connect_as_client(sock)
             sock.connect(f"tcp://{address}")
@@ -164,9 +186,14 @@ class Transport:
         self._dispatch_later(b"", encode(msg), "self")
 
     def _dispatch_later(self, identity: bytes, frames: list[bytes], host: str) -> None:
-        task = asyncio.ensure_future(self.dispatch(identity, frames, host))
+        counted = bool(identity) and self.in_flight.take(identity)  # b"": ourselves, a link
+        task = asyncio.ensure_future(
+            self.dispatch(identity, frames, host, overloaded=bool(identity) and not counted)
+        )
         self.dispatching.add(task)
         task.add_done_callback(self.dispatching.discard)
+        if counted:
+            task.add_done_callback(lambda _: self.in_flight.release(identity))
 
     async def _receive(self, sock: zmq.asyncio.Socket, from_router: bool) -> None:
         while True:
@@ -196,11 +223,17 @@ class Transport:
                 if self.may_log(self.refusals):
                     log.warning("refused a connection from %s: not this cluster's secret", address)
 
-    async def dispatch(self, identity: bytes, frames: list[bytes], host: str) -> None:
-        """Decode, validate and handle one message; a bad one gets an error reply, never a crash."""
+    async def dispatch(
+        self, identity: bytes, frames: list[bytes], host: str, overloaded: bool = False
+    ) -> None:
+        """Decode, validate and handle one message; a bad one gets an error reply, never a crash.
+        `overloaded`: its connection has its cap of handlers in flight, so it is refused."""
         msg: Message | None = None
         try:
             msg = decode(frames, self.max_tensor_bytes)
+            if overloaded:
+                raise ProtocolError("overloaded", f"{self.in_flight.cap} messages of this "
+                                    "connection are being handled; send fewer at once")  # fmt: skip
             handler = self.handlers.get(msg.kind)
             if handler is None:
                 raise ProtocolError(

@@ -9,6 +9,7 @@ we own, so a stage's resident memory holds only the tensors it keeps, not pages 
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ _SCALARS = {
     GGUFValueType.INT64: "q",
     GGUFValueType.FLOAT64: "d",
 }
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_DEPTH = 2  # arrays of arrays at most: gguf-py writes no deeper, llama.cpp reads no deeper
+MAX_ELEMENTS = 1 << 50  # a tensor's elements: far past any model, far below int64's end
+# The fewest bytes each item a header announces takes, so a count is checked against the
+# bytes left before anything is read or allocated for it.
+KV_MIN = 8 + 4 + 1  # a key's length, its type, one byte of value
+TENSOR_MIN = 8 + 4 + 8 + 4 + 8  # a name's length, n_dims, one dim, type, offset
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class GGUFFile(TensorFile):
             self._size = os.fstat(self._fd).st_size
             self._buf = b""
             self._pos = 0
+            self._base = 0  # the file offset of _buf[0]
             self._file = f
             magic, version = self._unpack("<II")
             if magic != GGUF_MAGIC:
@@ -91,6 +100,8 @@ class GGUFFile(TensorFile):
             if version not in (2, 3):
                 raise ValueError(f"GGUF version {version} (supported: 2, 3)")
             n_tensors, n_kv = self._unpack("<QQ")
+            self._claim(n_kv, KV_MIN, "metadata entries")
+            self._claim(n_tensors, TENSOR_MIN, "tensors")
             self.metadata: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = self._string()
@@ -100,19 +111,25 @@ class GGUFFile(TensorFile):
             for _ in range(n_tensors):
                 name = self._string()
                 (n_dims,) = self._unpack("<I")
+                if not 1 <= n_dims <= MAX_DIMS:
+                    raise ValueError(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS})")
                 dims = self._unpack(f"<{n_dims}Q")
+                if not all(dims) or math.prod(dims) > MAX_ELEMENTS:
+                    raise ValueError(f"tensor {name!r} has sizes {list(dims)}")
                 kind, offset = self._unpack("<IQ")
                 infos.append((name, dims, QType(kind), offset))
             align = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
             if not isinstance(align, int) or align <= 0 or align & (align - 1):
                 raise ValueError(f"invalid alignment {align!r}")
-            start = -(-(f.tell() - len(self._buf) + self._pos) // align) * align
+            start = -(-(self._base + self._pos) // align) * align
             del self._file, self._buf
         self.data_start = start
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, kind, offset in sorted(infos, key=lambda i: i[3]):  # in file order
             block, block_bytes = GGML_QUANT_SIZES[kind]
-            n_bytes = int(np.prod(dims, dtype=np.int64)) * block_bytes // block
+            if dims[0] % block:
+                raise ValueError(f"tensor {name!r}: rows of {dims[0]} are not {block}-blocks")
+            n_bytes = math.prod(dims) * block_bytes // block
             info = TensorInfo(name, tuple(reversed(dims)), kind, start + offset, n_bytes)
             if info.offset + n_bytes > self._size and not header_only:
                 raise ValueError(f"tensor '{name}' runs past the end of the file")
@@ -131,9 +148,21 @@ class GGUFFile(TensorFile):
 
     # Header parsing: a buffered forward reader over the file object.
 
+    def _left(self) -> int:
+        return self._size - self._base - self._pos
+
+    def _claim(self, count: int, item_bytes: int, what: str) -> None:
+        """A count the header announces, checked against the bytes left before anything is
+        read or allocated for it (a hostile header claims 2**40-byte strings)."""
+        if count * item_bytes > self._left():
+            raise ValueError(f"the header claims {count} {what}, more than the file holds")
+
     def _need(self, n: int) -> None:
         if self._pos + n > len(self._buf):
+            if n > self._left():
+                raise ValueError("the header runs past the end of the file")
             chunk = self._file.read(max(n, 1 << 20))
+            self._base += self._pos
             self._buf = self._buf[self._pos :] + chunk
             self._pos = 0
             if n > len(self._buf):
@@ -155,21 +184,25 @@ class GGUFFile(TensorFile):
         (n,) = self._unpack("<Q")
         return self._bytes(n).decode("utf-8")
 
-    def _value(self, kind: GGUFValueType) -> Any:
+    def _value(self, kind: GGUFValueType, depth: int = 0) -> Any:
         if kind == GGUFValueType.STRING:
             return self._string()
         if kind in _SCALARS:
             return self._unpack("<" + _SCALARS[kind])[0]
         if kind != GGUFValueType.ARRAY:
             raise ValueError(f"unknown metadata type {kind}")
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"arrays nested deeper than {MAX_DEPTH}")
         item, count = self._unpack("<IQ")
         item = GGUFValueType(item)
         if item in _SCALARS:  # one read for the whole array
             dtype = np.dtype("<" + _SCALARS[item])
+            self._claim(count, dtype.itemsize, "array items")
             return np.frombuffer(self._bytes(dtype.itemsize * count), dtype=dtype).tolist()
+        self._claim(count, 8 if item == GGUFValueType.STRING else 12, "array items")
         if item == GGUFValueType.STRING:
             return [self._string() for _ in range(count)]
-        return [self._value(item) for _ in range(count)]
+        return [self._value(item, depth + 1) for _ in range(count)]
 
 
 def tensor_layout(tensors: list[TensorInfo], align: int = GGUF_DEFAULT_ALIGNMENT) -> bytes:

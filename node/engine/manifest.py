@@ -37,11 +37,27 @@ READ_BYTES = 16 << 20  # hashing reads this much at a time
 _LAYER = re.compile(r"^(?:blk|(?:\w+\.)*?(?:layers|h))\.(\d+)\.")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 FORMATS = ("gguf", "safetensors")
+# The largest frame of a MANIFEST_REPLY, its manifest's JSON or its header: a GGUF's (a 262k
+# vocabulary's is ~10 MiB) or a directory's small files in base64 (Gemma 3's ~45 MiB).
+MANIFEST_FRAME = 256 << 20
 _GGML_SIZES = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
 # A directory's files a loader reads besides weights (HUB_FILES', less the weights and index).
 SMALL_FILES = ("*.json", "*.jinja", "tokenizer*", "*.txt")
 NOT_SMALL = ("*.safetensors", "model.safetensors.index.json")
 _FILE_NAME = re.compile(r"^[\w][\w.-]{0,127}$")  # a bundled file: a plain name, never a path
+# A tensor's name, which names its group's file in the shard cache when it has no layer: a
+# plain dotted name (GGUF's `blk.0.attn_q.weight`, Hugging Face's `model.norm.weight`), never
+# a path, `..`, NUL or a cache file's own name.
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,255}")  # fullmatch: no "\n" after
+_RESERVED = ("header", "manifest")
+
+
+def tensor_name_ok(name: object) -> bool:
+    """Whether a peer's tensor name may stand for a cache file (see _TENSOR_NAME)."""
+    return (
+        isinstance(name, str) and bool(_TENSOR_NAME.fullmatch(name)) and ".." not in name
+        and not name.endswith((".part", ".done", ".tmp")) and name not in _RESERVED
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -99,7 +115,7 @@ class Manifest:
             tensors = {}
             for name, layer, kind, shape, n_bytes, sha in data["tensors"]:
                 ok = (
-                    isinstance(name, str) and 0 < len(name) <= 256
+                    tensor_name_ok(name)
                     and (layer is None or (type(layer) is int and 0 <= layer < 1 << 16))
                     and isinstance(shape, list) and 0 < len(shape) <= 4
                     and all(type(d) is int and 0 < d < 1 << 40 for d in shape)
@@ -114,7 +130,8 @@ class Manifest:
                            str(data["header_sha256"]), tensors, fmt)  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RinginferError(f"malformed model manifest ({e})") from None
-        if not (0 < manifest.header_bytes < 1 << 32 and _HEX64.match(manifest.header_sha256)):
+        sha = manifest.header_sha256
+        if not (0 < manifest.header_bytes <= MANIFEST_FRAME and _HEX64.match(sha)):
             raise RinginferError("malformed model manifest (header)")
         return manifest
 
@@ -164,7 +181,7 @@ def unbundle(header: bytes) -> dict[str, bytes]:
         files = {n: base64.b64decode(b, validate=True) for n, b in json.loads(header).items()}
     except (ValueError, TypeError, AttributeError) as e:
         raise RinginferError(f"malformed model files from a peer ({e})") from None
-    if "config.json" not in files or not all(_FILE_NAME.match(n) for n in files):
+    if "config.json" not in files or not all(_FILE_NAME.fullmatch(n) for n in files):
         raise RinginferError("malformed model files from a peer (names or no config.json)")
     return files
 

@@ -13,8 +13,10 @@ format:
 A group is fetched into `<group>.<format>.part` (its layout written first, tensors written
 in place as chunks arrive); `<group>.<format>.done` lists the tensors verified against the
 manifest so far, so a dropped transfer resumes without fetching those again. The complete
-file is renamed into place. The cache is bounded (`--cache-size`): least recently used
-groups go first, never those a stage uses now.
+file is renamed into place; a `.done` record is a hint, each tensor it lists is hashed
+again before it counts. The cache is bounded (`--cache-size`): least recently used groups,
+and the `.part` files of fetches given up, go first, never those a stage uses now; the open
+files of an evicted group are closed. Every path it opens lies inside the cache's directory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import os
 import shutil
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,22 +44,41 @@ HEADERS = {"gguf": "header.gguf", "safetensors": "header.json"}
 
 
 class CachedTensors:
-    """A cached model's tensors, each read from its group's file (what a member serves)."""
+    """A cached model's tensors, each read from its group's file (what a member serves).
+
+    Group files stay open between reads; eviction closes them (`forget`), since an open
+    file keeps its disk space after it is removed."""
 
     def __init__(self, cache: ShardCache, manifest: Manifest) -> None:
         self.cache, self.manifest = cache, manifest
         self.groups: dict[str, GGUFFile | SafetensorsFile] = {}
+        self.lock = threading.Lock()  # reads on worker threads, eviction on the event loop
+        cache.readers.add(self)
 
     def read_bytes(self, name: str, start: int, size: int) -> np.ndarray:
         group = self.manifest.tensors[name].group
-        if group not in self.groups:
-            path = self.cache.group_path(self.manifest, group)
-            if not path.exists():
-                raise RinginferError(f"tensor '{name}' is not in the shard cache (not fetched)")
-            os.utime(path)  # least recently used goes first
-            opener = GGUFFile if self.manifest.format == "gguf" else SafetensorsFile
-            self.groups[group] = opener(path)
-        return self.groups[group].read_bytes(name, start, size)
+        with self.lock:
+            file = self.groups.get(group)
+            if file is None:
+                path = self.cache.group_path(self.manifest, group)
+                if not path.exists():
+                    raise RinginferError(f"tensor '{name}' is not in the shard cache (not fetched)")
+                os.utime(path)  # least recently used goes first
+                opener = GGUFFile if self.manifest.format == "gguf" else SafetensorsFile
+                file = self.groups[group] = opener(path)
+            return file.read_bytes(name, start, size)
+
+    def forget(self, paths: set[Path]) -> None:
+        """Close the files of these (evicted) paths."""
+        with self.lock:
+            for group, file in list(self.groups.items()):
+                if file.path in paths:
+                    file.close()
+                    del self.groups[group]
+
+    def open_paths(self) -> set[Path]:
+        with self.lock:
+            return {f.path for f in self.groups.values()}
 
 
 class CachedGGUF(GGUFFile):
@@ -101,18 +123,28 @@ class GroupWriter:
     def verify(self, name: str, whole: bytes | memoryview | None = None) -> bool:
         """Whether the tensor's bytes as written (or `whole`, all of them as just written)
         match the manifest; recorded if they do."""
+        if not self._matches(name, whole):
+            return False
+        self.verified.add(name)
+        with open(self._record(), "a") as f:  # a line per tensor: a crash loses at most one
+            f.write(name + "\n")
+        return True
+
+    def recheck(self, listed: set[str]) -> None:
+        """Count as verified those of a `.done` record's tensors whose bytes still match:
+        the record is a file beside the data, not a proof of it (a crash between a write
+        and its record, a disk, a hand may have changed either). The record is rewritten."""
+        self.verified = {n for n in sorted(listed) if self._matches(n)}
+        self._record().write_text("".join(n + "\n" for n in sorted(self.verified)))
+
+    def _matches(self, name: str, whole: bytes | memoryview | None = None) -> bool:
         entry, info = self.entries[name], self.infos[name]
         h = hashlib.sha256()
         if whole is not None:
             h.update(whole)
         else:
             self._hash_written(h, info.offset, entry.n_bytes)
-        if h.hexdigest() != entry.sha256:
-            return False
-        self.verified.add(name)
-        with open(self._record(), "a") as f:  # a line per tensor: a crash loses at most one
-            f.write(name + "\n")
-        return True
+        return h.hexdigest() == entry.sha256
 
     def _hash_written(self, h: hashlib._Hash, offset: int, n_bytes: int) -> None:
         with open(self.path, "rb") as f:
@@ -143,12 +175,21 @@ class GroupWriter:
 class ShardCache:
     def __init__(self, root: Path, limit: int = CACHE_SIZE) -> None:
         self.root, self.limit = root, limit
+        self.readers: weakref.WeakSet[CachedTensors] = weakref.WeakSet()  # what evict closes
 
     def model_dir(self, fingerprint: str) -> Path:
         return self.root / fingerprint
 
     def group_path(self, manifest: Manifest, group: str) -> Path:
-        return self.model_dir(manifest.fingerprint) / f"{group}.{manifest.format}"
+        return self.inside(self.model_dir(manifest.fingerprint) / f"{group}.{manifest.format}")
+
+    def inside(self, path: Path) -> Path:
+        """`path`, if it resolves to a place inside the cache's directory: whatever a peer's
+        manifest names (manifest.tensor_name_ok refuses paths already), nothing outside it
+        is ever read, written or removed (a `..`, an absolute path, a symbolic link)."""
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise RinginferError(f"'{path.name}' is not a file of the shard cache {self.root}")
+        return path
 
     def header_path(self, manifest: Manifest) -> Path:
         return self.model_dir(manifest.fingerprint) / HEADERS[manifest.format]
@@ -161,8 +202,14 @@ class ShardCache:
             files = {n: self.group_path(manifest, e.group).name
                      for n, e in manifest.tensors.items()}  # fmt: skip
             return HFCheckpoint(d, manifest.name, files)
-        return GGUFCheckpoint(self.header_path(manifest), manifest.name,
-                              CachedGGUF(self, manifest))  # fmt: skip
+        try:
+            header = CachedGGUF(self, manifest)
+        except Exception as e:  # as GGUFCheckpoint says of a file: ValueError, OSError, UTF-8
+            raise RinginferError(
+                f"the cached model header {self.header_path(manifest)} is not a readable GGUF "
+                f"header ({e})"
+            ) from None
+        return GGUFCheckpoint(self.header_path(manifest), manifest.name, header)
 
     def store_model(self, manifest: Manifest, header: bytes) -> None:
         """Keep a model's manifest and header (checked against the manifest), and unpack a
@@ -214,9 +261,9 @@ class ShardCache:
         final = self.group_path(manifest, group)
         path = final.with_name(final.name + ".part")
         record = path.with_suffix(".done")
-        verified: set[str] = set()
+        writer = GroupWriter(path, placed, entries, set())
         if path.exists() and record.exists():
-            verified = set(record.read_text(errors="replace").splitlines()) & set(entries)
+            writer.recheck(set(record.read_text(errors="replace").splitlines()) & set(entries))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             last = infos[-1]
@@ -224,7 +271,7 @@ class ShardCache:
                 f.write(head)
                 f.truncate(placed[last.name].offset + last.n_bytes)
             record.unlink(missing_ok=True)
-        return GroupWriter(path, placed, entries, verified)
+        return writer
 
     def models(self) -> list[dict]:
         """What `ringinfer cache` lists: each model's name, groups, bytes, last use."""
@@ -259,19 +306,47 @@ class ShardCache:
         return freed
 
     def evict(self, keep: set[Path], room: int = 0) -> list[Path]:
-        """Remove least recently used group files until the cache plus `room` bytes fits the
-        limit; never those in `keep` (a live stage's), headers or manifests."""
-        files = [p for p in self.root.glob("*/*") if p.is_file()]
-        total = sum(p.stat().st_size for p in files) + room
-        removed = []
-        candidates = [
-            p for p in files
-            if p.suffix[1:] in HEADERS and p.name not in HEADERS.values() and p not in keep
-        ]  # fmt: skip
-        for p in sorted(candidates, key=lambda p: p.stat().st_mtime):
-            if total <= self.limit:
-                break
-            total -= p.stat().st_size
-            p.unlink()
-            removed.append(p)
+        """Remove least recently used group files and `.part` files (with their records)
+        until the cache plus `room` bytes fits the limit; never those of groups in `keep`
+        (a live stage's), headers or manifests. Open files of what is removed are closed."""
+        stats = {p: p.stat() for p in self.root.glob("*/*") if p.is_file()}
+        files = {p: (st.st_size, st.st_mtime) for p, st in stats.items()}
+        removed = eviction(files, keep, self.limit - room)
+        for p in removed:
+            p.unlink(missing_ok=True)
+        for reader in list(self.readers):
+            reader.forget(set(removed))
         return removed
+
+
+def _group_of(path: Path) -> Path | None:
+    """The group file `path` is or is being fetched into (`x.gguf` for `x.gguf.part` and
+    its `x.gguf.done`); None for headers, manifests and anything else."""
+    if path.suffix in (".part", ".done"):
+        path = path.with_suffix("")
+    if path.suffix[1:] in HEADERS and path.name not in HEADERS.values():
+        return path
+    return None
+
+
+def eviction(files: dict[Path, tuple[int, float]], keep: set[Path], limit: int) -> list[Path]:
+    """Which of `files` (path: size, mtime) go so that the rest fits `limit` bytes: every
+    file counts (`.part` files too, at their full size), groups go least recently used
+    first with their `.part` and `.done`, and never a group in `keep` nor a file that is
+    not a group's."""
+    total = sum(size for size, _ in files.values())
+    by_group: dict[Path, list[Path]] = {}
+    used: dict[Path, float] = {}
+    for p, (_, mtime) in files.items():
+        group = _group_of(p)
+        if group is not None and group not in keep:
+            by_group.setdefault(group, []).append(p)
+            used[group] = max(used.get(group, mtime), mtime)
+    out: list[Path] = []
+    for group in sorted(by_group, key=lambda g: (used[g], str(g))):
+        if total <= limit:
+            break
+        for p in sorted(by_group[group]):
+            total -= files[p][0]
+            out.append(p)
+    return out
