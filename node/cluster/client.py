@@ -12,6 +12,7 @@ from protocol.wire import Kind, Message, ProtocolError, decode, encode, message
 
 DEFAULT_PORT = 7710
 DEFAULT_API = "127.0.0.1:7700"  # the HTTP API and web page (node/cluster/api.py)
+SEND_S = 5.0  # how long a request may wait for a connection to take it
 
 
 class Client:
@@ -36,16 +37,23 @@ class Client:
         self.close()
 
     def send(self, kind: Kind, **body: object) -> None:
+        # A handshake that failed for good (a daemon with a secret, a client without) leaves
+        # no pipe to queue on: without a bound the send would wait forever.
+        if not self.sock.poll(int(SEND_S * 1000), zmq.POLLOUT):
+            raise self._silent(SEND_S, f"it to take a {kind.value} request")
         self.sock.send_multipart(encode(message(kind, body=dict(body))))
+
+    def _silent(self, timeout_s: float, waiting_for: str) -> RinginferError:
+        hint = (" with this cluster secret?)" if self.secured
+                else "? If it has a cluster secret, pass --secret-file)")  # fmt: skip
+        return RinginferError(
+            f"no answer from the daemon at {self.address} for {timeout_s:.0f}s while waiting "
+            f"for {waiting_for} (is `ringinfer daemon` running there{hint}"
+        )
 
     def receive(self, timeout_s: float, waiting_for: str) -> Message:
         if not self.sock.poll(int(timeout_s * 1000)):
-            hint = (" with this cluster secret?)" if self.secured
-                    else "? If it has a cluster secret, pass --secret-file)")  # fmt: skip
-            raise RinginferError(
-                f"no answer from the daemon at {self.address} for {timeout_s:.0f}s while waiting "
-                f"for {waiting_for} (is `ringinfer daemon` running there{hint}"
-            )
+            raise self._silent(timeout_s, waiting_for)
         try:
             msg = decode(self.sock.recv_multipart())
         except ProtocolError as e:
