@@ -23,6 +23,9 @@ class Client:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A handshake that failed for good (a daemon with a secret, a client without) leaves
+        # no pipe to queue on: without a bound a send would wait forever.
+        self.sock.setsockopt(zmq.SNDTIMEO, int(SEND_S * 1000))
         if keys:
             keys.connect_as_client(self.sock)
         self.sock.connect(f"tcp://{address}")
@@ -37,11 +40,10 @@ class Client:
         self.close()
 
     def send(self, kind: Kind, **body: object) -> None:
-        # A handshake that failed for good (a daemon with a secret, a client without) leaves
-        # no pipe to queue on: without a bound the send would wait forever.
-        if not self.sock.poll(int(SEND_S * 1000), zmq.POLLOUT):
-            raise self._silent(SEND_S, f"it to take a {kind.value} request")
-        self.sock.send_multipart(encode(message(kind, body=dict(body))))
+        try:
+            self.sock.send_multipart(encode(message(kind, body=dict(body))))
+        except zmq.Again:
+            raise self._silent(SEND_S, f"it to take a {kind.value} request") from None
 
     def _silent(self, timeout_s: float, waiting_for: str) -> RinginferError:
         hint = (" with this cluster secret?)" if self.secured

@@ -37,7 +37,7 @@ HARD_MAX_MESSAGE = 1 << 30  # ZeroMQ drops the connection above this; below, we 
 UNPROVEN_MAX = 8  # links open at once to addresses only an mDNS advert named
 UNPROVEN_S = 10.0  # how long such an address has to answer as a member
 GIVEN_UP_S = 600.0  # an address that never answered is not dialled on an advert's word again
-RECONNECT_MS = (250, 4000)  # a link's first reconnection interval and its ceiling
+RECONNECT_MS = (250, 4000)  # a probation link's first reconnection interval, its ceiling
 
 Handler = Callable[[bytes, Message, str], Awaitable[None]]  # (client identity, message, host)
 Refused = Callable[[Message, str, str], None]  # a refused message, its error code and text
@@ -143,8 +143,9 @@ class Transport:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 200)
             sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE)
-            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS[0])
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MS[1])
+            if address in self.unproven:  # a few attempts, backing off, until it expires
+                sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS[0])
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MS[1])
             if self.keys:
                 self.keys.connect_as_client(sock)
             sock.connect(f"tcp://{address}")
