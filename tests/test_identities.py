@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import zmq
 
-from node.cluster.identities import decide
+from node.cluster.identities import Identities, decide
 from node.cluster.secret import ClusterKeys, key_bits, new_secret, zap_reply
-from protocol.wire import Kind
+from protocol.wire import Kind, Message, message
 from tests.conftest import run_cli
 from tests.daemons import Cluster
 from tests.test_secret import PROMPT, one_line_error
@@ -30,6 +31,21 @@ def test_who_may_say_what():
     assert decide(Kind.BYE, "a", False, "a", False, "self") is ok
     assert decide(Kind.FORWARD, None, False, "a", False, None) is ok
     assert decide(Kind.FORWARD, None, True, None, False, None)[0] == "forbidden"
+
+
+def test_an_id_is_bound_to_its_first_key_until_its_member_is_lost():
+    keys = ClusterKeys.of(new_secret())
+    ids = Identities(keys)
+    first, second = (keys.member(*zmq.curve_keypair()) for _ in range(2))
+
+    def hello(k: ClusterKeys) -> Message:
+        return message(Kind.HELLO, body={"id": "a", "proof": k.proof()})
+
+    assert ids.check(first.public.decode(), hello(first)) is None
+    assert ids.check(second.public.decode(), hello(second))[0] == "forbidden"
+    ids.forget("a")  # its member left or went silent: a remade node.key may take the id
+    assert ids.check(second.public.decode(), hello(second)) is None
+    assert ids.check(first.public.decode(), hello(first))[0] == "forbidden"
 
 
 def test_secrets_need_128_bits_and_adverts_need_no_secret():

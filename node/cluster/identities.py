@@ -9,7 +9,8 @@ key of the connection it came on (its User-Id, set by the ZAP handler), and that
 - any other key: nothing but a proving HELLO or MANIFEST is read, and nothing is answered.
 
 A daemon that restarts forgets these bindings and learns them again from the next HELLOs
-(a member keeps its key across restarts: it lives in its data dir).
+(a member keeps its key across restarts: it lives in its data dir); a member lost (left or
+silent) frees its id.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ class Identities:
 
     def is_member(self, key: str) -> bool:
         return key in self.ids
+
+    def forget(self, node_id: str) -> None:
+        """A member gone (left, or silent past the dead bound): its id may come back with
+        another key (a data dir whose node.key was remade)."""
+        key = self.owners.pop(node_id, None)
+        if key is not None:
+            self.ids[key] = ""
 
     def check(self, key: str, msg: Message) -> tuple[str, str] | None:
         """Refusal of `msg` from a connection with this key, or None (binding what a first

@@ -258,6 +258,8 @@ class Membership:
         """A member left or went silent: its requests' steps fail (and are replayed), the
         caches of requests it was the requester of are freed, and the cluster re-plans."""
         self.members.remove(member.id)
+        if self.node.transport.identities is not None:
+            self.node.transport.identities.forget(member.id)
         log.info("member %s (%s) %s", member.name, member.id, why)
         self.node.requester.stage_lost(member.id, f"node {member.name} {why} during the request")
         self.node.stage.requester_lost(member.id, why)
