@@ -175,9 +175,11 @@ class Membership:
         """Impostors and other clusters' nodes not heard of for a minute are forgotten."""
         now = time.monotonic()
         self.impostors = {a: t for a, t in self.impostors.items() if now - t < after_s}
-        given_up = self.node.transport.given_up  # reported while not dialled again
-        self.foreign = {i: f for i, f in self.foreign.items()
-                        if now - f["seen"] < after_s or f["address"] in given_up}  # fmt: skip
+        # Reported while their adverts live (not heard again before their goodbye) or, for
+        # those that never proved our secret, while they are not dialled again.
+        advertised, given_up = set(self.mdns_names.values()), self.node.transport.given_up
+        self.foreign = {i: f for i, f in self.foreign.items() if now - f["seen"] < after_s
+                        or i in advertised or f["address"] in given_up}  # fmt: skip
         self.node.transport.forget_strangers(after_s)
         for address in self.node.transport.expire_unproven({m.address for m in self.members}):
             a = self.advertised.pop(address, None)
