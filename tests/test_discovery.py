@@ -284,7 +284,7 @@ def test_500_spoofed_adverts_cost_a_bounded_number_of_sockets_and_log_lines(
 ):  # fmt: skip
     """Anyone can advertise: each advert of 'our cluster' is dialled on probation only, a few
     at a time, and closed for good when no member answers there."""
-    n3 = cluster.nodes[2]
+    n3 = next(d for d in cluster.nodes if d.name == "n3")  # the requester all along
     members = len(n3.status()["nodes"])
 
     def fds() -> int:
