@@ -1,7 +1,8 @@
 """mDNS: every daemon advertises `_ringinfer._tcp.local.` and browses for the others.
 
-mDNS only introduces nodes: once found, a node is sent a HELLO over ZeroMQ, and from then on
-the ring connection's heartbeats decide who is alive (mDNS TTLs are minutes long). A clean
+mDNS only introduces nodes, and proves nothing (anyone may advertise): once found, a node is
+sent a HELLO over ZeroMQ on probation, and from then on the ring connection's heartbeats decide
+who is alive (mDNS TTLs are minutes long). A clean
 exit unregisters the service, which browsers hear at once as a goodbye.
 """
 
@@ -43,7 +44,9 @@ class Advert:
     flops: float
     bandwidth: float
     models: tuple[str, ...]
-    key: str = ""  # fingerprint of the cluster secret's public key ('' without a secret)
+    # 'curve' with a cluster secret, '' without: nothing derived from the secret, which
+    # would let anyone who hears it test guessed secrets offline (node/cluster/secret.py)
+    key: str = ""
     address: str = ""  # where it is reached: from the record's addresses, not the TXT
     instance: str = ""  # the mDNS service instance name
 

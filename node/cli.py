@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from node import __version__
 from node.cluster.client import DEFAULT_API, DEFAULT_PORT, Client, parse_address
 from node.cluster.cluster_file import BINARY, parse_amount, read_cluster
-from node.cluster.secret import ENV, FILE_NAME, ClusterKeys, find_keys, new_secret
+from node.cluster.secret import (
+    ENV,
+    FILE_NAME,
+    ClusterKeys,
+    find_keys,
+    new_secret,
+    own_pair,
+    read_keys,
+    readable_by_others,
+    secret_path,
+    write_private,
+)
 from node.data_dir import CACHE_SIZE
 from node.engine.batching import PREFILL_CHUNK
 from node.engine.reasoning import (
@@ -259,9 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--wait", type=float, default=0, help="seconds to wait for a live plan")
 
-    secret = commands.add_parser("secret", help="make a new cluster secret")
+    secret = commands.add_parser("secret", help="make a new cluster secret (or a client key)")
     secret.add_argument("file", type=Path, nargs="?",
                         help="write it here, readable by you alone (default: print it)")
+    secret.add_argument("--out", type=Path, help="the same as FILE")
+    secret.add_argument("--client", action="store_true",
+                        help="a client-only key of the cluster of --secret-file: it generates, "
+                             "scores and reads status, and is never a member")
+    secret.add_argument("--secret-file", type=Path, help=secret_help)
     return parser
 
 
@@ -517,19 +534,43 @@ def _client_keys(args: argparse.Namespace) -> ClusterKeys | None:
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
-    secret = new_secret()
-    if args.file is None:
-        print(secret)
+    """A new cluster secret, or with --client the client key of an existing one: printed
+    (onto a file, made 0600 when stdout is one: `> cluster.key`) or written 0600."""
+    out = args.out or args.file
+    if args.client:
+        keys = _client_keys(args)
+        if keys is None or not keys.holds_secret:
+            raise RinginferError("--client needs the cluster secret: pass --secret-file")
+        text, what = keys.client_file(), "client key"
+    else:
+        text, what = new_secret() + "\n", "cluster secret"
+    if out is None:
+        if stat.S_ISREG(os.fstat(sys.stdout.fileno()).st_mode):
+            os.fchmod(sys.stdout.fileno(), 0o600)  # a shell's `> file` made it 0644
+        sys.stdout.write(text)
         return 0
-    try:
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise RinginferError(f"cannot create {args.file}: {e.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    STATUS.line(f"wrote a new cluster secret to {args.file}: copy it to every machine of the "
-                "cluster and start each daemon with --secret-file")  # fmt: skip
+    write_private(out, text)
+    STATUS.line(f"wrote a new {what} to {out}: " + (
+        "give it to the machines that only run clients (--secret-file)" if args.client else
+        "copy it to every machine of the cluster and start each daemon with --secret-file"
+    ))  # fmt: skip
     return 0
+
+
+def _daemon_keys(flag: Path | None, data_path: Path) -> ClusterKeys | None:
+    """A daemon's keys: the cluster secret's, with its own pair from its data dir. A client
+    key is refused; a key file others may read is a warning."""
+    path = secret_path(flag, data_path)
+    if path is None:
+        return None
+    keys = read_keys(path)
+    if not keys.holds_secret:
+        raise RinginferError(f"{path} is a client key: a daemon needs the cluster secret itself")
+    own = own_pair(data_path)
+    for f in (path, data_path / "node.key"):
+        if readable_by_others(f):
+            logging.warning("%s is readable by other users: chmod 600 %s", f, f)
+    return keys.member(*own)
 
 
 def _wait_for_plan(client: Client, wait_s: float) -> dict:
@@ -736,7 +777,7 @@ def cmd_daemon(args: argparse.Namespace, found: Found | None = None) -> int:
     )  # fmt: skip
     data_path = args.data_dir or data_dir.DEFAULT
     node_id, lock = data_dir.claim(data_path)
-    keys = find_keys(args.secret_file, data_path)
+    keys = _daemon_keys(args.secret_file, data_path)
     host = args.host or ("0.0.0.0" if keys else "127.0.0.1")
     if keys is None and not is_loopback(host):
         if not args.insecure:

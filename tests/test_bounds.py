@@ -12,7 +12,7 @@ from node.cluster.secret import ClusterKeys, new_secret
 from node.cluster.transport import listen
 from protocol.wire import Kind, decode, encode, frame_bound, message
 from tests.daemons import free_port
-from tests.test_transport import Endpoint, ping, run, until
+from tests.test_transport import Endpoint, hello, member, ping, run, until
 
 
 def test_a_frame_over_the_models_largest_is_dropped_and_the_socket_survives():
@@ -22,7 +22,7 @@ def test_a_frame_over_the_models_largest_is_dropped_and_the_socket_survives():
 
     async def main() -> None:
         keys = ClusterKeys.of(new_secret())
-        a = Endpoint(keys)
+        a, b_keys = Endpoint(member(keys)), member(keys)
         ctx = zmq.Context()
         try:
             assert a.transport.router.getsockopt(zmq.MAXMSGSIZE) == frame_bound(1 << 20)
@@ -31,16 +31,17 @@ def test_a_frame_over_the_models_largest_is_dropped_and_the_socket_survives():
             listening.ctx.destroy(linger=0)
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            keys.connect_as_client(sock)
+            b_keys.connect_as_client(sock)  # a member, its key proven by its HELLO
             sock.connect(f"tcp://{a.address}")
+            sock.send_multipart(encode(hello(b_keys)))
             sock.send_multipart(encode(ping()))
-            assert await until(lambda: len(a.got) == 1)
+            assert await until(lambda: len(a.got) == 2)
             head = encode(message(Kind.PING, body={"id": "b", "t": 1.0}))[0]
             sock.send_multipart([head, bytes(frame_bound(1 << 20) + 1)])
             await asyncio.sleep(1.0)
-            assert len(a.got) == 1 and not a.transport.stats.errors, a.transport.stats.errors
+            assert len(a.got) == 2 and not a.transport.stats.errors, a.transport.stats.errors
             sock.send_multipart(encode(ping()))  # the same socket, reconnected
-            assert await until(lambda: len(a.got) == 2)
+            assert await until(lambda: len(a.got) == 3)
         finally:
             ctx.destroy(linger=0)
             await a.transport.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from node.cluster.secret import ClusterKeys
+from node.cluster.secret import ClusterKeys, new_secret
 from protocol.wire import Kind, encode, message
 from tests.conftest import run_cli
 from tests.daemons import Cluster, Daemon, free_port, seed_capabilities
@@ -40,7 +40,7 @@ def test_without_a_secret_a_daemon_listens_on_loopback_only(tmp_path: Path):
                    "no cluster secret")  # fmt: skip
     (tmp_path / "short").write_text("short")
     one_line_error(run_cli("daemon", "--secret-file", str(tmp_path / "short"), "--data-dir",
-                           str(tmp_path / "e"), "--api", "off"), "needs 32")  # fmt: skip
+                           str(tmp_path / "e"), "--api", "off"), "needs 128")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +102,9 @@ def test_strangers_get_no_reply_are_never_dialled_and_never_members(cluster):  #
     real = ClusterKeys.of(Path(cluster.nodes[0].env["RINGINFER_SECRET_FILE"]).read_text().strip())
     public, private = zmq.curve_keypair()
     # Plain ZeroMQ; CURVE with another cluster's keys; CURVE that knows the daemons' public
-    # key but not the secret (only the ZAP handler can turn this one away).
-    strangers = [None, ClusterKeys.of("w" * 64),
-                 ClusterKeys(real.server_public, b"", public, private)]  # fmt: skip
+    # key but not the secret (only the check of its messages' key can turn this one away).
+    knows_server = ClusterKeys.client(bytes(32), real.server_public).member(public, private)
+    strangers = [None, ClusterKeys.of(new_secret()), knows_server]
     ctx = zmq.Context()
     try:
         for keys in strangers:

@@ -1,11 +1,14 @@
 """The transport alone: two or three of them in one process over real loopback sockets,
-with CurveZMQ and the ZAP handler, and what dispatch makes of bad frames and failing
-handlers."""
+with CurveZMQ, the ZAP handler and each member's own key, and what dispatch makes of bad
+frames and failing handlers."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
+
+import zmq
 
 from node.cluster.secret import ClusterKeys, new_secret
 from node.cluster.status import Stats
@@ -22,7 +25,8 @@ class Endpoint:
         self.got: list[tuple[Message, str]] = []
         self.refused: list[tuple[str, str]] = []
         self.fail = fail
-        handlers = {kind: self.handle for kind in (Kind.PING, Kind.ERROR, Kind.PONG)}
+        handlers = {kind: self.handle for kind in (Kind.PING, Kind.ERROR, Kind.PONG, Kind.HELLO,
+                                                   Kind.BYE)}  # fmt: skip
         self.transport = Transport(
             listen("127.0.0.1", self.port, keys), keys, handlers, Stats(), 1 << 20,
             lambda msg, code, text: self.refused.append((msg.kind.value, code)),
@@ -45,6 +49,19 @@ def ping() -> Message:
     return message(Kind.PING, body={"id": "b", "t": time.monotonic()})
 
 
+def member(keys: ClusterKeys) -> ClusterKeys:
+    """A daemon's keys: the cluster's, with a key pair of its own."""
+    return keys.member(*zmq.curve_keypair())
+
+
+def hello(keys: ClusterKeys, node_id: str = "b") -> Message:
+    """What the transport checks of a HELLO: its sender's id and the proof of its key."""
+    return message(Kind.HELLO, body={
+        "id": node_id, "name": node_id, "port": 1, "model": "m", "fingerprint": "f", "memory": 1,
+        "state": "ready", "members": [], "cluster": "default", "caps": {}, "rtt": {},
+        "proof": keys.proof()})  # fmt: skip
+
+
 async def until(condition, timeout: float = 5.0) -> bool:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while not condition():
@@ -61,27 +78,31 @@ def run(coro) -> None:  # noqa: ANN001
 def test_members_with_the_secret_talk_and_a_wrong_key_is_never_heard():
     async def main() -> None:
         keys = ClusterKeys.of(new_secret())
-        a, b, rival = Endpoint(keys), Endpoint(keys), Endpoint(ClusterKeys.of(new_secret()))
+        b_keys = member(keys)
+        a, b = Endpoint(member(keys)), Endpoint(b_keys)
+        rival = Endpoint(member(ClusterKeys.of(new_secret())))
         ends = [a, b, rival]
         try:
+            b.transport.send_to(a.address, hello(b_keys))
             b.transport.send_to(a.address, ping())
-            assert await until(lambda: a.got), "a member's PING did not arrive"
-            msg, host = a.got[0]
+            assert await until(lambda: len(a.got) == 2), "a member's HELLO and PING did not arrive"
+            msg, host = a.got[1]
             assert msg.kind == Kind.PING and host == "127.0.0.1"
             # the reply goes back over the ROUTER to b's link, where b's handler sees it
             assert await until(lambda: any(m.kind == Kind.PONG for m, _ in b.got))
 
             # another secret: its handshake is to another server key, and dies undecrypted
             rival.transport.send_to(a.address, ping())
-            # the server's public key without the client key: the ZAP handler refuses it
-            other = ClusterKeys.of(new_secret())
-            half = Endpoint(ClusterKeys(keys.server_public, other.server_secret,
-                                        other.client_public, other.client_secret))  # fmt: skip
+            # the server's public key and a key of its own, but no proof of it: its PING and
+            # its HELLO (a proof made with another secret) go unread and unanswered
+            other = replace(member(ClusterKeys.of(new_secret())), server_public=keys.server_public)
+            half = Endpoint(other)
             ends.append(half)
             half.transport.send_to(a.address, ping())
-            assert await until(lambda: a.transport.strangers), "the handshake was not refused"
+            half.transport.send_to(a.address, hello(other, "c"))
+            assert await until(lambda: a.transport.strangers), "the stranger was not noticed"
             await asyncio.sleep(1.0)
-            assert len(a.got) == 1, "a frame from a wrong key reached a handler"
+            assert len(a.got) == 2, "a frame from a wrong key reached a handler"
             assert a.transport.stats.errors["unauthenticated"] >= 1
             assert not rival.got and not half.got, "a stranger heard something back"
         finally:
@@ -93,9 +114,9 @@ def test_members_with_the_secret_talk_and_a_wrong_key_is_never_heard():
 
 def test_a_plain_zeromq_peer_cannot_reach_a_secured_transport():
     async def main() -> None:
-        a, plain = Endpoint(ClusterKeys.of(new_secret())), Endpoint(None)
+        a, plain = Endpoint(member(ClusterKeys.of(new_secret()))), Endpoint(None)
         try:
-            plain.transport.send_to(a.address, ping())
+            plain.transport.send_to(a.address, hello(ClusterKeys.of(new_secret())))
             await asyncio.sleep(1.0)
             assert not a.got and not plain.got
         finally:
@@ -135,5 +156,41 @@ def test_bad_frames_are_answered_with_an_error_and_handler_bugs_do_not_stop_it()
         finally:
             await a.transport.close()
             await b.transport.close()
+
+    run(main())
+
+
+def test_a_member_speaks_for_its_own_id_only_and_a_client_for_no_member():
+    """Each refusal is counted, logged once, unanswered for members, and handled nowhere."""
+
+    async def main() -> None:
+        keys = ClusterKeys.of(new_secret())
+        b_keys, c_keys = member(keys), member(keys)
+        a, b, c = Endpoint(member(keys)), Endpoint(b_keys), Endpoint(c_keys)
+        client = Endpoint(keys)  # no daemon's pair: it connects with the client credential
+        ends = [a, b, c, client]
+        try:
+            b.transport.send_to(a.address, hello(b_keys, "b"))
+            assert await until(lambda: len(a.got) == 1)
+            c.transport.send_to(a.address, hello(c_keys, "c"))
+            assert await until(lambda: len(a.got) == 2)
+            for _ in range(2):  # c, a member, speaks as b: refused (twice, logged once)
+                c.transport.send_to(a.address, hello(c_keys, "b"))
+                c.transport.send_to(a.address, message(Kind.BYE, body={"id": "b"}))
+                c.transport.send_to(a.address, ping())  # a PING in b's name
+            client.transport.send_to(a.address, message(Kind.BYE, body={"id": "b"}))
+            assert await until(lambda: a.transport.stats.errors["forbidden"] == 7)
+            assert await until(lambda: any(m.kind == Kind.ERROR for m, _ in client.got))
+            await asyncio.sleep(0.5)
+            ids = [(m.kind, m.body["id"]) for m, _ in a.got]
+            assert ids == [(Kind.HELLO, "b"), (Kind.HELLO, "c")], "a refused message was handled"
+            assert not c.got, "a member was answered for a refused message"
+            assert len(a.transport.told) == 4  # hello, bye, ping in b's name; the client's bye
+            # b's own key still speaks for b
+            b.transport.send_to(a.address, message(Kind.BYE, body={"id": "b"}))
+            assert await until(lambda: a.got[-1][0].kind == Kind.BYE and len(a.got) == 3)
+        finally:
+            for e in ends:
+                await e.transport.close()
 
     run(main())

@@ -12,6 +12,7 @@ from protocol.wire import Kind, Message, ProtocolError, decode, encode, frame_bo
 
 DEFAULT_PORT = 7710
 DEFAULT_API = "127.0.0.1:7700"  # the HTTP API and web page (node/cluster/api.py)
+SEND_S = 5.0  # how long a request may wait for a connection to take it
 
 
 class Client:
@@ -23,6 +24,9 @@ class Client:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, frame_bound())  # replies to clients: headers
+        # A handshake that failed for good (a daemon with a secret, a client without) leaves
+        # no pipe to queue on: without a bound a send would wait forever.
+        self.sock.setsockopt(zmq.SNDTIMEO, int(SEND_S * 1000))
         if keys:
             keys.connect_as_client(self.sock)
         self.sock.connect(f"tcp://{address}")
@@ -37,16 +41,22 @@ class Client:
         self.close()
 
     def send(self, kind: Kind, **body: object) -> None:
-        self.sock.send_multipart(encode(message(kind, body=dict(body))))
+        try:
+            self.sock.send_multipart(encode(message(kind, body=dict(body))))
+        except zmq.Again:
+            raise self._silent(SEND_S, f"it to take a {kind.value} request") from None
+
+    def _silent(self, timeout_s: float, waiting_for: str) -> RinginferError:
+        hint = (" with this cluster secret?)" if self.secured
+                else "? If it has a cluster secret, pass --secret-file)")  # fmt: skip
+        return RinginferError(
+            f"no answer from the daemon at {self.address} for {timeout_s:.0f}s while waiting "
+            f"for {waiting_for} (is `ringinfer daemon` running there{hint}"
+        )
 
     def receive(self, timeout_s: float, waiting_for: str) -> Message:
         if not self.sock.poll(int(timeout_s * 1000)):
-            hint = (" with this cluster secret?)" if self.secured
-                    else "? If it has a cluster secret, pass --secret-file)")  # fmt: skip
-            raise RinginferError(
-                f"no answer from the daemon at {self.address} for {timeout_s:.0f}s while waiting "
-                f"for {waiting_for} (is `ringinfer daemon` running there{hint}"
-            )
+            raise self._silent(timeout_s, waiting_for)
         try:
             msg = decode(self.sock.recv_multipart())
         except ProtocolError as e:

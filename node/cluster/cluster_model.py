@@ -28,7 +28,7 @@ import zmq.asyncio
 from discovery.interfaces import Interface
 from discovery.mdns import Advert, Discovery
 from node.cluster.members import Member
-from node.cluster.secret import ClusterKeys
+from node.cluster.secret import TAG, ClusterKeys
 from node.cluster.transfer import Fetch, ModelFiles, Source, held
 from node.engine.manifest import MANIFEST_FRAME, Manifest, load_or_build
 from node.engine.safetensors_file import SafetensorsDir
@@ -74,7 +74,9 @@ async def _ask(ctx: zmq.asyncio.Context, address: str, keys: ClusterKeys | None)
         keys.connect_as_client(sock)
     sock.connect(f"tcp://{address}")
     try:
-        await sock.send_multipart(encode(message(Kind.MANIFEST)))
+        # A joining daemon's proof makes its key a member's: it may fetch weights next.
+        proof = {"proof": keys.proof()} if keys and keys.holds_secret else {}
+        await sock.send_multipart(encode(message(Kind.MANIFEST, body=proof)))
         if not await sock.poll(ANSWER_S * 1000):
             return None
         msg = decode(await sock.recv_multipart())
@@ -123,7 +125,7 @@ async def find(
 ) -> Found | None:
     """The manifest and header of the model the first member to answer serves."""
     adverts: list[str] = []
-    key = keys.fingerprint if keys else ""
+    key = TAG if keys else ""  # adverts say only whether a node has a secret
 
     def found(advert: Advert) -> None:
         ours = (advert.cluster, advert.protocol, advert.key) == (cluster, VERSION, key)

@@ -17,7 +17,7 @@ from discovery.interfaces import Interface, all_interfaces, is_loopback, lan_int
 from discovery.mdns import PROBE_SERVICE, SERVICE, Advert, Discovery
 from node import __version__
 from node.cluster.client import Client
-from node.cluster.secret import ClusterKeys
+from node.cluster.secret import TAG, ClusterKeys
 from node.errors import RinginferError
 from protocol.wire import VERSION
 
@@ -53,7 +53,7 @@ def diagnose(
         cluster = daemon["cluster"] if daemon else "default"
     interfaces = _interfaces(asked, checks)
     adverts = asyncio.run(_listen(interfaces, listen_s, checks)) if interfaces else []
-    key = keys.fingerprint if keys else (daemon or {}).get("secret") or ""
+    key = TAG if keys or (daemon or {}).get("secret") else ""  # what adverts can tell
     checks += _peers(adverts, cluster, daemon, key)
     checks += _daemon_checks(node, daemon)
     return checks

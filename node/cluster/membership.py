@@ -2,6 +2,10 @@
 trips, members that leave or go silent, and the nodes heard of that are not ours (another
 cluster, another secret, another version, or a process using our id). A change of members
 asks the plan agreement (node/cluster/plans.py) for a new plan.
+
+An advert is a claim anyone can make: its address is dialled on probation
+(Transport.send_on_advert), and becomes a member only by answering with a proven HELLO.
+Gossip comes from authenticated members and is dialled as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import zmq
 
 from discovery.mdns import SERVICE, Advert, Discovery
 from node import __version__
+from node.cluster.log_budget import LogBudget
 from node.cluster.members import Member, Members
+from node.cluster.secret import TAG
 from node.cluster.status import load
 from node.cluster.transport import ClientGone
 from protocol.wire import VERSION, Kind, Message, ProtocolError, message
@@ -25,6 +31,9 @@ if TYPE_CHECKING:
     from node.cluster.daemon import Daemon
 
 log = logging.getLogger("ringinfer")
+
+MAX_HEARD = 256  # adverts' names and other clusters' nodes remembered
+UNPROVEN = "?"  # the key of a node that advertised our cluster and never proved our secret
 
 
 class Membership:
@@ -35,6 +44,11 @@ class Membership:
         self.mdns_names: dict[str, str] = {}  # mDNS instance -> node id
         self.foreign: dict[str, dict[str, Any]] = {}  # nodes heard of but not ours, by id
         self.impostors: dict[str, float] = {}  # address -> when a process there used our id
+        self.tag = TAG if node.cfg.keys else ""  # what our adverts say of our secret
+        self.proof = node.cfg.keys.proof() if node.cfg.keys else ""  # our key is a member's
+        self.foreign_log = LogBudget(burst=10, window_s=60.0)
+        self.found_log = LogBudget(burst=10, window_s=60.0)
+        self.advertised: dict[str, Advert] = {}  # address dialled on an advert -> the advert
 
     # ---------------------------------------------------------------- mDNS
 
@@ -47,7 +61,7 @@ class Membership:
             id=node.id, name=cfg.name, version=__version__, protocol=VERSION,
             port=cfg.port, cluster=cfg.cluster, device=caps.device,
             memory_total=caps.memory_total, memory_available=cfg.memory,
-            flops=caps.flops, bandwidth=caps.bandwidth, models=(node.ckpt.name,), key=node.key,
+            flops=caps.flops, bandwidth=caps.bandwidth, models=(node.ckpt.name,), key=self.tag,
         )  # fmt: skip
         self.discovery = Discovery(advert, cfg.mdns, self._found, self._gone)
         try:
@@ -66,19 +80,24 @@ class Membership:
     def _found(self, advert: Advert) -> None:
         """An mDNS advert: say HELLO to nodes of our cluster; remember the rest for status."""
         node = self.node
-        if advert.id != node.id:
+        if advert.id != node.id and len(self.mdns_names) < MAX_HEARD:
             self.mdns_names[advert.instance] = advert.id
         if advert.cluster != node.cfg.cluster or advert.protocol != VERSION or (
-            advert.key != node.key
+            advert.key != self.tag
         ):
+            key = node.key if advert.key == self.tag else advert.key  # as status compares
             self._foreign(advert.id, advert.name, advert.endpoint, advert.cluster, advert.version,
-                          advert.protocol, advert.key)  # fmt: skip
+                          advert.protocol, key)  # fmt: skip
             return
         if advert.id == node.id and advert.endpoint == node.address:
             return
-        if advert.id not in self.members.by_id:
+        if advert.id in self.members.by_id:
+            return  # heartbeats keep it; an advert proves nothing more
+        if node.transport.may_log(self.found_log):
             log.info("mDNS: found %s at %s", advert.name, advert.endpoint)
-        node.transport.send_to(advert.endpoint, self.hello())
+        if len(self.advertised) < MAX_HEARD:
+            self.advertised[advert.endpoint] = advert
+        node.transport.send_on_advert(advert.endpoint, self.hello())
 
     def _gone(self, instance: str) -> None:
         """An mDNS goodbye: a member that also stopped talking is gone now, not in 6 s."""
@@ -90,14 +109,18 @@ class Membership:
         self, node_id: str, name: str, address: str, cluster: str, version: str, protocol: int,
         key: str,
     ) -> None:  # fmt: skip
-        ours, our_key = self.node.cfg.cluster, self.node.key
-        if node_id not in self.foreign:
+        ours, our_key = self.node.cfg.cluster, self.tag
+        if node_id not in self.foreign and len(self.foreign) >= MAX_HEARD:
+            return  # a flood of adverts: status shows the first ones
+        if node_id not in self.foreign and self.node.transport.may_log(self.foreign_log):
             if cluster != ours:
                 why = f"cluster '{cluster}'"
             elif protocol != VERSION:
                 why = f"protocol {protocol} (we speak {VERSION})"
             elif not our_key:
                 why = "a cluster secret (we have none)"
+            elif key == UNPROVEN:
+                why = "never answered as a member (another cluster secret?)"
             else:
                 why = "another cluster secret" if key else "no cluster secret"
             log.warning("ignoring %s at %s: %s", name, address, why)
@@ -124,6 +147,8 @@ class Membership:
             "quant": node.quantization, "load": load(node),
             "transfer": node.transfer_port, "holds": node.transfers.files.holds(),
         }  # fmt: skip
+        if cfg.keys:
+            body["proof"] = self.proof  # our key is a member's (node/cluster/identities.py)
         return message(Kind.HELLO, body=body)
 
     def broadcast_hello(self) -> None:
@@ -150,8 +175,18 @@ class Membership:
         """Impostors and other clusters' nodes not heard of for a minute are forgotten."""
         now = time.monotonic()
         self.impostors = {a: t for a, t in self.impostors.items() if now - t < after_s}
-        self.foreign = {i: f for i, f in self.foreign.items() if now - f["seen"] < after_s}
+        # Reported while their adverts live (not heard again before their goodbye) or, for
+        # those that never proved our secret, while they are not dialled again.
+        advertised, given_up = set(self.mdns_names.values()), self.node.transport.given_up
+        self.foreign = {i: f for i, f in self.foreign.items() if now - f["seen"] < after_s
+                        or i in advertised or f["address"] in given_up}  # fmt: skip
         self.node.transport.forget_strangers(after_s)
+        for address in self.node.transport.expire_unproven({m.address for m in self.members}):
+            a = self.advertised.pop(address, None)
+            if a is not None:  # an advert of our cluster whose node never proved our secret
+                self._foreign(a.id, a.name, address, a.cluster, a.version, a.protocol, UNPROVEN)
+        self.advertised = {a: v for a, v in self.advertised.items()
+                           if a in self.node.transport.unproven}  # fmt: skip
 
     def impostor_seen(self) -> bool:
         now = time.monotonic()
@@ -225,6 +260,8 @@ class Membership:
         """A member left or went silent: its requests' steps fail (and are replayed), the
         caches of requests it was the requester of are freed, and the cluster re-plans."""
         self.members.remove(member.id)
+        if self.node.transport.identities is not None:
+            self.node.transport.identities.forget(member.id)
         log.info("member %s (%s) %s", member.name, member.id, why)
         self.node.requester.stage_lost(member.id, f"node {member.name} {why} during the request")
         self.node.stage.requester_lost(member.id, why)

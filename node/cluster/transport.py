@@ -1,7 +1,12 @@
 """The daemon's sockets: one ROUTER takes everything in (peers' DEALERs and local clients), one
-DEALER per peer sends out. With a cluster secret every connection is CurveZMQ and a ZAP
-handler admits only handshakes made with the cluster's key. Each frame is decoded, checked
-and handed to its handler here; a bad one gets an error reply, never a crash.
+DEALER per peer sends out. With a cluster secret every connection is CurveZMQ, a ZAP handler
+names each connection by its key, and every message is checked against what that key may
+say (node/cluster/identities.py). Each frame is decoded, checked and handed to its handler
+here; a bad one gets an error reply, never a crash.
+
+An address heard of only from an mDNS advert (which anyone can send) is dialled on
+probation: a few connection attempts backing off, at most UNPROVEN_MAX such links at once,
+and the link is closed for good unless a member answers from there within UNPROVEN_S.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
+from node.cluster.identities import UNAUTHENTICATED, Identities
 from node.cluster.in_flight import InFlight
 from node.cluster.log_budget import LogBudget
-from node.cluster.secret import ZAP_ENDPOINT, ClusterKeys, zap_reply
+from node.cluster.secret import TRANSFER_DOMAIN, ZAP_DOMAIN, ZAP_ENDPOINT, ClusterKeys, zap_reply
 from node.cluster.status import Stats
 from node.cluster.transfer import TRANSFER_QUEUE
 from node.errors import RinginferError
 from protocol.wire import Kind, Message, ProtocolError, decode, encode, error, frame_bound
 
 log = logging.getLogger("ringinfer")
+
+UNPROVEN_MAX = 8  # links open at once to addresses only an mDNS advert named
+UNPROVEN_S = 10.0  # how long such an address has to answer as a member
+GIVEN_UP_S = 600.0  # an address that never answered is not dialled on an advert's word again
+RECONNECT_MS = (250, 4000)  # a probation link's first reconnection interval, its ceiling
 
 Handler = Callable[[bytes, Message, str], Awaitable[None]]  # (client identity, message, host)
 Refused = Callable[[Message, str, str], None]  # a refused message, its error code and text
@@ -74,7 +85,7 @@ def listen(
         if sock is transfer:  # chunks for a peer that stops reading are dropped, not hoarded
             sock.setsockopt(zmq.SNDHWM, TRANSFER_QUEUE)
         if keys:
-            keys.serve(sock)
+            keys.serve(sock, TRANSFER_DOMAIN if sock is transfer else ZAP_DOMAIN)
         try:
             if at:
                 sock.bind(f"tcp://{host}:{at}")
@@ -125,7 +136,12 @@ class Transport:
         self.max_tensor_bytes, self.refused = max_tensor_bytes, refused
         self.max_frame = frame_bound(max_tensor_bytes)  # the model's largest, on every link
         bound_again(self.router, self.max_frame)
+        self.identities = Identities(keys) if keys else None
         self.links: dict[str, zmq.asyncio.Socket] = {}
+        self.link_tasks: dict[str, asyncio.Task] = {}  # each link's receive loop
+        self.unproven: dict[str, float] = {}  # address dialled on an advert's word -> deadline
+        self.given_up: dict[str, float] = {}  # address that never answered -> when
+        self.told: set[tuple[str, str]] = set()  # (key, refusal) already logged
         self.tasks: list[asyncio.Task] = []  # the receive loops and the ZAP handler
         self.dispatching: set[asyncio.Task] = set()  # a task per message being handled
         self.in_flight = InFlight()  # of those, per connection: past its cap, refused
@@ -138,7 +154,7 @@ class Transport:
             self.tasks.append(asyncio.ensure_future(self._authenticate()))
 
     async def close(self) -> None:
-        tasks = [*self.tasks, *self.dispatching]
+        tasks = [*self.tasks, *self.link_tasks.values(), *self.dispatching]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -150,13 +166,46 @@ class Transport:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 200)
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+            if address in self.unproven:  # a few attempts, backing off, until it expires
+                sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS[0])
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MS[1])
             if self.keys:
                 self.keys.connect_as_client(sock)
             sock.connect(f"tcp://{address}")
             self.links[address] = sock
             # Replies on a link are errors about what we sent (a version mismatch, say).
-            self.tasks.append(asyncio.ensure_future(self._receive(sock, from_router=False)))
+            self.link_tasks[address] = asyncio.ensure_future(self._receive(sock, False))
         return sock
+
+    def close_link(self, address: str) -> None:
+        sock, task = self.links.pop(address, None), self.link_tasks.pop(address, None)
+        if task is not None:
+            task.cancel()
+        if sock is not None:
+            sock.close(linger=0)
+
+    def send_on_advert(self, address: str, msg: Message) -> None:
+        """Send to an address an mDNS advert named: on probation unless already linked."""
+        now = time.monotonic()
+        if may_dial_advert(address, now, set(self.links), self.unproven, self.given_up):
+            if address not in self.links:
+                self.unproven[address] = now + UNPROVEN_S
+            self.send_to(address, msg)
+
+    def expire_unproven(self, answered: set[str]) -> list[str]:
+        """Close, for good, links dialled on an advert's word whose address never answered
+        as a member (`answered`: members' addresses), and say which; keep those that did."""
+        now, closed = time.monotonic(), []
+        for address, deadline in list(self.unproven.items()):
+            if address in answered:
+                del self.unproven[address]
+            elif now >= deadline:
+                del self.unproven[address]
+                self.given_up[address] = now
+                self.close_link(address)
+                closed.append(address)
+        self.given_up = {a: t for a, t in self.given_up.items() if now - t < GIVEN_UP_S}
+        return closed
 
     def send_to(self, address: str, msg: Message) -> None:
         """Queue a message for a peer; ZeroMQ connects (and reconnects) in the background."""
@@ -185,11 +234,12 @@ class Transport:
         """A message to this daemon itself, handled as if it had come in over the wire."""
         self._dispatch_later(b"", encode(msg), "self")
 
-    def _dispatch_later(self, identity: bytes, frames: list[bytes], host: str) -> None:
+    def _dispatch_later(
+        self, identity: bytes, frames: list[bytes], host: str, key: str | None = None
+    ) -> None:
         counted = bool(identity) and self.in_flight.take(identity)  # b"": ourselves, a link
-        task = asyncio.ensure_future(
-            self.dispatch(identity, frames, host, overloaded=bool(identity) and not counted)
-        )
+        overloaded = bool(identity) and not counted
+        task = asyncio.ensure_future(self.dispatch(identity, frames, host, key, overloaded))
         self.dispatching.add(task)
         task.add_done_callback(self.dispatching.discard)
         if counted:
@@ -202,20 +252,19 @@ class Transport:
                 identity, frames = frames[0].bytes, frames[1:]
             else:
                 identity = b""
-            try:
-                host = frames[0].get("Peer-Address") if frames else ""
-            except zmq.ZMQError:
-                host = ""
+            host, key = _property(frames, "Peer-Address"), None
+            if from_router and self.identities is not None:
+                key = _property(frames, "User-Id")  # the sender's CURVE key (ZAP set it)
             # Each message is its own task: a FORWARD waits for compute, and the socket must
             # keep being read meanwhile (status, heartbeats, other requests).
-            self._dispatch_later(identity, [f.bytes for f in frames], host)
+            self._dispatch_later(identity, [f.bytes for f in frames], host, key)
 
     async def _authenticate(self) -> None:
-        """The ZAP handler: a handshake completes only with the cluster's client key."""
-        assert self.zap is not None and self.keys is not None
+        """The ZAP handler: names each connection by its key (see secret.zap_reply)."""
+        assert self.zap is not None and self.keys is not None and self.identities is not None
         while True:
             frames = await self.zap.recv_multipart()
-            reply, admitted, address = zap_reply(frames, self.keys)
+            reply, admitted, address = zap_reply(frames, self.keys, self.identities.ids)
             await self.zap.send_multipart(reply)
             if not admitted:
                 self.stats.errors["unauthenticated"] += 1
@@ -224,13 +273,17 @@ class Transport:
                     log.warning("refused a connection from %s: not this cluster's secret", address)
 
     async def dispatch(
-        self, identity: bytes, frames: list[bytes], host: str, overloaded: bool = False
+        self, identity: bytes, frames: list[bytes], host: str, key: str | None = None,
+        overloaded: bool = False,
     ) -> None:
-        """Decode, validate and handle one message; a bad one gets an error reply, never a crash.
+        """Decode, validate and handle one message; a bad one gets an error reply, never a
+        crash. `key`: the sender's CURVE key, whose rights are checked (None: no check).
         `overloaded`: its connection has its cap of handlers in flight, so it is refused."""
         msg: Message | None = None
         try:
             msg = decode(frames, self.max_tensor_bytes)
+            if key is not None and not self._may_say(key, msg, host, identity):
+                return
             if overloaded:
                 raise ProtocolError("overloaded", f"{self.in_flight.cap} messages of this "
                                     "connection are being handled; send fewer at once")  # fmt: skip
@@ -258,6 +311,37 @@ class Transport:
             with contextlib.suppress(ClientGone, zmq.ZMQError):
                 await self.reply(identity, error("internal", f"{type(e).__name__}: {e}"))
 
+    def _may_say(self, key: str, msg: Message, host: str, identity: bytes) -> bool:
+        """Whether this key may send this message; a refusal is counted, logged once per
+        key and reason (strangers' within the log budget), and changes nothing. Only a
+        client is answered (it waits for a reply); a stranger learns nothing."""
+        assert self.identities is not None
+        refusal = self.identities.check(key, msg)
+        if refusal is None:
+            return True
+        code, why = refusal
+        self.stats.errors[code] += 1
+        if code == UNAUTHENTICATED:
+            self.strangers[host or "?"] = time.monotonic()
+            if self.may_log(self.refusals):
+                log.warning("refused %s from %s: %s", msg.kind.value, host or "?", why)
+            return False
+        if (key, why) not in self.told and len(self.told) < 4096:
+            self.told.add((key, why))
+            log.warning("refused %s from %s: %s", msg.kind.value, host or "?", why)
+        if key == self.identities.client:
+            self._dispatch_reply(identity, error(code, why, msg.req))
+        return False
+
+    def _dispatch_reply(self, identity: bytes, msg: Message) -> None:
+        async def send() -> None:
+            with contextlib.suppress(ClientGone, zmq.ZMQError):
+                await self.reply(identity, msg)
+
+        task = asyncio.ensure_future(send())
+        self.dispatching.add(task)
+        task.add_done_callback(self.dispatching.discard)
+
     def may_log(self, budget: LogBudget) -> bool:
         """Whether a refusal or an internal error may be logged now, saying what was held back."""
         ok, held = budget.take(time.monotonic())
@@ -269,3 +353,25 @@ class Transport:
     def forget_strangers(self, after_s: float = 60.0) -> None:
         now = time.monotonic()
         self.strangers = {a: t for a, t in self.strangers.items() if now - t < after_s}
+
+
+def _property(frames: list[zmq.Frame], name: str) -> str:
+    """A connection property of a received message ('' where there is none)."""
+    try:
+        return frames[0].get(name) if frames else ""
+    except zmq.ZMQError:
+        return ""
+
+
+def may_dial_advert(
+    address: str, now: float, linked: set[str], unproven: dict[str, float],
+    given_up: dict[str, float],
+) -> bool:  # fmt: skip
+    """Whether an mDNS advert's address may be sent to: a link already open (a member's, or
+    on probation) yes; an address that never answered, or one more than UNPROVEN_MAX links
+    on probation, no."""
+    if address in linked:
+        return True
+    if now - given_up.get(address, float("-inf")) < GIVEN_UP_S:
+        return False
+    return len(unproven) < UNPROVEN_MAX
