@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import time
@@ -38,6 +39,12 @@ UNPROVEN_MAX = 8  # links open at once to addresses only an mDNS advert named
 UNPROVEN_S = 10.0  # how long such an address has to answer as a member
 GIVEN_UP_S = 600.0  # an address that never answered is not dialled on an advert's word again
 RECONNECT_MS = (250, 4000)  # a probation link's first reconnection interval, its ceiling
+# What may come back on a link we dialled: replies to what we sent. Everything a member says
+# on its own behalf comes in on our ROUTER, where its key is checked; a PONG only ever
+# answers our PING, so on the ROUTER it would name no speaker.
+LINK_REPLIES = frozenset({Kind.PONG, Kind.ERROR})
+REPLY_S = 10.0  # a peer that reads none of its replies for this long is gone
+YIELD_EVERY = 64  # frames read in a row before the loop lets heartbeats run
 
 Handler = Callable[[bytes, Message, str], Awaitable[None]]  # (client identity, message, host)
 Refused = Callable[[Message, str, str], None]  # a refused message, its error code and text
@@ -149,7 +156,7 @@ class Transport:
         self.refusals, self.internal_errors = LogBudget(), LogBudget(burst=5)
 
     def start(self) -> None:
-        self.tasks.append(asyncio.ensure_future(self._receive(self.router, from_router=True)))
+        self.tasks.append(asyncio.ensure_future(self._receive(self.router, None)))
         if self.zap is not None:
             self.tasks.append(asyncio.ensure_future(self._authenticate()))
 
@@ -174,7 +181,7 @@ class Transport:
             sock.connect(f"tcp://{address}")
             self.links[address] = sock
             # Replies on a link are errors about what we sent (a version mismatch, say).
-            self.link_tasks[address] = asyncio.ensure_future(self._receive(sock, False))
+            self.link_tasks[address] = asyncio.ensure_future(self._receive(sock, address))
         return sock
 
     def close_link(self, address: str) -> None:
@@ -222,8 +229,11 @@ class Transport:
         if not identity:
             return
         frames = encode(msg)
-        try:
-            await self.router.send_multipart([identity, *frames], copy=False)
+        try:  # bounded: a peer that never reads must not hold a task (and its slot) forever
+            await asyncio.wait_for(self.router.send_multipart([identity, *frames], copy=False),
+                                   REPLY_S)  # fmt: skip
+        except asyncio.TimeoutError:
+            raise ClientGone from None
         except zmq.ZMQError as e:
             if e.errno == errno.EHOSTUNREACH:
                 raise ClientGone from None
@@ -235,29 +245,41 @@ class Transport:
         self._dispatch_later(b"", encode(msg), "self")
 
     def _dispatch_later(
-        self, identity: bytes, frames: list[bytes], host: str, key: str | None = None
-    ) -> None:
-        counted = bool(identity) and self.in_flight.take(identity)  # b"": ourselves, a link
-        overloaded = bool(identity) and not counted
-        task = asyncio.ensure_future(self.dispatch(identity, frames, host, key, overloaded))
+        self, identity: bytes, frames: list[bytes], host: str, key: str | None = None,
+        link: str | None = None,
+    ) -> None:  # fmt: skip
+        """Handle a message in a task of its own, within its connection's cap (a ROUTER
+        identity, or the link it came in on; b"" is ourselves). Past the cap it is dropped
+        unread and counted: a task per refusal would be the unbounded growth the cap stops."""
+        who = identity or (f"link {link}".encode() if link else b"")
+        if who and not self.in_flight.take(who):
+            self.stats.errors["overloaded"] += 1
+            if self.may_log(self.refusals):
+                log.warning("dropped a message from %s: %d of its messages are being handled",
+                            host or link or "?", self.in_flight.cap)  # fmt: skip
+            return
+        task = asyncio.ensure_future(self.dispatch(identity, frames, host, key, link))
         self.dispatching.add(task)
         task.add_done_callback(self.dispatching.discard)
-        if counted:
-            task.add_done_callback(lambda _: self.in_flight.release(identity))
+        if who:
+            task.add_done_callback(lambda _: self.in_flight.release(who))
 
-    async def _receive(self, sock: zmq.asyncio.Socket, from_router: bool) -> None:
-        while True:
+    async def _receive(self, sock: zmq.asyncio.Socket, link: str | None) -> None:
+        """Read the ROUTER (`link` None) or the link we dialled to `link`, for ever."""
+        for n in itertools.count(1):
             frames = await sock.recv_multipart(copy=False)
-            if from_router:
+            if link is None:
                 identity, frames = frames[0].bytes, frames[1:]
             else:
                 identity = b""
             host, key = _property(frames, "Peer-Address"), None
-            if from_router and self.identities is not None:
+            if link is None and self.identities is not None:
                 key = _property(frames, "User-Id")  # the sender's CURVE key (ZAP set it)
             # Each message is its own task: a FORWARD waits for compute, and the socket must
             # keep being read meanwhile (status, heartbeats, other requests).
-            self._dispatch_later(identity, [f.bytes for f in frames], host, key)
+            self._dispatch_later(identity, [f.bytes for f in frames], host, key, link)
+            if n % YIELD_EVERY == 0:  # frames already queued are read without yielding
+                await asyncio.sleep(0)
 
     async def _authenticate(self) -> None:
         """The ZAP handler: names each connection by its key (see secret.zap_reply)."""
@@ -274,19 +296,18 @@ class Transport:
 
     async def dispatch(
         self, identity: bytes, frames: list[bytes], host: str, key: str | None = None,
-        overloaded: bool = False,
+        link: str | None = None,
     ) -> None:
         """Decode, validate and handle one message; a bad one gets an error reply, never a
         crash. `key`: the sender's CURVE key, whose rights are checked (None: no check).
-        `overloaded`: its connection has its cap of handlers in flight, so it is refused."""
+        `link`: the address of our link it came back on, where only replies are taken."""
         msg: Message | None = None
         try:
             msg = decode(frames, self.max_tensor_bytes)
-            if key is not None and not self._may_say(key, msg, host, identity):
+            if not self._routed_right(msg, identity, link, host):
                 return
-            if overloaded:
-                raise ProtocolError("overloaded", f"{self.in_flight.cap} messages of this "
-                                    "connection are being handled; send fewer at once")  # fmt: skip
+            if key is not None and not await self._may_say(key, msg, host, identity):
+                return
             handler = self.handlers.get(msg.kind)
             if handler is None:
                 raise ProtocolError(
@@ -311,10 +332,26 @@ class Transport:
             with contextlib.suppress(ClientGone, zmq.ZMQError):
                 await self.reply(identity, error("internal", f"{type(e).__name__}: {e}"))
 
-    def _may_say(self, key: str, msg: Message, host: str, identity: bytes) -> bool:
+    def _routed_right(self, msg: Message, identity: bytes, link: str | None, host: str) -> bool:
+        """Whether the message came in where its kind may: on a link, only replies (whoever
+        holds the server key could answer there, so nothing said there speaks for a member);
+        on the ROUTER, no PONG. Else it is dropped and counted, within the log budget."""
+        if link is not None:
+            wrong = msg.kind not in LINK_REPLIES
+        else:
+            wrong = bool(identity) and msg.kind == Kind.PONG
+        if wrong:
+            self.stats.errors["misrouted"] += 1
+            if self.may_log(self.refusals):
+                log.warning("dropped %s from %s: not a reply to us", msg.kind.value,
+                            link or host or "?")  # fmt: skip
+        return not wrong
+
+    async def _may_say(self, key: str, msg: Message, host: str, identity: bytes) -> bool:
         """Whether this key may send this message; a refusal is counted, logged once per
         key and reason (strangers' within the log budget), and changes nothing. Only a
-        client is answered (it waits for a reply); a stranger learns nothing."""
+        client is answered (it waits for a reply, sent within this message's slot of the
+        cap); a stranger learns nothing."""
         assert self.identities is not None
         refusal = self.identities.check(key, msg)
         if refusal is None:
@@ -330,17 +367,9 @@ class Transport:
             self.told.add((key, why))
             log.warning("refused %s from %s: %s", msg.kind.value, host or "?", why)
         if key == self.identities.client:
-            self._dispatch_reply(identity, error(code, why, msg.req))
-        return False
-
-    def _dispatch_reply(self, identity: bytes, msg: Message) -> None:
-        async def send() -> None:
             with contextlib.suppress(ClientGone, zmq.ZMQError):
-                await self.reply(identity, msg)
-
-        task = asyncio.ensure_future(send())
-        self.dispatching.add(task)
-        task.add_done_callback(self.dispatching.discard)
+                await self.reply(identity, error(code, why, msg.req))
+        return False
 
     def may_log(self, budget: LogBudget) -> bool:
         """Whether a refusal or an internal error may be logged now, saying what was held back."""
