@@ -100,8 +100,10 @@ class Daemon:
         """`ringinfer ARGS` from where this daemon runs (its namespace)."""
         return run_cli(*args, timeout=timeout, netns=self.netns, env=self.env)
 
-    def status(self) -> dict:
-        proc = self.cli("status", "--node", self.address, "--json", timeout=30)
+    def status(self, wait: float = 0) -> dict:
+        """Its status; `wait`: seconds it may take to start answering (loading, say)."""
+        waiting = ["--wait", str(wait)] if wait else []
+        proc = self.cli("status", "--node", self.address, "--json", *waiting, timeout=30 + wait)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 

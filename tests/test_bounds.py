@@ -92,7 +92,8 @@ def test_one_connection_keeps_at_most_its_cap_of_handlers_in_flight():
 
 def test_a_link_takes_replies_only_and_the_router_no_pong():
     """Whoever holds the server key can answer on a link we dialled, so only replies (PONG,
-    ERROR) are taken there: a BYE or PING coming back on a link is dropped and counted. A PONG on the ROUTER names no speaker: dropped too."""
+    ERROR) are taken there: a BYE or PING coming back on a link is dropped and counted. A
+    PONG on the ROUTER names no speaker: dropped too."""
 
     async def main() -> None:
         a = Endpoint(None)

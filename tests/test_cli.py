@@ -216,7 +216,7 @@ def test_two_daemons_never_share_a_data_dir(tmp_path, tiny_models):  # noqa: ANN
         tmp_path, "first", free_port(), ["--model", str(tiny_models["gpt2"]), "--no-mdns"]
     )
     try:
-        first.status()  # up and holding its data dir
+        first.status(wait=60)  # up and holding its data dir (a loaded machine: slow to start)
         proc = run_cli("daemon", "--data-dir", str(tmp_path / "first"), "--port",
                        str(free_port()), "--model", str(tiny_models["gpt2"]))  # fmt: skip
         assert_one_line_error(proc, "another daemon is using data dir")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from node.cluster.secret import new_secret
+from node.cluster.status import MAX_FOREIGN_SHOWN
 from node.cluster.transport import UNPROVEN_MAX, UNPROVEN_S
 from tests.conftest import run_cli
 from tests.daemons import Cluster, Daemon, free_port
@@ -313,6 +314,7 @@ def test_500_spoofed_adverts_cost_a_bounded_number_of_sockets_and_log_lines(
     assert len(status["nodes"]) == members and status["live"]
     assert any("spoof" in p["problem"] and "another cluster secret" in p["problem"]
                for p in status["problems"])  # fmt: skip
+    assert len(status["problems"]) <= MAX_FOREIGN_SHOWN + 4  # the reply stays small
 
 
 def test_two_daemons_with_one_id_are_reported_not_merged(tmp_path, tiny_models):  # noqa: ANN001

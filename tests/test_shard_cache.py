@@ -92,6 +92,8 @@ def test_manifest_json_round_trips_and_refuses_malformed(source):
         {**wire, "format": "safetensors", "tensors": [["x", None, 0, [4], 16, "0" * 64]]},
         {**wire, "format": "tar"},
         {**wire, "header_sha256": "x"},
+        {**wire, "header_bytes": float("inf")},  # a peer's 1e400, as json.loads reads it
+        {**wire, "header_bytes": float("nan")},
         {"name": "x"},
         [],
     ]

@@ -48,6 +48,8 @@ log = logging.getLogger("ringinfer")
 
 MDNS_WAIT_S = 3.0  # how long to listen for adverts of the cluster's members
 ANSWER_S = 5.0  # how long a member that accepted the connection has to answer
+ASK_AT_ONCE = 8  # addresses asked for their manifest at once at start
+MAX_ASKED = 32  # advertised addresses asked in all: an advert is a claim anyone can make
 
 
 @dataclass
@@ -89,7 +91,7 @@ async def _ask(ctx: zmq.asyncio.Context, address: str, keys: ClusterKeys | None)
         host = address.rpartition(":")[0]
         holds = [h for h in holds if isinstance(h, str)] if isinstance(holds, list) else []
         return Found(manifest, bytes(msg.frames[1]), address, f"{host}:{transfer}", holds)
-    except (ProtocolError, RinginferError, ValueError) as e:
+    except (ProtocolError, RinginferError, ValueError, TypeError, KeyError, OverflowError) as e:
         log.warning("%s sent a bad model manifest: %s", address, e)
         return None
     finally:
@@ -145,11 +147,14 @@ async def find(
         asked: set[str] = set()
         deadline = time.monotonic() + (MDNS_WAIT_S if discovery else 0.0)
         while True:
-            for address in [a for a in [*live, *adverts] if a not in asked]:
-                asked.add(address)
-                answer = await _ask(ctx, address, keys)
-                if answer:
-                    return answer
+            # anyone can advertise: a few addresses at a time, a bounded number in all
+            heard = adverts if len(asked) < MAX_ASKED else []
+            batch = [a for a in [*live, *heard] if a not in asked][:ASK_AT_ONCE]
+            asked.update(batch)
+            answers = await asyncio.gather(*(_ask(ctx, a, keys) for a in batch))
+            answer = next((a for a in answers if a), None)
+            if answer:
+                return answer
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(0.1)

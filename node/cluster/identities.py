@@ -90,7 +90,11 @@ class Identities:
         refusal = decide(msg.kind, claimed, key == self.client, bound, proved,
                          "self" if owner == key else owner)  # fmt: skip
         if refusal is None and key != self.client:
-            if bound is None and len(self.ids) < MAX_KEYS:
+            if bound is None:
+                if len(self.ids) >= MAX_KEYS:  # fresh keys must not crowd bound ones out
+                    self.ids = {k: i for k, i in self.ids.items() if i}
+                if len(self.ids) >= MAX_KEYS:
+                    return FORBIDDEN, f"{MAX_KEYS} member keys are bound already"
                 self.ids[key] = ""
             if msg.kind is Kind.HELLO and claimed and not self.ids.get(key):
                 self.ids[key], self.owners[claimed] = claimed, key

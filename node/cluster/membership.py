@@ -80,8 +80,12 @@ class Membership:
     def _found(self, advert: Advert) -> None:
         """An mDNS advert: say HELLO to nodes of our cluster; remember the rest for status."""
         node = self.node
-        if advert.id != node.id and len(self.mdns_names) < MAX_HEARD:
-            self.mdns_names[advert.instance] = advert.id
+        if advert.id != node.id:
+            if len(self.mdns_names) >= MAX_HEARD:  # spoofed adverts must not crowd members out
+                self.mdns_names = {i: n for i, n in self.mdns_names.items()
+                                   if n in self.members.by_id}  # fmt: skip
+            if len(self.mdns_names) < MAX_HEARD:
+                self.mdns_names[advert.instance] = advert.id
         if advert.cluster != node.cfg.cluster or advert.protocol != VERSION or (
             advert.key != self.tag
         ):

@@ -126,6 +126,10 @@ def status(d: Daemon) -> dict[str, Any]:
         },
     }
 
+
+MAX_FOREIGN_SHOWN = 16  # nodes heard of but not members, in one status reply
+
+
 def problems(d: Daemon) -> list[dict[str, str]]:
     """What a user should fix, each with how and how bad: shown by `status` and `doctor`."""
     out = []
@@ -168,7 +172,16 @@ def problems(d: Daemon) -> list[dict[str, str]]:
             "problem": f"nodes at {', '.join(addresses)} share the id {node_id}",
             "fix": "delete node_id in the --data-dir of all but one of them and restart it",
         })  # fmt: skip
-    for f in d.membership.foreign.values():
+    foreign = list(d.membership.foreign.values())
+    if len(foreign) > MAX_FOREIGN_SHOWN:  # adverts are anyone's: the reply must stay small
+        out.append({
+            "level": "warn",
+            "problem": f"{len(foreign)} nodes that are not members advertise on this network; "
+                       f"the {MAX_FOREIGN_SHOWN} heard of last follow",
+            "fix": "if they are not yours, something on the network is sending mDNS adverts",
+        })  # fmt: skip
+        foreign = sorted(foreign, key=lambda f: f["seen"])[-MAX_FOREIGN_SHOWN:]
+    for f in foreign:
         if f["cluster"] == d.cfg.cluster and f["key"] != d.key:
             out.append({
                 "level": "fail",

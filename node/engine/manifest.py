@@ -128,7 +128,7 @@ class Manifest:
                 tensors[name] = TensorEntry(name, layer, kind, tuple(shape), n_bytes, sha)
             manifest = cls(str(data["name"])[:256], int(data["header_bytes"]),
                            str(data["header_sha256"]), tensors, fmt)  # fmt: skip
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise RinginferError(f"malformed model manifest ({e})") from None
         sha = manifest.header_sha256
         if not (0 < manifest.header_bytes <= MANIFEST_FRAME and _HEX64.match(sha)):
