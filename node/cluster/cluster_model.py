@@ -18,9 +18,10 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -98,6 +99,20 @@ async def _ask(ctx: zmq.asyncio.Context, address: str, keys: ClusterKeys | None)
         sock.close(linger=0)
 
 
+async def _first_answer(asks: list[Coroutine[Any, Any, Found | None]]) -> Found | None:
+    """The first of these askings to find a model; the others are cancelled then."""
+    tasks = [asyncio.ensure_future(a) for a in asks]
+    try:
+        for done in asyncio.as_completed(tasks):
+            answer = await done
+            if answer:
+                return answer
+        return None
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def ask(address: str, keys: ClusterKeys | None) -> Found | None:
     """The manifest and header of the model the member at `address` serves."""
     ctx = zmq.asyncio.Context()
@@ -151,8 +166,7 @@ async def find(
             heard = adverts if len(asked) < MAX_ASKED else []
             batch = [a for a in [*live, *heard] if a not in asked][:ASK_AT_ONCE]
             asked.update(batch)
-            answers = await asyncio.gather(*(_ask(ctx, a, keys) for a in batch))
-            answer = next((a for a in answers if a), None)
+            answer = await _first_answer([_ask(ctx, a, keys) for a in batch])
             if answer:
                 return answer
             if time.monotonic() >= deadline:
