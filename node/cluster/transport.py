@@ -254,7 +254,7 @@ class Transport:
                 log.warning("dropped a message from %s: %d of its messages are being handled",
                             host or link or "?", self.in_flight.cap)  # fmt: skip
             return
-        task = asyncio.ensure_future(self.dispatch(identity, frames, host, key, link))
+        task = asyncio.ensure_future(self.dispatch(identity, frames, host, key))
         self.dispatching.add(task)
         task.add_done_callback(self.dispatching.discard)
         if who:
@@ -291,12 +291,10 @@ class Transport:
                     log.warning("refused a connection from %s: not this cluster's secret", address)
 
     async def dispatch(
-        self, identity: bytes, frames: list[bytes], host: str, key: str | None = None,
-        link: str | None = None,
+        self, identity: bytes, frames: list[bytes], host: str, key: str | None = None
     ) -> None:
         """Decode, validate and handle one message; a bad one gets an error reply, never a
-        crash. `key`: the sender's CURVE key, whose rights are checked (None: no check).
-        `link`: the address of our link it came back on, where only replies are taken."""
+        crash. `key`: the sender's CURVE key, whose rights are checked (None: no check)."""
         msg: Message | None = None
         try:
             msg = decode(frames, self.max_tensor_bytes)
