@@ -48,6 +48,7 @@ log = logging.getLogger("ringinfer")
 PHASES = ("fetch", "prepare", "load", "failed", "stale")  # what a PLAN_ACK may say
 SILENT_AFTER_S = 10.0  # past the deadline: a member that has not acked prepare by then is silent
 BENCH_S = 60.0  # how long the coordinator plans without a silent member
+HEAR_S = 3.0  # how long a joining node waits to hear from the plan's members before fetching
 
 
 class Acks:
@@ -301,6 +302,7 @@ class Plans:
         node = self.node
         mine = plan.stage_of(node.id)
         if mine is not None:
+            await self._hear_from(plan.nodes)
             stop = threading.Event()  # tells a stage still waiting for tensors to give up
             fetch = asyncio.ensure_future(node.transfers.ensure(mine.start, mine.end, self._show))
 
@@ -322,6 +324,16 @@ class Plans:
                 fetch.cancel()
                 self.fetch_text = self.load_text = ""
         self._ack(source, plan.epoch, "fetch")
+
+    async def _hear_from(self, nodes: list[str]) -> None:
+        """Wait (a few heartbeats at most) until the plan's members have said hello: a node
+        that joins hears from the coordinator first, and would fetch from it alone."""
+        known = self.node.membership.members.by_id
+        deadline = time.monotonic() + HEAR_S
+        while time.monotonic() < deadline and not all(
+            n in known or n == self.node.id for n in nodes
+        ):
+            await asyncio.sleep(0.05)
 
     async def _preload(self, start: int, end: int, stop: threading.Event) -> None:
         """Build layers [start, end) as their tensors land: kept for the load phase."""
