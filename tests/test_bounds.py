@@ -89,3 +89,37 @@ def test_one_connection_keeps_at_most_its_cap_of_handlers_in_flight():
 
     run(main())
 
+
+def test_a_link_takes_replies_only_and_the_router_no_pong():
+    """Whoever holds the server key can answer on a link we dialled, so only replies (PONG,
+    ERROR) are taken there: a BYE or PING coming back on a link is dropped and counted. A
+    PONG on the ROUTER names no speaker: dropped too."""
+
+    async def main() -> None:
+        a = Endpoint(None)
+        ctx = zmq.Context()
+        server = ctx.socket(zmq.ROUTER)  # what a's link dials: it answers with anything
+        server.setsockopt(zmq.LINGER, 0)
+        port = free_port()
+        server.bind(f"tcp://127.0.0.1:{port}")
+        try:
+            a.transport.send_to(f"127.0.0.1:{port}", ping())
+            assert await until(lambda: server.poll(0))
+            peer = server.recv_multipart()[0]
+            server.send_multipart([peer, *encode(message(Kind.BYE, body={"id": "x"}))])
+            server.send_multipart([peer, *encode(ping())])
+            server.send_multipart([peer, *encode(message(Kind.PONG, body={"id": "x", "t": 1.0}))])
+            assert await until(lambda: len(a.got) == 1)
+            assert a.got[0][0].kind == Kind.PONG
+            assert a.transport.stats.errors["misrouted"] == 2
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{a.address}")
+            sock.send_multipart(encode(message(Kind.PONG, body={"id": "x", "t": 1.0})))
+            assert await until(lambda: a.transport.stats.errors["misrouted"] == 3)
+            assert len(a.got) == 1
+        finally:
+            ctx.destroy(linger=0)
+            await a.transport.close()
+
+    run(main())

@@ -39,6 +39,10 @@ UNPROVEN_MAX = 8  # links open at once to addresses only an mDNS advert named
 UNPROVEN_S = 10.0  # how long such an address has to answer as a member
 GIVEN_UP_S = 600.0  # an address that never answered is not dialled on an advert's word again
 RECONNECT_MS = (250, 4000)  # a probation link's first reconnection interval, its ceiling
+# What may come back on a link we dialled: replies to what we sent. Everything a member says
+# on its own behalf comes in on our ROUTER, where its key is checked; a PONG only ever
+# answers our PING, so on the ROUTER it would name no speaker.
+LINK_REPLIES = frozenset({Kind.PONG, Kind.ERROR})
 REPLY_S = 10.0  # a peer that reads none of its replies for this long is gone
 YIELD_EVERY = 64  # frames read in a row before the loop lets heartbeats run
 
@@ -298,6 +302,8 @@ class Transport:
         msg: Message | None = None
         try:
             msg = decode(frames, self.max_tensor_bytes)
+            if not self._routed_right(msg, identity, link, host):
+                return
             if key is not None and not await self._may_say(key, msg, host, identity):
                 return
             handler = self.handlers.get(msg.kind)
@@ -323,6 +329,21 @@ class Transport:
                 log.exception("internal error handling %s", msg.kind.value if msg else "frame")
             with contextlib.suppress(ClientGone, zmq.ZMQError):
                 await self.reply(identity, error("internal", f"{type(e).__name__}: {e}"))
+
+    def _routed_right(self, msg: Message, identity: bytes, link: str | None, host: str) -> bool:
+        """Whether the message came in where its kind may: on a link, only replies (whoever
+        holds the server key could answer there, so nothing said there speaks for a member);
+        on the ROUTER, no PONG. Else it is dropped and counted, within the log budget."""
+        if link is not None:
+            wrong = msg.kind not in LINK_REPLIES
+        else:
+            wrong = bool(identity) and msg.kind == Kind.PONG
+        if wrong:
+            self.stats.errors["misrouted"] += 1
+            if self.may_log(self.refusals):
+                log.warning("dropped %s from %s: not a reply to us", msg.kind.value,
+                            link or host or "?")  # fmt: skip
+        return not wrong
 
     async def _may_say(self, key: str, msg: Message, host: str, identity: bytes) -> bool:
         """Whether this key may send this message; a refusal is counted, logged once per
