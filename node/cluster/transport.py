@@ -258,7 +258,7 @@ class Transport:
                 log.warning("dropped a message from %s: %d of its messages are being handled",
                             host or link or "?", self.in_flight.cap)  # fmt: skip
             return
-        task = asyncio.ensure_future(self.dispatch(identity, frames, host, key))
+        task = asyncio.ensure_future(self.dispatch(identity, frames, host, key, link))
         self.dispatching.add(task)
         task.add_done_callback(self.dispatching.discard)
         if who:
@@ -295,10 +295,12 @@ class Transport:
                     log.warning("refused a connection from %s: not this cluster's secret", address)
 
     async def dispatch(
-        self, identity: bytes, frames: list[bytes], host: str, key: str | None = None
-    ) -> None:
+        self, identity: bytes, frames: list[bytes], host: str, key: str | None = None,
+        link: str | None = None,
+    ) -> None:  # fmt: skip
         """Decode, validate and handle one message; a bad one gets an error reply, never a
-        crash. `key`: the sender's CURVE key, whose rights are checked (None: no check)."""
+        crash. `key`: the sender's CURVE key, whose rights are checked (None: no check);
+        `link`: the address of the link it came back on (None: the ROUTER)."""
         msg: Message | None = None
         try:
             msg = decode(frames, self.max_tensor_bytes)
