@@ -157,10 +157,12 @@ class Message:
 
 
 def message(kind: Kind, tensors: tuple[torch.Tensor, ...] = (), **fields: Any) -> Message:
-    """A message carrying `tensors` as raw frames (contiguous, little-endian as in memory)."""
-    import torch
-
+    """A message carrying `tensors` as raw frames (contiguous, little-endian as in memory).
+    torch is imported only for tensors: `ringinfer status` and other clients' messages need
+    none, and importing it costs them over a second."""
     msg = Message(kind, **fields)
+    if tensors:
+        import torch
     for t in tensors:
         t = t.detach().cpu().contiguous()
         dtype = str(t.dtype).removeprefix("torch.")

@@ -30,7 +30,7 @@ from tests.test_discovery import MEMORY, PORT, PROMPT
 
 RATE = ["--transfer-rate", "2M"]  # while busy: a fetch of layers 10-20 takes seconds
 FETCHED = r"fetched ([\d.]+) MiB in [\d.]+s \([\d.]+ MiB/s; ([\d.]+) MiB received\)"
-TOKENS = 700  # a generation long enough to span a joining node's start, fetch and load
+TOKENS = 700  # a generation long enough to span a joining node's start and fetch
 STREAM = """
 import json, sys, time
 from node.cluster.client import Client
@@ -105,10 +105,9 @@ def test_a_generation_keeps_its_speed_while_a_node_fetches(ring, lan: Lan) -> No
     assert set(m.group(2).split(", ")) == {"h1", "h2"}  # from both holders at once
     ended, _ = logged(h3, r"fetched [\d.]+ MiB in")
     assert ended - began > 1.0  # throttled by the holders' busy rate: a window to measure
-    live, _ = logged(h3, r"plan epoch \d+ live: layers 10-20")
     times += [float(line) for line in gen.stdout]
     assert gen.wait(timeout=60) == 0 and len(times) == TOKENS, gen.stderr.read()
-    assert live < times[-1]  # it ran on through the new plan's load, losing nothing
+    assert times[-1] > ended  # it ran on past the fetch, losing nothing
     # The same tokens (positions, so attention's cost) with and without the fetch.
     a = next(i for i, t in enumerate(times) if t >= began)
     b = max(i for i, t in enumerate(times) if t <= ended)

@@ -366,7 +366,7 @@ def test_numbers_and_shapes_out_of_range_are_refused_and_the_ring_serves(cluster
             sock = dealer(ctx, d.address)
             for frames in out_of_range(status, me):
                 sock.send_multipart(frames)
-            while sock.poll(2000):
+            while sock.poll(1000):
                 replies.append(decode(sock.recv_multipart()))
             sock.close()
     finally:
