@@ -178,3 +178,11 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the CPU decode ops (node/engine/models/decode_ops.py) once, before any daemon
+    starts: daemons started together on a fresh machine would each build them."""
+    from node.engine.models import decode_ops
+
+    decode_ops.ops()

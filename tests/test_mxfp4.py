@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from node.engine.models import mxfp4
+from node.engine.models import mxfp4, native
 from node.engine.models.mxfp4 import BLOCK, KERNEL_ENV, Mxfp4Linear, Mxfp4Tensor, quantize_mxfp4
 from tests.test_quantized import relative_error
 
@@ -139,7 +139,7 @@ def test_the_compiled_kernel_is_what_runs(monkeypatch):  # noqa: ANN001
     cannot pass on the fallback alone; an x86 CPU with AVX2 gets a vectorised build."""
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     ops = mxfp4.build_kernel()
-    flags = mxfp4._cpu_flags().split()
+    flags = native.cpu_flags().split()
     if platform.machine().lower() in ("x86_64", "amd64") and "avx2" in flags:
         assert ops.isa() == ("avx512" if "avx512f" in flags else "avx2")
     assert mxfp4.kernel() is not None
@@ -162,7 +162,7 @@ def test_other_builds_equal_the_reference(isa):  # noqa: ANN001
     """The tests above against each build, in a process of its own (a process loads one
     kernel library), cached as the native one is."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if not x86 or (isa == "avx2" and "avx2" not in mxfp4._cpu_flags().split()):
+    if not x86 or (isa == "avx2" and "avx2" not in native.cpu_flags().split()):
         pytest.skip(f"this CPU cannot build or run the {isa} kernel")
     script = (
         "import torch\n"

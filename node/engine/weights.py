@@ -25,7 +25,7 @@ from node.engine.gguf_file import (
     TensorInfo,
     int4_groups,
 )
-from node.engine.models import Family, family_for_gguf, family_for_hf
+from node.engine.models import Family, decode_ops, family_for_gguf, family_for_hf
 from node.engine.models.mxfp4 import Mxfp4Tensor
 from node.engine.models.quantized import (
     QuantizedTensor,
@@ -423,6 +423,8 @@ def load_stage(
             progress(i + 1, len(expected))
     stage.load_state_dict(tensors, assign=True, strict=True)
     stage.to_device(device)
+    if device.type == "cpu" and dtype == torch.float32:
+        decode_ops.ops()  # built (once) while loading, not in the first request
     return stage.eval().requires_grad_(False)
 
 

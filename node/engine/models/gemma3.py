@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from node.engine.models import llama
@@ -26,6 +25,7 @@ from node.engine.models.llama import (
     gguf_keys,
     gguf_shape,
     hf_shape,
+    rms_norm,
     rope_tables,
 )
 from node.engine.models.moe import GatedMLP
@@ -177,7 +177,7 @@ class GemmaRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        return F.rms_norm(x.float(), w.shape, w.float(), self.eps).to(x.dtype)
+        return rms_norm(x.float(), w.float(), self.eps).to(x.dtype)
 
 
 class Block(nn.Module):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.engine.models import decode_ops
 from node.engine.models.attention import Part, Step, positions_of
 from node.engine.models.linear import Linear
 from node.engine.models.moe import GatedMLP, SparseMoE
@@ -265,10 +266,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel, bitwise equal to the form below
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            return rms_norm(x, self.weight, self.eps)
         # Normalised in float32, scaled in the model's dtype: as the reference implementation.
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dimension; float32 on the CPU by the fused op (one loop, not
+    PyTorch's five kernels: node/engine/models/decode_ops.py)."""
+    if x.dtype == weight.dtype == torch.float32 and x.is_cpu and (ops := decode_ops.ops()):
+        return ops.rms_norm(x.contiguous(), weight, eps)
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def rope_tables(

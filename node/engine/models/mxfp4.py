@@ -21,12 +21,8 @@ differ from the float reference by the order of summation only.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
-import platform
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.engine.models import native
+
 log = logging.getLogger("ringinfer")
 
 BLOCK = 32
@@ -44,10 +42,7 @@ BLOCK = 32
 KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 KERNEL_ENV = "RINGINFER_MXFP4_KERNEL"  # "0": never compile or use the CPU kernel
 SOURCE = Path(__file__).with_suffix(".cpp")
-CACHE = Path(os.environ.get("RINGINFER_CACHE", Path.home() / ".cache" / "ringinfer"))
-# Compiler and linker flags, best first: for this CPU and thread-parallel (at::parallel_for
-# is OpenMP's), then a portable build for compilers that take neither.
-FLAGS = ((["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]), (["-O3"], []))
+FLAGS = native.FLAGS  # a test builds other instruction sets by replacing it
 # Up to this many rows the kernel reads the codes directly; more rows share each
 # dequantized tile through a GEMM: faster from about 64 float32 rows on 1 or 2 cores, and
 # from 16 bfloat16 rows where the CPU has AMX (bench/README.md).
@@ -204,7 +199,7 @@ def _kernel(enabled: bool) -> Any | None:
         try:
             return build_kernel()
         except Exception as e:  # no compiler, a compiler error, no torch headers: all fall back
-            reason = f"it did not compile: {_first_error(str(e))}"
+            reason = f"it did not compile: {native.first_error(str(e))}"
     log.warning("MXFP4 CPU kernel off (%s): weights are dequantized a tile at a time, "
                 "several times slower", reason)  # fmt: skip
     return None
@@ -213,56 +208,5 @@ def _kernel(enabled: bool) -> Any | None:
 @functools.cache
 def build_kernel() -> Any:
     """Load the kernel built for this CPU, torch and Python, building it first if need be
-    (~5 s, in $RINGINFER_CACHE or ~/.cache/ringinfer); raises where no flags build."""
-    source = SOURCE.read_bytes()
-    errors = []
-    for flags, link in FLAGS:
-        parts = [torch.__version__, sys.version, platform.machine(), _cpu_flags(), *flags]
-        built = CACHE / f"mxfp4-{hashlib.sha256(source + repr(parts).encode()).hexdigest()[:16]}"
-        built /= "ringinfer_mxfp4" + (".pyd" if sys.platform == "win32" else ".so")
-        try:
-            if built.exists():
-                torch.ops.load_library(built)
-            else:
-                _compile(flags, link, built)
-        except Exception as e:
-            errors.append(e)
-            continue
-        if errors:
-            log.warning("MXFP4 CPU kernel built without %s (%s): slower", " ".join(FLAGS[0][0]),
-                        _first_error(str(errors[0])))  # fmt: skip
-        return torch.ops.ringinfer_mxfp4
-    raise errors[0]
-
-
-def _compile(flags: list[str], link: list[str], built: Path) -> None:
-    """Build and load the library, then move it to `built`: in a scratch folder of its own,
-    so that processes starting together each build (torch's lock in a shared folder would
-    hang every later start if one was killed while building), and none finds a half-written
-    library."""
-    from torch.utils import cpp_extension
-
-    log.info("compiling the MXFP4 CPU kernel (%s) into %s, once", " ".join(flags), built.parent)
-    built.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=built.parent) as scratch:
-        library = cpp_extension.load("ringinfer_mxfp4", [str(SOURCE)], extra_cflags=flags,
-                                     extra_ldflags=link, build_directory=scratch,
-                                     is_python_module=False)  # fmt: skip
-        os.replace(library, built)
-
-
-def _cpu_flags() -> str:
-    """What the compiler's -march=native sees: the CPU's model and feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    keys = ("model name", "flags", "Features", "CPU part")
-    return "\n".join(sorted({line for line in lines if line.startswith(keys)}))
-
-
-def _first_error(message: str) -> str:
-    """The compiler's first diagnostic (or a missing tool) out of torch's build log."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()] or ["no message"]
-    said = (line for line in lines if "error:" in line or "not found" in line)
-    return next(said, lines[0])[:200]
+    (node/engine/models/native.py); raises where no flags build."""
+    return native.build("ringinfer_mxfp4", SOURCE, FLAGS)
