@@ -423,7 +423,7 @@ def load_stage(
             progress(i + 1, len(expected))
     stage.load_state_dict(tensors, assign=True, strict=True)
     stage.to_device(device)
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu":  # Gemma's norms take them in float32 whatever the dtype
         decode_ops.ops()  # built (once) while loading, not in the first request
     return stage.eval().requires_grad_(False)
 

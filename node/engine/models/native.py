@@ -34,8 +34,8 @@ def build(name: str, source: Path, flags: tuple = FLAGS) -> Any:
     errors = []
     for cflags, link in flags:
         parts = [torch.__version__, sys.version, platform.machine(), cpu_flags(), *cflags]
-        built = CACHE / f"{name.removeprefix('ringinfer_')}-"
-        built = Path(f"{built}{hashlib.sha256(text + repr(parts).encode()).hexdigest()[:16]}")
+        digest = hashlib.sha256(text + repr(parts).encode()).hexdigest()[:16]
+        built = CACHE / f"{name.removeprefix('ringinfer_')}-{digest}"
         built /= name + (".pyd" if sys.platform == "win32" else ".so")
         try:
             if built.exists():
