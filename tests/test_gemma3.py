@@ -22,12 +22,13 @@ from node.engine.local import LocalPipeline, generate
 from node.engine.models.gemma3 import Gemma3Config
 from node.engine.perplexity import score, windows
 from node.engine.sampling import SamplingParams
-from node.engine.weights import open_checkpoint, packaged_gguf_path
+from node.engine.weights import load_stage, open_checkpoint, packaged_gguf_path
 from node.errors import RinginferError
 from tests.conftest import TEXT, hf_model, make_model, run_cli
 from tests.test_gguf import TEXTS as GGUF_TEXTS
 from tests.test_gguf import write_gguf
 from tests.test_models import PROMPT, our_logits
+from tests.test_moe import assert_shape_sizes
 
 ATOL = 1e-4
 # What llama.cpp assumes of a gemma3 GGUF, and transformers' GGUF loader too (neither reads
@@ -189,6 +190,8 @@ def test_real_model_file_and_its_tensor_types(gemma_270m):  # noqa: ANN001
     names = ("self_attn.o_proj", "self_attn.q_proj", "mlp.down_proj", "input_layernorm")
     formats = [ckpt.source_format(f"model.layers.0.{n}.weight") for n in names]
     assert formats == ["int4", "int8", "int8", "none"]  # Q4_K, Q5_0, Q6_K, F32
+    stage = load_stage(ckpt, 0, ckpt.n_layers, torch.device("cpu"), torch.float32, quantize="auto")
+    assert_shape_sizes(gemma_270m, stage)  # its layers' formats differ as Q4_K_M's do
 
 
 def test_real_model_float32_equals_transformers(gemma_270m, hf_270m):  # noqa: ANN001
@@ -229,6 +232,7 @@ def test_real_model_tokenizer_equals_transformers(gemma_270m):  # noqa: ANN001
         assert ids[0] == 2 and ours.decode(ids[1:]) == text
     turn = ours.encode(TEXTS[3], add_special=False)
     assert turn[0] == 105 and 106 in turn and 106 in ours.stop_ids  # whole control tokens
+    assert ours.stop_ids == {1, 106}  # <eos>, <end_of_turn>; "</s>" (212) is an HTML tag here
 
 
 def test_real_model_perplexity_near_transformers(gemma_270m, hf_270m):  # noqa: ANN001

@@ -5,6 +5,7 @@ routing's edge cases; experts kept in the file's format; greedy through a 3-daem
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from node.engine.gguf_file import GGUFFile
 from node.engine.local import LocalPipeline
 from node.engine.models.moe import SparseMoE
 from node.engine.models.quantized import Int4Linear, holdings
+from node.engine.models.stage import Stage
+from node.engine.shapes import find_shape
 from node.engine.weights import load_stage, open_checkpoint, stage_tensors
 from tests.conftest import hf_model, make_model, run_cli
 from tests.test_gguf import PROMPT, dequantized_twin, write_gguf
@@ -75,18 +78,31 @@ def test_experts_of_q4_k_m_kept_as_int4_and_int8_within_the_files_size(tmp_path)
     resident weights are at most 1.3x the file's tensor bytes."""
     source = make_model("qwen3_moe", tmp_path / "hf", hidden_size=256, moe_intermediate_size=256,
                         intermediate_size=256, head_dim=64)  # fmt: skip
-    downs = {f"blk.{i}.ffn_down_exps.weight": "Q6_K" for i in range(4)}
+    # Q4_K_M gives some layers' down projections Q6_K (llama.cpp's use_more_bits)
+    downs = {f"blk.{i}.ffn_down_exps.weight": "Q6_K" for i in (0, 3)}
     path = write_gguf(source, tmp_path / "q4km.gguf", "Q4_K", downs)
     ckpt = open_checkpoint(str(path))
     stage = load_stage(ckpt, 0, ckpt.n_layers, torch.device("cpu"), torch.float32, quantize="auto")
-    experts = stage.layers[0].mlp.experts
-    assert all(isinstance(e.gate_up_proj, Int4Linear) for e in experts)
-    assert {type(e.down_proj).__name__ for e in experts} == {"Int8Linear"}
+    for i, down in ((0, "Int8Linear"), (1, "Int4Linear")):
+        experts = stage.layers[i].mlp.experts
+        assert all(isinstance(e.gate_up_proj, Int4Linear) for e in experts)
+        assert {type(e.down_proj).__name__ for e in experts} == {down}
     held = holdings(stage)
     file_bytes = sum(t.n_bytes for t in GGUFFile(path).tensors.values())
     norms = sum(p.numel() * p.element_size() for p in stage.parameters())
     assert sum(held.values()) + norms < 1.3 * file_bytes, (held, file_bytes)
     assert held["int4"] > held["int8"]  # gate and up: twice down's weights
+    assert_shape_sizes(path, stage)
+
+
+def assert_shape_sizes(path: Path, stage: Stage) -> None:
+    """What `plan` and the planner count for a file (find_shape) is what a stage of all its
+    layers holds, each weight in its own format, within 1%."""
+    _, shape, _, _ = find_shape(str(path), torch.float32)
+    layers = sum(sum(holdings(layer).values()) for layer in stage.layers)
+    layers += sum(p.numel() * p.element_size() for p in stage.layers.parameters())
+    assert shape.held(0, shape.n_layers) == pytest.approx(layers, rel=0.01)
+    assert shape.embed_bytes == pytest.approx(sum(holdings(stage.embed_tokens).values()), rel=0.01)
 
 
 def moe_twin(tmp_path, edit) -> tuple:  # noqa: ANN001

@@ -47,7 +47,7 @@ from node.cluster.transport import Listening, Transport
 from node.engine.batching import PREFILL_CHUNK
 from node.engine.shapes import shape_of
 from node.engine.tokenizer import Tokenizer
-from node.engine.weights import Checkpoint
+from node.engine.weights import Checkpoint, formats_of
 from protocol.wire import Kind, Message, message
 
 log = logging.getLogger("ringinfer")
@@ -99,7 +99,7 @@ class Daemon:
         self.cfg, self.id, self.ckpt, self.tokenizer = cfg, node_id, ckpt, tokenizer
         self.shape = shape_of(
             ckpt.family, ckpt.config, cfg.dtype, getattr(torch, cfg.wire_dtype), cfg.layer_format,
-            ckpt.architecture,
+            ckpt.architecture, formats_of(ckpt, cfg.quantize, cfg.device),
         )  # fmt: skip
         c = ckpt.config
         self.fingerprint = files.manifest.fingerprint  # the content's

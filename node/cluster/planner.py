@@ -63,6 +63,7 @@ class ModelShape:
     dtype_bytes: float = 2  # bytes per layer weight (int4: 0.625), to count FLOPs from bytes
     wire_bytes: int = 2
     layer_read: int = 0  # of layer_bytes, what one decode step reads (0: all of it)
+    head_read: int = 0  # of head_bytes, likewise (a quantized head's refining table: a few rows)
     dense_layers: tuple[int, ...] = ()  # an MoE model's layers with a dense MLP instead
     dense_bytes: int = 0  # one of those: held and read whole
     # Shown, not planned with: config.json's model_type (a GGUF's architecture), parameters
@@ -219,7 +220,7 @@ def layers_time(node: NodeSpec, shape: ModelShape, start: int, end: int) -> floa
 
 
 def head_time(node: NodeSpec, shape: ModelShape) -> float:
-    return _roofline(node, shape, shape.head_bytes)
+    return _roofline(node, shape, shape.head_read or shape.head_bytes)
 
 
 def _roofline(node: NodeSpec, shape: ModelShape, weight_bytes: int) -> float:

@@ -7,6 +7,7 @@ weights: the architecture is built on PyTorch's `meta` device and its parameters
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from torch import nn
 
 from node.cluster.planner import ModelShape
 from node.engine.models import Family, family_for_hf
-from node.engine.models.quantized import BYTES_PER_WEIGHT, module_format, quantizable
-from node.engine.weights import PACKAGED, layer_format, open_checkpoint
+from node.engine.models.quantized import held_per_weight, module_format, quantizable
+from node.engine.weights import PACKAGED, formats_of, layer_format, open_checkpoint
 from node.errors import RinginferError
 from node.json_file import read_json
 
 _LAYER_PARAM = re.compile(r"(^|\.)\d+\.")
+# The format a checkpoint keeps a built stage's weight `key` in (weights.formats_of).
+Formats = Callable[[nn.Module, str], str]
 
 # Well-known models' shapes: the fields of their config.json on the Hugging Face hub that
 # our config readers take, each model's own fields over its family's common ones.
@@ -132,10 +135,10 @@ def _routed(stage: nn.Module) -> list[nn.Module]:
     ]  # fmt: skip
 
 
-def _tally(stage: nn.Module, layers: bool, vocab_size: int, quantize: str, size: int) -> _Tally:
+def _tally(stage: nn.Module, layers: bool, vocab_size: int, formats: Formats, size: int) -> _Tally:
     """The stage's decoder-layer weights (`layers`), or the others: linear layers and the
-    token table in `quantize`, the rest at `size` bytes; a routed expert's share of tokens
-    is top_k in n."""
+    token table in their `formats`, the rest at `size` bytes; a routed expert's share of
+    tokens is top_k in n."""
     share = {id(p): m.top_k / len(m.experts) for m in _routed(stage)
              for p in m.experts.parameters()}  # fmt: skip
     out = _Tally()
@@ -145,10 +148,11 @@ def _tally(stage: nn.Module, layers: bool, vocab_size: int, quantize: str, size:
                 continue
             fmt = "none"
             if name.endswith(".weight") and quantizable(module, vocab_size):
-                fmt = module_format(module, quantize)
-            held, used = p.numel() * BYTES_PER_WEIGHT.get(fmt, size), share.get(id(p), 1.0)
+                fmt = module_format(module, formats(stage, name))
+            held = p.numel() * (held_per_weight(module, fmt, prefix == "lm_head") or size)
+            used = share.get(id(p), 1.0)
             out.held += held
-            out.read += held * used
+            out.read += p.numel() * (held_per_weight(module, fmt) or size) * used
             out.params += p.numel()
             out.active += p.numel() * used
     return out
@@ -161,29 +165,41 @@ def shape_of(
     wire_dtype: torch.dtype = torch.float16,
     quantize: str = "none",
     architecture: str = "",
+    formats: Formats | None = None,
 ) -> ModelShape:
     """Weight bytes per layer (held, and read by a decode step), for the embedding and for
     the head, and parameter counts, from the model on `meta` with linear layers and the
-    token table held in `quantize` (none, int8, int4). One layer of each kind is built: an
-    MoE model's dense layers (`config.dense_layers`) are another size."""
+    token table held in `quantize` (none, int8, int4), or in a checkpoint's own `formats`.
+    An MoE model's dense layers (`config.dense_layers`) are another size. One layer of each
+    kind is built, or with `formats` every layer, the mean of each kind counting: a Q4_K_M
+    file keeps some layers' down projections in Q6_K (int8), a quarter more bytes there."""
     n = config.n_layers
     dense = tuple(getattr(config, "dense_layers", ()))
     dense = dense if len(dense) < n else ()  # no MoE layer at all: just a dense model
     main = next(i for i in range(n) if i not in dense)
-    with torch.device("meta"):
-        built: dict[int, nn.Module] = {}
-        for i in (0, n - 1, main, *dense[:1]):
-            if i not in built:
-                built[i] = family.stage_cls(config, i, i + 1, "cpu")
+    built: dict[int, nn.Module] = {}
     size = torch.empty((), dtype=dtype).element_size()
 
     def tally(i: int, layers: bool) -> _Tally:
-        return _tally(built[i], layers, config.vocab_size, quantize, size)
+        if i not in built:
+            with torch.device("meta"):
+                built[i] = family.stage_cls(config, i, i + 1, "cpu")
+        return _tally(built[i], layers, config.vocab_size, formats or uniform, size)
 
-    layer, embed, head = tally(main, True), tally(0, False), tally(n - 1, False)
+    def uniform(stage: nn.Module, key: str) -> str:
+        return quantize
+
+    def mean(kind: list[int]) -> _Tally:
+        tallies = [tally(i, True) for i in (kind if formats else kind[:1])]
+        held, read, active = (sum(getattr(t, f) for t in tallies) / len(tallies)
+                              for f in ("held", "read", "active"))  # fmt: skip
+        return _Tally(held, read, tallies[0].params, active)
+
+    layer = mean([i for i in range(n) if i not in dense])
+    embed, head = tally(0, False), tally(n - 1, False)
     if n == 1:  # one stage: all its other weights count as the head's
         embed = _Tally()
-    other = tally(dense[0], True) if dense else _Tally()
+    other = mean(list(dense)) if dense else _Tally()
     tied = config.vocab_size * config.dim if getattr(config, "tie_embeddings", False) else 0
     edges = embed.params + head.params - tied  # a tied head is the embedding's copy
     routed = _routed(built[main])
@@ -197,6 +213,7 @@ def shape_of(
         dtype_bytes=layer.held / layer.params,
         wire_bytes=torch.empty((), dtype=wire_dtype).element_size(),
         layer_read=int(layer.read),
+        head_read=int(head.read),
         dense_layers=dense,
         dense_bytes=int(other.held),
         architecture=architecture,
@@ -231,7 +248,8 @@ def find_shape(
         ckpt = open_checkpoint(spec)
         fmt = layer_format(ckpt, quantize, torch.device("cpu"))
         shape = shape_of(ckpt.family, ckpt.config, dtype, quantize=fmt,
-                         architecture=ckpt.architecture)
+                         architecture=ckpt.architecture,
+                         formats=formats_of(ckpt, quantize, torch.device("cpu")))
         return ckpt.name, shape, str(ckpt.path), fmt
     fmt = "none" if quantize == "auto" else quantize
     cached = _hub_cached_config(spec)

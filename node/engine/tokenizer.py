@@ -67,9 +67,11 @@ _GGUF_PRE = {
 # Vocabularies made by tiktoken take a pre-token that is itself a token whole, before merging.
 _WHOLE_FIRST = ([_LLAMA3_PAT], [_O200K_PAT])
 # End-of-turn tokens that stop generation wherever a vocabulary has them (GGUF files often
-# name only one end token, and not always the one the chat template ends turns with).
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>",
-                "<end_of_turn>")  # fmt: skip
+# name only one end token, and not always the one the chat template ends turns with), as
+# llama.cpp's end-of-generation list. Not "</s>": Gemma's vocabulary has it as an ordinary
+# HTML tag, and models that end with it name it as their eos token.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
+                "<|end|>", "<end_of_turn>")  # fmt: skip
 # gpt-oss's harmony format: <|end|> closes one message of a reply (its thought, before the
 # answer), <|return|> the reply and <|call|> a tool call (llama.cpp stops on these too).
 _HARMONY = ("<|channel|>", "<|message|>", "<|return|>")

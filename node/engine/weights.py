@@ -451,14 +451,22 @@ def weight_format(ckpt: Checkpoint, names: list[str], quantize: str, device: tor
     return next(f for f in ("none", "int8", "int4", "mxfp4") if f in sources)
 
 
+def formats_of(
+    ckpt: Checkpoint, quantize: str, device: torch.device
+) -> Callable[[Stage, str], str]:
+    """The format a built stage's weight `key` is kept in, as `load_stage` keeps it: for
+    sizing a model from its file without loading it."""
+    return lambda stage, key: weight_format(ckpt, stage.checkpoint_names(key), quantize, device)
+
+
 def layer_format(ckpt: Checkpoint, quantize: str, device: torch.device) -> str:
-    """What a decoder layer's largest weight is kept in (for timing and planning)."""
+    """What a decoder layer's largest weight is kept in (for timing it)."""
     with torch.device("meta"):
         stage = ckpt.family.stage_cls(ckpt.config, 1, 2, device.type)
         shapes = stage.state_dict()
     matrices = [k for k, t in shapes.items() if k.endswith(".weight") and t.ndim >= 2]
     key = max((k for k in matrices if ".0." in k), key=lambda k: shapes[k].numel())
-    return weight_format(ckpt, stage.checkpoint_names(key), quantize, device)
+    return formats_of(ckpt, quantize, device)(stage, key)
 
 
 def _fit_quantized(stage: Stage, key: str, parts: list[QuantizedTensor]) -> Any:

@@ -173,6 +173,21 @@ def check_device(fmt: str, device: torch.device) -> None:
 BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5 + 4 / GROUP, "mxfp4": 0.5 + 1 / GROUP}
 
 
+def held_per_weight(module: nn.Module, fmt: str, head: bool = False) -> float | None:
+    """Bytes a weight of `module` (in its `module_format`) costs held; None if it stays
+    float. A token table keeps float32 scales (and int4's zeros) for exact lookups; an LM
+    head keeps its rows as such a table too (`refine`: int8 shares the codes, int4 copies)."""
+    if fmt not in BYTES_PER_WEIGHT:
+        return None
+    width = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
+    table = 0.5 + 8 / GROUP if fmt == "int4" else 1.0 + 4 / width
+    if isinstance(module, nn.Embedding):
+        return table
+    if head and fmt != "mxfp4":
+        return BYTES_PER_WEIGHT[fmt] + table - (fmt == "int8")
+    return BYTES_PER_WEIGHT[fmt]
+
+
 def quantizable(module: nn.Module, vocab_size: int) -> bool:
     """Linear layers and the token table are kept quantized; norms, biases and position
     tables stay in the compute dtype."""
