@@ -96,3 +96,25 @@ def test_a_ragged_decode_pass_on_cuda_equals_each_request_alone(tiny_models, fam
             for i, cache in enumerate(alone):
                 want = stage.run(tokens[None, i : i + 1], [Part(cache, cache.length, 1)])[0, 0]
                 torch.testing.assert_close(got[i].float(), want.float(), atol=0.02, rtol=0.02)
+
+
+def test_cuda_mxfp4_experts_equal_transformers_on_their_values(tmp_path):  # noqa: ANN001
+    """gpt-oss's experts in MXFP4 (as its GGUFs hold them) on CUDA, where no MXFP4 kernel
+    exists and they are dequantized by tiles, against transformers running the file's
+    exact values (gguf-py's dequantization), float32, across a split."""
+    from tests.conftest import make_model
+    from tests.test_gguf import dequantized_twin, write_gguf
+    from tests.test_moe import PROJECTIONS
+
+    source = make_model("gpt_oss", tmp_path / "hf")
+    experts = {f"blk.{i}.ffn_{p}_exps.weight": "MXFP4" for i in range(4) for p in PROJECTIONS}
+    path = write_gguf(source, tmp_path / "mxfp4.gguf", "F32", experts)
+    theirs = hf_model(dequantized_twin(path, source, tmp_path / "twin")).to(CUDA)
+    ids = torch.tensor([PROMPT], device=CUDA)
+    with torch.inference_mode():
+        expected = theirs(ids).logits.float()
+    pipeline = LocalPipeline(open_checkpoint(str(path)), (2,), CUDA, quantize="auto")
+    with torch.inference_mode():
+        got = pipeline.forward(ids, torch.arange(len(PROMPT)), pipeline.new_caches(12))
+    assert "mxfp4" in pipeline.quantization
+    torch.testing.assert_close(got.float(), expected, atol=1e-3, rtol=0)
