@@ -110,11 +110,12 @@ def concurrently(cluster: Cluster, prompts: list[str], *args: str, stagger: floa
 def test_k_concurrent_greedy_requests_each_compute_what_they_compute_alone(cluster, alone, k):  # noqa: ANN001
     pipeline, tokenizer = alone
     outs = concurrently(cluster, PROMPTS[:k], "--max-tokens", str(TOKENS))
+    # read before the local checks: status's batch sizes are of the last few seconds' passes
+    batches = [n["batch"] for n in cluster.nodes[0].status()["nodes"]]
     exact = 0
     for prompt, out in zip(PROMPTS[:k], outs, strict=True):
         assert len(out["tokens"]) == TOKENS
         exact += chosen_greedily(pipeline, tokenizer.encode_prompt(prompt, False), out["tokens"])
-    batches = [n["batch"] for n in cluster.nodes[0].status()["nodes"]]
     print(f"k={k}: {exact}/{k * TOKENS} tokens the unbatched argmax; mean batches {batches}")
     if k >= 5:  # they did run together
         assert max(batches) > 1.5, batches
