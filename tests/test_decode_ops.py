@@ -7,13 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from node.engine.models import decode_ops
-from node.engine.models.llama import RMSNorm
+from node.engine.models.llama import RMSNorm, rotate
+from node.engine.models.quantized import Int4Linear, Int8Linear, quantize
 
 
 def test_the_ops_build_here():
     """Where they do not build this fails (with the compiler's error), so a CI run cannot
     pass on PyTorch's ops alone."""
-    assert decode_ops.native.build("ringinfer_decode", decode_ops.SOURCE) is not None
+    built = decode_ops.native.build("ringinfer_decode", decode_ops.SOURCE, decode_ops.FLAGS)
+    assert built is not None
     assert decode_ops.ops() is not None
 
 
@@ -43,3 +45,33 @@ def test_the_model_norm_uses_them_and_falls_back_without(monkeypatch):  # noqa: 
     assert decode_ops.ops() is None
     with torch.no_grad():
         torch.testing.assert_close(norm(x), ours, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 1, 64), (1, 9, 7, 64), (2, 3, 5, 128)])
+def test_rope_equals_pytorchs_four_ops_bit_for_bit(shape):  # noqa: ANN001
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen)
+    cos, sin = torch.randn(2, shape[2], shape[3], generator=gen)
+    want = x * cos + x.roll(shape[3] // 2, -1) * sin
+    assert torch.equal(decode_ops.ops().rope(x, cos, sin), want)
+    # as Attention rotates: q and k heads of a fused projection, a strided view of one step
+    heads = torch.randn(1, 1, 20, 64, generator=gen).transpose(1, 2)[:, :16]
+    assert torch.equal(rotate(heads, cos[:1, :64], sin[:1, :64]),
+                       heads * cos[:1, :64] + heads.roll(32, -1) * sin[:1, :64])  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("out_features", [960, 1000])  # 1000: the int4 kernel's rows padded
+def test_quantized_products_equal_the_python_path(monkeypatch, fmt, out_features):  # noqa: ANN001
+    """One C++ call for the reshape, casts, kernel and cut: the same numbers, any rows."""
+    layer = Int4Linear(576, out_features, False, "cpu") if fmt == "int4" else \
+        Int8Linear(576, out_features, False)  # fmt: skip
+    gen = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, 576, generator=gen) * 0.02
+    layer.load([quantize(weight, fmt)], torch.device("cpu"), torch.float32)
+    xs = [torch.randn(1, rows, 576, generator=gen) for rows in (1, 3, 17)]
+    with torch.no_grad():
+        ours = [layer(x) for x in xs]
+        monkeypatch.setenv(decode_ops.KERNEL_ENV, "0")
+        for x, got in zip(xs, ours, strict=True):
+            assert torch.equal(got, layer(x))

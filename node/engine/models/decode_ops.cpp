@@ -3,12 +3,14 @@
 // 37 us a call on the default model's rows against 3 us for this loop. Sums keep W
 // independent lanes so the compiler vectorises them for the CPU at hand (-march=native)
 // without reordering any single sum.
+#include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -46,8 +48,62 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// A quantized linear layer's product as node/engine/models/quantized.py computes it, in one
+// call instead of five from Python (reshape, cast, kernel, cut, cast): x's rows in
+// bfloat16 into PyTorch's int4 (`group` > 0) or int8 kernel, the output rows cut to
+// `out_features` (the int4 kernel takes them padded) and cast back to x's dtype. The same
+// ATen calls, so the same numbers; at one position a step the calls cost more than the
+// reshapes and casts themselves.
+at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& codes,
+                            const at::Tensor& scales, int64_t group, int64_t out_features) {
+  const at::Tensor rows = x.reshape({-1, x.size(-1)}).to(at::kBFloat16);
+  at::Tensor y = group > 0 ? at::_weight_int4pack_mm_for_cpu(rows, codes, group, scales)
+                           : at::_weight_int8pack_mm(rows, codes, scales);
+  if (y.size(1) != out_features) y = y.narrow(1, 0, out_features);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out_features;
+  return y.to(x.scalar_type()).reshape(shape);
+}
+
+// RoPE as llama.py's `rotate`, x*cos + roll(x, D/2)*signed_sin over heads [..., D], in one
+// pass for float32 x with cos and sin [T, D] broadcast over x's heads (x [B, H, T, D],
+// contiguous in T and D). Products and the sum rounded one by one, as PyTorch's three ops
+// round them (no fused multiply-add: this file's flags keep the compiler from contracting).
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                  cos.is_contiguous() && sin.is_contiguous() && x.stride(3) == 1 &&
+                  (x.stride(2) == x.size(3) || x.size(2) == 1) && cos.size(0) == x.size(2) &&
+                  cos.size(1) == x.size(3) && sin.sizes() == cos.sizes() && x.size(3) % 2 == 0,
+              "rope takes float32 x [B, H, T, D] and contiguous cos, sin [T, D] on the CPU");
+  const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3), half = d / 2;
+  at::Tensor y = at::empty({b, h, t, d}, x.options());
+  const float *px = x.data_ptr<float>(), *pc = cos.data_ptr<float>(), *ps = sin.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1);
+  at::parallel_for(0, b * h, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* head = px + (i / h) * sb + (i % h) * sh;
+      float* out = py + i * t * d;
+      for (int64_t p = 0; p < t; ++p) {
+        const float *a = head + p * d, *c = pc + p * d, *s = ps + p * d;
+        float* o = out + p * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const float straight = a[j] * c[j];
+          const float turned = a[j < half ? j + half : j - half] * s[j];
+          o[j] = straight + turned;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ringinfer_decode, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
+  m.def("quantized_linear(Tensor x, Tensor codes, Tensor scales, int group, int out_features)"
+        " -> Tensor", &quantized_linear);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rope);
 }

@@ -2,7 +2,8 @@
 
 At one position a step such ops cost more in PyTorch's fixed overheads than in arithmetic:
 a decode step of the default model spent 2.3 of its 16 ms in RMSNorm's five kernels a call.
-They compute what PyTorch's ops compute, in float32, summed in another order.
+RMSNorm computes what PyTorch's computes, in float32, summed in another order; RoPE and the
+quantized products compute exactly what the Python paths do, in one call each.
 `RINGINFER_DECODE_OPS=0`, or a machine where they do not build, keeps PyTorch's ops.
 """
 
@@ -17,6 +18,9 @@ from node.engine.models import native
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 KERNEL_ENV = "RINGINFER_DECODE_OPS"  # "0": PyTorch's own ops only
+# No fused multiply-adds where the source writes a product and a sum: RoPE rounds as
+# PyTorch's separate ops do.
+FLAGS = tuple((cflags + ["-ffp-contract=off"], link) for cflags, link in native.FLAGS)
 
 
 def ops() -> Any | None:
@@ -30,7 +34,7 @@ def _ops(enabled: bool) -> Any | None:
     if not enabled:
         return None
     try:
-        return native.build("ringinfer_decode", SOURCE)
+        return native.build("ringinfer_decode", SOURCE, FLAGS)
     except Exception as e:  # no compiler, a compiler error: PyTorch's ops serve
         native.log.warning("decode ops off (they did not compile: %s): PyTorch's ops serve, "
                            "slower", native.first_error(str(e)))  # fmt: skip

@@ -296,8 +296,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     """RoPE: x*cos + rotate_half(x)*sin, where rotate_half(x) = (-x2, x1).
 
     Rolling x by half a head gives (x2, x1); the sign lives in `signed_sin`, which saves the
-    negation and concatenation per call (bitwise the same result).
+    negation and concatenation per call (bitwise the same result). Float32 heads on the CPU
+    take one fused op (decode_ops.cpp) for the four, rounding as they do.
     """
+    if x.dtype == cos.dtype == torch.float32 and x.is_cpu and x.dim() == 4 and cos.dim() == 2:
+        dense = x.stride(-1) == 1 and (x.shape[-2] == 1 or x.stride(-2) == x.shape[-1])
+        if dense and (ops := decode_ops.ops()):
+            return ops.rope(x, cos, signed_sin)
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 

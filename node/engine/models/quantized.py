@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from node.engine.models import decode_ops
 from node.engine.models.linear import Linear
 from node.engine.models.mxfp4 import Mxfp4Linear, Mxfp4Tensor, quantize_mxfp4
 from node.errors import RinginferError
@@ -294,12 +295,20 @@ class QuantizedLinear(nn.Module):
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def cpu_operands(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(codes, scales, group: 0 for int8) for decode_ops.quantized_linear, on the CPU."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        y = self.matmul(rows.to(ACT))
-        if y.shape[-1] != self.out_features:  # rows padded for the kernel
-            y = y[:, : self.out_features]
-        y = y.to(x.dtype)
+        operands = self.cpu_operands() if x.is_cpu else None
+        if operands is not None and (ops := decode_ops.ops()):  # the lines below, one call
+            y = ops.quantized_linear(rows, *operands, self.out_features)
+        else:
+            y = self.matmul(rows.to(ACT))
+            if y.shape[-1] != self.out_features:  # rows padded for the kernel
+                y = y[:, : self.out_features]
+            y = y.to(x.dtype)
         if self.refine is not None and x.dtype.itemsize > ACT.itemsize:
             high = y.amax(-1, keepdim=True)
             row, col = (y >= high - REFINE * high.abs()).nonzero(as_tuple=True)
@@ -325,6 +334,9 @@ class Int8Linear(QuantizedLinear):
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
 
+    def cpu_operands(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        return self.codes, self.scales, 0
+
 
 class Int4Linear(QuantizedLinear):
     """int4 groups, packed for this device's kernel at load."""
@@ -347,6 +359,9 @@ class Int4Linear(QuantizedLinear):
         self.group = w.group
         self.packed = pack_int4(codes, device)
         self.scales_zeros = torch.stack([scales.t(), zeros.t()], -1).to(device, ACT).contiguous()
+
+    def cpu_operands(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        return (self.packed, self.scales_zeros, self.group) if self.device_type == "cpu" else None
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         if self.device_type == "cpu":
