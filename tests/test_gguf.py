@@ -83,10 +83,14 @@ def random_blocks(shape: tuple[int, ...], quant: str, seed: int) -> np.ndarray:
     return raw.reshape(shape[0], -1)
 
 
-def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None = None) -> Path:
+def write_gguf(
+    hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None = None,
+    per_expert: bool = False,
+) -> Path:  # fmt: skip
     """`hf_dir`'s model as llama.cpp's converter writes it, matrices in `quant` (or as
     `types` names them by GGUF tensor name). Tensor names come from gguf-py's own map for
-    the architecture, as the converter's do."""
+    the architecture, as the converter's do; `per_expert`: experts one tensor each, as
+    before llama.cpp stacked them (`blk.N.ffn_gate.E.weight`)."""
     import gguf
 
     model = hf_model(hf_dir)
@@ -148,8 +152,12 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, types: dict[str, str] | None
             continue
         add_tensor(w, gname, arr, (types or {}).get(gname, quant))
     for gname, by_expert in stacked.items():
-        arr = np.stack([by_expert[e] for e in sorted(by_expert)])
-        add_tensor(w, gname, arr, (types or {}).get(gname, quant))
+        kind = (types or {}).get(gname, quant)
+        if per_expert:
+            for e in sorted(by_expert):
+                add_tensor(w, gname.replace("_exps.", f".{e}."), by_expert[e], kind)
+            continue
+        add_tensor(w, gname, np.stack([by_expert[e] for e in sorted(by_expert)]), kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -72,6 +72,19 @@ def test_gguf_at_every_split_equals_transformers(gguf_sources, tmp_path, family,
         assert relative_error(got, expected) < TOLERANCE[quant], (family, quant, splits)
 
 
+def test_a_mixtral_gguf_of_one_tensor_an_expert_equals_the_stacked_one(gguf_sources, tmp_path):  # noqa: ANN001
+    """Mixtral GGUFs written before llama.cpp stacked experts (`blk.N.ffn_gate.E.weight`,
+    still loaded by llama.cpp) load, and compute what the stacked file does."""
+    source = gguf_sources["mixtral"]
+    stacked = write_gguf(source, tmp_path / "stacked.gguf", "Q4_0")
+    single = write_gguf(source, tmp_path / "single.gguf", "Q4_0", per_expert=True)
+    names = set(GGUFFile(single).tensors)
+    assert "blk.0.ffn_gate.3.weight" in names and "blk.0.ffn_gate_exps.weight" not in names
+    assert torch.equal(logits(str(single), (2,)), logits(str(stacked), (2,)))
+    ckpt = open_checkpoint(str(single))
+    assert "blk.1.ffn_down.0.weight" in stage_tensors(ckpt, 1, 2)  # what a peer fetches
+
+
 def test_experts_of_q4_k_m_kept_as_int4_and_int8_within_the_files_size(tmp_path):  # noqa: ANN001
     """A Qwen3-MoE written as llama.cpp's Q4_K_M writes it (Q4_K experts, Q6_K down
     projections): each expert's projections stay int4 / int8, and the whole model's

@@ -174,12 +174,23 @@ class GGUFCheckpoint(Checkpoint):
             raise RinginferError(f"{path} lacks GGUF metadata {e}") from None
 
     def file_name(self, hf_name: str) -> str:
-        return self.family.stage_cls.gguf_source(hf_name)[0]
+        return self._located(hf_name)[0]
+
+    def _located(self, hf_name: str) -> tuple[str, int | None]:
+        """The file's tensor for `hf_name`, and the expert's index in it where llama.cpp
+        stacks a layer's experts. Files from before it stacked them (the Mixtral GGUFs of
+        early 2024) hold one tensor an expert: `blk.N.ffn_gate.E.weight`."""
+        gguf_name, expert = self.family.stage_cls.gguf_source(hf_name)
+        if expert is not None and gguf_name not in self.tensors:
+            single = gguf_name.replace("_exps.", f".{expert}.")
+            if single in self.tensors:
+                return single, None
+        return gguf_name, expert
 
     def _info(self, hf_name: str) -> TensorInfo:
         """The tensor `hf_name` is in the file: a whole tensor, or one expert's part of a
         stacked [experts, ...] tensor, as a tensor of its own."""
-        gguf_name, expert = self.family.stage_cls.gguf_source(hf_name)
+        gguf_name, expert = self._located(hf_name)
         if gguf_name not in self.tensors:
             raise RinginferError(f"{self.path} has no tensor '{gguf_name}'")
         info = self.tensors[gguf_name]
