@@ -11,6 +11,14 @@ from node.engine.models.llama import RMSNorm, rotate
 from node.engine.models.quantized import Int4Linear, Int8Linear, quantize
 
 
+@pytest.fixture(autouse=True)
+def read_the_switch_again():  # noqa: ANN201
+    """Tests turn the ops off through the environment, which ops() reads once."""
+    decode_ops.ops.cache_clear()
+    yield
+    decode_ops.ops.cache_clear()
+
+
 def test_the_ops_build_here():
     """Where they do not build this fails (with the compiler's error), so a CI run cannot
     pass on PyTorch's ops alone."""
@@ -42,6 +50,7 @@ def test_the_model_norm_uses_them_and_falls_back_without(monkeypatch):  # noqa: 
         m.setattr(F, "rms_norm", refused)
         ours = norm(x)
     monkeypatch.setenv(decode_ops.KERNEL_ENV, "0")
+    decode_ops.ops.cache_clear()
     assert decode_ops.ops() is None
     with torch.no_grad():
         torch.testing.assert_close(norm(x), ours, rtol=2e-6, atol=0)
@@ -73,5 +82,6 @@ def test_quantized_products_equal_the_python_path(monkeypatch, fmt, out_features
     with torch.no_grad():
         ours = [layer(x) for x in xs]
         monkeypatch.setenv(decode_ops.KERNEL_ENV, "0")
+        decode_ops.ops.cache_clear()
         for x, got in zip(xs, ours, strict=True):
             assert torch.equal(got, layer(x))

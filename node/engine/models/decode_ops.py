@@ -23,15 +23,12 @@ KERNEL_ENV = "RINGINFER_DECODE_OPS"  # "0": PyTorch's own ops only
 FLAGS = tuple((cflags + ["-ffp-contract=off"], link) for cflags, link in native.FLAGS)
 
 
+@functools.cache
 def ops() -> Any | None:
     """`torch.ops.ringinfer_decode`, or None where it is off or would not build (the first
-    call builds it, once per CPU model, torch and Python version)."""
-    return _ops(os.environ.get(KERNEL_ENV, "1") != "0")
-
-
-@functools.cache
-def _ops(enabled: bool) -> Any | None:
-    if not enabled:
+    call builds it, once per CPU model, torch and Python version). The environment is read
+    at the first call, not on every op of the hot path: `ops.cache_clear()` reads it anew."""
+    if os.environ.get(KERNEL_ENV, "1") == "0":
         return None
     try:
         return native.build("ringinfer_decode", SOURCE, FLAGS)

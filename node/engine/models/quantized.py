@@ -335,7 +335,8 @@ class Int8Linear(QuantizedLinear):
         return torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
 
     def cpu_operands(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        return self.codes, self.scales, 0
+        buffers = self._buffers  # not nn.Module's attribute lookup: this is the hot path
+        return buffers["codes"], buffers["scales"], 0
 
 
 class Int4Linear(QuantizedLinear):
@@ -361,7 +362,10 @@ class Int4Linear(QuantizedLinear):
         self.scales_zeros = torch.stack([scales.t(), zeros.t()], -1).to(device, ACT).contiguous()
 
     def cpu_operands(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        return (self.packed, self.scales_zeros, self.group) if self.device_type == "cpu" else None
+        if self.device_type != "cpu":
+            return None
+        buffers = self._buffers  # not nn.Module's attribute lookup: this is the hot path
+        return buffers["packed"], buffers["scales_zeros"], self.group
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         if self.device_type == "cpu":
