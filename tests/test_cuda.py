@@ -118,3 +118,36 @@ def test_cuda_mxfp4_experts_equal_transformers_on_their_values(tmp_path):  # noq
         got = pipeline.forward(ids, torch.arange(len(PROMPT)), pipeline.new_caches(12))
     assert "mxfp4" in pipeline.quantization
     torch.testing.assert_close(got.float(), expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_decode_steps_replay_cuda_graphs_equal_to_the_eager_path(tiny_models, family, monkeypatch):  # noqa: ANN001
+    """One request's decode steps through three stages: each stage's second step captures a
+    graph, later ones replay it (node/engine/models/cuda_graph.py). Their logits are those
+    of the eager path within bfloat16's rounding (another attention kernel), and a replay is
+    bit for bit the static step run eagerly."""
+    from node.engine.models import cuda_graph
+
+    pipeline = LocalPipeline(open_checkpoint(str(tiny_models[family])), (1, 3), CUDA,
+                             torch.bfloat16)  # fmt: skip
+    follow = [7, 250, 31, 3, 99, 42, 18, 5]
+
+    def logits(graphs: str) -> tuple[torch.Tensor, list]:
+        monkeypatch.setenv(cuda_graph.ENV, graphs)
+        caches = pipeline.new_caches(32)
+        prompt = torch.tensor([PROMPT[:6]], device=CUDA)
+        out = [pipeline.forward(prompt, torch.arange(6), caches, True)]
+        for i, token in enumerate(follow):
+            ids = torch.tensor([[token]], device=CUDA)
+            out.append(pipeline.forward(ids, torch.tensor([6 + i]), caches, True))
+        return torch.cat(out, dim=1).float(), caches
+
+    with torch.inference_mode():
+        graphed, caches = logits("1")
+        eager, plain = logits("0")
+        assert all(c.graph is not None and c.graph.graph is not None for c in caches)
+        assert all(c.graph is None for c in plain)
+        torch.testing.assert_close(graphed, eager, atol=0.03 * eager.abs().max().item(), rtol=0)
+        last = caches[-1].graph
+        last.graph.replay()
+        assert torch.equal(last.out, last.run())

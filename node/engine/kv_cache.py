@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,7 +48,8 @@ class KVCache:
         span: int = SPAN,
     ) -> None:
         windows = list(windows) if windows is not None else [None] * n_layers
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.length, self.dtype = capacity, 0, dtype
+        self.graph: Any = None  # its decode steps' CUDA graph (node/engine/models/cuda_graph.py)
         self.groups: dict[int | None, _Group] = {}
         self.where: list[tuple[_Group, int]] = []  # each layer's group and index in it
         for w in dict.fromkeys(windows):

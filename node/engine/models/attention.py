@@ -131,6 +131,37 @@ class Step:
         return out.transpose(0, 1)[None]
 
 
+class StaticStep:
+    """One request's one position, read from the device tensor `position`: the step a CUDA
+    graph replays (node/engine/models/cuda_graph.py). Each layer writes its keys and values
+    at the position in place and flash attention reads the cache up to it: the kernels and
+    their shapes are the same at every step, only the tensors' contents change."""
+
+    scale = None  # SDPA's 1/sqrt(head_dim)
+    window = None
+
+    def __init__(
+        self, cache: KVCache, position: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        self.cache, self.position, self.rope = cache, position, rope
+        self.cum_q = torch.arange(2, dtype=torch.int32, device=position.device)
+        self.cum_k = torch.cat([self.cum_q[:1], (position + 1).to(torch.int32)])
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """q [1, H, 1, D] and the new k, v [1, Hkv, 1, D]."""
+        keys, values, _ = self.cache.buffers(layer)  # [1, Hkv, capacity, D]
+        keys.index_copy_(2, self.position, k)
+        values.index_copy_(2, self.position, v)
+        out = torch.ops.aten._flash_attention_forward(
+            q[0].transpose(0, 1), keys[0].transpose(0, 1), values[0].transpose(0, 1),
+            self.cum_q, self.cum_k, 1, keys.shape[2], 0.0, False, False, scale=self.scale,
+        )[0]  # fmt: skip
+        return out.transpose(0, 1)[None]
+
+
 def causal_mask(
     start: int, count: int, window: int | None, device: torch.device, first: int = 0
 ) -> torch.Tensor | None:

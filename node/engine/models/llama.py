@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.engine.kv_cache import KVCache
 from node.engine.models import decode_ops
-from node.engine.models.attention import Part, Step, positions_of
+from node.engine.models.attention import Part, StaticStep, Step, positions_of
 from node.engine.models.linear import Linear
 from node.engine.models.moe import GatedMLP, SparseMoE
 from node.engine.models.stage import Stage, embedding
@@ -393,6 +394,34 @@ class LlamaStage(Stage):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
+
+    @property
+    def static_decode(self) -> bool:
+        """Full attention without sinks and no experts (they pick their work on the host),
+        in this class's own layers_forward (Gemma 3 has its own)."""
+        c = self.cfg
+        return (
+            type(self).layers_forward is LlamaStage.layers_forward
+            and all(w is None for w in self.windows())
+            and not c.attention_sinks
+            and not any(c.is_moe(i) for i in range(self.start, self.end))
+        )
+
+    def decode_tables(
+        self, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        positions = torch.arange(capacity, device=device)
+        return rope_tables(self.inv_freq, positions, dtype, self.cfg.rope_scale())
+
+    def decode_static(
+        self, x: torch.Tensor, position: torch.Tensor, cache: KVCache,
+        tables: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:  # fmt: skip
+        h = self.embed_tokens(x) if self.is_first else x
+        step = StaticStep(cache, position, (tables[0][position], tables[1][position]))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, step, i)
+        return self.head(h) if self.is_last else h
 
     @staticmethod
     def gguf_source(hf_name: str) -> tuple[str, int | None]:

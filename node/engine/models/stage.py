@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from node.engine.kv_cache import SPAN, KVCache, held_positions
+from node.engine.models import cuda_graph
 from node.engine.models.attention import Part
 from node.engine.models.linear import Linear
 
@@ -34,6 +35,9 @@ class Stage(nn.Module):
     checkpoint tensors it is made of with `checkpoint_names`.
     """
 
+    # Whether `decode_static` serves this stage's decode steps (a CUDA graph replays them).
+    static_decode = False
+
     def __init__(self, cfg: Any, start: int, end: int) -> None:
         super().__init__()
         self.cfg, self.start, self.end = cfg, start, end
@@ -53,6 +57,10 @@ class Stage(nn.Module):
         rows `keep` picks (None: all)."""
         for p in parts:
             p.cache.check_room(p.start, p.count)
+        if cuda_graph.usable(self, x, parts, keep):  # one request's decode step on a GPU
+            out = cuda_graph.decode(self, x, parts[0])
+            parts[0].cache.advance(parts[0].start, 1)
+            return out
         h = self.layers_forward(x, parts)
         for p in parts:
             p.cache.advance(p.start, p.count)
@@ -67,6 +75,21 @@ class Stage(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (last stage)."""
+        raise NotImplementedError
+
+    def decode_tables(
+        self, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        """What `decode_static` gathers a position's rows from, for positions < capacity."""
+        raise NotImplementedError
+
+    def decode_static(
+        self, x: torch.Tensor, position: torch.Tensor, cache: KVCache,
+        tables: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:  # fmt: skip
+        """One decode position of one request, read from the device tensor `position`: the
+        layers and, on the last stage, the head; nothing comes from the host, so a CUDA graph
+        can replay it (node/engine/models/cuda_graph.py)."""
         raise NotImplementedError
 
     def new_cache(
