@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -150,4 +152,7 @@ def test_decode_steps_replay_cuda_graphs_equal_to_the_eager_path(tiny_models, fa
         torch.testing.assert_close(graphed, eager, atol=0.03 * eager.abs().max().item(), rtol=0)
         last = caches[-1].graph
         last.graph.replay()
-        assert torch.equal(last.out, last.run())
+        assert torch.equal(last.out, last.run(caches[-1]))
+        graphs = [weakref.ref(c.graph) for c in caches]
+        del caches, last
+        assert all(g() is None for g in graphs)  # freed with their caches, no cycle

@@ -27,6 +27,7 @@ import torch
 from node.engine.models.attention import Part
 
 if TYPE_CHECKING:
+    from node.engine.kv_cache import KVCache
     from node.engine.models.stage import Stage
 
 ENV = "RINGINFER_CUDA_GRAPHS"  # "0": eager decode steps
@@ -56,8 +57,10 @@ class DecodeGraph:
     through one stage. `__call__` gives the stage's output for the step (hidden states, or
     the last stage's logits of its one row), a tensor of its own."""
 
-    def __init__(self, stage: Stage, x: torch.Tensor, cache: Any) -> None:
-        self.stage, self.cache = stage, cache
+    def __init__(self, stage: Stage, x: torch.Tensor, cache: KVCache) -> None:
+        # The cache is not kept here: it holds this object (cache.graph), and a cycle would
+        # keep the graph's memory on the GPU until Python's collector ran.
+        self.stage = stage
         self.x = x.clone()
         self.position = torch.zeros(1, dtype=torch.long, device=x.device)
         self.tables = stage.decode_tables(cache.capacity, cache.dtype, x.device)
@@ -65,38 +68,39 @@ class DecodeGraph:
         self.out: torch.Tensor | None = None
         self.steps = 0
 
-    def run(self) -> torch.Tensor:
-        return self.stage.decode_static(self.x, self.position, self.cache, self.tables)
+    def run(self, cache: KVCache) -> torch.Tensor:
+        """The step, eagerly."""
+        return self.stage.decode_static(self.x, self.position, cache, self.tables)
 
-    def __call__(self, x: torch.Tensor, position: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
         self.x.copy_(x)
         self.position.fill_(position)
         self.steps += 1
         if self.graph is None:
             if self.steps == 1:  # a request may stop here: no capture for one step
-                return self.run()
-            self._capture()
+                return self.run(cache)
+            self._capture(cache)
         assert self.graph is not None and self.out is not None
         self.graph.replay()
         return self.out.clone()
 
-    def _capture(self) -> None:
+    def _capture(self, cache: KVCache) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP):
-                self.run()
+                self.run(cache)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.out = self.run()
+        # thread_local: a daemon's other threads may use the GPU meanwhile (a stage building)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.out = self.run(cache)
         self.graph = graph
 
 
 def decode(stage: Stage, x: torch.Tensor, part: Part) -> torch.Tensor:
     """The step of `part` (one position) through `stage`, by its cache's graph."""
     cache = part.cache
-    graph = getattr(cache, "graph", None)
-    if graph is None:
-        graph = cache.graph = DecodeGraph(stage, x, cache)
-    return graph(x, part.start)
+    if cache.graph is None:
+        cache.graph = DecodeGraph(stage, x, cache)
+    return cache.graph(x, part.start, cache)
