@@ -241,10 +241,16 @@ def model_key_of(model: tuple[str, Any, Any, str]) -> str:
     return f"{name}|{config.n_layers}|{config.dim}|{fmt}"
 
 
+# How layers are timed; a new method makes older cached timings stale. 2: a GPU stage's
+# decode steps replay CUDA graphs (node/engine/models/cuda_graph.py), 4x faster than eager.
+METHOD = 2
+
+
 def cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "device": str(device), "name": device_name(device), "dtype": str(dtype),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "ringinfer": __version__,
+        "method": METHOD,
     }  # fmt: skip
 
 
