@@ -156,3 +156,45 @@ def test_decode_steps_replay_cuda_graphs_equal_to_the_eager_path(tiny_models, fa
         graphs = [weakref.ref(c.graph) for c in caches]
         del caches, last
         assert all(g() is None for g in graphs)  # freed with their caches, no cycle
+
+
+def test_a_three_daemon_ring_on_one_gpu_equals_local(tmp_path):  # noqa: ANN001
+    """Three daemons on the GPU, layers pinned, their decode steps replaying CUDA graphs:
+    each request alone, and two at once (a batched pass beside graphed ones), generates the
+    tokens `generate --local --device cuda` does with the same split."""
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.conftest import make_model, run_cli
+    from tests.daemons import EXACT_RING, Cluster, Daemon
+    from tests.ports import free_port
+
+    model = make_model("llama", tmp_path / "llama", num_hidden_layers=6,
+                       max_position_embeddings=128)  # fmt: skip
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(320)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(model / "tokenizer.json"))
+    gpu = ["--model", str(model), "--device", "cuda", "--dtype", "bfloat16"]
+    ports = [free_port() for _ in range(3)]
+    peer = ["--no-mdns", "--peer", f"127.0.0.1:{ports[0]}"]
+    pins = ("0:2", "2:4", "4:6")
+    nodes = [Daemon(tmp_path, f"n{i}", port, [*gpu, *EXACT_RING, *peer, "--layers", pins[i]])
+             for i, port in enumerate(ports)]  # fmt: skip
+    cluster = Cluster(tmp_path, 3, [], nodes=nodes)
+    try:
+        prompts = ["w11 w250 w30 w7 w99", "w5 w6 w7 w8 w9 w10"]
+        args = ["--max-tokens", "40", "--json"]
+        local = [json.loads(run_cli("generate", p, "--local", *gpu, "--split", "2,4", *args)
+                            .stdout)["tokens"] for p in prompts]  # fmt: skip
+        for prompt, want in zip(prompts, local, strict=True):
+            out = nodes[0].cli("generate", prompt, "--node", nodes[0].address, *args)
+            assert out.returncode == 0 and json.loads(out.stdout)["tokens"] == want, out.stderr
+        both = [subprocess.Popen([sys.executable, "-m", "node.cli", "generate", p, "--node",
+                                  nodes[i].address, *args], stdout=subprocess.PIPE, text=True)
+                for i, p in enumerate(prompts)]  # fmt: skip
+        assert [json.loads(p.communicate(timeout=120)[0])["tokens"] for p in both] == local
+    finally:
+        cluster.stop()
