@@ -252,3 +252,25 @@ def test_bad_cluster_files_and_models_get_one_line(tmp_path, cluster, args, frag
     proc = plan(tmp_path, cluster, *(args or ["--model", "gpt2"]))
     assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_the_default_model_is_sized_as_its_stages_hold_it():
+    """One stage of every layer holds the tied int8 table's codes once, for the table and
+    the head (load_stage converts them once): the planner counts them once there, and once
+    on each of two stages that hold the ends apart."""
+    from node.engine.models.quantized import holdings
+    from node.engine.weights import load_stage, open_checkpoint
+
+    _, shape, _, _ = find_shape(None, torch.float32)
+    ckpt = open_checkpoint(None)
+
+    def held(start: int, end: int) -> int:
+        stage = load_stage(ckpt, start, end, torch.device("cpu"), torch.float32, quantize="auto")
+        norms = sum(p.nbytes for p in stage.parameters() if p.ndim == 1)
+        return sum(holdings(stage).values()) + norms
+
+    n = shape.n_layers
+    assert shape.tied_bytes > 0
+    assert shape.held(0, n) + shape.ends(True, True) == pytest.approx(held(0, n), rel=0.01)
+    apart = shape.held(0, n) + shape.ends(True, False) + shape.ends(False, True)
+    assert apart == pytest.approx(held(0, 15) + held(15, n), rel=0.01)

@@ -64,6 +64,7 @@ class ModelShape:
     wire_bytes: int = 2
     layer_read: int = 0  # of layer_bytes, what one decode step reads (0: all of it)
     head_read: int = 0  # of head_bytes, likewise (a quantized head's refining table: a few rows)
+    tied_bytes: int = 0  # of head_bytes, what a stage holding the embedding too shares with it
     dense_layers: tuple[int, ...] = ()  # an MoE model's layers with a dense MLP instead
     dense_bytes: int = 0  # one of those: held and read whole
     # Shown, not planned with: config.json's model_type (a GGUF's architecture), parameters
@@ -80,6 +81,12 @@ class ModelShape:
 
     def dense_count(self, start: int, end: int) -> int:
         return sum(start <= i < end for i in self.dense_layers)
+
+    def ends(self, first: bool, last: bool) -> int:
+        """What a stage adds to its layers as the first and/or last: the embedding, the head,
+        less what they share when one stage holds both (a tied int8 table's codes)."""
+        both = first and last
+        return first * self.embed_bytes + last * self.head_bytes - both * self.tied_bytes
 
     def held(self, start: int, end: int) -> int:
         """The weights of layers [start, end)."""
@@ -242,16 +249,13 @@ def hop_time(a: str, b: str, shape: ModelShape, links: Links) -> float:
 
 def stage_bytes(stage: StageSpec, shape: ModelShape) -> int:
     """The weights a stage holds: its layers, with the embedding or head at the ends."""
-    return (
-        shape.held(stage.start, stage.end)
-        + (stage.start == 0) * shape.embed_bytes
-        + (stage.end == shape.n_layers) * shape.head_bytes
-    )
+    return shape.held(stage.start, stage.end) + shape.ends(stage.start == 0,
+                                                          stage.end == shape.n_layers)
 
 
 def capacity(node: NodeSpec, shape: ModelShape, context: int, first: bool, last: bool) -> int:
     """How many layers `node` holds as a stage, with the embedding / head when it has them."""
-    room = node.memory * HEADROOM - first * shape.embed_bytes - last * shape.head_bytes
+    room = node.memory * HEADROOM - shape.ends(first, last)
     return max(0, int(room // max(1, shape.layer_slot(context))))
 
 
@@ -430,7 +434,7 @@ class _Segment:
     def _does_not_fit(self, group: Sequence[NodeSpec]) -> str:
         s, gib, end = self.shape, 2**30, self.start + self.layers
         need = s.held(self.start, end) + self.layers * s.kv_bytes * self.context
-        need += s.embed_bytes + s.head_bytes
+        need += s.ends(True, True)
         have = ", ".join(f"{n.id}: {n.memory / gib:.2f} GiB" for n in group)
         experts = ""
         if s.experts:

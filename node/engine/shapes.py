@@ -17,6 +17,7 @@ from torch import nn
 
 from node.cluster.planner import ModelShape
 from node.engine.models import Family, family_for_hf
+from node.engine.models.linear import Linear
 from node.engine.models.quantized import held_per_weight, module_format, quantizable
 from node.engine.weights import PACKAGED, formats_of, layer_format, open_checkpoint
 from node.errors import RinginferError
@@ -158,6 +159,17 @@ def _tally(stage: nn.Module, layers: bool, vocab_size: int, formats: Formats, si
     return out
 
 
+def _table_format(built: dict[int, nn.Module], formats: Formats, vocab: int) -> tuple[str, ...]:
+    """The formats of the token table (the first stage's) and the LM head (the last's)."""
+    first, last = built[min(built)], built[max(built)]
+    table = next(n for n, m in first.named_modules()
+                 if isinstance(m, nn.Embedding) and m.num_embeddings == vocab)  # fmt: skip
+    head = next(n for n, m in last.named_modules()
+                if isinstance(m, Linear) and m.out_features == vocab)  # fmt: skip
+    return tuple(module_format(stage.get_submodule(name), formats(stage, f"{name}.weight"))
+                 for stage, name in ((first, table), (last, head)))  # fmt: skip
+
+
 def shape_of(
     family: Family,
     config: Any,
@@ -202,6 +214,10 @@ def shape_of(
     other = mean(list(dense)) if dense else _Tally()
     tied = config.vocab_size * config.dim if getattr(config, "tie_embeddings", False) else 0
     edges = embed.params + head.params - tied  # a tied head is the embedding's copy
+    # One stage with both: an int8 table and head load from the same codes (load_stage), on
+    # the CPU (a GPU dequantizes int8 linear layers, which these counts do not model).
+    shared = tied if tied and _table_format(built, formats or uniform,
+                                            config.vocab_size) == ("int8", "int8") else 0
     routed = _routed(built[main])
     return ModelShape(
         n_layers=n,
@@ -214,6 +230,7 @@ def shape_of(
         wire_bytes=torch.empty((), dtype=wire_dtype).element_size(),
         layer_read=int(layer.read),
         head_read=int(head.read),
+        tied_bytes=shared,
         dense_layers=dense,
         dense_bytes=int(other.held),
         architecture=architecture,
