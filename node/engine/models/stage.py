@@ -57,14 +57,12 @@ class Stage(nn.Module):
         rows `keep` picks (None: all)."""
         for p in parts:
             p.cache.check_room(p.start, p.count)
-        if cuda_graph.usable(self, x, parts, keep):  # one request's decode step on a GPU
-            out = cuda_graph.decode(self, x, parts[0])
-            parts[0].cache.advance(parts[0].start, 1)
-            return out
-        h = self.layers_forward(x, parts)
+        # One request's decode step on a GPU: a graph's replay, the head's row included.
+        graphed = cuda_graph.usable(self, x, parts, keep)
+        h = cuda_graph.decode(self, x, parts[0]) if graphed else self.layers_forward(x, parts)
         for p in parts:
             p.cache.advance(p.start, p.count)
-        if not self.is_last:
+        if graphed or not self.is_last:
             return h
         rows = h if keep is None else h[:, keep]
         return self.head(rows) if rows.shape[1] else rows  # no rows: a prompt's early chunk
