@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from torch import nn
 
 from node.cluster.planner import ModelShape
 from node.engine.models import Family, family_for_hf
-from node.engine.models.linear import Linear
 from node.engine.models.quantized import held_per_weight, module_format, quantizable
 from node.engine.weights import PACKAGED, formats_of, layer_format, open_checkpoint
 from node.errors import RinginferError
@@ -118,13 +117,14 @@ def built_in(name: str) -> tuple[str, dict[str, Any]] | None:
 
 @dataclass
 class _Tally:
-    """Of some weights: bytes held, bytes one decode step reads, parameters, and those one
-    token computes with."""
+    """Of some weights: bytes held, bytes one decode step reads, parameters, those one
+    token computes with, and the formats of the vocabulary's (token table, LM head)."""
 
     held: float = 0.0
     read: float = 0.0
     params: int = 0
     active: float = 0.0
+    vocab: list[str] = field(default_factory=list)
 
 
 def _routed(stage: nn.Module) -> list[nn.Module]:
@@ -150,6 +150,8 @@ def _tally(stage: nn.Module, layers: bool, vocab_size: int, formats: Formats, si
             fmt = "none"
             if name.endswith(".weight") and quantizable(module, vocab_size):
                 fmt = module_format(module, formats(stage, name))
+                if isinstance(module, nn.Embedding) or module.out_features == vocab_size:
+                    out.vocab.append(fmt)
             held = p.numel() * (held_per_weight(module, fmt, prefix == "lm_head") or size)
             used = share.get(id(p), 1.0)
             out.held += held
@@ -157,17 +159,6 @@ def _tally(stage: nn.Module, layers: bool, vocab_size: int, formats: Formats, si
             out.params += p.numel()
             out.active += p.numel() * used
     return out
-
-
-def _table_format(built: dict[int, nn.Module], formats: Formats, vocab: int) -> tuple[str, ...]:
-    """The formats of the token table (the first stage's) and the LM head (the last's)."""
-    first, last = built[min(built)], built[max(built)]
-    table = next(n for n, m in first.named_modules()
-                 if isinstance(m, nn.Embedding) and m.num_embeddings == vocab)  # fmt: skip
-    head = next(n for n, m in last.named_modules()
-                if isinstance(m, Linear) and m.out_features == vocab)  # fmt: skip
-    return tuple(module_format(stage.get_submodule(name), formats(stage, f"{name}.weight"))
-                 for stage, name in ((first, table), (last, head)))  # fmt: skip
 
 
 def shape_of(
@@ -216,8 +207,7 @@ def shape_of(
     edges = embed.params + head.params - tied  # a tied head is the embedding's copy
     # One stage with both: an int8 table and head load from the same codes (load_stage), on
     # the CPU (a GPU dequantizes int8 linear layers, which these counts do not model).
-    shared = tied if tied and _table_format(built, formats or uniform,
-                                            config.vocab_size) == ("int8", "int8") else 0
+    shared = tied if tied and embed.vocab + head.vocab == ["int8", "int8"] else 0
     routed = _routed(built[main])
     return ModelShape(
         n_layers=n,
