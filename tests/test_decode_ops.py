@@ -6,9 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from node.engine.models import decode_ops
+from node.engine.models import cpu_decode, decode_ops
+from node.engine.models.attention import Part
 from node.engine.models.llama import RMSNorm, rotate
 from node.engine.models.quantized import Int4Linear, Int8Linear, quantize
+from node.engine.weights import load_stage, open_checkpoint
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +89,40 @@ def test_quantized_products_equal_the_python_path(monkeypatch, fmt, out_features
         decode_ops.ops.cache_clear()
         for x, got in zip(xs, ours, strict=True):
             assert torch.equal(got, layer(x))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # biases; q and k norms
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_layer_in_one_call_equals_the_python_path(tiny_models, monkeypatch, family, fmt):  # noqa: ANN001
+    """Decode steps through cpu_decode's one call a layer give the logits of llama.py's
+    modules bit for bit: one request a step and three at different positions at once, on
+    both stages of a split."""
+    ckpt = open_checkpoint(str(tiny_models[family]))
+    stages = [load_stage(ckpt, a, b, CPU, torch.float32, None, fmt) for a, b in ((0, 1), (1, 4))]
+    calls = []
+    fast = cpu_decode.layers
+    monkeypatch.setattr(cpu_decode, "layers", lambda *a: calls.append(1) or fast(*a))
+
+    def decode() -> list[torch.Tensor]:
+        caches = [[s.new_cache(1, 32, torch.float32, CPU) for s in stages] for _ in range(3)]
+        prompts = [torch.arange(3, 3 + n)[None] for n in (5, 2, 9)]
+        logits = []
+        with torch.inference_mode():
+            for prompt, cache in zip(prompts, caches, strict=True):
+                x = prompt
+                for stage, c in zip(stages, cache, strict=True):
+                    x = stage.run(x, [Part(c, 0, prompt.shape[1])], slice(-1, None))
+            for step in range(4):  # alone, then the three together
+                group = [0] if step % 2 == 0 else [0, 1, 2]
+                x = torch.tensor([[7 + step + i for i in group]])
+                for j, stage in enumerate(stages):
+                    parts = [Part(caches[i][j], caches[i][j].length, 1) for i in group]
+                    x = stage.run(x, parts)
+                logits.append(x)
+        return logits
+
+    ours = decode()
+    assert len(calls) == 8  # every decode pass of both stages took the one-call path
+    monkeypatch.setattr(cpu_decode, "usable", lambda *a: False)
+    for got, want in zip(ours, decode(), strict=True):
+        assert torch.equal(got, want)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.engine.kv_cache import KVCache
-from node.engine.models import decode_ops
+from node.engine.models import cpu_decode, decode_ops
 from node.engine.models.attention import Part, StaticStep, Step, positions_of
 from node.engine.models.linear import Linear
 from node.engine.models.moe import GatedMLP, SparseMoE
@@ -386,6 +386,8 @@ class LlamaStage(Stage):
         h = self.embed_tokens(x) if self.is_first else x
         positions = positions_of(parts, h.device)
         rope = rope_tables(self.inv_freq, positions, h.dtype, self.cfg.rope_scale())
+        if cpu_decode.usable(self, h, parts):  # one C++ call a layer
+            return cpu_decode.layers(self, h, parts, rope)
         windows = self.windows()
         steps = {w: Step(parts, w, h.device, rope) for w in set(windows)}
         for i, layer in enumerate(self.layers):
