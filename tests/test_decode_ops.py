@@ -126,3 +126,41 @@ def test_a_layer_in_one_call_equals_the_python_path(tiny_models, monkeypatch, fa
     monkeypatch.setattr(cpu_decode, "usable", lambda *a: False)
     for got, want in zip(ours, decode(), strict=True):
         assert torch.equal(got, want)
+
+
+def test_the_default_model_decodes_as_pytorchs_ops_do(monkeypatch):  # noqa: ANN001
+    """The default model (int4 layers, int8 table) through cpu_decode's one call a layer and
+    the fused norms and RoPE, against PyTorch's own ops (RINGINFER_DECODE_OPS=0)
+    on the same 48 tokens (PyTorch's greedy choices, fed to both): the logits of every step
+    agree to 3% of their largest, and so do the choices wherever the best logit leads the
+    next by more than that. (Not every choice: int4 products take bfloat16 activations, so
+    any change of rounding order moves logits by up to ~2%, and near-ties fall either way.)"""
+    from node.engine.local import LocalPipeline, generate
+    from node.engine.sampling import SamplingParams
+
+    ckpt = open_checkpoint(None)
+    pipeline = LocalPipeline(ckpt, (), quantize="auto")
+    prompt = ckpt.tokenizer().encode_prompt("Name three rivers of Europe.", True)
+
+    def logits(tokens: list[int]) -> torch.Tensor:
+        caches = pipeline.new_caches(len(prompt) + len(tokens))
+        with torch.inference_mode():
+            rows = [pipeline.forward(torch.tensor([prompt]), torch.arange(len(prompt)), caches)]
+            for i, token in enumerate(tokens[:-1], len(prompt)):
+                rows.append(pipeline.forward(torch.tensor([[token]]), torch.tensor([i]), caches))
+        return torch.stack([r[0, -1] for r in rows])
+
+    monkeypatch.setenv(decode_ops.KERNEL_ENV, "0")
+    decode_ops.ops.cache_clear()
+    greedy = SamplingParams()
+    session = pipeline.session(len(prompt) + 48, greedy)
+    tokens = list(generate(session, prompt, 48, greedy, frozenset()))
+    theirs = logits(tokens)
+    monkeypatch.delenv(decode_ops.KERNEL_ENV)
+    decode_ops.ops.cache_clear()
+    ours = logits(tokens)
+    bound = 0.03 * theirs.abs().amax(-1)
+    assert ((ours - theirs).abs().amax(-1) <= bound).all()
+    best = theirs.topk(2, -1).values
+    clear = best[:, 0] - best[:, 1] > bound
+    assert clear.sum() >= 24 and torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
