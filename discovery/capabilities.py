@@ -242,8 +242,9 @@ def model_key_of(model: tuple[str, Any, Any, str]) -> str:
 
 
 # How layers are timed; a new method makes older cached timings stale. 2: a GPU stage's
-# decode steps replay CUDA graphs (node/engine/models/cuda_graph.py), 4x faster than eager.
-METHOD = 2
+# decode steps replay CUDA graphs (node/engine/models/cuda_graph.py), 4x faster than eager;
+# 3: a CPU stage's quantized layers decode in one C++ call each (cpu_decode.py), ~1.3x.
+METHOD = 3
 
 
 def cache_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
