@@ -14,7 +14,6 @@ norms, softmax, RoPE and the residual stream keep the stage's dtype.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.engine.models import decode_ops, int4_triton
+from node.engine.models import decode_ops
 from node.engine.models.linear import Linear
 from node.engine.models.mxfp4 import Mxfp4Linear, Mxfp4Tensor, quantize_mxfp4
 from node.errors import RinginferError
@@ -33,7 +32,6 @@ ACT = torch.bfloat16
 # An LM head's outputs this close to their row's maximum (relatively) are recomputed in
 # float32 (QuantizedLinear): bfloat16 outputs and scales are each off by up to 2^-9.
 REFINE = 2**-6
-INT4_KERNEL_ENV = "RINGINFER_INT4_KERNEL"  # "triton": our Triton kernel on CUDA, not tinygemm
 
 
 @dataclass
@@ -342,27 +340,18 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """int4 groups, packed for this device's kernel at load: PyTorch's, or with
-    `RINGINFER_INT4_KERNEL=triton` on an Ampere or newer GPU our Triton kernel's layout
-    (node/engine/models/int4_triton.py; opt-in until it has been measured on a GPU)."""
+    """int4 groups, packed for this device's kernel at load."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device_type: str) -> None:
         super().__init__(in_features, out_features, bias)
         self.device_type = device_type
         self.group = GROUP
-        self.triton: int4_triton.Int4Packed | None = None  # views of the buffers below
         # Packed layouts are device-specific; the real buffers are made by `load`.
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales_zeros", torch.empty(0, dtype=ACT), persistent=False)
 
     def load_codes(self, w: QuantizedTensor, device: torch.device) -> None:
         codes, scales, zeros = w.codes, w.scales, w.zeros
-        if device.type == "cuda" and w.group == GROUP and _triton_int4():
-            self.triton = int4_triton.pack(codes, scales, zeros, device)
-            self.packed = self.triton.words
-            self.scales_zeros = torch.stack([self.triton.scales, self.triton.zeros])
-            self.triton.scales, self.triton.zeros = self.scales_zeros  # held once
-            return
         pad = -len(codes) % 16  # both kernels take output rows in multiples of 16 (CPU) / 8
         if pad:
             codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
@@ -379,18 +368,11 @@ class Int4Linear(QuantizedLinear):
         return buffers["packed"], buffers["scales_zeros"], self.group
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.triton is not None:
-            return int4_triton.matmul(rows, self.triton)
         if self.device_type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows, self.packed, self.group, self.scales_zeros
             )
         return torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group, self.scales_zeros)
-
-
-def _triton_int4() -> bool:
-    """Whether CUDA int4 weights take our Triton kernel (read once a load, not a product)."""
-    return os.environ.get(INT4_KERNEL_ENV, "torch") == "triton" and int4_triton.available()
 
 
 def pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
