@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 def usable(stage: LlamaStage, h: torch.Tensor, parts: Sequence[Part]) -> bool:
     """Whether this pass is one new position per request through layers `decode_layer`
     computes: float32 on the CPU, every layer's operands at hand."""
-    if h.is_cuda or h.dtype != torch.float32 or any(p.count != 1 for p in parts):
+    if h.is_cuda or h.dtype != torch.float32:
+        return False
+    if any(p.count != 1 or p.cache.dtype != torch.float32 for p in parts):
         return False
     return stage.static_decode and decode_ops.ops() is not None and operands(stage) is not None
 

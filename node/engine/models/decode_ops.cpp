@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -107,6 +108,20 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   return bias.has_value() ? at::add(y, *bias) : y;
 }
 
+// cache[0, :, at] = rows[0, :, row] for float32 heads [1, H, *, D] (D contiguous): a
+// copy of H rows of D floats, without a copy_'s dispatch (~4 us) for each cache and layer.
+void write_position(const at::Tensor& cache, int64_t at, const at::Tensor& rows, int64_t row) {
+  TORCH_CHECK(cache.scalar_type() == at::kFloat && rows.scalar_type() == at::kFloat &&
+                  cache.size(1) == rows.size(1) && cache.size(3) == rows.size(3) &&
+                  cache.stride(3) == 1 && rows.stride(3) == 1 && at < cache.size(2),
+              "write_position takes float32 heads [1, H, *, D]");
+  const int64_t heads = cache.size(1), d = cache.size(3);
+  float* dst = cache.data_ptr<float>() + at * cache.stride(2);
+  const float* src = rows.data_ptr<float>() + row * rows.stride(2);
+  for (int64_t h = 0; h < heads; ++h)
+    std::memcpy(dst + h * cache.stride(1), src + h * rows.stride(1), d * sizeof(float));
+}
+
 // One dense Llama-family layer (llama.py's Block) at one new position for each of B requests,
 // in one call: x [1, B, D] float32, request i's position positions[i], its keys and values
 // [1, Hkv, capacity, hd] (its cache's buffers for this layer), written there in place. The
@@ -145,8 +160,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm,
   std::vector<at::Tensor> out;
   for (int64_t i = 0; i < parts; ++i) {  // Step.attend: each request over its own cache
     const int64_t p = positions[i];
-    keys[i].narrow(2, p, 1).copy_(k.narrow(2, i, 1));
-    values[i].narrow(2, p, 1).copy_(v.narrow(2, i, 1));
+    write_position(keys[i], p, k, i);
+    write_position(values[i], p, v, i);
     out.push_back(at::scaled_dot_product_attention(
         q.narrow(2, i, 1), keys[i].narrow(2, 0, p + 1), values[i].narrow(2, 0, p + 1),
         c10::nullopt, 0.0, false, c10::nullopt, true));
