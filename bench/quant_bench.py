@@ -67,9 +67,10 @@ def engine(args: argparse.Namespace) -> dict:
         out[q] = {k: v for k, v in m.items() if k != "tokens"}
         print(f"{q}: {m['decode_tokens_per_s']:.1f} tokens/s decode, "
               f"{m['prefill_tokens_per_s']:.0f} tokens/s prefill", file=sys.stderr)  # fmt: skip
-    base = out["none"]["decode_tokens_per_s"]
-    for q in formats:
-        out[q]["decode_vs_none"] = out[q]["decode_tokens_per_s"] / base
+    if "none" in out:  # float weights measured too: what quantizing buys
+        base = out["none"]["decode_tokens_per_s"]
+        for q in formats:
+            out[q]["decode_vs_none"] = out[q]["decode_tokens_per_s"] / base
     return out
 
 
