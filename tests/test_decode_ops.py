@@ -11,6 +11,7 @@ from node.engine.models.attention import Part
 from node.engine.models.llama import RMSNorm, rotate
 from node.engine.models.quantized import Int4Linear, Int8Linear, quantize
 from node.engine.weights import load_stage, open_checkpoint
+from tests.conftest import make_model
 
 CPU = torch.device("cpu")
 
@@ -91,13 +92,19 @@ def test_quantized_products_equal_the_python_path(monkeypatch, fmt, out_features
             assert torch.equal(got, layer(x))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # biases; q and k norms
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_padded"])
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
-def test_a_layer_in_one_call_equals_the_python_path(tiny_models, monkeypatch, family, fmt):  # noqa: ANN001
+def test_a_layer_in_one_call_equals_the_python_path(tiny_models, tmp_path, monkeypatch,
+                                                    family, fmt):  # fmt: skip  # noqa: ANN001
     """Decode steps through cpu_decode's one call a layer give the logits of llama.py's
     modules bit for bit: one request a step and three at different positions at once, on
-    both stages of a split."""
-    ckpt = open_checkpoint(str(tiny_models[family]))
+    both stages of a split. Qwen2 has biases, Qwen3 q and k norms; the padded Qwen3's fused
+    projection (4 query heads of 20 and one key head: 120 rows) is padded to 128 rows for
+    the int4 kernel, and its grouped query heads are 4 to a key head."""
+    path = tiny_models.get(family) or make_model(
+        "qwen3", tmp_path / family, head_dim=20, num_key_value_heads=1
+    )
+    ckpt = open_checkpoint(str(path))
     stages = [load_stage(ckpt, a, b, CPU, torch.float32, None, fmt) for a, b in ((0, 1), (1, 4))]
     calls = []
     fast = cpu_decode.layers
@@ -126,6 +133,19 @@ def test_a_layer_in_one_call_equals_the_python_path(tiny_models, monkeypatch, fa
     monkeypatch.setattr(cpu_decode, "usable", lambda *a: False)
     for got, want in zip(ours, decode(), strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3_moe", "gemma3", "gpt_oss"])
+def test_windows_experts_and_other_layers_keep_the_python_path(tiny_models, family):  # noqa: ANN001
+    """Sliding windows (Mistral, Gemma 3, gpt-oss), experts and sinks are not what
+    decode_layer computes: their decode steps stay on the modules."""
+    ckpt = open_checkpoint(str(tiny_models[family]))
+    stage = load_stage(ckpt, 0, ckpt.n_layers, CPU, torch.float32, None, "int4")
+    cache = stage.new_cache(1, 32, torch.float32, CPU)
+    with torch.inference_mode():
+        stage.run(torch.arange(3, 8)[None], [Part(cache, 0, 5)], slice(-1, None))
+        h = stage.embed_tokens(torch.tensor([[9]]))
+        assert not cpu_decode.usable(stage, h, [Part(cache, 5, 1)])
 
 
 def test_the_default_model_decodes_as_pytorchs_ops_do(monkeypatch):  # noqa: ANN001

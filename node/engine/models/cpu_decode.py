@@ -33,12 +33,15 @@ def usable(stage: LlamaStage, h: torch.Tensor, parts: Sequence[Part]) -> bool:
         return False
     if any(p.count != 1 or p.cache.dtype != torch.float32 for p in parts):
         return False
+    if any(p.cache.buffers(0)[2] != 0 for p in parts):  # a sliding cache: windows only
+        return False
     return stage.static_decode and decode_ops.ops() is not None and operands(stage) is not None
 
 
 def operands(stage: LlamaStage) -> list[tuple[Any, ...]] | None:
-    """Each layer's weights as `decode_layer` takes them, gathered at the first step (the
-    weights are loaded by then and never change); None where a layer has what it lacks."""
+    """Each layer's weights as `decode_layer` takes them, gathered at the first step; None
+    where a layer has what it lacks. A stage's weights are loaded once (weights.load_stage)
+    and never replaced: one that replaced them would have to drop `_decode_operands`."""
     if not hasattr(stage, "_decode_operands"):
         layers = [_layer_operands(block) for block in stage.layers]
         stage._decode_operands = None if None in layers else layers

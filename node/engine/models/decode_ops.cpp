@@ -111,10 +111,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 // cache[0, :, at] = rows[0, :, row] for float32 heads [1, H, *, D] (D contiguous): a
 // copy of H rows of D floats, without a copy_'s dispatch (~4 us) for each cache and layer.
 void write_position(const at::Tensor& cache, int64_t at, const at::Tensor& rows, int64_t row) {
-  TORCH_CHECK(cache.scalar_type() == at::kFloat && rows.scalar_type() == at::kFloat &&
+  TORCH_CHECK(cache.device().is_cpu() && rows.device().is_cpu() &&
+                  cache.scalar_type() == at::kFloat && rows.scalar_type() == at::kFloat &&
+                  cache.dim() == 4 && rows.dim() == 4 && cache.size(0) == 1 &&
                   cache.size(1) == rows.size(1) && cache.size(3) == rows.size(3) &&
-                  cache.stride(3) == 1 && rows.stride(3) == 1 && at < cache.size(2),
-              "write_position takes float32 heads [1, H, *, D]");
+                  cache.stride(3) == 1 && rows.stride(3) == 1 && at >= 0 &&
+                  at < cache.size(2) && row >= 0 && row < rows.size(2),
+              "write_position takes float32 heads [1, H, *, D] and positions within them");
   const int64_t heads = cache.size(1), d = cache.size(3);
   float* dst = cache.data_ptr<float>() + at * cache.stride(2);
   const float* src = rows.data_ptr<float>() + row * rows.stride(2);
