@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 def usable(stage: LlamaStage, h: torch.Tensor, parts: Sequence[Part]) -> bool:
     """Whether this pass is one new position per request through layers `decode_layer`
     computes: float32 on the CPU, every layer's operands at hand."""
-    if h.is_cuda or h.dtype != torch.float32:
+    if not h.is_cpu or h.dtype != torch.float32:  # (Int8Linear's operands are any device's)
         return False
     if any(p.count != 1 or p.cache.dtype != torch.float32 for p in parts):
         return False
