@@ -103,6 +103,20 @@ FAMILIES = {
                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
              final_logit_softcapping=30.0),
     ),  # fmt: skip
+    # DeepSeek V3: latent attention (query latent 24, key/value latent 16, heads of 8 + 8
+    # RoPE dims, values of 12), YaRN with mscale in the softmax scale; 8 experts in 4 groups
+    # (2 searched), top 2, a shared expert, layer 0 dense, a steering bias (random below).
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=4,
+             q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+             v_head_dim=12, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
+             num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+             routed_scaling_factor=2.5,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                              "mscale": 1.0, "mscale_all_dim": 0.707,
+                              "original_max_position_embeddings": 16}),
+    ),  # fmt: skip
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=50257, n_embd=64, n_layer=4, n_head=4, n_positions=64),
@@ -120,6 +134,9 @@ def make_model(name: str, path: Path, seed: int = 0, **overrides: object) -> Pat
     with torch.no_grad():  # random init is tiny; widen it so layers matter for the logits
         for p in model.parameters():
             p.normal_(0, 0.2)
+        for name, b in model.named_buffers():  # DeepSeek's expert-steering bias
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.2)
     model.save_pretrained(path)
     return path
 
@@ -130,18 +147,23 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: make_model(name, root / name) for name in FAMILIES}
 
 
-@pytest.fixture(scope="session")
-def llama_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer saved by transformers as tokenizer.json."""
+def with_tokenizer(name: str, path: Path) -> Path:
+    """A tiny random model of family `name` with SmolLM2's tokenizer, saved by transformers
+    as tokenizer.json (its vocabulary: 49152)."""
     from transformers import AutoTokenizer
 
     from node.engine.weights import open_checkpoint
 
     ckpt = open_checkpoint(None)
-    dst = make_model("llama", tmp_path_factory.mktemp("tok") / "llama", vocab_size=49152)
+    dst = make_model(name, path, vocab_size=49152)
     hf_tok = AutoTokenizer.from_pretrained(ckpt.path.parent, gguf_file=ckpt.path.name)
     hf_tok.save_pretrained(dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def llama_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return with_tokenizer("llama", tmp_path_factory.mktemp("tok") / "llama")
 
 
 def hf_model(path: Path) -> torch.nn.Module:

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from protocol.wire import VERSION, Kind, encode, message
-from tests.conftest import TEXT, run_cli
+from tests.conftest import TEXT, run_cli, with_tokenizer
 from tests.daemons import EXACT_RING, Cluster
 from tests.test_gguf import write_gguf
 
@@ -288,7 +288,7 @@ def test_stopping_a_requester_finishes_its_request_first(cluster):  # noqa: ANN0
     assert len(out) > 100
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe", "deepseek_v3"])
 def test_tiny_random_models_on_the_ring_equal_local(
     tiny_models,
     llama_with_tokenizer,
@@ -296,11 +296,13 @@ def test_tiny_random_models_on_the_ring_equal_local(
     family,  # noqa: ANN001
 ):
     model = {
-        "llama": llama_with_tokenizer,
-        "gpt2": tiny_models["gpt2"],
+        "llama": lambda: llama_with_tokenizer,
+        "gpt2": lambda: tiny_models["gpt2"],
         # Experts kept as int4 from a GGUF's Q4_0 blocks, stacked as llama.cpp stacks them.
-        "qwen3_moe": write_gguf(tiny_models["qwen3_moe"], tmp_path / "moe.gguf", "Q4_0"),
-    }[family]
+        "qwen3_moe": lambda: write_gguf(tiny_models["qwen3_moe"], tmp_path / "moe.gguf", "Q4_0"),
+        # Latent attention's one-vector caches and grouped experts across three stages.
+        "deepseek_v3": lambda: with_tokenizer("deepseek_v3", tmp_path / "deepseek"),
+    }[family]()
     model = str(model)
     # GPT-2: the default float16 wire, the third node first. The others: a float32 wire,
     # which makes the ring bit-exact, so (Llama) seeded sampling must draw the same tokens

@@ -32,7 +32,8 @@ class KVCache:
     + tokens to generate, never more than the model's context). A sliding-window layer holds
     only its window and the positions one pass adds (`span`): when a pass would run past its
     buffer, the window's last positions move to its front, so its memory follows the window,
-    not the context. `length` counts the positions already written.
+    not the context. `length` counts the positions already written. Values may be narrower
+    than keys (`value_dim`; 0 for latent attention, whose values are in its keys).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class KVCache:
         device: torch.device | str,
         windows: Sequence[int | None] | None = None,
         span: int = SPAN,
+        value_dim: int | None = None,
     ) -> None:
         windows = list(windows) if windows is not None else [None] * n_layers
         self.capacity, self.length, self.dtype = capacity, 0, dtype
@@ -57,8 +59,9 @@ class KVCache:
             # Uninitialised: only written positions are ever read, and untouched pages of a
             # long context cost no resident memory until the request reaches them.
             shape = (count, batch, n_kv_heads, held_positions(w, capacity, span), head_dim)
+            values = (*shape[:4], head_dim if value_dim is None else value_dim)
             self.groups[w] = _Group(w, torch.empty(shape, dtype=dtype, device=device),
-                                    torch.empty(shape, dtype=dtype, device=device))  # fmt: skip
+                                    torch.empty(values, dtype=dtype, device=device))  # fmt: skip
         seen = dict.fromkeys(self.groups, 0)
         for w in windows:
             self.where.append((self.groups[w], seen[w]))

@@ -47,6 +47,18 @@ _GPT_OSS = {"model_type": "gpt_oss", "vocab_size": 201088, "max_position_embeddi
                                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                 "original_max_position_embeddings": 4096}}
 
+# DeepSeek V3's layout (Kimi K2 is built on it): latent attention, 3 dense layers then
+# shared + routed experts.
+_DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280,
+                "max_position_embeddings": 163840, "q_lora_rank": 1536, "kv_lora_rank": 512,
+                "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1,
+                "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+                "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 1.0,
+                                 "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                 "beta_fast": 32, "beta_slow": 1}}
+
 
 def _dims(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> dict[str, int]:
     """The five numbers every Llama-like config.json has, by their names there."""
@@ -96,6 +108,13 @@ BUILT_IN: dict[str, dict[str, Any]] = {
     "openai/gpt-oss-20b": {**_GPT_OSS, **_dims(2880, 24, 64, 8, 2880), "num_local_experts": 32},
     "openai/gpt-oss-120b": {**_GPT_OSS, **_dims(2880, 36, 64, 8, 2880),
                             "num_local_experts": 128},
+    "deepseek-ai/DeepSeek-V3": {**_DEEPSEEK_V3, **_dims(7168, 61, 128, 128, 18432)},
+    "moonshotai/Kimi-K2-Instruct": {
+        **_DEEPSEEK_V3, **_dims(7168, 61, 64, 64, 18432), "model_type": "kimi_k2",
+        "vocab_size": 163840, "max_position_embeddings": 131072, "n_routed_experts": 384,
+        "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.827, "rope_theta": 50000.0,
+        "rope_scaling": {**_DEEPSEEK_V3["rope_scaling"], "factor": 32.0, "beta_fast": 1}},
     # Gemma 3 (gemma3_text) goes here once node/engine/models reads its model_type: every
     # row must build (tests/test_plan_cli.py plans each one).
 }  # fmt: skip
@@ -214,7 +233,7 @@ def shape_of(
         layer_bytes=int(layer.held),
         embed_bytes=int(embed.held),
         head_bytes=int(head.held),
-        kv_bytes=2 * config.n_kv_heads * config.head_dim * size,
+        kv_bytes=getattr(config, "cache_width", 2 * config.n_kv_heads * config.head_dim) * size,
         hidden=config.dim,
         dtype_bytes=layer.held / layer.params,
         wire_bytes=torch.empty((), dtype=wire_dtype).element_size(),

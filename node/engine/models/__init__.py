@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from node.engine.models import gemma3, gpt2, gpt_oss, llama
+from node.engine.models import deepseek, gemma3, gpt2, gpt_oss, llama
 from node.engine.models.stage import Stage
 from node.errors import RinginferError
 
@@ -28,7 +28,9 @@ GEMMA3 = Family("gemma3", gemma3.Gemma3Config, gemma3.Gemma3Stage, gemma3.HF_MOD
                 gemma3.GGUF_ARCHITECTURES)  # fmt: skip
 GPT_OSS = Family("gpt_oss", gpt_oss.GptOssConfig, gpt_oss.GptOssStage, gpt_oss.HF_MODEL_TYPES,
                  gpt_oss.GGUF_ARCHITECTURES)  # fmt: skip
-FAMILIES = (LLAMA, GPT2, GEMMA3, GPT_OSS)
+DEEPSEEK = Family("deepseek", deepseek.DeepseekConfig, deepseek.DeepseekStage,
+                  deepseek.HF_MODEL_TYPES, deepseek.GGUF_ARCHITECTURES)  # fmt: skip
+FAMILIES = (LLAMA, GPT2, GEMMA3, GPT_OSS, DEEPSEEK)
 _BY_HF_TYPE = {t: f for f in FAMILIES for t in f.hf_types}
 _BY_GGUF_ARCH = {a: f for f in FAMILIES for a in f.gguf_archs}
 SUPPORTED = sorted(_BY_HF_TYPE)

@@ -87,22 +87,31 @@ class Step:
         layer: int,
         q: torch.Tensor,
         k: torch.Tensor,
-        v: torch.Tensor,
+        v: torch.Tensor | None = None,
         sinks: torch.Tensor | None = None,
+        values_in_keys: int | None = None,
     ) -> torch.Tensor:
         """q [1, H, N, D] and the new k, v [1, Hkv, N, D] of all parts packed: each part's
         keys and values go into its cache, its queries attend to that cache alone (and to a
-        learned sink logit per head, where the model has them)."""
+        learned sink logit per head, where the model has them). With `values_in_keys` (latent
+        attention) there is no v: the values are the keys' first that many numbers, and a
+        cache holds keys only."""
+        if values_in_keys is not None:
+            v = k[..., :0]
+        assert v is not None
         if len(self.parts) == 1:
             p = self.parts[0]
             keys, values, first = p.cache.update(layer, p.start, k, v)
+            values = values if values_in_keys is None else keys[..., :values_in_keys]
             return attend(q, keys, values, self.mask(0, first), self.scale, sinks)
-        if self.ragged and sinks is None and q.dtype in (torch.bfloat16, torch.float16):
+        if self.ragged and sinks is None and values_in_keys is None and q.dtype in (
+            torch.bfloat16, torch.float16):  # fmt: skip
             return self._attend_ragged(layer, q, k, v)
         out, at = [], 0
         for i, p in enumerate(self.parts):
             span = slice(at, at + p.count)
             keys, values, first = p.cache.update(layer, p.start, k[:, :, span], v[:, :, span])
+            values = values if values_in_keys is None else keys[..., :values_in_keys]
             out.append(attend(q[:, :, span], keys, values, self.mask(i, first), self.scale, sinks))
             at += p.count
         return torch.cat(out, dim=2)

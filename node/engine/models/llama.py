@@ -389,13 +389,18 @@ class LlamaStage(Stage):
         if cpu_decode.usable(self, h, parts):  # one C++ call a layer
             return cpu_decode.layers(self, h, parts, rope)
         windows = self.windows()
-        steps = {w: Step(parts, w, h.device, rope) for w in set(windows)}
+        scale = self.attention_scale()
+        steps = {w: Step(parts, w, h.device, rope, scale) for w in set(windows)}
         for i, layer in enumerate(self.layers):
             h = layer(h, steps[windows[i]], i)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
+
+    def attention_scale(self) -> float | None:
+        """What scores are multiplied by (None: 1/sqrt of the query's head size)."""
+        return None
 
     @property
     def static_decode(self) -> bool:

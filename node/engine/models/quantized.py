@@ -27,6 +27,9 @@ from node.engine.models.mxfp4 import Mxfp4Linear, Mxfp4Tensor, quantize_mxfp4
 from node.errors import RinginferError
 
 GROUP = 32  # int4 group size: llama.cpp's block size, the smallest the kernels take
+# PyTorch's int8 CPU kernel reads rows in blocks of 16: other widths crash the process
+# (torch 2.13, measured: 16, 48, 80 run; 8, 24, 40, 100 segfault).
+INT8_BLOCK = 16
 CHUNK = 1 << 20  # values converted at a time: bounds the transient copies of a tensor (4 MiB)
 ACT = torch.bfloat16
 # An LM head's outputs this close to their row's maximum (relatively) are recomputed in
@@ -226,11 +229,12 @@ def fill_random(stage: nn.Module, formats: dict[str, str], device: torch.device,
 
 def module_format(module: nn.Module, fmt: str) -> str:
     """int4 and MXFP4 where rows split into whole groups (MXFP4 for linear layers only),
-    else int8."""
+    else int8 where rows are whole blocks of INT8_BLOCK, else the compute dtype."""
     width = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
-    if fmt == "mxfp4" and isinstance(module, nn.Embedding):
-        return "int8"
-    return "int8" if fmt in ("int4", "mxfp4") and width % GROUP else fmt
+    table = isinstance(module, nn.Embedding)
+    if (fmt == "mxfp4" and table) or (fmt in ("int4", "mxfp4") and width % GROUP):
+        fmt = "int8"
+    return "none" if fmt == "int8" and width % INT8_BLOCK else fmt
 
 
 def quantized_module(module: nn.Module, fmt: str, device: torch.device) -> nn.Module | None:
