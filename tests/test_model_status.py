@@ -33,6 +33,7 @@ def test_status_shows_the_family_experts_and_active_parameters(
         "qwen3_moe", 8, 2
     )
     assert (status["params"], status["active_params"]) == (total, active)
-    summary = f"qwen3_moe · 8 experts, 2 active · {active // 1000}K active of {total // 1000}K"
+    summary = (f"qwen3_moe · 8 experts, 2 active · {active // 1000}K active of "
+               f"{total // 1000}K · 1 dense + 3 MoE layers")  # fmt: skip
     assert status["model_summary"] == summary
     assert table.startswith(f"model {model} ({summary}) · cluster "), table

@@ -131,3 +131,18 @@ def test_gguf_gpt4o_pre_tokenizer_equals_tiktoken(tmp_path):  # noqa: ANN001
                "  café   12\r\nDON'T don'T 99 bottles", "naïve Ünïcödé 日本 🤖!\n"]
     for sample in samples:
         assert ours.encode(sample, add_special=False) == theirs.encode(sample), sample
+
+
+def test_deepseek_v3_pre_tokenizer_splits_as_llama_cpp():
+    """llama.cpp's "deepseek-v3" pre-tokenizer (DeepSeek V3's tokenizer.json has the same
+    three splits): digits by threes, a CJK run alone, a letter run with one leading
+    non-letter, punctuation with a leading space, newlines together."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from node.engine.tokenizer import _GGUF_PRE
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(p), behavior="isolated")
+                                     for p in _GGUF_PRE["deepseek-v3"]])  # fmt: skip
+    pieces = [t for t, _ in split.pre_tokenize_str("Hello12345 世界abc!? .NET\n\n  x")]
+    assert pieces == ["Hello", "123", "45", " ", "世界", "abc", "!?", " .", "NET", "\n\n", " ",
+                      " x"]  # fmt: skip

@@ -74,6 +74,7 @@ class ModelShape:
     active_params: int = 0
     experts: int = 0
     experts_used: int = 0
+    layer_kinds: str = ""  # where the layers differ from plain attention + MLP (shapes.py)
 
     def layer_slot(self, context: int) -> int:
         """Bytes one layer takes on a node at most: weights and its KV budget."""
@@ -100,13 +101,16 @@ class ModelShape:
 
     def summary(self) -> str:
         """'qwen3_moe · 128 experts, 8 active · 3.4B active of 30.5B' or 'llama · 135M
-        parameters': what a user recognises the model by."""
+        parameters' (and the layers' kinds where they differ): what a user recognises the
+        model by."""
         parts = [self.architecture] if self.architecture else []
         if self.experts:
             parts.append(f"{self.experts} experts, {self.experts_used} active")
             parts.append(f"{_amount(self.active_params)} active of {_amount(self.params)}")
         elif self.params:
             parts.append(f"{_amount(self.params)} parameters")
+        if self.layer_kinds:
+            parts.append(self.layer_kinds)
         return " · ".join(parts)
 
 

@@ -413,8 +413,9 @@ class Arriving:
         return getattr(self.ckpt, name)
 
     def tensor(self, hf_name: str, fmt: str = "none") -> object:
-        group = self.files.manifest.tensors[self.ckpt.file_name(hf_name)].group
-        while not self.files.has(group):
+        tensors = self.files.manifest.tensors
+        groups = {tensors[name].group for name in self.ckpt.file_names(hf_name)}
+        while not all(self.files.has(g) for g in groups):
             if self.stop.wait(self.POLL_S):
                 raise RinginferError("the fetch of this stage's tensors stopped")
         return self.ckpt.tensor(hf_name, fmt)

@@ -180,6 +180,31 @@ def _tally(stage: nn.Module, layers: bool, vocab_size: int, formats: Formats, si
     return out
 
 
+def layer_kinds(config: Any) -> str:
+    """The layers' kinds where they are not all plain attention and MLP, counted: 'latent
+    attention · 3 dense + 58 MoE layers', '15 sliding-window (512) + 3 full attention'."""
+    n = config.n_layers
+    if hasattr(config, "sliding"):  # Gemma 3: a flag a layer
+        windows = [config.sliding_window if s else None for s in config.sliding]
+    elif hasattr(config, "window"):
+        windows = [config.window(i) for i in range(n)]
+    else:
+        windows = [None] * n
+    parts = []
+    sliding = [w for w in windows if w is not None]
+    if getattr(config, "kv_lora_rank", 0):
+        parts.append("latent attention")
+    elif sliding and len(sliding) < n:
+        parts.append(f"{len(sliding)} sliding-window ({max(sliding)}) + {n - len(sliding)} "
+                     "full attention")  # fmt: skip
+    elif sliding:
+        parts.append(f"sliding-window attention ({max(sliding)})")
+    moe = sum(config.is_moe(i) for i in range(n)) if hasattr(config, "is_moe") else 0
+    if 0 < moe < n:
+        parts.append(f"{n - moe} dense + {moe} MoE layers")
+    return " · ".join(parts)
+
+
 def shape_of(
     family: Family,
     config: Any,
@@ -247,6 +272,7 @@ def shape_of(
         active_params=round(edges + (n - len(dense)) * layer.active + len(dense) * other.params),
         experts=len(routed[0].experts) if routed else 0,
         experts_used=routed[0].top_k if routed else 0,
+        layer_kinds=layer_kinds(config),
     )
 
 

@@ -55,6 +55,13 @@ def too_many_bytes(texts: Iterable[str], context: int) -> str | None:
             f"can hold ({most} bytes at most)")  # fmt: skip
 
 
+# DeepSeek V3's (llama.cpp's "deepseek-v3"): digits by threes, CJK runs, then words.
+_DEEPSEEK3_PATS = [
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"""
+    r""" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+]
 _GGUF_PRE = {
     "default": [_GPT2_PAT],
     "gpt-2": [_GPT2_PAT],
@@ -63,6 +70,7 @@ _GGUF_PRE = {
     "llama3": [_LLAMA3_PAT],
     "qwen2": [_LLAMA3_PAT.replace(r"\p{N}{1,3}", r"\p{N}")],
     "gpt-4o": [_O200K_PAT],
+    "deepseek-v3": _DEEPSEEK3_PATS,
 }
 # Vocabularies made by tiktoken take a pre-token that is itself a token whole, before merging.
 _WHOLE_FIRST = ([_LLAMA3_PAT], [_O200K_PAT])

@@ -176,6 +176,26 @@ class GGUFCheckpoint(Checkpoint):
     def file_name(self, hf_name: str) -> str:
         return self._located(hf_name)[0]
 
+    def file_names(self, hf_name: str) -> list[str]:
+        """Its tensor, or the tensors llama.cpp's converter split it into (Stage.gguf_parts)."""
+        name = self.file_name(hf_name)
+        parts = self.family.stage_cls.gguf_parts(name) if name not in self.tensors else ()
+        return list(parts) if parts and all(p in self.tensors for p in parts) else [name]
+
+    def _joined(self, hf_name: str) -> torch.Tensor | None:
+        """A tensor the file holds split (file_names), joined, as float; None otherwise."""
+        from gguf.quants import dequantize
+
+        names = self.file_names(hf_name)
+        if len(names) == 1:
+            return None
+        parts = []
+        for name in names:
+            info = self.tensors[name]
+            values = np.asarray(dequantize(self._read(info), info.type), np.float32)
+            parts.append(torch.from_numpy(values.reshape(info.shape)))
+        return self.family.stage_cls.gguf_join(self.file_name(hf_name), parts)
+
     def _located(self, hf_name: str) -> tuple[str, int | None]:
         """The file's tensor for `hf_name`, and the expert's index in it where llama.cpp
         stacks a layer's experts. Files from before it stacked them (the Mixtral GGUFs of
@@ -215,6 +235,9 @@ class GGUFCheckpoint(Checkpoint):
     def tensor(self, hf_name: str, fmt: str = "none") -> torch.Tensor | QuantizedTensor:
         from gguf.quants import dequantize
 
+        joined = self._joined(hf_name)
+        if joined is not None:
+            return convert(joined, fmt)
         info = self._info(hf_name)
         if fmt == "int4" and info.type in INT4_TYPES:
             groups = int4_groups(self._read(info), info.type, info.shape[0])
@@ -235,6 +258,8 @@ class GGUFCheckpoint(Checkpoint):
         return self.family.stage_cls.from_gguf_layout(hf_name, t, self.config, self.arch)
 
     def source_format(self, hf_name: str) -> str:
+        if len(self.file_names(hf_name)) > 1:  # joined from its parts, as float
+            return "none"
         info = self._info(hf_name)
         if info.type in INT4_TYPES:
             return "int4"

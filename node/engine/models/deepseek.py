@@ -28,12 +28,22 @@ from torch import nn
 from node.engine.kv_cache import SPAN, KVCache
 from node.engine.models.attention import Step
 from node.engine.models.linear import Linear
-from node.engine.models.llama import LlamaConfig, LlamaStage, RMSNorm, hf_shape, rotate
+from node.engine.models.llama import (
+    GGUF_LAYER_NAMES,
+    LlamaConfig,
+    LlamaStage,
+    RMSNorm,
+    gguf_keys,
+    gguf_shape,
+    gguf_source,
+    hf_shape,
+    rotate,
+)
 from node.engine.models.moe import GatedMLP, Router, SparseMoE
 from node.errors import RinginferError
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2's config.json: DeepSeek V3's layout
-GGUF_ARCHITECTURES: tuple[str, ...] = ()
+GGUF_ARCHITECTURES = ("deepseek2",)  # llama.cpp's name for V2, V3 and the models on them
 LATENT_NORM_EPS = 1e-6  # the q and kv latents' norms: fixed, not rms_norm_eps
 
 
@@ -115,6 +125,81 @@ class DeepseekConfig(LlamaConfig):
             top_group=d.get("topk_group") or 1,
             routed_scale=d.get("routed_scaling_factor", 1.0),
         )
+
+
+    @classmethod
+    def from_gguf(
+        cls, meta: dict[str, Any], tensor_names: set[str], freq_factors: tuple[float, ...] | None
+    ) -> DeepseekConfig:
+        """llama.cpp's deepseek2 keys. Files from after its MLA change (2025) give the query
+        head as key_length_mla and split kv_b in two (see DeepseekStage.gguf_parts); older
+        ones give it as key_length and hold kv_b whole."""
+        key = gguf_keys(meta)
+        if key("expert_gating_func", 1) != 2 and key("expert_count", 0):
+            raise RinginferError("unsupported deepseek2 GGUF: softmax routing (DeepSeek V2); "
+                                 "ringinfer runs V3's sigmoid routing")  # fmt: skip
+        rot = key("rope.dimension_count")
+        mla = key("attention.key_length_mla")
+        nope = (mla or key("attention.key_length")) - rot
+        v_dim = key("attention.value_length_mla") or key("attention.value_length")
+        scaling = key("rope.scaling.type", "none") or "none"
+        if scaling not in ("none", "yarn"):
+            raise RinginferError(f"unsupported RoPE scaling '{scaling}' in GGUF file")
+        factor = key("rope.scaling.factor", 1.0)
+        # The converter writes 0.1 * mscale_all_dim (llama.cpp divides by 0.1 again).
+        mscale_all = key("rope.scaling.yarn_log_multiplier", 0.0) / 0.1
+        scale = (nope + rot) ** -0.5
+        if scaling == "yarn" and mscale_all:
+            scale *= yarn_mscale(factor, mscale_all) ** 2
+        n_experts, expert_dim = key("expert_count", 0), key("expert_feed_forward_length", 0)
+        # Files converted before the group keys were written: V3's 8 groups, 4 searched.
+        v3_groups = n_experts == 256
+        return cls(
+            **{**gguf_shape(meta), "head_dim": rot, "n_kv_heads": 1},
+            rope_theta=key("rope.freq_base", 10000.0),
+            rope_type="yarn" if scaling == "yarn" else "default",
+            rope_factor=factor,
+            rope_beta_fast=key("rope.scaling.yarn_beta_fast", 32.0),
+            rope_beta_slow=key("rope.scaling.yarn_beta_slow", 1.0),
+            rope_original_max_len=key("rope.scaling.original_context_length", 4096),
+            rope_attention_factor=1.0 if mscale_all else None,
+            qkv_bias="blk.0.attn_kv_a_mqa.bias" in tensor_names,
+            o_bias="blk.0.attn_output.bias" in tensor_names,
+            tie_embeddings="output.weight" not in tensor_names,
+            n_experts=n_experts,
+            n_experts_used=key("expert_used_count", 0),
+            expert_dim=expert_dim,
+            shared_expert_dim=expert_dim * key("expert_shared_count", 0),
+            norm_topk_prob=key("expert_weights_norm", False),
+            dense_layers=tuple(range(min(key("leading_dense_block_count", 0),
+                                         key("block_count")))),  # fmt: skip
+            moe_scoring="sigmoid_grouped",
+            q_lora_rank=key("attention.q_lora_rank", 0),
+            kv_lora_rank=key("attention.kv_lora_rank"),
+            qk_nope_dim=nope,
+            v_head_dim=v_dim,
+            attn_scale=scale,
+            n_group=key("expert_group_count") or (8 if v3_groups else 1),
+            top_group=key("expert_group_used_count") or (4 if v3_groups else 1),
+            routed_scale=key("expert_weights_scale", 1.0),
+        )
+
+
+# llama.cpp's names for a layer's tensors, where they differ from Llama's.
+GGUF_NAMES = {
+    **GGUF_LAYER_NAMES,
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_proj_with_mqa.bias": "attn_kv_a_mqa.bias",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn_kv_b.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+}
 
 
 class Matrix(nn.Module):
@@ -233,6 +318,24 @@ class DeepseekStage(LlamaStage):
         c = self.cfg
         return KVCache(self.end - self.start, batch, 1, c.cache_width, capacity, dtype, device,
                        self.windows(), span, value_dim=0)  # fmt: skip
+
+    @staticmethod
+    def gguf_source(hf_name: str) -> tuple[str, int | None]:
+        return gguf_source(hf_name, GGUF_NAMES)
+
+    @staticmethod
+    def gguf_parts(gguf_name: str) -> tuple[str, ...]:
+        """kv_b, which llama.cpp's converter writes as W_UK transposed per head (attn_k_b,
+        [heads, kv_lora_rank, nope]) and W_UV (attn_v_b, [heads, v_head_dim, kv_lora_rank])."""
+        if gguf_name.endswith(".attn_kv_b.weight"):
+            base = gguf_name.removesuffix("attn_kv_b.weight")
+            return f"{base}attn_k_b.weight", f"{base}attn_v_b.weight"
+        return ()
+
+    @staticmethod
+    def gguf_join(gguf_name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        k_b, v_b = parts
+        return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, k_b.shape[1])
 
     def from_checkpoint_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The RoPE rows of q and of the latent projection from pairs to halves."""

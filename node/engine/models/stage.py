@@ -136,6 +136,17 @@ class Stage(nn.Module):
         return tensor
 
     @staticmethod
+    def gguf_parts(gguf_name: str) -> tuple[str, ...]:
+        """The tensors llama.cpp's converter splits a tensor of the checkpoint's into, where
+        it does and the file has no `gguf_name` (none by default)."""
+        return ()
+
+    @staticmethod
+    def gguf_join(gguf_name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The tensor `gguf_name` from its `gguf_parts`, read as float in numpy order."""
+        raise NotImplementedError
+
+    @staticmethod
     def gguf_source(hf_name: str) -> tuple[str, int | None]:
         """llama.cpp's tensor for a checkpoint tensor, and the expert's index where llama.cpp
         stacks a layer's experts into one tensor (families read from GGUF files)."""
