@@ -102,13 +102,13 @@ def _bert(tmp: Path) -> Path:
     return tmp / "bert"
 
 
-def _deepseek_gguf(tmp: Path) -> Path:
+def _mamba_gguf(tmp: Path) -> Path:
     """A well-formed GGUF of an architecture we lack."""
     import gguf
     import numpy as np
 
-    path = tmp / "deepseek.gguf"
-    w = gguf.GGUFWriter(path, "deepseek2")
+    path = tmp / "mamba.gguf"
+    w = gguf.GGUFWriter(path, "mamba")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     w.write_header_to_file()
@@ -143,9 +143,9 @@ BAD_MODELS = {
     "corrupt gguf": (lambda tmp, m: _corrupt_gguf(tmp), "not a readable GGUF"),
     "bad config": (lambda tmp, m: _bad_config(tmp), "not valid JSON"),
     "unsupported architecture": (lambda tmp, m: _bert(tmp),
-                                 "unsupported architecture 'bert' (supported: gemma3, "),
-    "unsupported gguf architecture": (lambda tmp, m: _deepseek_gguf(tmp),
-                                      "unsupported GGUF architecture 'deepseek2' (supported: "),
+                                 "unsupported architecture 'bert' (supported: deepseek_v3, "),
+    "unsupported gguf architecture": (lambda tmp, m: _mamba_gguf(tmp),
+                                      "unsupported GGUF architecture 'mamba' (supported: "),
     "truncated weights": (_truncated_weights, "cannot read"),
     "config disagrees with weights": (_config_disagrees, "does not fit the model's config"),
     "no tokenizer": (lambda tmp, m: m["llama"], "no tokenizer.json"),
