@@ -117,6 +117,19 @@ FAMILIES = {
                               "mscale": 1.0, "mscale_all_dim": 0.707,
                               "original_max_position_embeddings": 16}),
     ),  # fmt: skip
+    # Qwen3-Next: DeltaNet layers 0 and 2 (2 key heads, 4 value heads of 8 and 12, a kernel
+    # of 4), gated attention layers 1 and 3 with RoPE on a quarter of each head; 4 experts,
+    # top 2, a shared expert with its gate, layer 2 dense.
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+             linear_value_head_dim=12, linear_conv_kernel_dim=4, full_attention_interval=2,
+             intermediate_size=80, num_experts=4, num_experts_per_tok=2,
+             moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[2],
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                              "partial_rotary_factor": 0.25}),
+    ),  # fmt: skip
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=50257, n_embd=64, n_layer=4, n_head=4, n_positions=64),

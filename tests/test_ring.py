@@ -288,7 +288,7 @@ def test_stopping_a_requester_finishes_its_request_first(cluster):  # noqa: ANN0
     assert len(out) > 100
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe", "deepseek_v3", "qwen3_next"])
 def test_tiny_random_models_on_the_ring_equal_local(
     tiny_models,
     llama_with_tokenizer,
@@ -302,6 +302,8 @@ def test_tiny_random_models_on_the_ring_equal_local(
         "qwen3_moe": lambda: write_gguf(tiny_models["qwen3_moe"], tmp_path / "moe.gguf", "Q4_0"),
         # Latent attention's one-vector caches and grouped experts across three stages.
         "deepseek_v3": lambda: with_tokenizer("deepseek_v3", tmp_path / "deepseek"),
+        # DeltaNet layers' recurrent states carried across prompt chunks and decode steps.
+        "qwen3_next": lambda: with_tokenizer("qwen3_next", tmp_path / "qwen3_next"),
     }[family]()
     model = str(model)
     # GPT-2: the default float16 wire, the third node first. The others: a float32 wire,

@@ -52,6 +52,9 @@ class KVCache:
         windows = list(windows) if windows is not None else [None] * n_layers
         self.capacity, self.length, self.dtype = capacity, 0, dtype
         self.graph: Any = None  # its decode steps' CUDA graph (node/engine/models/cuda_graph.py)
+        # A recurrent layer's state (node/engine/models/qwen3_next.py): fixed-size tensors a
+        # stage's new_cache adds, whatever the context.
+        self.states: list[tuple[torch.Tensor, ...]] = []
         self.groups: dict[int | None, _Group] = {}
         self.where: list[tuple[_Group, int]] = []  # each layer's group and index in it
         for w in dict.fromkeys(windows):
@@ -69,7 +72,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(g.k.nbytes + g.v.nbytes for g in self.groups.values())
+        held = sum(t.nbytes for state in self.states for t in state)
+        return held + sum(g.k.nbytes + g.v.nbytes for g in self.groups.values())
 
     def check_room(self, start: int, count: int) -> None:
         """Positions must continue the cache (or rewrite its tail) and fit its capacity."""

@@ -6,6 +6,7 @@ weights: the architecture is built on PyTorch's `meta` device and its parameters
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,6 +116,12 @@ BUILT_IN: dict[str, dict[str, Any]] = {
         "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
         "routed_scaling_factor": 2.827, "rope_theta": 50000.0,
         "rope_scaling": {**_DEEPSEEK_V3["rope_scaling"], "factor": 32.0, "beta_fast": 1}},
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": {
+        "model_type": "qwen3_next", "vocab_size": 151936, "max_position_embeddings": 262144,
+        **_dims(2048, 48, 16, 2, 5120), "head_dim": 256, **_experts(512, 10, 512, 512),
+        "norm_topk_prob": True, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+        "full_attention_interval": 4, "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
     # Gemma 3 (gemma3_text) goes here once node/engine/models reads its model_type: every
     # row must build (tests/test_plan_cli.py plans each one).
 }  # fmt: skip
@@ -192,8 +199,11 @@ def layer_kinds(config: Any) -> str:
         windows = [None] * n
     parts = []
     sliding = [w for w in windows if w is not None]
+    linear = sum(getattr(config, "linear", ()))
     if getattr(config, "kv_lora_rank", 0):
         parts.append("latent attention")
+    elif linear:
+        parts.append(f"{linear} DeltaNet + {n - linear} gated attention")
     elif sliding and len(sliding) < n:
         parts.append(f"{len(sliding)} sliding-window ({max(sliding)}) + {n - len(sliding)} "
                      "full attention")  # fmt: skip
@@ -258,7 +268,8 @@ def shape_of(
         layer_bytes=int(layer.held),
         embed_bytes=int(embed.held),
         head_bytes=int(head.held),
-        kv_bytes=getattr(config, "cache_width", 2 * config.n_kv_heads * config.head_dim) * size,
+        kv_bytes=math.ceil(
+            getattr(config, "cache_width", 2 * config.n_kv_heads * config.head_dim) * size),
         hidden=config.dim,
         dtype_bytes=layer.held / layer.params,
         wire_bytes=torch.empty((), dtype=wire_dtype).element_size(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from node.engine.models import deepseek, gemma3, gpt2, gpt_oss, llama
+from node.engine.models import deepseek, gemma3, gpt2, gpt_oss, llama, qwen3_next
 from node.engine.models.stage import Stage
 from node.errors import RinginferError
 
@@ -30,7 +30,9 @@ GPT_OSS = Family("gpt_oss", gpt_oss.GptOssConfig, gpt_oss.GptOssStage, gpt_oss.H
                  gpt_oss.GGUF_ARCHITECTURES)  # fmt: skip
 DEEPSEEK = Family("deepseek", deepseek.DeepseekConfig, deepseek.DeepseekStage,
                   deepseek.HF_MODEL_TYPES, deepseek.GGUF_ARCHITECTURES)  # fmt: skip
-FAMILIES = (LLAMA, GPT2, GEMMA3, GPT_OSS, DEEPSEEK)
+QWEN3_NEXT = Family("qwen3_next", qwen3_next.Qwen3NextConfig, qwen3_next.Qwen3NextStage,
+                    qwen3_next.HF_MODEL_TYPES, qwen3_next.GGUF_ARCHITECTURES)  # fmt: skip
+FAMILIES = (LLAMA, GPT2, GEMMA3, GPT_OSS, DEEPSEEK, QWEN3_NEXT)
 _BY_HF_TYPE = {t: f for f in FAMILIES for t in f.hf_types}
 _BY_GGUF_ARCH = {a: f for f in FAMILIES for a in f.gguf_archs}
 SUPPORTED = sorted(_BY_HF_TYPE)

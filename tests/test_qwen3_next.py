@@ -1,0 +1,57 @@
+"""Qwen3-Next (node/engine/models/qwen3_next.py) against transformers: a prompt of several
+delta-rule chunks, the same prompt in pieces (recurrent states carried between passes),
+what a request's caches hold, and a state that cannot be rewritten. test_models.py runs
+conftest's tiny model at every split point and greedy; test_batching.py packed with
+others; test_ring.py through three daemons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.engine.local import LocalPipeline
+from node.engine.models.qwen3_next import CHUNK
+from node.engine.weights import open_checkpoint
+from node.errors import RinginferError
+from tests.conftest import hf_model
+
+LONG = [(7 * i + 3) % 320 for i in range(2 * CHUNK + 22)]  # two whole chunks and a part
+
+
+def test_a_prompt_of_several_chunks_equals_transformers_whole_and_in_pieces(tiny_models):  # noqa: ANN001
+    path = tiny_models["qwen3_next"]
+    with torch.inference_mode():
+        expected = hf_model(path)(torch.tensor([LONG])).logits
+        for splits in [(), (1,), (2, 3)]:
+            pipeline = LocalPipeline(open_checkpoint(str(path)), splits)
+            whole = pipeline.forward(torch.tensor([LONG]), torch.arange(len(LONG)),
+                                     pipeline.new_caches(len(LONG)))  # fmt: skip
+            torch.testing.assert_close(whole, expected, atol=1e-4, rtol=0)
+            caches, pieces, at = pipeline.new_caches(len(LONG)), [], 0
+            for size in (50, 1, 77, len(LONG) - 128):  # across chunk boundaries, one alone
+                ids = torch.tensor([LONG[at : at + size]])
+                pieces.append(pipeline.forward(ids, torch.arange(at, at + size), caches))
+                at += size
+            torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-4, rtol=0)
+
+
+def test_a_request_holds_keys_for_attention_layers_and_fixed_states_for_deltanet(tiny_models):  # noqa: ANN001
+    """Two attention layers hold keys and values for every position; the two DeltaNet layers
+    a convolution window and a state whose size does not depend on the context."""
+    pipeline = LocalPipeline(open_checkpoint(str(tiny_models["qwen3_next"])))
+    for capacity in (64, 32768):
+        cache = pipeline.new_caches(capacity)[0]
+        keys = 2 * 2 * 2 * 32 * 4 * capacity  # layers, k and v, kv heads, head dim, bytes
+        states = 2 * (80 * 3 + 4 * 8 * 12) * 4  # layers, (conv dim x 3 + heads x 8 x 12), bytes
+        assert cache.nbytes == keys + states
+    assert pipeline.stages[0].cache_positions(32768) == 2 * 32768
+
+
+def test_a_recurrent_state_is_not_rewound(tiny_models):  # noqa: ANN001
+    """A pass over positions the state has already taken in is refused, not folded in twice."""
+    pipeline = LocalPipeline(open_checkpoint(str(tiny_models["qwen3_next"])))
+    caches = pipeline.new_caches(16)
+    with torch.inference_mode():
+        pipeline.forward(torch.tensor([[5, 6, 7]]), torch.arange(3), caches)
+        with pytest.raises(RinginferError, match="rewrites a recurrent state"):
+            pipeline.forward(torch.tensor([[7]]), torch.tensor([2]), caches)
