@@ -55,3 +55,26 @@ def test_a_recurrent_state_is_not_rewound(tiny_models):  # noqa: ANN001
         pipeline.forward(torch.tensor([[5, 6, 7]]), torch.arange(3), caches)
         with pytest.raises(RinginferError, match="rewrites a recurrent state"):
             pipeline.forward(torch.tensor([[7]]), torch.tensor([2]), caches)
+
+
+def test_a_killed_middle_stage_is_replayed_around_exactly(tmp_path):  # noqa: ANN001
+    """Three daemons, the middle stage SIGKILLed after ~50 tokens: the requester replays its
+    history into the plan of the two left, whose DeltaNet states are rebuilt from it, and
+    the tokens are those of an uninterrupted run."""
+    from tests.conftest import with_tokenizer
+    from tests.daemons import EXACT_RING, Cluster
+    from tests.test_replay import kill_at_token_50, local
+
+    model = str(with_tokenizer("qwen3_next", tmp_path / "qwen3_next"))
+    cluster = Cluster(tmp_path, 3, ["--model", model, *EXACT_RING])
+    try:
+        want = local("--model", model)
+        nodes = cluster.nodes[0].status()["nodes"]
+        stages = sorted((n["layers"][0], n["name"]) for n in nodes)
+        by_name = {d.name: d for d in cluster.nodes}
+        first, middle, _ = (by_name[name] for _, name in stages)
+        result = kill_at_token_50(first, middle)
+        assert result["tokens"] == want
+        assert len(result["replays"]) == 1 and middle.name in result["replays"][0]["why"]
+    finally:
+        cluster.stop()
