@@ -130,6 +130,25 @@ FAMILIES = {
              rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                               "partial_rotary_factor": 0.25}),
     ),  # fmt: skip
+    # Qwen3.5 (its text model): four flat DeltaNet projections, layers 0, 1, 3 DeltaNet;
+    # dense, and with experts in every layer (renormalised, a shared expert).
+    "qwen3_5": (
+        "Qwen3_5TextConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+             linear_value_head_dim=12, linear_conv_kernel_dim=4, intermediate_size=80,
+             layer_types=["linear_attention", "linear_attention", "full_attention",
+                          "linear_attention"]),
+    ),  # fmt: skip
+    "qwen3_5_moe": (
+        "Qwen3_5MoeTextConfig",
+        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+             linear_value_head_dim=12, linear_conv_kernel_dim=4, num_experts=4,
+             num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+             layer_types=["linear_attention", "full_attention", "linear_attention",
+                          "full_attention"]),
+    ),  # fmt: skip
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=50257, n_embd=64, n_layer=4, n_head=4, n_positions=64),

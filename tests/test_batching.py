@@ -54,7 +54,8 @@ def test_a_request_runs_once_a_pass_and_its_later_chunk_waits():
 
 @pytest.mark.parametrize(
     "family",
-    ["llama", "mistral", "gpt2", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3", "qwen3_next"],
+    ["llama", "mistral", "gpt2", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3", "qwen3_next",
+     "qwen3_5_moe"],
 )
 def test_a_packed_pass_computes_what_each_request_computes_alone(tiny_models, family):  # noqa: ANN001
     """Four requests of different lengths on one whole-model shard, scheduled by next_batch

@@ -78,3 +78,47 @@ def test_a_killed_middle_stage_is_replayed_around_exactly(tmp_path):  # noqa: AN
         assert len(result["replays"]) == 1 and middle.name in result["replays"][0]["why"]
     finally:
         cluster.stop()
+
+
+def test_a_hub_qwen3_5_moe_checkpoint_equals_transformers(tmp_path):  # noqa: ANN001
+    """Qwen3.5-MoE as the Hub holds it: a vision-language model's checkpoint (the text model
+    under model.language_model, multimodal RoPE in its config), experts stacked in
+    gate_up_proj [experts, 2 x width, dim] and down_proj. Its text logits at every split."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import FAMILIES
+
+    text = dict(FAMILIES["qwen3_5_moe"][1], rope_parameters={
+        "rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1], "mrope_interleaved": True})  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=64, patch_size=4, num_position_embeddings=16)  # fmt: skip
+    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path)
+    state, stacks = load_file(tmp_path / "model.safetensors"), {}
+    for name in [n for n in state if ".mlp.experts." in n]:
+        layer, rest = name.split(".mlp.experts.")
+        expert, proj = rest.split(".", 1)
+        stacks.setdefault(layer, {}).setdefault(proj, {})[int(expert)] = state.pop(name)
+    for layer, p in stacks.items():
+        n = len(p["gate_proj.weight"])
+        gate_up = [torch.cat([p["gate_proj.weight"][e], p["up_proj.weight"][e]]) for e in range(n)]
+        state[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+        state[f"{layer}.mlp.experts.down_proj"] = torch.stack(
+            [p["down_proj.weight"][e] for e in range(n)])  # fmt: skip
+    assert any(k.startswith("model.language_model.layers.") for k in state)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with torch.inference_mode():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+        expected = theirs.eval()(torch.tensor([LONG[:12]])).logits
+        for splits in [(), (1,), (2, 3)]:
+            pipeline = LocalPipeline(open_checkpoint(str(tmp_path)), splits)
+            got = pipeline.forward(torch.tensor([LONG[:12]]), torch.arange(12),
+                                   pipeline.new_caches(12))  # fmt: skip
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -122,6 +122,12 @@ BUILT_IN: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
         "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
         "full_attention_interval": 4, "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+    "Qwen/Qwen3.5-35B-A3B": {
+        "model_type": "qwen3_5_moe", "vocab_size": 248320, "max_position_embeddings": 262144,
+        **_dims(2048, 40, 16, 2, 0), "head_dim": 256, **_experts(256, 8, 512, 512),
+        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+        "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
     # Gemma 3 (gemma3_text) goes here once node/engine/models reads its model_type: every
     # row must build (tests/test_plan_cli.py plans each one).
 }  # fmt: skip

@@ -114,8 +114,9 @@ class HFCheckpoint(Checkpoint):
 
     def file_names(self, hf_name: str) -> list[str]:
         name = self.family.stage_cls.hf_source(hf_name)[0]
-        # The original GPT-2 checkpoints name tensors without the `transformer.` prefix.
-        for candidate in (name, name.removeprefix("transformer.")):
+        # The original GPT-2 checkpoints name tensors without the `transformer.` prefix; a
+        # family's stacked experts may also be saved one by one (transformers' own saves).
+        for candidate in (name, name.removeprefix("transformer."), hf_name):
             if candidate in self.files:
                 return [candidate]
         if f"{name}_blocks" in self.files:  # MXFP4, as gpt-oss's checkpoints hold experts
@@ -134,8 +135,10 @@ class HFCheckpoint(Checkpoint):
             raise RinginferError(f"cannot read tensor '{name}': {e}") from None
 
     def tensor(self, hf_name: str, fmt: str = "none") -> Any:
-        expert = self.family.stage_cls.hf_source(hf_name)[1]
+        source, expert = self.family.stage_cls.hf_source(hf_name)
         names = self.file_names(hf_name)
+        if names == [hf_name] and source != hf_name:  # saved as its own tensor after all
+            return self._read(hf_name, None)
         if len(names) == 1:
             return self.family.stage_cls.from_hf_file_layout(hf_name, self._read(names[0], expert))
         t = Mxfp4Tensor.from_hf_blocks(*(self._read(n, expert) for n in names))

@@ -1,5 +1,9 @@
-"""Qwen3-Next: Gated DeltaNet layers (linear attention with a fixed-size recurrent state per
-request) mixed with gated full-attention layers, dense or mixture-of-experts MLPs.
+"""Qwen3-Next and Qwen3.5: Gated DeltaNet layers (linear attention with a fixed-size
+recurrent state per request) mixed with gated full-attention layers, dense or
+mixture-of-experts MLPs. Qwen3.5 differs in its DeltaNet's four flat projections (Qwen3-Next
+packs them by key head), its experts in every layer (stacked in the Hub's checkpoints), and
+its checkpoints being a vision-language model's, the text model under `language_model`; its
+multimodal RoPE is plain RoPE for text.
 
 A DeltaNet layer keeps, per request, the last kernel-1 inputs of its causal convolution and
 a state S [value heads, key dim, value dim] that each position updates: decayed by exp(g),
@@ -14,6 +18,7 @@ as 1 + w from loading (the DeltaNet output norm, a plain w, excepted).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +42,10 @@ from node.engine.models.llama import (
 from node.engine.models.moe import GatedMLP, SparseMoE
 from node.errors import RinginferError
 
-HF_MODEL_TYPES = ("qwen3_next",)
+HF_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 GGUF_ARCHITECTURES: tuple[str, ...] = ()
 CHUNK = 64  # positions a prompt's delta rule solves at once (the reference's chunk)
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Qwen3NextConfig(LlamaConfig):
     lin_v_dim: int = 0
     conv_kernel: int = 4
     rotary_dim: int = 0  # the numbers of an attention head RoPE turns
+    flat: bool = False  # Qwen3.5: in_proj_qkv/_z/_b/_a (else Qwen3-Next's packed qkvz, ba)
+    language_model: bool = False  # checkpoint names under model.language_model (Qwen3.5's VL)
 
     @property
     def cache_width(self) -> float:
@@ -63,19 +71,23 @@ class Qwen3NextConfig(LlamaConfig):
         return 2 * self.lin_k_heads * self.lin_k_dim + self.lin_v_heads * self.lin_v_dim
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> Qwen3NextConfig:
+    def from_hf(cls, config: dict[str, Any]) -> Qwen3NextConfig:
+        d = dict(config.get("text_config") or config)  # a vision-language model's text part
+        d.setdefault("intermediate_size", 0)  # Qwen3.5-MoE has no dense MLP
+        kind = d.get("model_type", config["model_type"])
+        qwen35 = kind.startswith("qwen3_5")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise RinginferError("unsupported RoPE scaling for qwen3_next")
+            raise RinginferError(f"unsupported RoPE scaling for {kind}")
         n = d["num_hidden_layers"]
         kinds = d.get("layer_types") or [
             "linear_attention" if (i + 1) % d.get("full_attention_interval", 4) else
             "full_attention" for i in range(n)]  # fmt: skip
         shape = hf_shape(d)
-        n_experts = d.get("num_experts") or 0
+        n_experts = (d.get("num_experts") or 0) if not qwen35 or "moe" in kind else 0
         step = d.get("decoder_sparse_step") or 1
-        dense = tuple(i for i in range(n)
-                      if i in (d.get("mlp_only_layers") or ()) or (i + 1) % step)  # fmt: skip
+        dense = () if qwen35 else tuple(
+            i for i in range(n) if i in (d.get("mlp_only_layers") or ()) or (i + 1) % step)
         partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
         return cls(
             **shape,
@@ -86,7 +98,7 @@ class Qwen3NextConfig(LlamaConfig):
             n_experts_used=d.get("num_experts_per_tok", 0) if n_experts else 0,
             expert_dim=d.get("moe_intermediate_size") or 0,
             shared_expert_dim=d.get("shared_expert_intermediate_size") or 0,
-            norm_topk_prob=d.get("norm_topk_prob", True),
+            norm_topk_prob=qwen35 or d.get("norm_topk_prob", True),
             dense_layers=dense if n_experts else (),
             linear=tuple(k == "linear_attention" for k in kinds),
             lin_k_heads=d["linear_num_key_heads"],
@@ -95,6 +107,8 @@ class Qwen3NextConfig(LlamaConfig):
             lin_v_dim=d["linear_value_head_dim"],
             conv_kernel=d.get("linear_conv_kernel_dim", 4),
             rotary_dim=int(shape["head_dim"] * partial),
+            flat=qwen35,
+            language_model="text_config" in config,
         )
 
     def inv_freq(self) -> torch.Tensor:
@@ -150,8 +164,14 @@ class DeltaNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         nk, nv, dk, dv = cfg.lin_k_heads, cfg.lin_v_heads, cfg.lin_k_dim, cfg.lin_v_dim
-        self.in_proj_qkvz = Linear(cfg.dim, 2 * nk * dk + 2 * nv * dv, False, device_type)
-        self.in_proj_ba = Linear(cfg.dim, 2 * nv, False, device_type)
+        if cfg.flat:
+            self.in_proj_qkv = Linear(cfg.dim, cfg.conv_dim, False, device_type)
+            self.in_proj_z = Linear(cfg.dim, nv * dv, False, device_type)
+            self.in_proj_b = Linear(cfg.dim, nv, False, device_type)
+            self.in_proj_a = Linear(cfg.dim, nv, False, device_type)
+        else:
+            self.in_proj_qkvz = Linear(cfg.dim, 2 * nk * dk + 2 * nv * dv, False, device_type)
+            self.in_proj_ba = Linear(cfg.dim, 2 * nv, False, device_type)
         self.conv1d = nn.Module()
         self.conv1d.weight = nn.Parameter(torch.empty(cfg.conv_dim, 1, cfg.conv_kernel))
         self.A_log = nn.Parameter(torch.empty(nv))
@@ -163,10 +183,7 @@ class DeltaNet(nn.Module):
         c = self.cfg
         nk, nv, dk, dv, t = c.lin_k_heads, c.lin_v_heads, c.lin_k_dim, c.lin_v_dim, x.shape[1]
         r = nv // nk
-        # Projections grouped by key head: [q, k, v (r heads), z (r heads)] and [b (r), a (r)].
-        q, k, v, z = self.in_proj_qkvz(x[0]).view(t, nk, -1).split([dk, dk, r * dv, r * dv], -1)
-        b, a = self.in_proj_ba(x[0]).view(t, nk, 2 * r).split(r, dim=-1)
-        mixed = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=-1)
+        mixed, z, b, a = self._project(x[0])
         beta = torch.sigmoid(b.reshape(t, nv)).float()
         g = -self.A_log.float().exp() * F.softplus(a.reshape(t, nv).float() + self.dt_bias.float())
         out, at = [], 0
@@ -187,6 +204,21 @@ class DeltaNet(nn.Module):
         o = torch.cat(out).to(x.dtype)
         o = self.norm(o, z.reshape(t, nv, dv)).reshape(1, t, nv * dv)
         return self.out_proj(o)
+
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The convolution's input [T, q | k | v], z [T, value heads, dv], b and a."""
+        c, t = self.cfg, x.shape[0]
+        if c.flat:
+            return (self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x),
+                    self.in_proj_a(x))  # fmt: skip
+        # Grouped by key head: [q, k, v (r heads), z (r heads)] and [b (r), a (r)].
+        nk, dk, dv = c.lin_k_heads, c.lin_k_dim, c.lin_v_dim
+        r = c.lin_v_heads // nk
+        q, k, v, z = self.in_proj_qkvz(x).view(t, nk, -1).split([dk, dk, r * dv, r * dv], -1)
+        b, a = self.in_proj_ba(x).view(t, nk, 2 * r).split(r, dim=-1)
+        mixed = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=-1)
+        return mixed, z, b, a
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -297,6 +329,31 @@ class Qwen3NextStage(LlamaStage):
             for _ in range(n_linear)
         ]  # fmt: skip
         return cache
+
+    def checkpoint_names(self, key: str) -> list[str]:
+        names = super().checkpoint_names(key)
+        if not self.cfg.language_model:
+            return names
+        return [n.replace("model.", "model.language_model.", 1) if n.startswith("model.") else n
+                for n in names]  # fmt: skip
+
+    @staticmethod
+    def hf_source(hf_name: str) -> tuple[str, int | None]:
+        """An expert's matrix from the layer's stacked gate_up_proj [experts, 2 x width, dim]
+        or down_proj, as the Hub's Qwen3.5-MoE checkpoints hold them (the loader reads a
+        checkpoint's own per-expert tensors where it has those instead)."""
+        m = _EXPERT.fullmatch(hf_name)
+        if not m:
+            return hf_name, None
+        return f"{m[1]}.{'down_proj' if m[3] == 'down' else 'gate_up_proj'}", int(m[2])
+
+    @staticmethod
+    def from_hf_file_layout(hf_name: str, tensor: Any) -> Any:
+        m = _EXPERT.fullmatch(hf_name)
+        if not m or m[3] == "down":
+            return tensor
+        half = tensor.shape[0] // 2
+        return tensor[:half] if m[3] == "gate" else tensor[half:]
 
     def from_checkpoint_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Norms scale by (1 + w): held as 1 + w, so they run as plain RMSNorms."""
