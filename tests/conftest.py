@@ -179,7 +179,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: make_model(name, root / name) for name in FAMILIES}
 
 
-def with_tokenizer(name: str, path: Path) -> Path:
+def with_tokenizer(name: str, path: Path, **overrides: object) -> Path:
     """A tiny random model of family `name` with SmolLM2's tokenizer, saved by transformers
     as tokenizer.json (its vocabulary: 49152)."""
     from transformers import AutoTokenizer
@@ -187,7 +187,7 @@ def with_tokenizer(name: str, path: Path) -> Path:
     from node.engine.weights import open_checkpoint
 
     ckpt = open_checkpoint(None)
-    dst = make_model(name, path, vocab_size=49152)
+    dst = make_model(name, path, vocab_size=49152, **overrides)
     hf_tok = AutoTokenizer.from_pretrained(ckpt.path.parent, gguf_file=ckpt.path.name)
     hf_tok.save_pretrained(dst)
     return dst

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.engine.kv_cache import SPAN, KVCache
+from node.engine.models import llama
 from node.engine.models.attention import Part, Step, positions_of
 from node.engine.models.linear import Linear
 from node.engine.models.llama import (
@@ -35,6 +36,8 @@ from node.engine.models.llama import (
     LlamaStage,
     RMSNorm,
     default_inv_freq,
+    gguf_keys,
+    gguf_shape,
     hf_shape,
     rope_tables,
     rotate,
@@ -43,7 +46,7 @@ from node.engine.models.moe import GatedMLP, SparseMoE
 from node.errors import RinginferError
 
 HF_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
-GGUF_ARCHITECTURES: tuple[str, ...] = ()
+GGUF_ARCHITECTURES = ("qwen3next",)  # Qwen3.5's (qwen35, qwen35moe) reorder value heads: not yet
 CHUNK = 64  # positions a prompt's delta rule solves at once (the reference's chunk)
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
 
@@ -110,6 +113,38 @@ class Qwen3NextConfig(LlamaConfig):
             flat=qwen35,
             language_model="text_config" in config,
         )
+
+    @classmethod
+    def from_gguf(
+        cls, meta: dict[str, Any], tensor_names: set[str], freq_factors: tuple[float, ...] | None
+    ) -> Qwen3NextConfig:
+        """llama.cpp's qwen3next keys. Its converter writes the DeltaNet's q, k, v and z flat
+        (attn_qkv, attn_gate), so the layers take Qwen3.5's flat projections."""
+        key = gguf_keys(meta)
+        n, interval = key("block_count"), key("full_attention_interval", 4)
+        n_experts, v_heads = key("expert_count", 0), key("ssm.time_step_rank")
+        return cls(
+            **{**gguf_shape(meta), "hidden_dim": key("feed_forward_length", 0)},
+            rope_theta=key("rope.freq_base", 10000.0),
+            tie_embeddings="output.weight" not in tensor_names,
+            qk_norm=True,
+            n_experts=n_experts,
+            n_experts_used=key("expert_used_count", 0),
+            expert_dim=key("expert_feed_forward_length", 0),
+            shared_expert_dim=key("expert_shared_feed_forward_length", 0),
+            norm_topk_prob=key("expert_weights_norm", True),
+            dense_layers=tuple(
+                i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names
+            ) if n_experts else (),
+            linear=tuple((i + 1) % interval != 0 for i in range(n)),
+            lin_k_heads=key("ssm.group_count"),
+            lin_v_heads=v_heads,
+            lin_k_dim=key("ssm.state_size"),
+            lin_v_dim=key("ssm.inner_size") // v_heads,
+            conv_kernel=key("ssm.conv_kernel", 4),
+            rotary_dim=key("rope.dimension_count"),
+            flat=True,
+        )  # fmt: skip
 
     def inv_freq(self) -> torch.Tensor:
         return default_inv_freq(self.rope_theta, self.rotary_dim)
@@ -287,6 +322,22 @@ class Qwen3NextBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# llama.cpp's names for a layer's tensors, where they differ from Llama's.
+GGUF_NAMES = {
+    **llama.GGUF_LAYER_NAMES,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight",
+    "linear_attn.in_proj_z.weight": "attn_gate.weight",
+    "linear_attn.in_proj_b.weight": "ssm_ba.weight",
+    "linear_attn.in_proj_a.weight": "ssm_ba.weight",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight",
+    "linear_attn.A_log": "ssm_a",
+    "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight",
+}
+
+
 class Qwen3NextStage(LlamaStage):
     block_cls = Qwen3NextBlock
     static_decode = False  # type: ignore[assignment]
@@ -354,6 +405,29 @@ class Qwen3NextStage(LlamaStage):
             return tensor
         half = tensor.shape[0] // 2
         return tensor[:half] if m[3] == "gate" else tensor[half:]
+
+    @staticmethod
+    def gguf_source(hf_name: str) -> tuple[str, int | None]:
+        return llama.gguf_source(hf_name, GGUF_NAMES)
+
+    @staticmethod
+    def from_gguf_layout(hf_name: str, tensor: Any, cfg: Any, arch: str) -> Any:
+        """What llama.cpp's converter changed undone: b and a from ssm_ba (per key head,
+        [b (r heads), a (r heads)]), A_log from ssm_a = -exp(A_log), the kernel's axis, and
+        norms stored as 1 + w (from_checkpoint_layout adds the 1 again)."""
+        if hf_name.endswith(("in_proj_b.weight", "in_proj_a.weight")):
+            r = cfg.lin_v_heads // cfg.lin_k_heads
+            order = torch.arange(cfg.lin_k_heads * 2 * r).view(cfg.lin_k_heads, 2 * r)
+            index = (order[:, :r] if hf_name.endswith("in_proj_b.weight") else order[:, r:])
+            index = index.reshape(-1)
+            return tensor.rows(index) if hasattr(tensor, "rows") else tensor[index]
+        if hf_name.endswith("A_log"):
+            return (-tensor).log()
+        if hf_name.endswith("conv1d.weight"):
+            return tensor.reshape(tensor.shape[0], 1, -1)
+        if hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight"):
+            return tensor - 1
+        return llama.from_gguf_layout(hf_name, tensor, cfg, arch)
 
     def from_checkpoint_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Norms scale by (1 + w): held as 1 + w, so they run as plain RMSNorms."""
