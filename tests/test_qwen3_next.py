@@ -67,13 +67,16 @@ def test_a_killed_middle_stage_is_replayed_around_exactly(tmp_path):  # noqa: AN
     from tests.daemons import EXACT_RING, Cluster
     from tests.test_replay import kill_at_token_50, local
 
-    # A context for the whole generation, so that it is still decoding when the kill lands.
-    model = str(with_tokenizer("qwen3_next", tmp_path / "qwen3_next", max_position_embeddings=512))
+    # A context for the whole generation, so that it is still decoding when the kill lands;
+    # 8 layers (4 DeltaNet), which the planner spreads over the three nodes.
+    model = str(with_tokenizer("qwen3_next", tmp_path / "qwen3_next", max_position_embeddings=512,
+                               num_hidden_layers=8))  # fmt: skip
     cluster = Cluster(tmp_path, 3, ["--model", model, *EXACT_RING])
     try:
         want = local("--model", model)
         nodes = cluster.nodes[0].status()["nodes"]
-        stages = sorted((n["layers"][0], n["name"]) for n in nodes)
+        stages = sorted((n["layers"][0], n["name"]) for n in nodes if n["layers"])
+        assert len(stages) == 3, nodes
         by_name = {d.name: d for d in cluster.nodes}
         first, middle, _ = (by_name[name] for _, name in stages)
         result = kill_at_token_50(first, middle)
