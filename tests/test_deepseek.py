@@ -239,3 +239,35 @@ def test_gguf_equals_transformers_on_the_files_values(gguf_source, tmp_path, qua
     tolerance = {"F32": 1e-5, "Q8_0": 0.025, "Q4_0": EXACT}[quant]
     for splits in [(), (1,), (2, 3)]:
         assert relative_error(ours(str(path), splits, quantize="auto"), expected) < tolerance
+
+
+def test_an_fp8_checkpoint_is_read_by_its_block_scales(tiny_models, tmp_path):  # noqa: ANN001
+    """DeepSeek's own release: linear weights in float8 e4m3, a `_scale_inv` per 128 x 128
+    block (quantization_config). Read as float32 by their scales, against transformers on
+    those values."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source, fp8_dir, twin = tiny_models["deepseek_v3"], tmp_path / "fp8", tmp_path / "twin"
+    for d in (fp8_dir, twin):
+        shutil.copytree(source, d)
+    state = load_file(source / "model.safetensors")
+    fp8, values = dict(state), dict(state)
+    for name, w in state.items():
+        if w.ndim == 2 and name.endswith("proj.weight"):
+            scale = w.abs().amax() / 448.0
+            codes = (w / scale).to(torch.float8_e4m3fn)
+            fp8[name], fp8[f"{name}_scale_inv"] = codes, scale.reshape(1, 1)
+            values[name] = codes.float() * scale
+    save_file(fp8, fp8_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(values, twin / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "weight_block_size": [128, 128]}  # fmt: skip
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    with torch.inference_mode():
+        expected = hf_model(twin)(torch.tensor([PROMPT])).logits
+        assert (expected - hf_model(source)(torch.tensor([PROMPT])).logits).abs().max() > 1e-3
+    torch.testing.assert_close(ours(str(fp8_dir), (2,)), expected, atol=1e-4, rtol=0)

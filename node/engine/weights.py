@@ -83,6 +83,9 @@ class Checkpoint:
         raise NotImplementedError
 
 
+FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 class HFCheckpoint(Checkpoint):
     """A Hugging Face model directory: config.json, safetensors (single or sharded)."""
 
@@ -127,12 +130,26 @@ class HFCheckpoint(Checkpoint):
         return "mxfp4" if self.file_name(hf_name).endswith("_blocks") else "none"
 
     def _read(self, name: str, index: int | None) -> torch.Tensor:
-        """A file tensor, or its `index`-th slice along the first axis (one expert's)."""
+        """A file tensor, or its `index`-th slice along the first axis (one expert's); FP8
+        weights (DeepSeek's and Kimi's releases) in float32, by their block scales."""
         try:
             handle = self._handle(self.files[name])
-            return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+            t = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
         except Exception as e:  # safetensors raises several types for a bad file
             raise RinginferError(f"cannot read tensor '{name}': {e}") from None
+        return self._from_fp8(name, t) if t.dtype in FP8_TYPES else t
+
+    def _from_fp8(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """An e4m3 matrix times its `_scale_inv`, one scale per block of rows x columns
+        (config.json's quantization_config.weight_block_size, 128 x 128 in those releases)."""
+        scales = f"{name}_scale_inv"
+        if scales not in self.files or t.dim() != 2:
+            raise RinginferError(f"tensor '{name}' is FP8 without the block scales to read it")
+        config = self.raw_config.get("quantization_config") or {}
+        rows, columns = config.get("weight_block_size") or (128, 128)
+        s = self._read(scales, None).float()
+        s = s.repeat_interleave(rows, 0).repeat_interleave(columns, 1)
+        return t.float() * s[: t.shape[0], : t.shape[1]]
 
     def tensor(self, hf_name: str, fmt: str = "none") -> Any:
         source, expert = self.family.stage_cls.hf_source(hf_name)

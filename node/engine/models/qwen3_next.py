@@ -95,8 +95,8 @@ class Qwen3NextConfig(LlamaConfig):
         return cls(
             **shape,
             rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-            tie_embeddings=d.get("tie_word_embeddings", False),
-            qk_norm=True,
+            # A vision-language checkpoint ties by its top-level key.
+            tie_embeddings=config.get("tie_word_embeddings", d.get("tie_word_embeddings", False)),
             n_experts=n_experts,
             n_experts_used=d.get("num_experts_per_tok", 0) if n_experts else 0,
             expert_dim=d.get("moe_intermediate_size") or 0,
@@ -127,7 +127,6 @@ class Qwen3NextConfig(LlamaConfig):
             **{**gguf_shape(meta), "hidden_dim": key("feed_forward_length", 0)},
             rope_theta=key("rope.freq_base", 10000.0),
             tie_embeddings="output.weight" not in tensor_names,
-            qk_norm=True,
             n_experts=n_experts,
             n_experts_used=key("expert_used_count", 0),
             expert_dim=key("expert_feed_forward_length", 0),
@@ -312,8 +311,8 @@ class Qwen3NextBlock(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        """`layer`: the owned layer's index (a DeltaNet's state), or among the owned
-        attention layers (its keys and values)."""
+        """`layer`: this layer's index among the stage's DeltaNet layers (its state in the
+        cache) or among its attention layers (its keys and values)."""
         h = self.input_layernorm(x)
         if self.linear:
             x = x + self.linear_attn(h, step.parts, layer)
@@ -432,5 +431,5 @@ class Qwen3NextStage(LlamaStage):
     def from_checkpoint_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Norms scale by (1 + w): held as 1 + w, so they run as plain RMSNorms."""
         if hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight"):
-            return tensor + 1
+            return tensor.float() + 1  # in float32, as the reference adds it (w is near 0)
         return tensor
