@@ -58,7 +58,7 @@ def test_admission_counts_a_sliding_layer_at_its_window(tiny_models):  # noqa: A
     from node.engine.kv_cache import SPAN
 
     (stage,) = LocalPipeline(open_checkpoint(str(tiny_models["gemma3"]))).stages
-    assert stage.cache_positions(1000) == 1000 + 3 * (5 + SPAN)
-    cache = stage.new_cache(1, 1000, torch.float32, torch.device("cpu"))
     per_position = 2 * stage.cfg.n_kv_heads * stage.cfg.head_dim * 4
-    assert cache.nbytes == per_position * stage.cache_positions(1000)
+    held = per_position * (1000 + 3 * (5 + SPAN))
+    assert stage.cache_bytes(1000, torch.float32) == held
+    assert stage.new_cache(1, 1000, torch.float32, torch.device("cpu")).nbytes == held

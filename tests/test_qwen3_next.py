@@ -46,7 +46,7 @@ def test_a_request_holds_keys_for_attention_layers_and_fixed_states_for_deltanet
         keys = 2 * 2 * 2 * 32 * 4 * capacity  # layers, k and v, kv heads, head dim, bytes
         states = 2 * (80 * 3 + 4 * 8 * 12) * 4  # layers, (conv dim x 3 + heads x 8 x 12), bytes
         assert cache.nbytes == keys + states
-    assert pipeline.stages[0].cache_positions(32768) == 2 * 32768
+    assert pipeline.stages[0].cache_bytes(32768, torch.float32) == cache.nbytes  # admission
 
 
 def test_a_recurrent_state_is_not_rewound(tiny_models):  # noqa: ANN001

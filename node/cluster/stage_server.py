@@ -274,7 +274,7 @@ class StageServer:
             return
         room = node.cfg.memory * HEADROOM - stage_bytes(plan_stage, node.shape)
         held = sum(e.cache.nbytes for e in shard.requests.values())
-        need = node.shape.kv_bytes * shard.stage.cache_positions(capacity)
+        need = shard.stage.cache_bytes(capacity, shard.dtype)
         if held + need > room:
             raise ProtocolError(
                 "busy", f"{node.cfg.name} is full: {len(shard.requests)} request(s) hold "

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.engine.kv_cache import SPAN, KVCache, held_positions
+from node.engine.kv_cache import SPAN, KVCache
 from node.engine.models import cuda_graph
 from node.engine.models.attention import Part
 from node.engine.models.linear import Linear
@@ -103,10 +103,11 @@ class Stage(nn.Module):
         """Each owned layer's sliding window (None: it attends to the whole context)."""
         return [None] * (self.end - self.start)
 
-    def cache_positions(self, capacity: int) -> int:
-        """Positions a request of `capacity` holds across the owned layers' caches: what
-        admission counts, at one layer's keys and values each."""
-        return sum(held_positions(w, capacity) for w in self.windows())
+    def cache_bytes(self, capacity: int, dtype: torch.dtype) -> int:
+        """What a request of `capacity` positions holds here (sliding layers their window,
+        recurrent layers their fixed state): its caches built on the meta device, sizes
+        only. What admission counts."""
+        return self.new_cache(1, capacity, dtype, torch.device("meta")).nbytes
 
     def checkpoint_names(self, key: str) -> list[str]:
         """The Hugging Face checkpoint tensors one of our parameters is made of, in order."""
