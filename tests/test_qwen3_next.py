@@ -49,14 +49,22 @@ def test_a_request_holds_keys_for_attention_layers_and_fixed_states_for_deltanet
     assert pipeline.stages[0].cache_bytes(32768, torch.float32) == cache.nbytes  # admission
 
 
-def test_a_recurrent_state_is_not_rewound(tiny_models):  # noqa: ANN001
-    """A pass over positions the state has already taken in is refused, not folded in twice."""
+def test_a_recurrent_state_is_not_rewound(tiny_models, monkeypatch):  # noqa: ANN001
+    """A pass over positions the state has already taken in is refused, not folded in twice;
+    so is any pass after one that raised midway (its states half-updated)."""
     pipeline = LocalPipeline(open_checkpoint(str(tiny_models["qwen3_next"])))
     caches = pipeline.new_caches(16)
     with torch.inference_mode():
         pipeline.forward(torch.tensor([[5, 6, 7]]), torch.arange(3), caches)
         with pytest.raises(RinginferError, match="rewrites a recurrent state"):
             pipeline.forward(torch.tensor([[7]]), torch.tensor([2]), caches)
+        last = pipeline.stages[0].layers[-1]
+        monkeypatch.setattr(last, "forward", lambda *a: (_ for _ in ()).throw(MemoryError()))
+        with pytest.raises(MemoryError):  # after the DeltaNet layers 0 and 2 took position 3
+            pipeline.forward(torch.tensor([[8]]), torch.tensor([3]), caches)
+        monkeypatch.undo()
+        with pytest.raises(RinginferError):
+            pipeline.forward(torch.tensor([[8]]), torch.tensor([3]), caches)
 
 
 def test_a_killed_middle_stage_is_replayed_around_exactly(tmp_path):  # noqa: ANN001

@@ -51,6 +51,14 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
+def softmax_scale(query_head: int, yarn_factor: float | None, mscale_all: float | None) -> float:
+    """query_head^-1/2, times YaRN's mscale(factor, mscale_all_dim) squared where set."""
+    scale = query_head**-0.5
+    if yarn_factor and mscale_all:
+        scale *= yarn_mscale(yarn_factor, mscale_all) ** 2
+    return scale
+
+
 @dataclass(frozen=True)
 class DeepseekConfig(LlamaConfig):
     """Llama's fields with head_dim the RoPE part of a head (what the rotation tables
@@ -81,11 +89,10 @@ class DeepseekConfig(LlamaConfig):
             raise RinginferError(f"unsupported RoPE scaling '{rope_type}' for deepseek_v3")
         nope, rot = d["qk_nope_head_dim"], d["qk_rope_head_dim"]
         factor = rope.get("factor") or 1.0
-        scale, attention_factor = (nope + rot) ** -0.5, None
-        if rope_type == "yarn":
-            mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-            if mscale_all:
-                scale *= yarn_mscale(factor, mscale_all) ** 2
+        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        yarn = rope_type == "yarn"
+        scale, attention_factor = softmax_scale(nope + rot, yarn and factor, mscale_all), None
+        if yarn:
             attention_factor = rope.get("attention_factor")
             if attention_factor is None:
                 attention_factor = (
@@ -114,7 +121,6 @@ class DeepseekConfig(LlamaConfig):
             shared_expert_dim=expert_dim * (d.get("n_shared_experts") or 0),
             norm_topk_prob=bool(d.get("norm_topk_prob", True)),
             dense_layers=tuple(range(min(d.get("first_k_dense_replace") or 0, n_layers))),
-            moe_scoring="sigmoid_grouped",
             q_lora_rank=d.get("q_lora_rank") or 0,
             kv_lora_rank=d["kv_lora_rank"],
             qk_nope_dim=nope,
@@ -148,9 +154,7 @@ class DeepseekConfig(LlamaConfig):
         factor = key("rope.scaling.factor", 1.0)
         # The converter writes 0.1 * mscale_all_dim (llama.cpp divides by 0.1 again).
         mscale_all = key("rope.scaling.yarn_log_multiplier", 0.0) / 0.1
-        scale = (nope + rot) ** -0.5
-        if scaling == "yarn" and mscale_all:
-            scale *= yarn_mscale(factor, mscale_all) ** 2
+        scale = softmax_scale(nope + rot, scaling == "yarn" and factor, mscale_all)
         n_experts, expert_dim = key("expert_count", 0), key("expert_feed_forward_length", 0)
         # Files converted before the group keys were written: V3's 8 groups, 4 searched.
         v3_groups = n_experts == 256
@@ -173,7 +177,6 @@ class DeepseekConfig(LlamaConfig):
             norm_topk_prob=key("expert_weights_norm", False),
             dense_layers=tuple(range(min(key("leading_dense_block_count", 0),
                                          key("block_count")))),  # fmt: skip
-            moe_scoring="sigmoid_grouped",
             q_lora_rank=key("attention.q_lora_rank", 0),
             kv_lora_rank=key("attention.kv_lora_rank"),
             qk_nope_dim=nope,

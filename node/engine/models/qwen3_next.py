@@ -348,10 +348,13 @@ class Qwen3NextStage(LlamaStage):
         self.slots = [owned[:i].count(owned[i]) for i in range(len(owned))]
 
     def layers_forward(self, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
+        recurrent = any(self.cfg.linear[self.start : self.end])
         for p in parts:
-            if any(self.cfg.linear[self.start : self.end]) and p.start != p.cache.length:
+            if recurrent and p.start != p.cache.length:
                 raise RinginferError(
                     f"position {p.start} rewrites a recurrent state holding {p.cache.length}")
+            if recurrent:  # until the pass completes (Stage.run advances it): a pass that
+                p.cache.length = -1  # raises midway leaves states no pass may continue
         h = self.embed_tokens(x) if self.is_first else x
         rope = rope_tables(self.inv_freq, positions_of(parts, h.device), h.dtype)
         step = Step(parts, None, h.device, rope)
