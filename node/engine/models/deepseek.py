@@ -30,6 +30,7 @@ from node.engine.models.attention import Step
 from node.engine.models.linear import Linear
 from node.engine.models.llama import (
     GGUF_LAYER_NAMES,
+    Block,
     LlamaConfig,
     LlamaStage,
     RMSNorm,
@@ -290,20 +291,12 @@ class DeepseekMoE(SparseMoE):
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
-class DeepseekBlock(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, layer: int, device_type: str) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = LatentAttention(cfg, device_type)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp: nn.Module = (
-            DeepseekMoE(cfg, device_type) if cfg.is_moe(layer)
-            else GatedMLP(cfg.dim, cfg.hidden_dim, device_type)
-        )  # fmt: skip
+class DeepseekBlock(Block):
+    attention_cls = LatentAttention
 
-    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    @staticmethod
+    def experts(cfg: LlamaConfig, device_type: str) -> nn.Module:
+        return DeepseekMoE(cfg, device_type)
 
 
 class DeepseekStage(LlamaStage):

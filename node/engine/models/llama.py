@@ -338,17 +338,26 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm attention and MLP; a family on this layout (DeepSeek) brings its own
+    attention class and mixture of experts."""
+
+    attention_cls: ClassVar[type[nn.Module]] = Attention  # (cfg, device_type)
+
     def __init__(self, cfg: LlamaConfig, layer: int, device_type: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, device_type)
+        self.self_attn = self.attention_cls(cfg, device_type)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp: nn.Module = (
-            SparseMoE(cfg.dim, cfg.expert_dim, cfg.n_experts, cfg.n_experts_used,
-                      cfg.norm_topk_prob, cfg.shared_expert_dim, device_type, cfg.moe_scoring,
-                      cfg.expert_act, cfg.moe_bias)
-            if cfg.is_moe(layer) else GatedMLP(cfg.dim, cfg.hidden_dim, device_type)
+            self.experts(cfg, device_type) if cfg.is_moe(layer)
+            else GatedMLP(cfg.dim, cfg.hidden_dim, device_type)
         )  # fmt: skip
+
+    @staticmethod
+    def experts(cfg: LlamaConfig, device_type: str) -> nn.Module:
+        return SparseMoE(cfg.dim, cfg.expert_dim, cfg.n_experts, cfg.n_experts_used,
+                         cfg.norm_topk_prob, cfg.shared_expert_dim, device_type, cfg.moe_scoring,
+                         cfg.expert_act, cfg.moe_bias)  # fmt: skip
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), step, layer)

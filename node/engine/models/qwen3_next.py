@@ -220,14 +220,13 @@ class DeltaNet(nn.Module):
         mixed, z, b, a = self._project(x[0])
         beta = torch.sigmoid(b.reshape(t, nv)).float()
         g = -self.A_log.float().exp() * F.softplus(a.reshape(t, nv).float() + self.dt_bias.float())
-        out, at = [], 0
+        w, out, at = self.conv1d.weight[:, 0], [], 0
         for p in parts:  # each request's own convolution window and state
             rows = slice(at, at + p.count)
             at += p.count
             conv, state = p.cache.states[layer]
             window = torch.cat([conv, mixed[rows].T], dim=1)  # [conv_dim, kernel - 1 + count]
             conv.copy_(window[:, p.count :])
-            w = self.conv1d.weight[:, 0]
             y = F.silu(torch.einsum("ctk,ck->tc", window.unfold(1, c.conv_kernel, 1), w))
             qq, kk, vv = y.split([nk * dk, nk * dk, nv * dv], dim=-1)
             qq, kk = l2norm(qq.view(-1, nk, dk).float()), l2norm(kk.view(-1, nk, dk).float())
@@ -346,15 +345,16 @@ class Qwen3NextStage(LlamaStage):
         owned = cfg.linear[start:end]
         # Each owned layer's index: into the cache's states (DeltaNet) or its attention layers.
         self.slots = [owned[:i].count(owned[i]) for i in range(len(owned))]
+        self.recurrent = any(owned)
 
     def layers_forward(self, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
-        recurrent = any(self.cfg.linear[self.start : self.end])
-        for p in parts:
-            if recurrent and p.start != p.cache.length:
+        for p in parts if self.recurrent else ():
+            if p.start != p.cache.length:
                 raise RinginferError(
                     f"position {p.start} rewrites a recurrent state holding {p.cache.length}")
-            if recurrent:  # until the pass completes (Stage.run advances it): a pass that
-                p.cache.length = -1  # raises midway leaves states no pass may continue
+            # Until the pass completes (Stage.run advances it): a pass that raises midway
+            # leaves states no pass may continue.
+            p.cache.length = -1
         h = self.embed_tokens(x) if self.is_first else x
         rope = rope_tables(self.inv_freq, positions_of(parts, h.device), h.dtype)
         step = Step(parts, None, h.device, rope)
