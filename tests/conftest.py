@@ -16,6 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 TEXT = Path(__file__).resolve().parent / "data" / "declaration.txt"
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, max_position_embeddings=64)
+# The Qwen3-Next / Qwen3.5 models' attention and DeltaNet sizes: 2 key heads and 4 value
+# heads of 8 and 12, a kernel of 4; attention heads of 32 with RoPE on a quarter.
+DELTANET = dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=8, linear_value_head_dim=12,
+                linear_conv_kernel_dim=4)  # fmt: skip
 
 # name -> (transformers config class name, kwargs). Each exercises a different code path.
 FAMILIES = {
@@ -117,14 +123,11 @@ FAMILIES = {
                               "mscale": 1.0, "mscale_all_dim": 0.707,
                               "original_max_position_embeddings": 16}),
     ),  # fmt: skip
-    # Qwen3-Next: DeltaNet layers 0 and 2 (2 key heads, 4 value heads of 8 and 12, a kernel
-    # of 4), gated attention layers 1 and 3 with RoPE on a quarter of each head; 4 experts,
-    # top 2, a shared expert with its gate, layer 2 dense.
+    # Qwen3-Next: DeltaNet layers 0 and 2, gated attention layers 1 and 3; 4 experts, top 2,
+    # a shared expert with its gate, layer 2 dense.
     "qwen3_next": (
         "Qwen3NextConfig",
-        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-             linear_value_head_dim=12, linear_conv_kernel_dim=4, full_attention_interval=2,
+        dict(DELTANET, full_attention_interval=2,
              intermediate_size=80, num_experts=4, num_experts_per_tok=2,
              moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[2],
              rope_parameters={"rope_type": "default", "rope_theta": 1e6,
@@ -134,17 +137,13 @@ FAMILIES = {
     # dense, and with experts in every layer (renormalised, a shared expert).
     "qwen3_5": (
         "Qwen3_5TextConfig",
-        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-             linear_value_head_dim=12, linear_conv_kernel_dim=4, intermediate_size=80,
+        dict(DELTANET, intermediate_size=80,
              layer_types=["linear_attention", "linear_attention", "full_attention",
                           "linear_attention"]),
     ),  # fmt: skip
     "qwen3_5_moe": (
         "Qwen3_5MoeTextConfig",
-        dict(TINY, vocab_size=320, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-             linear_value_head_dim=12, linear_conv_kernel_dim=4, num_experts=4,
+        dict(DELTANET, num_experts=4,
              num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40,
              layer_types=["linear_attention", "full_attention", "linear_attention",
                           "full_attention"]),

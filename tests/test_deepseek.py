@@ -6,6 +6,7 @@ test_ring.py through three daemons."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,14 @@ from node.engine.local import LocalPipeline
 from node.engine.shapes import shape_of
 from node.engine.weights import open_checkpoint, stage_tensors
 from tests.conftest import hf_model, make_model
-from tests.test_gguf import add_tensor, checkpoint_state, gguf_place, tensor_names
+from tests.test_gguf import (
+    checkpoint_state,
+    finish_gguf,
+    gguf_place,
+    in_whole_blocks,
+    start_gguf,
+    tensor_names,
+)
 from tests.test_quantized import relative_error
 
 PROMPT = [3, 17, 101, 5, 42, 250, 7, 9, 61, 88, 13, 200]
@@ -102,16 +110,8 @@ def write_deepseek_gguf(hf_dir: Path, out: Path, quant: str, split_kv_b: bool = 
     heads, nope, v_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     rot, rank = cfg.qk_rope_head_dim, cfg.kv_lora_rank
     names = tensor_names("deepseek2", cfg.num_hidden_layers)
-    w = gguf.GGUFWriter(out, "deepseek2")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(1 if split_kv_b else heads)
+    w = start_gguf(out, "deepseek2", cfg, 1 if split_kv_b else heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(rot)
     w.add_leading_dense_block_count(cfg.first_k_dense_replace)
     if cfg.q_lora_rank:
@@ -141,35 +141,22 @@ def write_deepseek_gguf(hf_dir: Path, out: Path, quant: str, split_kv_b: bool = 
         w.add_rope_scaling_factor(rope["factor"])
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])
-    w.add_token_types([1] * cfg.vocab_size)
-    w.add_token_merges([])
-    def add(gname: str, arr: np.ndarray) -> None:  # rows not in whole blocks stay float
-        add_tensor(w, gname, arr, quant if arr.shape[-1] % 32 == 0 else "F32")
 
-    stacked: dict[str, dict[int, np.ndarray]] = {}
-    for name, arr in checkpoint_state(hf_dir).items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        name = name.replace("e_score_correction_bias", "e_score_correction.bias")
-        if split_kv_b and name.endswith("kv_b_proj.weight"):
-            kv_b = arr.reshape(heads, nope + v_dim, rank)
-            block = f"blk.{name.split('.')[2]}"
-            add(f"{block}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
-            add(f"{block}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, nope:]))
-            continue
-        gname, expert = gguf_place(name, names)
-        if expert is not None:
-            stacked.setdefault(gname, {})[expert] = arr
-        else:
-            add(gname, arr)
-    for gname, by_expert in stacked.items():
-        add(gname, np.stack([by_expert[e] for e in sorted(by_expert)]))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def tensors() -> Iterator[tuple[str, int | None, np.ndarray]]:
+        for name, arr in checkpoint_state(hf_dir).items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+            if split_kv_b and name.endswith("kv_b_proj.weight"):
+                kv_b = arr.reshape(heads, nope + v_dim, rank)
+                block = f"blk.{name.split('.')[2]}"
+                yield (f"{block}.attn_k_b.weight", None,
+                       np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))  # fmt: skip
+                yield f"{block}.attn_v_b.weight", None, np.ascontiguousarray(kv_b[:, nope:])
+            else:
+                yield *gguf_place(name, names), arr
+
+    finish_gguf(w, tensors(), in_whole_blocks(quant))
     return out
 
 

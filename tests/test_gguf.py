@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +98,9 @@ def write_gguf(
     cfg = model.config
     arch = GGUF_ARCH.get(cfg.model_type, cfg.model_type)  # llama.cpp permutes Q/K for llama only
     names = tensor_names(arch, cfg.num_hidden_layers)
-    w = gguf.GGUFWriter(out, arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w = start_gguf(out, arch, cfg)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # Gemma: global layers
     w.add_rope_freq_base(rope["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if arch == "gemma3":
         gemma3_metadata(w, cfg)
@@ -124,11 +118,6 @@ def write_gguf(
         if getattr(cfg, "shared_expert_intermediate_size", 0):
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
         w.add_expert_weights_norm(cfg.model_type == "mixtral" or getattr(cfg, "norm_topk_prob", 0))
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])  # "hi" is two tokens
-    w.add_token_types([1] * cfg.vocab_size)
-    w.add_token_merges([])
     if cfg.model_type == "gpt_oss":
         w.add_sliding_window(cfg.sliding_window)
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -136,33 +125,76 @@ def write_gguf(
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if rope.get("rope_type") == "llama3":  # llama.cpp stores llama3 scaling as a tensor
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+
+    def tensors() -> Iterator[tuple[str, int | None, np.ndarray]]:
+        for name, arr in checkpoint_state(hf_dir).items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # llama.cpp writes no output.weight for tied embeddings
+            heads = permuted_heads(name, arch, cfg)
+            arr = llama_cpp_permute(arr, heads) if heads else arr
+            if name.endswith("shared_expert_gate.weight"):
+                arr = arr.reshape(-1)  # llama.cpp: a vector
+            if arch == "gemma3" and name.endswith("norm.weight"):
+                arr = arr + 1  # the converter's norm_shift: Gemma scales by (1 + w)
+            yield *gguf_place(name, names), arr
+
+    finish_gguf(w, tensors(), lambda gname, arr: (types or {}).get(gname, quant), per_expert)
+    return out
+
+
+def start_gguf(out: Path, arch: str, cfg: Any, kv_heads: int | None = None) -> Any:
+    """A writer holding what every llama.cpp converter writes: sizes, heads (`kv_heads`:
+    other than the config's), the norms' epsilon, a vocabulary of one character a token
+    ("hi" is two tokens)."""
+    import gguf
+
+    w = gguf.GGUFWriter(out, arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads if kv_heads is None else kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_merges([])
+    return w
+
+
+def finish_gguf(
+    w: Any, tensors: Iterable[tuple[str, int | None, np.ndarray]],
+    kind: Callable[[str, np.ndarray], str], per_expert: bool = False,
+) -> None:  # fmt: skip
+    """The tensors (llama.cpp's name, the expert's index or None, the array) added in the
+    format `kind` gives each, a layer's experts stacked as llama.cpp stacks them
+    (`per_expert`: one tensor each, as before it did), and the file written."""
     stacked: dict[str, dict[int, np.ndarray]] = {}
-    for name, arr in checkpoint_state(hf_dir).items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # llama.cpp writes no output.weight for tied embeddings
-        gname, expert = gguf_place(name, names)
-        heads = permuted_heads(name, arch, cfg)
-        arr = llama_cpp_permute(arr, heads) if heads else arr
-        if name.endswith("shared_expert_gate.weight"):
-            arr = arr.reshape(-1)  # llama.cpp: a vector
-        if arch == "gemma3" and name.endswith("norm.weight"):
-            arr = arr + 1  # the converter's norm_shift: Gemma scales by (1 + w)
-        if expert is not None:
+    for gname, expert, arr in tensors:
+        if expert is None:
+            add_tensor(w, gname, arr, kind(gname, arr))
+        else:
             stacked.setdefault(gname, {})[expert] = arr
-            continue
-        add_tensor(w, gname, arr, (types or {}).get(gname, quant))
     for gname, by_expert in stacked.items():
-        kind = (types or {}).get(gname, quant)
         if per_expert:
             for e in sorted(by_expert):
-                add_tensor(w, gname.replace("_exps.", f".{e}."), by_expert[e], kind)
+                add_tensor(w, gname.replace("_exps.", f".{e}."), by_expert[e],
+                           kind(gname, by_expert[e]))  # fmt: skip
             continue
-        add_tensor(w, gname, np.stack([by_expert[e] for e in sorted(by_expert)]), kind)
+        arr = np.stack([by_expert[e] for e in sorted(by_expert)])
+        add_tensor(w, gname, arr, kind(gname, arr))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return out
+
+
+def in_whole_blocks(quant: str) -> Callable[[str, np.ndarray], str]:
+    """`quant` for matrices whose rows are whole 32-value blocks, F32 for the others (as
+    llama.cpp's converter falls back)."""
+    return lambda gname, arr: quant if arr.shape[-1] % 32 == 0 else "F32"
 
 
 def add_tensor(w: object, gname: str, arr: np.ndarray, kind: str) -> None:

@@ -6,6 +6,7 @@ others; test_ring.py through three daemons."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,27 +144,25 @@ def write_qwen3next_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     attn_qkv and attn_gate, in_proj_ba kept (ssm_ba), ssm_a = -exp(A_log), dt_bias as
     ssm_dt.bias, the kernel squeezed, zero-centred norms as 1 + w, experts stacked; matrices
     in `quant` where their rows are whole blocks."""
-    import gguf
     import numpy as np
 
-    from tests.test_gguf import add_tensor, checkpoint_state, gguf_place, tensor_names
+    from tests.test_gguf import (
+        checkpoint_state,
+        finish_gguf,
+        gguf_place,
+        in_whole_blocks,
+        start_gguf,
+        tensor_names,
+    )
 
     cfg = hf_model(hf_dir).config
     nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv, r = cfg.linear_key_head_dim, cfg.linear_value_head_dim, nv // nk
-    w = gguf.GGUFWriter(out, "qwen3next")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w = start_gguf(out, "qwen3next", cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_rope_dimension_count(int(cfg.head_dim * cfg.rope_parameters["partial_rotary_factor"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
     w.add_full_attention_interval(cfg.layer_types.index("full_attention") + 1)
     w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
     w.add_ssm_state_size(dk)
@@ -174,48 +173,31 @@ def write_qwen3next_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])
-    w.add_token_types([1] * cfg.vocab_size)
-    w.add_token_merges([])
     names = tensor_names("qwen3next", cfg.num_hidden_layers)
 
-    def add(gname: str, arr: np.ndarray) -> None:  # rows not in whole blocks stay float
-        add_tensor(w, gname, arr, quant if arr.shape[-1] % 32 == 0 else "F32")
+    def tensors() -> Iterator[tuple[str, int | None, np.ndarray]]:
+        for name, arr in checkpoint_state(hf_dir).items():
+            block = f"blk.{name.split('.')[2]}" if name.startswith("model.layers.") else ""
+            if name.endswith("in_proj_qkvz.weight"):
+                q, k, v, z = np.split(arr.reshape(nk, 2 * dk + 2 * r * dv, -1),
+                                      [dk, 2 * dk, 2 * dk + r * dv], axis=1)  # fmt: skip
+                flat = [x.reshape(-1, arr.shape[-1]) for x in (q, k, v, z)]
+                yield f"{block}.attn_qkv.weight", None, np.concatenate(flat[:3])
+                yield f"{block}.attn_gate.weight", None, flat[3]
+            elif name.endswith("A_log"):
+                yield f"{block}.ssm_a", None, -np.exp(arr)
+            elif name.endswith("dt_bias"):
+                yield f"{block}.ssm_dt.bias", None, arr
+            else:
+                if name.endswith("conv1d.weight"):
+                    arr = arr.reshape(arr.shape[0], -1)
+                elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+                    arr = arr + 1
+                elif name.endswith("shared_expert_gate.weight"):
+                    arr = arr.reshape(-1)
+                yield *gguf_place(name, names), arr
 
-    stacked: dict[str, dict[int, np.ndarray]] = {}
-    for name, arr in checkpoint_state(hf_dir).items():
-        block = f"blk.{name.split('.')[2]}" if name.startswith("model.layers.") else ""
-        if name.endswith("in_proj_qkvz.weight"):
-            q, k, v, z = np.split(arr.reshape(nk, 2 * dk + 2 * r * dv, -1),
-                                  [dk, 2 * dk, 2 * dk + r * dv], axis=1)  # fmt: skip
-            flat = [x.reshape(-1, arr.shape[-1]) for x in (q, k, v, z)]
-            add(f"{block}.attn_qkv.weight", np.concatenate(flat[:3]))
-            add(f"{block}.attn_gate.weight", flat[3])
-            continue
-        if name.endswith("A_log"):
-            add(f"{block}.ssm_a", -np.exp(arr))
-            continue
-        if name.endswith("dt_bias"):
-            add(f"{block}.ssm_dt.bias", arr)
-            continue
-        if name.endswith("conv1d.weight"):
-            arr = arr.reshape(arr.shape[0], -1)
-        elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
-            arr = arr + 1
-        elif name.endswith("shared_expert_gate.weight"):
-            arr = arr.reshape(-1)
-        gname, expert = gguf_place(name, names)
-        if expert is not None:
-            stacked.setdefault(gname, {})[expert] = arr
-        else:
-            add(gname, arr)
-    for gname, by_expert in stacked.items():
-        add(gname, np.stack([by_expert[e] for e in sorted(by_expert)]))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w, tensors(), in_whole_blocks(quant))
     return out
 
 
