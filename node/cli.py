@@ -668,7 +668,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = predict(plan.stages, shape, by_id, cluster.links)
     stages = []
     for s, stage_s in zip(plan.stages, p.stage_s, strict=True):
-        used = stage_bytes(s, shape) + (s.end - s.start) * shape.kv_bytes * args.context
+        used = stage_bytes(s, shape) + shape.cache_bytes(s.end - s.start, args.context)
         stages.append({"node": s.node, "name": cluster.names[s.node], "start": s.start,
                        "end": s.end, "memory_used": used, "memory": by_id[s.node].memory,
                        "stage_ms": round(stage_s * 1e3, 3)})  # fmt: skip

@@ -99,6 +99,18 @@ def test_built_in_moe_shapes_have_the_published_parameter_counts(model: str):
     assert read == pytest.approx(2 * (active - table), rel=1e-6)
 
 
+# Total parameters as the cards of the families with their own layers state them (their
+# active counts are rounded names: "A3B" is 3.5B with Qwen3.5's 248k-row table and head).
+TOTALS = {"DeepSeek-V3": 671, "Qwen3-Next-80B-A3B-Instruct": 80, "Qwen3.5-35B-A3B": 35,
+          "Qwen3.5-397B-A17B": 397, "gemma-3-27b-it": 27}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", TOTALS)
+def test_built_in_hybrid_and_latent_shapes_have_the_published_totals(model: str):
+    assert find_shape(model, torch.bfloat16)[1].params / 1e9 == pytest.approx(TOTALS[model],
+                                                                              rel=0.01)
+
+
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_every_built_in_shape_builds(name: str):
     _, shape, source, _ = find_shape(name, torch.bfloat16, "int4")

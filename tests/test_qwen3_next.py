@@ -14,6 +14,7 @@ import torch
 
 from node.engine.local import LocalPipeline
 from node.engine.models.qwen3_next import CHUNK
+from node.engine.shapes import shape_of
 from node.engine.weights import open_checkpoint
 from node.errors import RinginferError
 from tests.conftest import hf_model
@@ -47,6 +48,9 @@ def test_a_request_holds_keys_for_attention_layers_and_fixed_states_for_deltanet
         keys = 2 * 2 * 2 * 32 * 4 * capacity  # layers, k and v, kv heads, head dim, bytes
         states = 2 * (80 * 3 + 4 * 8 * 12) * 4  # layers, (conv dim x 3 + heads x 8 x 12), bytes
         assert cache.nbytes == keys + states
+        # the planner's count for the four layers: what admission will count
+        shape = shape_of(pipeline.ckpt.family, pipeline.ckpt.config, torch.float32)
+        assert shape.cache_bytes(4, capacity) == cache.nbytes
     assert pipeline.stages[0].cache_bytes(32768, torch.float32) == cache.nbytes  # admission
 
 
@@ -140,10 +144,12 @@ def test_a_hub_qwen3_5_moe_checkpoint_equals_transformers(tmp_path):  # noqa: AN
 
 
 def write_qwen3next_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
-    """`hf_dir`'s Qwen3-Next as llama.cpp's converter writes it: in_proj_qkvz split into flat
-    attn_qkv and attn_gate, in_proj_ba kept (ssm_ba), ssm_a = -exp(A_log), dt_bias as
-    ssm_dt.bias, the kernel squeezed, zero-centred norms as 1 + w, experts stacked; matrices
-    in `quant` where their rows are whole blocks."""
+    """`hf_dir`'s Qwen3-Next or Qwen3.5 as llama.cpp's converter writes it: Qwen3-Next's
+    in_proj_qkvz split into flat attn_qkv and attn_gate and in_proj_ba kept (ssm_ba); for
+    Qwen3.5 (qwen35, qwen35moe) b and a apart, and every value-head axis reordered from
+    grouped by key head to tiled (_LinearAttentionVReorderBase); ssm_a = -exp(A_log), dt_bias
+    as ssm_dt.bias, the kernel squeezed, zero-centred norms as 1 + w, experts stacked;
+    matrices in `quant` where their rows are whole blocks."""
     import numpy as np
 
     from tests.test_gguf import (
@@ -158,26 +164,54 @@ def write_qwen3next_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
     cfg = hf_model(hf_dir).config
     nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv, r = cfg.linear_key_head_dim, cfg.linear_value_head_dim, nv // nk
-    w = start_gguf(out, "qwen3next", cfg)
+    qwen35, n_experts = cfg.model_type.startswith("qwen3_5"), getattr(cfg, "num_experts", 0)
+    arch = ("qwen35moe" if n_experts else "qwen35") if qwen35 else "qwen3next"
+    w = start_gguf(out, arch, cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_rope_dimension_count(int(cfg.head_dim * cfg.rope_parameters["partial_rotary_factor"]))
-    w.add_full_attention_interval(cfg.layer_types.index("full_attention") + 1)
+    if qwen35:  # the converter's default interval, and the layers as layer_types has them
+        w.add_full_attention_interval(4)
+        w.add_array(f"{arch}.attention.recurrent_layers",
+                    [t == "linear_attention" for t in cfg.layer_types])  # fmt: skip
+        w.add_rope_dimension_sections([11, 11, 10, 0])
+    else:
+        w.add_full_attention_interval(cfg.layer_types.index("full_attention") + 1)
     w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
     w.add_ssm_state_size(dk)
     w.add_ssm_group_count(nk)
     w.add_ssm_time_step_rank(nv)
     w.add_ssm_inner_size(nv * dv)
-    w.add_expert_count(cfg.num_experts)
-    w.add_expert_used_count(cfg.num_experts_per_tok)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    names = tensor_names("qwen3next", cfg.num_hidden_layers)
+    if n_experts:
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    names = tensor_names(arch, cfg.num_hidden_layers)
+
+    def tiled(arr: np.ndarray, axis: int, head: int) -> np.ndarray:
+        """Value heads [k0: v0 v1 .., k1: v0 v1 ..] as [v0: k0 k1 .., v1: k0 k1 ..]."""
+        shape = arr.shape
+        grouped = arr.reshape(*shape[:axis], nk, r, head, *shape[axis + 1 :])
+        return np.swapaxes(grouped, axis, axis + 1).reshape(shape)
+
+    def reordered(name: str, arr: np.ndarray) -> np.ndarray:
+        if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):
+            return np.concatenate([arr[: 2 * nk * dk], tiled(arr[2 * nk * dk :], 0, dv)])
+        if name.endswith("in_proj_z.weight"):
+            return tiled(arr, 0, dv)
+        if name.endswith(("in_proj_a.weight", "in_proj_b.weight", "A_log", "dt_bias")):
+            return tiled(arr, 0, 1)
+        if name.endswith("out_proj.weight"):
+            return tiled(arr, 1, dv)
+        return arr
 
     def tensors() -> Iterator[tuple[str, int | None, np.ndarray]]:
         for name, arr in checkpoint_state(hf_dir).items():
             block = f"blk.{name.split('.')[2]}" if name.startswith("model.layers.") else ""
+            if qwen35 and "linear_attn." in name:
+                arr = reordered(name, arr)
             if name.endswith("in_proj_qkvz.weight"):
                 q, k, v, z = np.split(arr.reshape(nk, 2 * dk + 2 * r * dv, -1),
                                       [dk, 2 * dk, 2 * dk + r * dv], axis=1)  # fmt: skip
@@ -209,18 +243,20 @@ GGUF_CASES = [("F32", "auto", 1e-5), ("Q8_0", "none", 1e-5), ("Q4_0", "auto", 0.
 
 
 @pytest.mark.parametrize(("quant", "fmt", "tolerance"), GGUF_CASES)
-def test_gguf_equals_transformers_on_the_files_values(tiny_models, tmp_path, quant, fmt,
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "qwen3_5_moe"])
+def test_gguf_equals_transformers_on_the_files_values(tiny_models, tmp_path, family, quant, fmt,
                                                       tolerance):  # noqa: ANN001  # fmt: skip
-    """qwen3next files as llama.cpp's converter writes them, against transformers running
-    the values the file holds (each matrix whose rows are whole blocks quantized and
-    dequantized: the converter's changes only move or split rows), at every split."""
+    """qwen3next, qwen35 and qwen35moe files as llama.cpp's converter writes them, against
+    transformers running the values the file holds (each matrix whose rows are whole blocks
+    quantized and dequantized: the converter's changes only move or split rows and
+    columns, whole heads at a time), at every split."""
     import gguf
     import numpy as np
 
     from tests.test_quantized import relative_error
 
-    source = tiny_models["qwen3_next"]
-    path = write_qwen3next_gguf(source, tmp_path / f"q3n-{quant}.gguf", quant)
+    source = tiny_models[family]
+    path = write_qwen3next_gguf(source, tmp_path / f"{family}-{quant}.gguf", quant)
     model = hf_model(source)
     if quant != "F32":
         qtype = gguf.GGMLQuantizationType[quant]
@@ -235,7 +271,8 @@ def test_gguf_equals_transformers_on_the_files_values(tiny_models, tmp_path, qua
     with torch.inference_mode():
         expected = model(torch.tensor([LONG[:12]])).logits
     ckpt = open_checkpoint(str(path))
-    assert ckpt.family.name == "qwen3_next" and ckpt.config.linear == (True, False) * 2
+    assert ckpt.family.name == "qwen3_next"
+    assert ckpt.config.linear == tuple(t == "linear_attention" for t in model.config.layer_types)
     for splits in [(), (1,), (2, 3)]:
         pipeline = LocalPipeline(ckpt, splits, quantize=fmt)
         with torch.inference_mode():

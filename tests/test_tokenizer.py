@@ -146,3 +146,26 @@ def test_deepseek_v3_pre_tokenizer_splits_as_llama_cpp():
     pieces = [t for t, _ in split.pre_tokenize_str("Hello12345 世界abc!? .NET\n\n  x")]
     assert pieces == ["Hello", "123", "45", " ", "世界", "abc", "!?", " .", "NET", "\n\n", " ",
                       " x"]  # fmt: skip
+
+
+def test_qwen35_pre_tokenizer_splits_as_qwen35s_own_regex():
+    """llama.cpp's "qwen35" pre-tokenizer against the regex of Qwen3.5's tokenizer.json (its
+    case-insensitive contractions spelled out): combining marks stay inside a word, where
+    Qwen2's pattern cuts the word at them."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from node.engine.tokenizer import _GGUF_PRE
+
+    theirs = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"
+              r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
+
+    def pieces(patterns: list[str], text: str) -> list[str]:
+        split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(p), behavior="isolated")
+                                         for p in patterns])  # fmt: skip
+        return [t for t, _ in split.pre_tokenize_str(text)]
+
+    decomposed = "nai\u0308ve cafe\u0301 IT'S 1234\n\n  x!?"
+    for text in [decomposed, "Hello 世界 don'T   done.\r\n ok", "ह\u093fन\u094dदी 42"]:
+        assert pieces(_GGUF_PRE["qwen35"], text) == pieces([theirs], text), text
+    assert pieces(_GGUF_PRE["qwen35"], decomposed)[:2] == ["nai\u0308ve", " cafe\u0301"]
+    assert pieces(_GGUF_PRE["qwen2"], decomposed) != pieces(_GGUF_PRE["qwen35"], decomposed)

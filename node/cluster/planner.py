@@ -59,6 +59,7 @@ class ModelShape:
     embed_bytes: int  # what the first stage adds: token (and position) embeddings
     head_bytes: int  # what the last stage adds: final norm and LM head
     kv_bytes: int = 0  # one layer's keys and values for one position
+    state_bytes: int = 0  # one layer's fixed state for one request (recurrent layers')
     hidden: int = 0  # activation width: a decode step sends hidden x wire_bytes per hop
     dtype_bytes: float = 2  # bytes per layer weight (int4: 0.625), to count FLOPs from bytes
     wire_bytes: int = 2
@@ -77,8 +78,13 @@ class ModelShape:
     layer_kinds: str = ""  # where the layers differ from plain attention + MLP (shapes.py)
 
     def layer_slot(self, context: int) -> int:
-        """Bytes one layer takes on a node at most: weights and its KV budget."""
-        return max(self.layer_bytes, self.dense_bytes) + self.kv_bytes * context
+        """Bytes one layer takes on a node at most: weights and one request's cache."""
+        return max(self.layer_bytes, self.dense_bytes) + self.cache_bytes(1, context)
+
+    def cache_bytes(self, layers: int, context: int) -> int:
+        """What one request of `context` positions holds in `layers` layers: keys and values
+        that grow with it, and recurrent states that do not (means over the layers)."""
+        return layers * (self.kv_bytes * context + self.state_bytes)
 
     def dense_count(self, start: int, end: int) -> int:
         return sum(start <= i < end for i in self.dense_layers)
@@ -437,7 +443,7 @@ class _Segment:
 
     def _does_not_fit(self, group: Sequence[NodeSpec]) -> str:
         s, gib, end = self.shape, 2**30, self.start + self.layers
-        need = s.held(self.start, end) + self.layers * s.kv_bytes * self.context
+        need = s.held(self.start, end) + s.cache_bytes(self.layers, self.context)
         need += s.ends(True, True)
         have = ", ".join(f"{n.id}: {n.memory / gib:.2f} GiB" for n in group)
         experts = ""

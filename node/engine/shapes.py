@@ -128,8 +128,18 @@ BUILT_IN: dict[str, dict[str, Any]] = {
         "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
         "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
         "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
-    # Gemma 3 (gemma3_text) goes here once node/engine/models reads its model_type: every
-    # row must build (tests/test_plan_cli.py plans each one).
+    "Qwen/Qwen3.5-397B-A17B": {
+        "model_type": "qwen3_5_moe", "vocab_size": 248320, "max_position_embeddings": 262144,
+        **_dims(4096, 60, 32, 2, 0), "head_dim": 256, **_experts(512, 10, 1024, 1024),
+        "linear_num_key_heads": 16, "linear_num_value_heads": 64, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+        "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+    "google/gemma-3-27b-it": {
+        "model_type": "gemma3_text", "vocab_size": 262208, "max_position_embeddings": 131072,
+        **_dims(5376, 62, 32, 16, 21504), "head_dim": 128, "query_pre_attn_scalar": 168,
+        "sliding_window": 1024, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+    # Every row must build (tests/test_plan_cli.py plans each one).
 }  # fmt: skip
 
 
@@ -276,6 +286,7 @@ def shape_of(
         head_bytes=int(head.held),
         kv_bytes=math.ceil(
             getattr(config, "cache_width", 2 * config.n_kv_heads * config.head_dim) * size),
+        state_bytes=math.ceil(config.state_bytes(size)) if hasattr(config, "state_bytes") else 0,
         hidden=config.dim,
         dtype_bytes=layer.held / layer.params,
         wire_bytes=torch.empty((), dtype=wire_dtype).element_size(),

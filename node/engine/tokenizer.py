@@ -69,6 +69,11 @@ _GGUF_PRE = {
     "llama-bpe": [_LLAMA3_PAT],
     "llama3": [_LLAMA3_PAT],
     "qwen2": [_LLAMA3_PAT.replace(r"\p{N}{1,3}", r"\p{N}")],
+    # Qwen3.5's: Qwen2's with combining marks (\p{M}) kept inside words.
+    "qwen35": [
+        r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|"
+        r"\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
     "gpt-4o": [_O200K_PAT],
     "deepseek-v3": _DEEPSEEK3_PATS,
 }

@@ -220,7 +220,7 @@ class GGUFCheckpoint(Checkpoint):
         """The file's tensor for `hf_name`, and the expert's index in it where llama.cpp
         stacks a layer's experts. Files from before it stacked them (the Mixtral GGUFs of
         early 2024) hold one tensor an expert: `blk.N.ffn_gate.E.weight`."""
-        gguf_name, expert = self.family.stage_cls.gguf_source(hf_name)
+        gguf_name, expert = self.family.stage_cls.gguf_source(hf_name, self.arch)
         if expert is not None and gguf_name not in self.tensors:
             single = gguf_name.replace("_exps.", f".{expert}.")
             if single in self.tensors:

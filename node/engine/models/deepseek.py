@@ -316,7 +316,7 @@ class DeepseekStage(LlamaStage):
                        self.windows(), span, value_dim=0)  # fmt: skip
 
     @staticmethod
-    def gguf_source(hf_name: str) -> tuple[str, int | None]:
+    def gguf_source(hf_name: str, arch: str) -> tuple[str, int | None]:
         return gguf_source(hf_name, GGUF_NAMES)
 
     @staticmethod

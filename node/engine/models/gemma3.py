@@ -249,7 +249,7 @@ class Gemma3Stage(LlamaStage):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     @staticmethod
-    def gguf_source(hf_name: str) -> tuple[str, int | None]:
+    def gguf_source(hf_name: str, arch: str) -> tuple[str, int | None]:
         return llama.gguf_source(hf_name, GGUF_LAYER_NAMES)
 
     @staticmethod

@@ -135,7 +135,7 @@ class GptOssStage(LlamaStage):
         return tensor.t() if m[4] == "weight" else tensor
 
     @staticmethod
-    def gguf_source(hf_name: str) -> tuple[str, int | None]:
+    def gguf_source(hf_name: str, arch: str) -> tuple[str, int | None]:
         return llama.gguf_source(hf_name, _GGUF_LAYER_NAMES)
 
     @staticmethod

@@ -440,7 +440,7 @@ class LlamaStage(Stage):
         return self.head(h) if self.is_last else h
 
     @staticmethod
-    def gguf_source(hf_name: str) -> tuple[str, int | None]:
+    def gguf_source(hf_name: str, arch: str) -> tuple[str, int | None]:
         return gguf_source(hf_name)
 
     @staticmethod

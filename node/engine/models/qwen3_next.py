@@ -46,7 +46,7 @@ from node.engine.models.moe import GatedMLP, SparseMoE
 from node.errors import RinginferError
 
 HF_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
-GGUF_ARCHITECTURES = ("qwen3next",)  # Qwen3.5's (qwen35, qwen35moe) reorder value heads: not yet
+GGUF_ARCHITECTURES = ("qwen3next", "qwen35", "qwen35moe")
 CHUNK = 64  # positions a prompt's delta rule solves at once (the reference's chunk)
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
 
@@ -61,6 +61,9 @@ class Qwen3NextConfig(LlamaConfig):
     conv_kernel: int = 4
     rotary_dim: int = 0  # the numbers of an attention head RoPE turns
     flat: bool = False  # Qwen3.5: in_proj_qkv/_z/_b/_a (else Qwen3-Next's packed qkvz, ba)
+    # Value heads tiled over the key heads (k0 k1 .. k0 k1 ..), as llama.cpp's Qwen3.5
+    # converter stores them; else grouped by key head (k0 k0 .. k1 k1 ..), as Hugging Face.
+    tiled: bool = False
     language_model: bool = False  # checkpoint names under model.language_model (Qwen3.5's VL)
 
     @property
@@ -68,6 +71,14 @@ class Qwen3NextConfig(LlamaConfig):
         """Numbers a position caches, per layer on average: keys and values in the attention
         layers only (a DeltaNet layer's state does not grow with the context)."""
         return 2 * self.n_kv_heads * self.head_dim * self.linear.count(False) / self.n_layers
+
+    def state_bytes(self, size: int) -> float:
+        """Bytes a request's recurrent states take per layer on average, whatever its
+        context: each DeltaNet layer's convolution window (`size` bytes a number, the
+        compute dtype's) and its float32 state."""
+        each = self.conv_dim * (self.conv_kernel - 1) * size
+        each += 4 * self.lin_v_heads * self.lin_k_dim * self.lin_v_dim
+        return each * sum(self.linear) / self.n_layers
 
     @property
     def conv_dim(self) -> int:
@@ -118,8 +129,12 @@ class Qwen3NextConfig(LlamaConfig):
     def from_gguf(
         cls, meta: dict[str, Any], tensor_names: set[str], freq_factors: tuple[float, ...] | None
     ) -> Qwen3NextConfig:
-        """llama.cpp's qwen3next keys. Its converter writes the DeltaNet's q, k, v and z flat
-        (attn_qkv, attn_gate), so the layers take Qwen3.5's flat projections."""
+        """llama.cpp's qwen3next, qwen35 and qwen35moe keys. Its converter writes the
+        DeltaNet's q, k, v and z flat (attn_qkv, attn_gate), so the layers take Qwen3.5's flat
+        projections; for Qwen3.5 it also tiles the value heads (every tensor that has them),
+        which the layers follow rather than undo (out_proj's columns would have to move
+        within quantized blocks). Qwen3.5's interleaved MRoPE sections turn text positions
+        (the same on all three axes) as plain RoPE does."""
         key = gguf_keys(meta)
         n, interval = key("block_count"), key("full_attention_interval", 4)
         n_experts, v_heads = key("expert_count", 0), key("ssm.time_step_rank")
@@ -135,7 +150,9 @@ class Qwen3NextConfig(LlamaConfig):
             dense_layers=tuple(
                 i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names
             ) if n_experts else (),
-            linear=tuple((i + 1) % interval != 0 for i in range(n)),
+            # Which layers are DeltaNets: listed where the converter had layer_types.
+            linear=tuple(map(bool, key("attention.recurrent_layers", ())))[:n]
+            or tuple((i + 1) % interval != 0 for i in range(n)),
             lin_k_heads=key("ssm.group_count"),
             lin_v_heads=v_heads,
             lin_k_dim=key("ssm.state_size"),
@@ -143,6 +160,7 @@ class Qwen3NextConfig(LlamaConfig):
             conv_kernel=key("ssm.conv_kernel", 4),
             rotary_dim=key("rope.dimension_count"),
             flat=True,
+            tiled=meta["general.architecture"] != "qwen3next",
         )  # fmt: skip
 
     def inv_freq(self) -> torch.Tensor:
@@ -230,7 +248,10 @@ class DeltaNet(nn.Module):
             y = F.silu(torch.einsum("ctk,ck->tc", window.unfold(1, c.conv_kernel, 1), w))
             qq, kk, vv = y.split([nk * dk, nk * dk, nv * dv], dim=-1)
             qq, kk = l2norm(qq.view(-1, nk, dk).float()), l2norm(kk.view(-1, nk, dk).float())
-            qq, kk = qq.repeat_interleave(r, dim=1), kk.repeat_interleave(r, dim=1)
+            if c.tiled:  # value head j reads key head j % nk
+                qq, kk = qq.repeat(1, r, 1), kk.repeat(1, r, 1)
+            else:  # value head j reads key head j // r
+                qq, kk = qq.repeat_interleave(r, dim=1), kk.repeat_interleave(r, dim=1)
             rule = delta_step if p.count == 1 else delta_chunked
             out.append(rule(qq * dk**-0.5, kk, vv.view(-1, nv, dv).float(), g[rows], beta[rows],
                             state))  # fmt: skip
@@ -326,8 +347,8 @@ GGUF_NAMES = {
     "post_attention_layernorm.weight": "post_attention_norm.weight",
     "linear_attn.in_proj_qkv.weight": "attn_qkv.weight",
     "linear_attn.in_proj_z.weight": "attn_gate.weight",
-    "linear_attn.in_proj_b.weight": "ssm_ba.weight",
-    "linear_attn.in_proj_a.weight": "ssm_ba.weight",
+    "linear_attn.in_proj_b.weight": "ssm_beta.weight",
+    "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
     "linear_attn.conv1d.weight": "ssm_conv1d.weight",
     "linear_attn.A_log": "ssm_a",
     "linear_attn.dt_bias": "ssm_dt.bias",
@@ -409,15 +430,19 @@ class Qwen3NextStage(LlamaStage):
         return tensor[:half] if m[3] == "gate" else tensor[half:]
 
     @staticmethod
-    def gguf_source(hf_name: str) -> tuple[str, int | None]:
-        return llama.gguf_source(hf_name, GGUF_NAMES)
+    def gguf_source(hf_name: str, arch: str) -> tuple[str, int | None]:
+        """Qwen3-Next's files pack b and a into one tensor (ssm_ba), Qwen3.5's keep them."""
+        name, expert = llama.gguf_source(hf_name, GGUF_NAMES)
+        if arch == "qwen3next" and name.endswith(("ssm_beta.weight", "ssm_alpha.weight")):
+            name = name.rsplit(".", 2)[0] + ".ssm_ba.weight"
+        return name, expert
 
     @staticmethod
     def from_gguf_layout(hf_name: str, tensor: Any, cfg: Any, arch: str) -> Any:
-        """What llama.cpp's converter changed undone: b and a from ssm_ba (per key head,
-        [b (r heads), a (r heads)]), A_log from ssm_a = -exp(A_log), the kernel's axis, and
-        norms stored as 1 + w (from_checkpoint_layout adds the 1 again)."""
-        if hf_name.endswith(("in_proj_b.weight", "in_proj_a.weight")):
+        """What llama.cpp's converter changed undone: b and a from Qwen3-Next's ssm_ba (per
+        key head, [b (r heads), a (r heads)]), A_log from ssm_a = -exp(A_log), the kernel's
+        axis, and norms stored as 1 + w (from_checkpoint_layout adds the 1 again)."""
+        if arch == "qwen3next" and hf_name.endswith(("in_proj_b.weight", "in_proj_a.weight")):
             r = cfg.lin_v_heads // cfg.lin_k_heads
             order = torch.arange(cfg.lin_k_heads * 2 * r).view(cfg.lin_k_heads, 2 * r)
             index = (order[:, :r] if hf_name.endswith("in_proj_b.weight") else order[:, r:])

@@ -148,9 +148,10 @@ class Stage(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def gguf_source(hf_name: str) -> tuple[str, int | None]:
-        """llama.cpp's tensor for a checkpoint tensor, and the expert's index where llama.cpp
-        stacks a layer's experts into one tensor (families read from GGUF files)."""
+    def gguf_source(hf_name: str, arch: str) -> tuple[str, int | None]:
+        """llama.cpp's tensor for a checkpoint tensor in a file of architecture `arch`, and
+        the expert's index where llama.cpp stacks a layer's experts into one tensor (families
+        read from GGUF files)."""
         raise NotImplementedError
 
     @staticmethod
