@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, with_tokenizer
 from tests.daemons import EXACT_RING, Cluster, Daemon
 
 PROMPT = "Tell me about the history of Paris"
@@ -40,7 +40,8 @@ def local(*args: str) -> list[int]:
 
 
 def at_token_50(requester: Daemon, *args: str) -> subprocess.Popen:
-    """A generation through `requester`, once ~50 of its tokens have come."""
+    """A generation through `requester`, once ~50 of its tokens have come (`args` may set
+    --max-tokens again: the last one counts)."""
     steps = requester.status()["stats"]["decode_steps"]  # the requester is the first stage
     cmd = [sys.executable, "-m", "node.cli", "generate", "--node", requester.address, PROMPT,
            "--max-tokens", str(TOKENS), "--ignore-eos", "--json", *args]  # fmt: skip
@@ -130,5 +131,31 @@ def test_in_a_4_node_ring_a_killed_middle_stage_is_replayed_around_exactly(
         cluster.nodes.remove(third)
         status = cluster.wait_live(3)
         assert len([n for n in status["nodes"] if n["layers"]]) == 3
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_next"])
+def test_a_killed_stage_of_a_latent_or_recurrent_model_is_replayed_around_exactly(
+    tmp_path: pytest.TempPathFactory, family: str
+):  # fmt: skip
+    """DeepSeek's latent caches and Qwen3-Next's recurrent DeltaNet states (which no pass
+    may rewind) are rebuilt in the next plan from the requester's history, as keys and
+    values are: the tokens are those of an uninterrupted local run. Tiny random models,
+    long enough (900 tokens) that the kill lands mid-generation."""
+    model = str(with_tokenizer(family, tmp_path / family, max_position_embeddings=1024))
+    longer = ("--max-tokens", "900")
+    want = local("--model", model, *longer)
+    cluster = Cluster(tmp_path / "ring", 3, ["--model", model, *EXACT_RING])
+    try:
+        nodes = cluster.nodes[0].status()["nodes"]
+        stages = sorted((n["layers"][0], n["name"]) for n in nodes if n["layers"])
+        assert len(stages) >= 2, nodes
+        by_name = {d.name: d for d in cluster.nodes}
+        first, second = by_name[stages[0][1]], by_name[stages[1][1]]
+        result = kill_at_token_50(first, second, *longer)
+        assert result["tokens"] == want
+        [replay] = result["replays"]
+        assert second.name in replay["why"] and replay["at_token"] < 900, replay
     finally:
         cluster.stop()
