@@ -90,11 +90,23 @@ def o200k_pattern() -> str:
         return openai_public.o200k_base()["pat_str"]
 
 
-def test_gguf_gpt4o_pre_tokenizer_equals_tiktoken(tmp_path):  # noqa: ANN001
-    """gpt-oss's GGUF tokenizer (pre "gpt-4o"): a byte-level vocabulary with a few merges,
-    written as llama.cpp's converter writes one, encodes as tiktoken does with the same
-    ranks and o200k's own pattern: its splits (contractions in any case, digits in threes,
-    punctuation runs with their newlines) and whole pre-tokens taken before merging."""
+# Kimi K2's pattern as its tokenization_kimi.py gives it to tiktoken.
+KIMI_K2 = "|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""",
+    r"""\s+""",
+])  # fmt: skip
+
+
+@pytest.mark.parametrize("pre", ["gpt-4o", "kimi-k2"])
+def test_gguf_tiktoken_pre_tokenizers_equal_tiktoken(tmp_path, pre):  # noqa: ANN001
+    """gpt-oss's GGUF tokenizer (pre "gpt-4o") and Kimi K2's ("kimi-k2"): a byte-level
+    vocabulary with a few merges, written as llama.cpp's converter writes one, encodes as
+    tiktoken does with the same ranks and the model's own pattern: its splits (contractions
+    in any case, digits in threes, punctuation runs with their newlines; K2: Han runs apart
+    from other letters) and whole pre-tokens taken before merging."""
     import gguf
     import tiktoken
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -111,10 +123,10 @@ def test_gguf_gpt4o_pre_tokenizer_equals_tiktoken(tmp_path):  # noqa: ANN001
     merges = [f"{text(a)} {text(t[len(a):])}" for t in merged if t != b"xyz"
               for a in [max((p for p in ranks if t.startswith(p) and p != t
                              and t[len(p):] in ranks), key=len)]]  # fmt: skip
-    path = tmp_path / "o200k.gguf"
+    path = tmp_path / f"{pre}.gguf"
     w = gguf.GGUFWriter(path, "gpt-oss")
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-4o")
+    w.add_tokenizer_pre(pre)
     w.add_token_list([text(t) for t in tokens])
     w.add_token_types([1] * len(tokens))
     w.add_token_merges(merges)
@@ -125,10 +137,12 @@ def test_gguf_gpt4o_pre_tokenizer_equals_tiktoken(tmp_path):  # noqa: ANN001
     from node.engine.gguf_file import GGUFFile
 
     ours = Tokenizer.from_gguf(GGUFFile(path).metadata, path)
-    theirs = tiktoken.Encoding("o200k-test", pat_str=o200k_pattern(), mergeable_ranks=ranks,
+    pattern = o200k_pattern() if pre == "gpt-4o" else KIMI_K2
+    theirs = tiktoken.Encoding(f"{pre}-test", pat_str=pattern, mergeable_ranks=ranks,
                                special_tokens={})  # fmt: skip
     samples = ["The theing 1234567 it's IT'S Xyz xyz", "xyz the thing!!\n\nwow/ ok",
-               "  café   12\r\nDON'T don'T 99 bottles", "naïve Ünïcödé 日本 🤖!\n"]
+               "  café   12\r\nDON'T don'T 99 bottles", "naïve Ünïcödé 日本 🤖!\n",
+               "the中文thing IT'S日本語xyz かなカナ 한국어the\n\n 123456"]
     for sample in samples:
         assert ours.encode(sample, add_special=False) == theirs.encode(sample), sample
 

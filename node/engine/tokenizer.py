@@ -55,6 +55,21 @@ def too_many_bytes(texts: Iterable[str], context: int) -> str | None:
             f"can hold ({most} bytes at most)")  # fmt: skip
 
 
+# Kimi K2's (llama.cpp's "kimi-k2", the pattern of its tokenization_kimi.py): a run of Han
+# characters alone, then o200k's words with Han taken out of their letter classes.
+_NOT_HAN = "&&[^\\p{Han}]"
+_KIMI_K2_PAT = "|".join([
+    r"[\p{Han}]+",
+    rf"[^\r\n\p{{L}}\p{{N}}]?[\p{{Lu}}\p{{Lt}}\p{{Lm}}\p{{Lo}}\p{{M}}{_NOT_HAN}]*"
+    rf"[\p{{Ll}}\p{{Lm}}\p{{Lo}}\p{{M}}{_NOT_HAN}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    rf"[^\r\n\p{{L}}\p{{N}}]?[\p{{Lu}}\p{{Lt}}\p{{Lm}}\p{{Lo}}\p{{M}}{_NOT_HAN}]+"
+    rf"[\p{{Ll}}\p{{Lm}}\p{{Lo}}\p{{M}}{_NOT_HAN}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
 # DeepSeek V3's (llama.cpp's "deepseek-v3"): digits by threes, CJK runs, then words.
 _DEEPSEEK3_PATS = [
     r"\p{N}{1,3}",
@@ -76,9 +91,10 @@ _GGUF_PRE = {
     ],
     "gpt-4o": [_O200K_PAT],
     "deepseek-v3": _DEEPSEEK3_PATS,
+    "kimi-k2": [_KIMI_K2_PAT],
 }
 # Vocabularies made by tiktoken take a pre-token that is itself a token whole, before merging.
-_WHOLE_FIRST = ([_LLAMA3_PAT], [_O200K_PAT])
+_WHOLE_FIRST = ([_LLAMA3_PAT], [_O200K_PAT], [_KIMI_K2_PAT])
 # End-of-turn tokens that stop generation wherever a vocabulary has them (GGUF files often
 # name only one end token, and not always the one the chat template ends turns with), as
 # llama.cpp's end-of-generation list. Not "</s>": Gemma's vocabulary has it as an ordinary
@@ -197,6 +213,9 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         file = path / "tokenizer.json"
+        if not file.exists() and (path / "tiktoken.model").exists():  # Kimi K2's own code
+            raise RinginferError(f"{path} has a tiktoken tokenizer (tiktoken.model) that runs "
+                                 "as its own Python code; use the model's GGUF file")  # fmt: skip
         if not file.exists():
             raise RinginferError(f"no tokenizer.json in {path}")
         try:
