@@ -3,18 +3,24 @@ objects the API answers with (completions, stream chunks, errors). Pure: the ser
 node/cluster/api.py.
 
 Fields are checked as OpenAI checks them: unknown ones are ignored, known ones of the wrong
-type are a 400 naming the field, and features we do not have (n > 1, tools, logprobs) are
-a 400 that says so rather than being silently dropped.
+type are a 400 naming the field, and features we do not have (n > 1, logprobs) are a 400
+that says so rather than being silently dropped.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_TOOLS = 128  # as OpenAI's API: the tools of one request
+MAX_TOOLS_CHARS = 2**20  # their JSON, all together: the prompt's length bounds it anyway
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+TOOL_CHOICES = ("none", "auto", "required")
 MAX_STOPS = 4
 MAX_STOP_CHARS = 1000  # a stop string is matched against the reply at every token
 MAX_ERROR_CHARS = 1000  # an error's message: short, whatever value it quotes
@@ -65,6 +71,14 @@ class CompletionRequest:
     ignore_eos: bool = False  # llama.cpp's extension: generate max_tokens whatever comes
     # vLLM's and llama.cpp's: variables for the chat template (checked where it is rendered)
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] = field(default_factory=list)  # chat: OpenAI's tool objects
+    tool_choice: str = "auto"  # none, auto, required, or the one function's name to call
+    parallel_tool_calls: bool = True
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The function a reply must call (tool_choice names one), else None."""
+        return None if self.tool_choice in TOOL_CHOICES else self.tool_choice
 
 
 def parse_request(body: Any, chat: bool) -> CompletionRequest:
@@ -76,6 +90,10 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     if chat:
         req.messages = _messages(body.get("messages"))
         req.template_kwargs = get.typed("chat_template_kwargs", dict) or {}
+        req.tools = _tools(get.typed("tools", list) or [])
+        req.tool_choice = _tool_choice(body.get("tool_choice"), req.tools)
+        parallel = get.typed("parallel_tool_calls", bool)
+        req.parallel_tool_calls = True if parallel is None else parallel
     else:
         req.prompt = _prompt(body.get("prompt"))
     n = get.integer("n", low=1)
@@ -106,8 +124,8 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     logprobs = body.get("logprobs") if not chat else get.typed("logprobs", bool)
     if logprobs or get.integer("top_logprobs"):
         raise APIError(400, "logprobs are not supported", param="logprobs")
-    if get.typed("tools", list):
-        raise APIError(400, "tools are not supported", param="tools")
+    if not chat and body.get("tools") is not None:
+        raise APIError(400, "tools are for /v1/chat/completions", param="tools")
     if get.integer("best_of", low=1) not in (None, 1):
         raise APIError(400, "best_of: only 1 is supported", param="best_of")
     if get.typed("echo", bool):
@@ -159,7 +177,7 @@ def _json_type(value: Any) -> str:
     return _JSON_NAMES.get(type(value), "null")
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise APIError(400, "messages must be a non-empty array", param="messages")
     if len(value) > MAX_MESSAGES:
@@ -179,9 +197,97 @@ def _messages(value: Any) -> list[dict[str, str]]:
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _text(content, f"{where}.content")})  # fmt: skip
+        message = {"role": "system" if role == "developer" else role,
+                   "content": _text(content, f"{where}.content")}  # fmt: skip
+        if role == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = _calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise APIError(400, f"{where}.tool_call_id must be a string",
+                               param=f"{where}.tool_call_id")  # fmt: skip
+            message["tool_call_id"] = call_id
+            if isinstance(m.get("name"), str):
+                message["name"] = m["name"]
+        out.append(message)
     return out
+
+
+def _calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls, their arguments parsed to an object (as
+    chat templates render them)."""
+    if not isinstance(value, list):
+        raise APIError(400, f"{where} must be an array", param=where)
+    out = []
+    for i, c in enumerate(value):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"{where}[{i}] must be a function call with a name",
+                           param=f"{where}[{i}]")  # fmt: skip
+        args = fn.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            raise APIError(400, f"{where}[{i}].function.arguments is not JSON",
+                           param=f"{where}[{i}].function.arguments") from None  # fmt: skip
+        if not isinstance(args, dict):
+            raise APIError(400, f"{where}[{i}].function.arguments must be a JSON object",
+                           param=f"{where}[{i}].function.arguments")  # fmt: skip
+        out.append({"id": str(c.get("id", "")), "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})  # fmt: skip
+    return out
+
+
+def _tools(value: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI's tool objects: functions with a name, a description and a JSON schema."""
+    if len(value) > MAX_TOOLS:
+        raise APIError(400, f"tools: at most {MAX_TOOLS}, got {len(value)}", param="tools")
+    if len(json.dumps(value)) > MAX_TOOLS_CHARS:
+        raise APIError(400, f"tools: over {MAX_TOOLS_CHARS} characters of JSON", param="tools")
+    out, names = [], set()
+    for i, t in enumerate(value):
+        where = f"tools[{i}]"
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict):
+            raise APIError(400, f"{where} must be {{'type': 'function', 'function': {{...}}}}",
+                           param=where)  # fmt: skip
+        name = fn.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise APIError(400, f"{where}.function.name must be 1-64 letters, digits, '_', "
+                           "'.' or '-'", param=f"{where}.function.name")  # fmt: skip
+        if name in names:
+            raise APIError(400, f"{where}: a second tool named {name!r}", param=where)
+        names.add(name)
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise APIError(400, f"{where}.function.parameters must be a JSON schema object",
+                           param=f"{where}.function.parameters")  # fmt: skip
+        if not isinstance(fn.get("description", ""), str):
+            raise APIError(400, f"{where}.function.description must be a string",
+                           param=f"{where}.function.description")  # fmt: skip
+        out.append(t)  # as sent: templates write it as JSON, in the client's own order
+    return out
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]]) -> str:
+    """none, auto, required, or the name of the one function to call."""
+    if value is None:
+        return "auto" if tools else "none"
+    if isinstance(value, str) and value in TOOL_CHOICES:
+        name = None if value == "none" or tools else value
+    elif isinstance(value, dict) and isinstance(value.get("function"), dict):
+        name = value["function"].get("name")
+        if name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools",
+                           param="tool_choice")  # fmt: skip
+        return name
+    else:
+        raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or "
+                       "{'type': 'function', 'function': {'name': ...}}",
+                       param="tool_choice")  # fmt: skip
+    if name is not None:
+        raise APIError(400, f"tool_choice is {value!r} but the request has no tools",
+                       param="tool_choice")  # fmt: skip
+    return value
 
 
 def _text(content: Any, where: str) -> str:
@@ -243,14 +349,20 @@ class Answer:
                 "choices": choices, **extra}  # fmt: skip
 
     def whole(
-        self, text: str, finish_reason: str, usage: dict[str, int], reasoning: str = ""
-    ) -> dict[str, Any]:
+        self, text: str, finish_reason: str, usage: dict[str, int], reasoning: str = "",
+        calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """The answer of a request that did not stream; a chat's thought, if it had one, in
-        `reasoning_content` beside the answer (as vLLM and llama.cpp answer)."""
+        `reasoning_content` beside the answer (as vLLM and llama.cpp answer), and its tool
+        `calls` (OpenAI's objects: then the content is null if empty)."""
         if self.chat:
-            message = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant",
+                                       "content": None if calls and not text else text}
             if reasoning:
                 message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+                finish_reason = "tool_calls"
             choice = {"index": 0, "message": message, "logprobs": None,
                       "finish_reason": finish_reason}  # fmt: skip
             return self._object("chat.completion", [choice], usage=usage)
@@ -275,6 +387,13 @@ class Answer:
         choice = {"index": 0, "text": text or "", "logprobs": None,
                   "finish_reason": finish_reason}  # fmt: skip
         return self._object("text_completion", [choice], **extra)
+
+    def call_chunk(self, index: int, call: dict[str, Any], usage: bool = False) -> dict[str, Any]:
+        """A streamed tool call, whole: its id, name and arguments in one delta."""
+        choice = {"index": 0, "delta": {"tool_calls": [{"index": index, **call}]},
+                  "logprobs": None, "finish_reason": None}  # fmt: skip
+        return self._object("chat.completion.chunk", [choice],
+                            **({"usage": None} if usage else {}))  # fmt: skip
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         """The last event of a stream that asked for usage: no choices."""

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
+from node.engine.tool_calls import HERMES, forced_start, prepared
 from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster, Daemon, free_port, seed_capabilities
 
@@ -144,7 +145,19 @@ BAD = [  # (what, path, body or raw bytes, expected status)
     ("bad JSON", "/v1/chat/completions", b'{"messages": [', 400),
     ("not an object", "/v1/chat/completions", [1, 2], 400),
     ("no messages", "/v1/chat/completions", {"model": MODEL}, 400),
-    ("a role we lack", "/v1/chat/completions", {**CHAT, "messages": [{"role": "tool"}]}, 400),
+    ("a role we lack", "/v1/chat/completions", {**CHAT, "messages": [{"role": "robot"}]}, 400),
+    ("a tool message with nothing", "/v1/chat/completions",
+     {**CHAT, "messages": [{"role": "tool"}]}, 400),
+    ("a tool without a name", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "function", "function": {}}]}, 400),
+    ("a tool's parameters not a schema", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, 400),
+    ("129 tools", "/v1/chat/completions", {**CHAT, "tools": [
+        {"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, 400),
+    ("tool_choice naming no tool", "/v1/chat/completions", {**CHAT, "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}, 400),
+    ("tools on completions", "/v1/completions", {"prompt": "a", "tools": []}, 400),
     ("temperature as text", "/v1/chat/completions", {**CHAT, "temperature": "hot"}, 400),
     ("n=2", "/v1/chat/completions", {**CHAT, "n": 2}, 400),
     ("negative max_tokens", "/v1/chat/completions", {**CHAT, "max_tokens": -5}, 400),
@@ -277,3 +290,97 @@ def test_the_api_refuses_to_start_unsafe_or_on_a_taken_port(tmp_path: Path):
             assert proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
     finally:
         taken.close()
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}  # fmt: skip
+ABOUT_PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def local_reply(messages: list[dict], start: str = "", tokens: int = 48) -> tuple:
+    """The oracle: the default model in this process (`generate --local`'s engine), greedy
+    from the same prompt: the tools offered as the API offers them (prepared), the forced
+    call's start after it. Its (answer, [(name, arguments)]) as our parser reads them."""
+    from node.engine.local import LocalPipeline, generate
+    from node.engine.reasoning import PLAIN, split_calls
+    from node.engine.sampling import SamplingParams
+    from node.engine.weights import open_checkpoint
+
+    ckpt = open_checkpoint(None)
+    tok = ckpt.tokenizer()
+    chat, offered = prepared(messages, [WEATHER], tok.chat_template)
+    prompt = tok.encode_chat(chat, None, offered)
+    prompt += tok.encode(start, add_special=False) if start else []
+    params = SamplingParams(temperature=0.0)
+    pipeline = LocalPipeline(ckpt, quantize="auto")
+    out = []
+    for t in generate(pipeline.session(len(prompt) + tokens, params), prompt, tokens, params,
+                      tok.stop_ids):  # fmt: skip
+        if t in tok.stop_ids:
+            break
+        out.append(t)
+    _, answer, calls = split_calls(PLAIN, start + tok.decode(out), HERMES)
+    return answer, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def calls_of(message: object) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments))
+            for c in message.tool_calls or []]  # fmt: skip
+
+
+def streamed_calls(chunks: list) -> tuple[str, list[tuple[str, dict]], str]:
+    """(content, calls, finish reason) of a stream, its tool-call deltas put together."""
+    text, calls, finish = "", {}, None
+    for ch in chunks:
+        delta = ch.choices[0].delta
+        text += delta.content or ""
+        for d in delta.tool_calls or []:
+            entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            entry["name"] += (d.function.name or "") if d.function else ""
+            entry["arguments"] += (d.function.arguments or "") if d.function else ""
+            assert d.id is None or d.id.startswith("call_")
+        finish = ch.choices[0].finish_reason or finish
+    return text, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], finish
+
+
+def test_a_named_tool_choice_is_called_streamed_or_not_as_local(cluster):  # noqa: ANN001
+    """SmolLM2's template has no tools: they reach the model in Qwen's system prompt, the
+    reply is made to begin the named call, and the call is read back out of it."""
+    want = local_reply(ABOUT_PARIS, forced_start(HERMES, "get_weather"))
+    assert want[1] and want[1][0][0] == "get_weather"
+    c = client(cluster.nodes[0])
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    whole = ask(c, ABOUT_PARIS[0]["content"], tools=[WEATHER], tool_choice=choice,
+                temperature=0, max_tokens=48)  # fmt: skip
+    answer = whole.choices[0]
+    assert answer.finish_reason == "tool_calls"
+    assert (answer.message.content or "", calls_of(answer.message)) == want
+    assert answer.message.tool_calls[0].id.startswith("call_")
+    chunks = list(ask(c, ABOUT_PARIS[0]["content"], tools=[WEATHER], tool_choice=choice,
+                      temperature=0, max_tokens=48, stream=True))  # fmt: skip
+    assert streamed_calls(chunks) == (*want, "tool_calls")
+
+
+def test_a_tool_result_turn_and_tool_choice_none_answer_as_local(cluster, expected):  # noqa: ANN001
+    """A conversation holding a call and its result (as the openai client sends them back)
+    is answered as the same conversation is locally; tools with tool_choice none are not
+    offered at all: the plain chat's answer."""
+    c = client(cluster.nodes[1])
+    turn = [*ABOUT_PARIS,
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 C"}]  # fmt: skip
+    whole = c.chat.completions.create(model=MODEL, messages=turn, tools=[WEATHER],
+                                      temperature=0, max_tokens=48)  # fmt: skip
+    parsed = [{**m, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris"}}}]} if m.get("tool_calls") else m
+        for m in turn]  # fmt: skip
+    answer, calls = local_reply([{**m, "content": m["content"] or ""} for m in parsed])
+    assert (whole.choices[0].message.content or "", calls_of(whole.choices[0].message)) == (
+        answer, calls)
+    plain = ask(c, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=48)
+    assert plain.choices[0].message.content == expected[QUESTION]["text"]
+    assert plain.choices[0].message.tool_calls is None

@@ -36,9 +36,10 @@ from aiohttp import web
 from discovery.interfaces import is_loopback
 from node.cluster.status import status
 from node.engine.local import PromptTooLong
-from node.engine.reasoning import PLAIN, REASONING, ReplySplitter, reply_format, split_reply
+from node.engine.reasoning import PLAIN, REASONING, ReplySplitter, reply_format, split_calls
 from node.engine.sampling import SamplingParams
 from node.engine.tokenizer import BadTemplateVariables, too_many_bytes
+from node.engine.tool_calls import CALL, call_format, forced_start, prepared
 from node.errors import RinginferError
 from protocol.openai import (
     Answer,
@@ -413,8 +414,14 @@ class API:
         ask = await loop.run_in_executor(self.parsing, _parse, raw, chat, self.context)
         self._check_model(ask.model)
         self._check_live()
-        prompt = await loop.run_in_executor(self.tokenizing, self._tokens, ask)
-        reply = reply_format(self.daemon.tokenizer, prompt) if chat else PLAIN
+        prompt, start = await loop.run_in_executor(self.tokenizing, self._tokens, ask)
+        tokenizer = self.daemon.tokenizer
+        reply = reply_format(tokenizer, prompt) if chat else PLAIN
+        calls = None
+        if ask.tools and ask.tool_choice != "none":
+            calls = call_format(tokenizer.chat_template, tokenizer.harmony)
+            prompt = prompt + tokenizer.encode(start, add_special=False) if start else prompt
+        shape = Reply(reply, calls, start, ask.parallel_tool_calls)
         queue: asyncio.Queue[Message] = asyncio.Queue()
         params = SamplingParams(ask.temperature, ask.top_k, ask.top_p, ask.seed)
         try:
@@ -438,31 +445,38 @@ class API:
                 first = await queue.get()
                 if first.kind == Kind.ERROR:
                     raise _ring_error(first)
-                return await self._stream(request, ask, answer, first, queue, len(prompt), reply)
-            return await self._whole(answer, queue, len(prompt), reply)
+                return await self._stream(request, ask, answer, first, queue, len(prompt), shape)
+            return await self._whole(answer, queue, len(prompt), shape)
         finally:
             if not task.done():  # the client went away: every stage frees the request
                 task.cancel()
 
-    def _tokens(self, ask: CompletionRequest) -> list[int]:
+    def _tokens(self, ask: CompletionRequest) -> tuple[list[int], str]:
         """The prompt's tokens, in a worker thread: the chat template's rendering and the
-        tokenizer's work (~1 s a MiB) never hold up the event loop."""
+        tokenizer's work (~1 s a MiB) never hold up the event loop. With tools, also the
+        text a forced call begins with (tool_choice), to come after the prompt."""
         tokenizer = self.daemon.tokenizer
         if ask.chat and not tokenizer.chat_template:
             raise APIError(400, "this model has no chat template: use /v1/completions")
+        tools = ask.tools if ask.tool_choice != "none" else []
+        start = ""
+        if tools and ask.tool_choice != "auto":
+            fmt = call_format(tokenizer.chat_template, tokenizer.harmony)
+            start = forced_start(fmt, ask.forced_tool)
         try:
             if ask.chat:
-                prompt = tokenizer.encode_chat(ask.messages, ask.template_kwargs)
+                messages, offered = prepared(ask.messages, tools, tokenizer.chat_template)
+                prompt = tokenizer.encode_chat(messages, ask.template_kwargs, offered)
             else:
                 prompt = tokenizer.encode(ask.prompt)
         except BadTemplateVariables as e:
             raise APIError(400, str(e), param="chat_template_kwargs") from None
         except RinginferError as e:
             raise APIError(400, str(e)) from None
-        return prompt
+        return prompt, start
 
     async def _whole(
-        self, answer: Answer, queue: asyncio.Queue[Message], prompt_tokens: int, reply: str
+        self, answer: Answer, queue: asyncio.Queue[Message], prompt_tokens: int, shape: Reply
     ) -> web.Response:
         while True:
             msg = await queue.get()
@@ -471,28 +485,40 @@ class API:
             if msg.kind == Kind.DONE:
                 result = msg.body["result"]
                 use = usage(prompt_tokens, len(result["tokens"]))
-                thought, text = split_reply(reply, result["text"])
-                return web.json_response(answer.whole(text, result["finish_reason"], use, thought))
+                thought, text, calls = split_calls(shape.fmt, shape.start + result["text"],
+                                                   shape.calls)  # fmt: skip
+                calls = calls[: None if shape.parallel else 1]
+                return web.json_response(answer.whole(
+                    text, result["finish_reason"], use, thought, [c.to_openai() for c in calls]))
 
     async def _stream(
         self, request: web.Request, ask: CompletionRequest, answer: Answer, first: Message,
-        queue: asyncio.Queue[Message], prompt_tokens: int, reply: str,
+        queue: asyncio.Queue[Message], prompt_tokens: int, shape: Reply,
     ) -> web.StreamResponse:  # fmt: skip
         """Server-sent events of a reply: its thought's deltas (reasoning_content), then its
-        answer's (content), told apart as its format (`reply`) writes them."""
+        answer's (content) and tool calls, told apart as its format (`shape`) writes them."""
         response = await _event_stream(request)
-        splitter = ReplySplitter(reply)
+        splitter = ReplySplitter(shape.fmt, shape.calls)
+        called: list[str] = []  # the calls' ids, in order
 
         async def send(obj: dict[str, Any]) -> None:
             await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
-        async def send_parts(parts: list[tuple[str, str]]) -> None:
-            for kind, text in parts:
-                await send(answer.chunk(text, usage=ask.include_usage, reasoning=kind == REASONING))
+        async def send_parts(parts: list[tuple[str, Any]]) -> None:
+            for kind, part in parts:
+                if kind != CALL:
+                    await send(answer.chunk(part, usage=ask.include_usage,
+                                            reasoning=kind == REASONING))  # fmt: skip
+                elif shape.parallel or not called:
+                    await send(answer.call_chunk(len(called), part.to_openai(),
+                                                 ask.include_usage))  # fmt: skip
+                    called.append(part.id)
 
         try:
             if ask.chat:  # OpenAI's first chat chunk says who speaks
                 await send(answer.chunk("", usage=ask.include_usage, first=True))
+            if shape.start:
+                await send_parts(splitter.push(shape.start))
             msg = first
             while True:
                 if msg.kind == Kind.TOKEN and msg.body["text"]:
@@ -506,7 +532,8 @@ class API:
                 elif msg.kind == Kind.DONE:
                     result = msg.body["result"]
                     await send_parts(splitter.flush())
-                    await send(answer.chunk(None, result["finish_reason"], ask.include_usage))
+                    finish = "tool_calls" if called else result["finish_reason"]
+                    await send(answer.chunk(None, finish, ask.include_usage))
                     if ask.include_usage:
                         use = usage(prompt_tokens, len(result["tokens"]))
                         await send(answer.usage_chunk(use))
@@ -516,6 +543,17 @@ class API:
         except ConnectionResetError:
             raise asyncio.CancelledError from None  # the client went away mid-stream
         return response
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How a chat reply is written: its reasoning format, its tool calls' format (None: no
+    tools offered), the text it was made to begin with, whether several calls may stand."""
+
+    fmt: str
+    calls: str | None = None
+    start: str = ""
+    parallel: bool = True
 
 
 async def _read_body(request: web.Request) -> bytes:

@@ -163,16 +163,19 @@ class Tokenizer:
         return self.encode_chat([{"role": "user", "content": text}], variables)
 
     def encode_chat(
-        self, messages: list[dict[str, str]], variables: Mapping[str, Any] | None = None
-    ) -> list[int]:
+        self, messages: list[dict[str, Any]], variables: Mapping[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:  # fmt: skip
         """A conversation (role and content per turn) through the model's chat template,
         ready for the assistant's next reply. `variables` (a request's chat_template_kwargs,
-        e.g. Qwen3's enable_thinking) are checked with `template_variables`."""
+        e.g. Qwen3's enable_thinking) are checked with `template_variables`. `tools`:
+        OpenAI's tool objects, as transformers hands them to templates."""
         extra, template = template_variables(variables), self._template
         try:
             text = template.render(
                 **extra,
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=True,
                 bos_token=self.bos or "",
                 eos_token=self.eos or "",
