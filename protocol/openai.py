@@ -85,12 +85,12 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     """A request body (parsed JSON) as a CompletionRequest, or an APIError(400)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    get = _Fields(body)
+    get = Fields(body)
     req = CompletionRequest(chat=chat, model=get.typed("model", str))
     if chat:
         req.messages = _messages(body.get("messages"))
         req.template_kwargs = get.typed("chat_template_kwargs", dict) or {}
-        req.tools = _tools(get.typed("tools", list) or [])
+        req.tools = parse_tools(get.typed("tools", list) or [])
         req.tool_choice = _tool_choice(body.get("tool_choice"), req.tools)
         parallel = get.typed("parallel_tool_calls", bool)
         req.parallel_tool_calls = True if parallel is None else parallel
@@ -112,7 +112,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
         req.temperature = 0.0
     req.top_k = get.integer("top_k", low=0, high=MAX_TOKENS) or 0
     req.seed = get.integer("seed", *SEEDS)
-    req.stop = _stops(body.get("stop"))
+    req.stop = parse_stops(body.get("stop"))
     req.stream = bool(get.typed("stream", bool))
     options = get.typed("stream_options", dict) or {}
     include = options.get("include_usage")
@@ -135,7 +135,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     return req
 
 
-class _Fields:
+class Fields:
     """Typed reads of optional fields: absent or null is None, a wrong type a 400."""
 
     def __init__(self, body: dict[str, Any]) -> None:
@@ -238,7 +238,7 @@ def _calls(value: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(value: list[Any]) -> list[dict[str, Any]]:
+def parse_tools(value: list[Any]) -> list[dict[str, Any]]:
     """OpenAI's tool objects: functions with a name, a description and a JSON schema."""
     if len(value) > MAX_TOOLS:
         raise APIError(400, f"tools: at most {MAX_TOOLS}, got {len(value)}", param="tools")
@@ -314,7 +314,7 @@ def _prompt(value: Any) -> str:
     return value
 
 
-def _stops(value: Any) -> list[str]:
+def parse_stops(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):

@@ -299,7 +299,8 @@ WEATHER = {"type": "function", "function": {
 ABOUT_PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def local_reply(messages: list[dict], start: str = "", tokens: int = 48) -> tuple:
+def local_reply(messages: list[dict], start: str = "", tokens: int = 48,
+                tools: tuple = (WEATHER,)) -> tuple:  # fmt: skip
     """The oracle: the default model in this process (`generate --local`'s engine), greedy
     from the same prompt: the tools offered as the API offers them (prepared), the forced
     call's start after it. Its (answer, [(name, arguments)]) as our parser reads them."""
@@ -310,7 +311,7 @@ def local_reply(messages: list[dict], start: str = "", tokens: int = 48) -> tupl
 
     ckpt = open_checkpoint(None)
     tok = ckpt.tokenizer()
-    chat, offered = prepared(messages, [WEATHER], tok.chat_template)
+    chat, offered = prepared(messages, list(tools), tok.chat_template)
     prompt = tok.encode_chat(chat, None, offered)
     prompt += tok.encode(start, add_special=False) if start else []
     params = SamplingParams(temperature=0.0)
@@ -384,3 +385,161 @@ def test_a_tool_result_turn_and_tool_choice_none_answer_as_local(cluster, expect
     plain = ask(c, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=48)
     assert plain.choices[0].message.content == expected[QUESTION]["text"]
     assert plain.choices[0].message.tool_calls is None
+
+
+def claude(node: Daemon, key: str = "unused") -> object:
+    import anthropic
+
+    return anthropic.Anthropic(base_url=node.api, api_key=key, max_retries=0, timeout=120)
+
+
+GREEDY = {"temperature": 0}  # the 2026 client has no sampling arguments of its own
+CLAUDE_WEATHER = {"name": "get_weather", "description": "The weather in a city",
+                  "input_schema": WEATHER["function"]["parameters"]}  # fmt: skip
+
+
+def test_anthropic_messages_greedy_equal_local_streamed_or_not(cluster, expected):  # noqa: ANN001
+    """The official `anthropic` client (x-api-key on the keyed node) asking under a Claude
+    model name, as Claude Code does: the served model answers, as --local does."""
+    want = expected[QUESTION]
+    c = claude(cluster.nodes[2], KEY)
+    kw = dict(model="claude-sonnet-4-5", max_tokens=48, extra_body=GREEDY,
+              messages=[{"role": "user", "content": QUESTION}])  # fmt: skip
+    whole = c.messages.create(**kw)
+    assert [b.type for b in whole.content] == ["text"] and whole.content[0].text == want["text"]
+    assert (whole.role, whole.model, whole.stop_reason) == ("assistant", MODEL, "end_turn")
+    assert whole.usage.input_tokens == want["prompt_tokens"]
+    assert whole.usage.output_tokens == len(want["tokens"])
+    events = list(c.messages.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(kinds[2:-3]) == {"content_block_delta"}
+    assert "".join(e.delta.text for e in events[2:-3]) == want["text"]
+    assert events[-2].delta.stop_reason == "end_turn"
+    assert events[-2].usage.output_tokens == len(want["tokens"])
+    with c.messages.stream(**kw) as s:  # the client's own accumulation of the events
+        assert s.get_final_message().content[0].text == want["text"]
+    assert c.messages.count_tokens(model="claude-sonnet-4-5", messages=kw["messages"]
+                                   ).input_tokens == want["prompt_tokens"]  # fmt: skip
+
+
+def test_anthropic_stop_sequences_and_errors(cluster, expected):  # noqa: ANN001
+    import anthropic
+
+    c = claude(cluster.nodes[0])
+    cut = c.messages.create(model=MODEL, max_tokens=48, extra_body=GREEDY,
+                            stop_sequences=["Paris"],
+                            messages=[{"role": "user", "content": QUESTION}])  # fmt: skip
+    assert cut.content[0].text == expected[QUESTION]["text"].partition("Paris")[0]
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", "Paris")
+    status, body, _ = post(cluster.nodes[0].api + "/v1/messages", {  # the client needs it
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and body["type"] == "error" and "max_tokens" in body["error"]["message"]
+    bad = [dict(max_tokens=8, messages=[{"role": "user", "content": [
+               {"type": "image", "source": {"type": "base64", "data": "AA=="}}]}]),
+           dict(max_tokens=8, messages=[{"role": "system", "content": "hi"}]),
+           dict(max_tokens=8, messages=[{"role": "user", "content": "hi"}],
+                tools=[CLAUDE_WEATHER], tool_choice={"type": "tool", "name": "nope"})]  # fmt: skip
+    for body in bad:
+        with pytest.raises(anthropic.BadRequestError) as e:
+            c.messages.create(model=MODEL, **body)
+        assert e.value.body["type"] == "error", body
+        assert e.value.body["error"]["type"] == "invalid_request_error", body
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        claude(cluster.nodes[2], "wrong-key-wrong-key").messages.create(
+            model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["error"]["type"] == "authentication_error"
+
+
+def test_anthropic_tool_use_round_trip_as_local(cluster):  # noqa: ANN001
+    """A forced tool_use (tool_choice tool) comes back as a tool_use block, streamed or not;
+    its tool_result sent back is answered as the same conversation is locally."""
+    want = local_reply(ABOUT_PARIS, forced_start(HERMES, "get_weather"))
+    c = claude(cluster.nodes[1])
+    kw = dict(model=MODEL, max_tokens=48, extra_body=GREEDY, tools=[CLAUDE_WEATHER],
+              tool_choice={"type": "tool", "name": "get_weather"}, messages=ABOUT_PARIS)
+    whole = c.messages.create(**kw)
+    [use] = [b for b in whole.content if b.type == "tool_use"]
+    text = "".join(b.text for b in whole.content if b.type == "text")
+    assert (text, [(use.name, use.input)]) == want and whole.stop_reason == "tool_use"
+    assert use.id.startswith("toolu_")
+    with c.messages.stream(**kw) as s:
+        final = s.get_final_message()
+    [streamed] = [b for b in final.content if b.type == "tool_use"]
+    assert (streamed.name, streamed.input) == (use.name, use.input)
+    assert final.stop_reason == "tool_use"
+    turn = [*ABOUT_PARIS, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": use.id, "name": use.name, "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                      "content": "Sunny, 24 C"}]}]  # fmt: skip
+    answer = c.messages.create(model=MODEL, max_tokens=48, extra_body=GREEDY,
+                               tools=[CLAUDE_WEATHER], messages=turn)  # fmt: skip
+    same = [*ABOUT_PARIS, {"role": "assistant", "content": "", "tool_calls": [{
+        "id": use.id, "type": "function", "function": {"name": use.name,
+                                                        "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": use.id, "content": "Sunny, 24 C"}]  # fmt: skip
+    text = "".join(b.text for b in answer.content if b.type == "text")
+    calls = [(b.name, b.input) for b in answer.content if b.type == "tool_use"]
+    assert (text, calls) == local_reply(same)
+
+
+def test_ollama_chat_generate_and_tags_through_the_ollama_client(cluster, expected):  # noqa: ANN001
+    """The official `ollama` client: chat streamed (its default) and not, generate (the
+    prompt through the chat template, as Ollama does; raw: as is), the model list and its
+    card; greedy answers equal --local's."""
+    import ollama
+
+    want = expected[QUESTION]
+    c = ollama.Client(host=cluster.nodes[0].api)
+    greedy = {"temperature": 0, "num_predict": 48}
+    messages = [{"role": "user", "content": QUESTION}]
+    whole = c.chat(model=MODEL, messages=messages, options=greedy, stream=False)
+    assert whole.message.content == want["text"] and whole.done_reason == "stop"
+    assert (whole.prompt_eval_count, whole.eval_count) == (want["prompt_tokens"],
+                                                          len(want["tokens"]))  # fmt: skip
+    parts = list(c.chat(model=f"{MODEL}:latest", messages=messages, options=greedy, stream=True))
+    assert "".join(p.message.content for p in parts) == want["text"]
+    assert [p.done for p in parts].count(True) == 1 and parts[-1].done
+    made = c.generate(model=MODEL, prompt=QUESTION, options=greedy)
+    assert made.response == want["text"]
+    raw = c.generate(model=MODEL, prompt=PROMPTS[0], raw=True,
+                     options={"temperature": 0, "num_predict": TOKENS})  # fmt: skip
+    assert raw.response == expected[PROMPTS[0]]["text"] and raw.done_reason == "length"
+    [listed] = c.list().models
+    assert listed.model == MODEL and listed.details.family == "llama" and listed.size > 0
+    card = c.show(MODEL)
+    assert card.details.family == "llama" and "im_start" in card.template
+    with pytest.raises(ollama.ResponseError) as e:
+        c.chat(model="llama3.2", messages=messages, stream=False)
+    assert e.value.status_code == 404 and "not served here" in e.value.error
+    status, version, _ = post(cluster.nodes[0].api + "/api/version", None, method="GET")
+    assert status == 200 and version["version"]
+
+
+def test_ollama_tool_calls_as_local(cluster):  # noqa: ANN001
+    import ollama
+
+    # The tool as the client writes it (its schema model puts "required" first): the
+    # prompt is then the same one as locally.
+    parameters = {"type": "object", "required": ["city"],
+                  "properties": {"city": {"type": "string"}}}  # fmt: skip
+    tool = {"type": "function", "function": {**WEATHER["function"], "parameters": parameters}}
+    want = local_reply(ABOUT_PARIS, tools=(tool,))  # auto: what the model does locally
+    c = ollama.Client(host=cluster.nodes[1].api)
+    whole = c.chat(model=MODEL, messages=ABOUT_PARIS, tools=[tool], stream=False,
+                   options={"temperature": 0, "num_predict": 48})  # fmt: skip
+    calls = [(t.function.name, dict(t.function.arguments)) for t in whole.message.tool_calls or []]
+    assert (whole.message.content, calls) == want
+    # A call and its result sent back in Ollama's own shapes (arguments an object, the
+    # result named by its tool): answered as the same conversation is locally.
+    turn = [*ABOUT_PARIS, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "Sunny, 24 C"}]  # fmt: skip
+    same = [*ABOUT_PARIS, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "", "type": "function", "function": {"name": "get_weather",
+                                                    "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "get_weather", "content": "Sunny, 24 C"}]  # fmt: skip
+    answer = c.chat(model=MODEL, messages=turn, tools=[tool], stream=False,
+                    options={"temperature": 0, "num_predict": 48})  # fmt: skip
+    assert (answer.message.content, []) == local_reply(same, tools=(tool,))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hmac
 import ipaddress
@@ -25,6 +26,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +38,19 @@ from aiohttp import web
 from discovery.interfaces import is_loopback
 from node.cluster.status import status
 from node.engine.local import PromptTooLong
-from node.engine.reasoning import PLAIN, REASONING, ReplySplitter, reply_format, split_calls
+from node.engine.reasoning import (
+    CONTENT,
+    PLAIN,
+    REASONING,
+    ReplySplitter,
+    reply_format,
+    split_calls,
+)
 from node.engine.sampling import SamplingParams
 from node.engine.tokenizer import BadTemplateVariables, too_many_bytes
 from node.engine.tool_calls import CALL, call_format, forced_start, prepared
 from node.errors import RinginferError
+from protocol import anthropic, ollama
 from protocol.openai import (
     Answer,
     APIError,
@@ -248,6 +258,13 @@ class API:
             web.get("/v1/models/{model:.+}", self.model),
             web.post("/v1/chat/completions", self.chat),
             web.post("/v1/completions", self.completions),
+            web.post("/v1/messages", self.messages),
+            web.post("/v1/messages/count_tokens", self.count_tokens),
+            web.get("/api/version", self.ollama_version),
+            web.get("/api/tags", self.ollama_tags),
+            web.post("/api/show", self.ollama_show),
+            web.post("/api/chat", self.ollama_chat),
+            web.post("/api/generate", self.ollama_generate),
             web.get("/v1/status", self.status),
             web.get("/v1/status/stream", self.status_stream),
         ])  # fmt: skip
@@ -275,28 +292,28 @@ class API:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Every failure as OpenAI's error JSON; what a browser lets any page send refused
-        first, then a key checked on the API's routes."""
+        """Every failure as OpenAI's error JSON (Anthropic's on its routes); what a browser
+        lets any page send refused first, then a key checked on the API's routes."""
         began = time.perf_counter()
         try:
             self._guard(request)
-            if request.path.startswith("/v1/"):
+            if request.path.startswith(("/v1/", "/api/")):
                 self._authorize(request)
             if request.method == "POST" and request.content_type != "application/json":
                 why = f"the body must be application/json, not {request.content_type[:80]}"
                 raise APIError(415, why, code="unsupported_media_type")
             response = await handler(request)
         except APIError as e:
-            response = _error_response(e)
+            response = _error_response(e, request.path)
         except web.HTTPException as e:  # aiohttp's own: no such route, method, body too big
             if e.status < 400:
                 raise
             e = APIError(e.status, _http_reason(e), "invalid_request_error" if e.status < 500
                          else "server_error")  # fmt: skip
-            response = _error_response(e)
+            response = _error_response(e, request.path)
         except Exception as e:
             log.exception("API: internal error in %s %s", request.method, request.path)
-            response = _error_response(APIError(500, _internal(e), "server_error"))
+            response = _error_response(APIError(500, _internal(e), "server_error"), request.path)
         if request.path != "/v1/status/stream":
             log.info("API: %s %s %d in %.3fs", request.method, request.path, response.status,
                      time.perf_counter() - began)  # fmt: skip
@@ -331,8 +348,11 @@ class API:
                            headers={"Retry-After": str(math.ceil(wait))})  # fmt: skip
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            why = "no API key: send 'Authorization: Bearer KEY' (the daemon's --api-key-file)"
+        if scheme.lower() != "bearer" or not given:  # Anthropic's clients send x-api-key
+            scheme, given = "bearer", request.headers.get("x-api-key", "")
+        if not given:
+            why = ("no API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY' (the "
+                   "daemon's --api-key-file)")  # fmt: skip
             raise APIError(401, why, "authentication_error", "missing_api_key")
         if not hmac.compare_digest(given.strip().encode(), key.encode()):
             self.backoff.failed(who, now)
@@ -411,12 +431,81 @@ class API:
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
         raw = await _read_body(request)
         loop = asyncio.get_running_loop()
-        ask = await loop.run_in_executor(self.parsing, _parse, raw, chat, self.context)
+        read = functools.partial(parse_request, chat=chat)
+        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context, read)
         self._check_model(ask.model)
+        return await self._serve(request, ask, OPENAI)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API. Any model name is taken (Claude Code asks for its own
+        by default): the answer names the model served."""
+        raw = await _read_body(request)
+        loop = asyncio.get_running_loop()
+        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context,
+                                         anthropic.parse_messages)  # fmt: skip
+        return await self._serve(request, ask, ANTHROPIC)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        raw = await _read_body(request)
+        loop = asyncio.get_running_loop()
+        read = functools.partial(anthropic.parse_messages, count_only=True)
+        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context, read)
+        prompt, _ = await loop.run_in_executor(self.tokenizing, self._tokens, ask)
+        return web.json_response({"input_tokens": len(prompt)})
+
+    async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._ollama(request, chat=True)
+
+    async def ollama_generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._ollama(request, chat=False)
+
+    async def _ollama(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        raw = await _read_body(request)
+        loop = asyncio.get_running_loop()
+        read = functools.partial(ollama.parse_chat, chat=chat)
+        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context, read)
+        self._check_model(ask.model)
+        return await self._serve(request, ask, OLLAMA_CHAT if chat else OLLAMA_GENERATE)
+
+    async def ollama_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": ollama.VERSION})
+
+    async def ollama_tags(self, request: web.Request) -> web.Response:
+        shape = self.daemon.shape
+        size = shape.held(0, shape.n_layers) + shape.ends(True, True)
+        return web.json_response(ollama.tags(self.daemon.ckpt.name, size, self.created,
+                                             _details(self.daemon)))  # fmt: skip
+
+    async def ollama_show(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await _read_body(request))
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        self._check_model(ollama.model_name(body.get("model", body.get("name"))))
+        d = self.daemon
+        arch = d.shape.architecture
+        return web.json_response({
+            "modelfile": "", "parameters": "", "template": d.tokenizer.chat_template or "",
+            "details": _details(d),
+            "model_info": {"general.architecture": arch, f"{arch}.context_length": self.context,
+                           "general.parameter_count": d.shape.params},
+            "capabilities": ["completion", "tools"] if d.tokenizer.chat_template else
+            ["completion"],
+            "modified_at": ollama.now(),
+        })  # fmt: skip
+
+    async def _serve(
+        self, request: web.Request, ask: CompletionRequest, dialect: str
+    ) -> web.StreamResponse:
+        """One request through the ring, answered in `dialect`: OpenAI's, Anthropic's or
+        Ollama's."""
         self._check_live()
+        loop = asyncio.get_running_loop()
         prompt, start = await loop.run_in_executor(self.tokenizing, self._tokens, ask)
         tokenizer = self.daemon.tokenizer
-        reply = reply_format(tokenizer, prompt) if chat else PLAIN
+        reply = reply_format(tokenizer, prompt) if ask.chat else PLAIN
         calls = None
         if ask.tools and ask.tool_choice != "none":
             calls = call_format(tokenizer.chat_template, tokenizer.harmony)
@@ -430,11 +519,10 @@ class API:
             )  # fmt: skip
         except PromptTooLong as e:
             raise APIError(413, str(e), code="context_length_exceeded",
-                           param="messages" if chat else "prompt") from None  # fmt: skip
+                           param="messages" if ask.chat else "prompt") from None  # fmt: skip
         except RinginferError as e:
             raise APIError(400, str(e)) from None
         task = self.daemon.requester.start(req)
-        answer = Answer(chat, self.daemon.ckpt.name)
         try:
             first = await queue.get()  # ACCEPTED, or why not: a plain error answer still
             if first.kind == Kind.ERROR:
@@ -445,8 +533,20 @@ class API:
                 first = await queue.get()
                 if first.kind == Kind.ERROR:
                     raise _ring_error(first)
-                return await self._stream(request, ask, answer, first, queue, len(prompt), shape)
-            return await self._whole(answer, queue, len(prompt), shape)
+                write = {OPENAI: self._stream, ANTHROPIC: self._anthropic_stream,
+                         OLLAMA_CHAT: functools.partial(self._ollama_stream, messages=True),
+                         OLLAMA_GENERATE: functools.partial(self._ollama_stream, messages=False),
+                         }[dialect]  # fmt: skip
+                return await write(request, ask, _replies(first, queue, shape), len(prompt))
+            while (msg := await queue.get()).kind != Kind.DONE:
+                if msg.kind == Kind.ERROR:
+                    raise _ring_error(msg)
+            result = msg.body["result"]
+            whole = {OPENAI: _openai_whole, ANTHROPIC: _anthropic_whole,
+                     OLLAMA_CHAT: functools.partial(_ollama_whole, messages=True),
+                     OLLAMA_GENERATE: functools.partial(_ollama_whole, messages=False),
+                     }[dialect]  # fmt: skip
+            return web.json_response(whole(ask, self.daemon.ckpt.name, result, len(prompt), shape))
         finally:
             if not task.done():  # the client went away: every stage frees the request
                 task.cancel()
@@ -475,74 +575,199 @@ class API:
             raise APIError(400, str(e)) from None
         return prompt, start
 
-    async def _whole(
-        self, answer: Answer, queue: asyncio.Queue[Message], prompt_tokens: int, shape: Reply
-    ) -> web.Response:
-        while True:
-            msg = await queue.get()
-            if msg.kind == Kind.ERROR:
-                raise _ring_error(msg)
-            if msg.kind == Kind.DONE:
-                result = msg.body["result"]
-                use = usage(prompt_tokens, len(result["tokens"]))
-                thought, text, calls = split_calls(shape.fmt, shape.start + result["text"],
-                                                   shape.calls)  # fmt: skip
-                calls = calls[: None if shape.parallel else 1]
-                return web.json_response(answer.whole(
-                    text, result["finish_reason"], use, thought, [c.to_openai() for c in calls]))
-
     async def _stream(
-        self, request: web.Request, ask: CompletionRequest, answer: Answer, first: Message,
-        queue: asyncio.Queue[Message], prompt_tokens: int, shape: Reply,
-    ) -> web.StreamResponse:  # fmt: skip
-        """Server-sent events of a reply: its thought's deltas (reasoning_content), then its
-        answer's (content) and tool calls, told apart as its format (`shape`) writes them."""
+        self, request: web.Request, ask: CompletionRequest, replies: Any, prompt_tokens: int
+    ) -> web.StreamResponse:
+        """OpenAI's server-sent events of a reply: its thought's deltas (reasoning_content),
+        then its answer's (content) and tool calls."""
         response = await _event_stream(request)
-        splitter = ReplySplitter(shape.fmt, shape.calls)
-        called: list[str] = []  # the calls' ids, in order
+        answer = Answer(ask.chat, self.daemon.ckpt.name)
+        called = 0
 
         async def send(obj: dict[str, Any]) -> None:
             await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
-        async def send_parts(parts: list[tuple[str, Any]]) -> None:
-            for kind, part in parts:
-                if kind != CALL:
-                    await send(answer.chunk(part, usage=ask.include_usage,
-                                            reasoning=kind == REASONING))  # fmt: skip
-                elif shape.parallel or not called:
-                    await send(answer.call_chunk(len(called), part.to_openai(),
-                                                 ask.include_usage))  # fmt: skip
-                    called.append(part.id)
-
         try:
             if ask.chat:  # OpenAI's first chat chunk says who speaks
                 await send(answer.chunk("", usage=ask.include_usage, first=True))
-            if shape.start:
-                await send_parts(splitter.push(shape.start))
-            msg = first
-            while True:
-                if msg.kind == Kind.TOKEN and msg.body["text"]:
-                    await send_parts(splitter.push(msg.body["text"]))
-                elif msg.kind == Kind.QUEUED:  # an SSE comment: clients skip it, people see it
-                    place, waiting = msg.body["position"], msg.body["queued"]
-                    await response.write(f": queued {place} of {waiting}\n\n".encode())
-                elif msg.kind == Kind.ERROR:  # headers are gone: the error is an event
-                    await send(_ring_error(msg).to_json())
-                    break
-                elif msg.kind == Kind.DONE:
-                    result = msg.body["result"]
-                    await send_parts(splitter.flush())
-                    finish = "tool_calls" if called else result["finish_reason"]
+            async for kind, what in replies:
+                if kind in (REASONING, CONTENT):
+                    await send(answer.chunk(what, usage=ask.include_usage,
+                                            reasoning=kind == REASONING))  # fmt: skip
+                elif kind == CALL and (ask.parallel_tool_calls or not called):
+                    await send(answer.call_chunk(called, what.to_openai(), ask.include_usage))
+                    called += 1
+                elif kind == QUEUED:  # an SSE comment: clients skip it, people see it
+                    await response.write(f": queued {what[0]} of {what[1]}\n\n".encode())
+                elif kind == ERROR:  # headers are gone: the error is an event
+                    await send(what.to_json())
+                elif kind == DONE:
+                    finish = "tool_calls" if called else what["finish_reason"]
                     await send(answer.chunk(None, finish, ask.include_usage))
                     if ask.include_usage:
-                        use = usage(prompt_tokens, len(result["tokens"]))
+                        use = usage(prompt_tokens, len(what["tokens"]))
                         await send(answer.usage_chunk(use))
                     await response.write(b"data: [DONE]\n\n")
-                    break
-                msg = await queue.get()
         except ConnectionResetError:
             raise asyncio.CancelledError from None  # the client went away mid-stream
         return response
+
+    async def _anthropic_stream(
+        self, request: web.Request, ask: CompletionRequest, replies: Any, prompt_tokens: int
+    ) -> web.StreamResponse:
+        """Anthropic's events: message_start, a content block at a time (text, or a
+        tool_use whose input comes as one JSON delta), message_delta, message_stop. A
+        thought is not shown (no thinking was asked for)."""
+        response = await _event_stream(request)
+        answer = anthropic.MessageAnswer(self.daemon.ckpt.name, prompt_tokens)
+        blocks, open_text, called = 0, False, False
+
+        async def send(kind: str, data: dict[str, Any]) -> None:
+            await response.write(anthropic.event(kind, {"type": kind, **data}))
+
+        async def close_text() -> None:
+            nonlocal blocks, open_text
+            if open_text:
+                await send("content_block_stop", {"index": blocks})
+                blocks, open_text = blocks + 1, False
+
+        try:
+            await response.write(anthropic.event("message_start", answer.start()))
+            async for kind, what in replies:
+                if kind == CONTENT:
+                    if not open_text:
+                        await send("content_block_start", {
+                            "index": blocks, "content_block": anthropic.text_block("")})
+                        open_text = True
+                    await send("content_block_delta", {
+                        "index": blocks, "delta": {"type": "text_delta", "text": what}})
+                elif kind == CALL and (ask.parallel_tool_calls or not called):
+                    await close_text()
+                    block = anthropic.tool_use_block(what.id, what.name, what.arguments)
+                    await send("content_block_start", {
+                        "index": blocks, "content_block": {**block, "input": {}}})
+                    await send("content_block_delta", {"index": blocks, "delta": {
+                        "type": "input_json_delta", "partial_json": what.arguments}})
+                    await send("content_block_stop", {"index": blocks})
+                    blocks, called = blocks + 1, True
+                elif kind == QUEUED:
+                    await send("ping", {})
+                elif kind == ERROR:
+                    await response.write(anthropic.event("error", anthropic.error_json(what)))
+                elif kind == DONE:
+                    await close_text()
+                    stop = anthropic.stop_reason(what["finish_reason"],
+                                                 what.get("stop_sequence"), called)  # fmt: skip
+                    await response.write(anthropic.event("message_delta", answer.delta(
+                        stop, what.get("stop_sequence"), len(what["tokens"]))))
+                    await send("message_stop", {})
+        except ConnectionResetError:
+            raise asyncio.CancelledError from None
+        return response
+
+
+    async def _ollama_stream(
+        self, request: web.Request, ask: CompletionRequest, replies: Any, prompt_tokens: int,
+        messages: bool = True,
+    ) -> web.StreamResponse:  # fmt: skip
+        """Ollama's NDJSON: a line a piece of the reply (chat's `messages`: the thought in
+        message.thinking, tool calls in message.tool_calls; generate's: `response`), then
+        the last line with the counts."""
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        model, called = self.daemon.ckpt.name, 0
+        try:
+            async for kind, what in replies:
+                if kind in (REASONING, CONTENT) and (messages or kind == CONTENT):
+                    line = ollama.part(model, messages, what, thinking=kind == REASONING)
+                elif kind == CALL and messages and (ask.parallel_tool_calls or not called):
+                    called += 1
+                    line = ollama.part(model, True, "", calls=[
+                        ollama.ollama_call(what.name, what.arguments)])
+                elif kind == ERROR:
+                    line = ollama.error_json(what)
+                elif kind == DONE:
+                    line = ollama.done(model, messages, what)
+                else:
+                    continue
+                await response.write(ollama.line(line))
+        except ConnectionResetError:
+            raise asyncio.CancelledError from None
+        return response
+
+
+# The APIs a reply is written in.
+OPENAI, ANTHROPIC, OLLAMA_CHAT, OLLAMA_GENERATE = "openai", "anthropic", "ollama-chat", "ollama"
+# What _replies yields besides reply parts (reasoning.CONTENT, REASONING, tool_calls.CALL).
+QUEUED, ERROR, DONE = "queued", "error", "done"
+
+
+async def _replies(first: Message, queue: asyncio.Queue[Message], shape: Reply) -> Any:
+    """A streamed reply's events as (kind, what): its parts as its format writes them
+    (text, thought, calls), where it waits in the queue (place, of how many), the ring's
+    error (APIError), and at the end the generation's result."""
+    splitter = ReplySplitter(shape.fmt, shape.calls)
+    for part in splitter.push(shape.start) if shape.start else []:
+        yield part
+    msg = first
+    while True:
+        if msg.kind == Kind.TOKEN and msg.body["text"]:
+            for part in splitter.push(msg.body["text"]):
+                yield part
+        elif msg.kind == Kind.QUEUED:
+            yield QUEUED, (msg.body["position"], msg.body["queued"])
+        elif msg.kind == Kind.ERROR:
+            yield ERROR, _ring_error(msg)
+            return
+        elif msg.kind == Kind.DONE:
+            for part in splitter.flush():
+                yield part
+            yield DONE, msg.body["result"]
+            return
+        msg = await queue.get()
+
+
+def _calls_of(result: dict[str, Any], shape: Reply) -> tuple[str, str, list[Any]]:
+    thought, text, calls = split_calls(shape.fmt, shape.start + result["text"], shape.calls)
+    return thought, text, calls[: None if shape.parallel else 1]
+
+
+def _openai_whole(
+    ask: CompletionRequest, model: str, result: dict[str, Any], prompt_tokens: int, shape: Reply
+) -> dict[str, Any]:
+    thought, text, calls = _calls_of(result, shape)
+    use = usage(prompt_tokens, len(result["tokens"]))
+    answer = Answer(ask.chat, model)
+    return answer.whole(text, result["finish_reason"], use, thought,
+                        [c.to_openai() for c in calls])  # fmt: skip
+
+
+def _ollama_whole(
+    ask: CompletionRequest, model: str, result: dict[str, Any], prompt_tokens: int, shape: Reply,
+    messages: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    thought, text, calls = _calls_of(result, shape)
+    return ollama.done(model, messages, result, text, thought,
+                       [ollama.ollama_call(c.name, c.arguments) for c in calls])  # fmt: skip
+
+
+def _details(daemon: Daemon) -> dict[str, Any]:
+    """The model as Ollama describes one: family, size, how its weights are held."""
+    shape, path = daemon.shape, str(daemon.ckpt.path)
+    return ollama.details(shape.architecture, shape.params, daemon.quantization,
+                          "gguf" if path.endswith(".gguf") else "safetensors")  # fmt: skip
+
+
+def _anthropic_whole(
+    ask: CompletionRequest, model: str, result: dict[str, Any], prompt_tokens: int, shape: Reply
+) -> dict[str, Any]:
+    _, text, calls = _calls_of(result, shape)
+    content = [anthropic.text_block(text)] if text else []
+    content += [anthropic.tool_use_block(c.id, c.name, c.arguments) for c in calls]
+    stop = anthropic.stop_reason(result["finish_reason"], result.get("stop_sequence"),
+                                 bool(calls))  # fmt: skip
+    answer = anthropic.MessageAnswer(model, prompt_tokens)
+    return answer.message(content, stop, result.get("stop_sequence"), len(result["tokens"]))
 
 
 @dataclass(frozen=True)
@@ -563,7 +788,10 @@ async def _read_body(request: web.Request) -> bytes:
         raise APIError(413, f"the request body is over {MAX_BODY // 2**20} MiB") from None
 
 
-def _parse(raw: bytes, chat: bool, context: int) -> CompletionRequest:
+Reader = Callable[[Any], CompletionRequest]  # a parsed body as a request (OpenAI's, Anthropic's)
+
+
+def _parse(raw: bytes, context: int, read: Reader) -> CompletionRequest:
     """A body as a request, in a worker thread: a hostile one (millions of values, deep
     nesting, 16 MiB of prompt) costs that thread, is freed there, and is never tokenized.
     The collector waits meanwhile: it would walk the body's millions of containers once per
@@ -571,7 +799,7 @@ def _parse(raw: bytes, chat: bool, context: int) -> CompletionRequest:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _checked(raw, chat, context)
+        return _checked(raw, context, read)
     except APIError as e:
         raise e.with_traceback(None) from None  # its frames hold the body: freed here
     finally:
@@ -579,7 +807,7 @@ def _parse(raw: bytes, chat: bool, context: int) -> CompletionRequest:
             gc.enable()
 
 
-def _checked(raw: bytes, chat: bool, context: int) -> CompletionRequest:
+def _checked(raw: bytes, context: int, read: Reader) -> CompletionRequest:
     # Millions of small values cost the parser up to seconds with the GIL held (it has no
     # hook for arrays or strings); a request needs a few per message. Each value but the
     # first is after a ',' or opens an array or object: an upper bound, counted in strings too.
@@ -593,12 +821,12 @@ def _checked(raw: bytes, chat: bool, context: int) -> CompletionRequest:
         raise APIError(400, "the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    ask = parse_request(body, chat)
-    texts = [m["content"] for m in ask.messages] if chat else [ask.prompt]
+    ask = read(body)
+    texts = [m["content"] for m in ask.messages] if ask.chat else [ask.prompt]
     too_long = too_many_bytes(texts, context)
     if too_long:
         raise APIError(413, too_long, code="context_length_exceeded",
-                       param="messages" if chat else "prompt")  # fmt: skip
+                       param="messages" if ask.chat else "prompt")  # fmt: skip
     return ask
 
 
@@ -633,8 +861,10 @@ async def _event_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _error_response(e: APIError) -> web.Response:
-    return web.json_response(e.to_json(), status=e.status, headers=e.headers)
+def _error_response(e: APIError, path: str = "") -> web.Response:
+    body = (anthropic.error_json(e) if path.startswith("/v1/messages") else
+            ollama.error_json(e) if path.startswith("/api/") else e.to_json())  # fmt: skip
+    return web.json_response(body, status=e.status, headers=e.headers)
 
 
 def _internal(e: Exception) -> str:
@@ -671,7 +901,8 @@ def _ring_error(msg: Message) -> APIError:
 
 def _http_reason(e: web.HTTPException) -> str:
     if e.status == 404:
-        return "no such route (see /v1/models, /v1/chat/completions, /v1/completions)"
+        return ("no such route (see /v1/models, /v1/chat/completions, /v1/completions, "
+                "/v1/messages)")
     if e.status == 405:
         return f"method not allowed here; use {e.headers.get('Allow', 'another method')}"
     return e.reason

@@ -330,6 +330,8 @@ class Requester:
         result = generation_result("".join(pieces), loop.tokens, len(req.prompt),
                                    self.node.ckpt.name, finish_reason, timings)  # fmt: skip
         result["plan"] = plan_json
+        if stops.hit:
+            result["stop_sequence"] = stops.which
         if req.replays:
             result["replays"] = req.replays
         await req.sink(message(Kind.DONE, req=req.id, body={"result": result}))

@@ -15,13 +15,15 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self.held = ""
         self.hit = False
+        self.which = ""  # the stop string that was hit
 
     def push(self, piece: str) -> str:
         if self.hit or not self.stops:
             return "" if self.hit else piece
         text = self.held + piece
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        if found:
+            cut, self.which = min(found)
             self.hit, self.held = True, ""
             return text[:cut]
         keep = max((overlap(text, s) for s in self.stops), default=0)
