@@ -543,3 +543,57 @@ def test_ollama_tool_calls_as_local(cluster):  # noqa: ANN001
     answer = c.chat(model=MODEL, messages=turn, tools=[tool], stream=False,
                     options={"temperature": 0, "num_predict": 48})  # fmt: skip
     assert (answer.message.content, []) == local_reply(same, tools=(tool,))
+
+
+RESPONSES_WEATHER = {"type": "function", **WEATHER["function"]}  # the Responses API's shape
+
+
+def test_responses_api_text_streamed_or_not_as_local(cluster, expected):  # noqa: ANN001
+    want = expected[QUESTION]
+    c = client(cluster.nodes[0])
+    whole = c.responses.create(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=48)
+    assert whole.output_text == want["text"] and whole.status == "completed"
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (want["prompt_tokens"],
+                                                                    len(want["tokens"]))
+    events = list(c.responses.create(model=MODEL, input=QUESTION, temperature=0,
+                                     max_output_tokens=48, stream=True))  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]  # fmt: skip
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want[
+        "text"]
+    assert events[-1].response.output_text == want["text"]
+    cut = c.responses.create(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=3)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_api_function_calls_round_trip_as_local(cluster):  # noqa: ANN001
+    want = local_reply(ABOUT_PARIS, forced_start(HERMES, "get_weather"))
+    c = client(cluster.nodes[1])
+    kw = dict(model=MODEL, input=ABOUT_PARIS[0]["content"], tools=[RESPONSES_WEATHER],
+              tool_choice={"type": "function", "name": "get_weather"}, temperature=0,
+              max_output_tokens=48)  # fmt: skip
+    whole = c.responses.create(**kw)
+    calls = [(o.name, json.loads(o.arguments)) for o in whole.output if o.type == "function_call"]
+    assert (whole.output_text, calls) == want
+    events = list(c.responses.create(**kw, stream=True))
+    done = [e.item for e in events if e.type == "response.output_item.done"
+            and e.item.type == "function_call"]  # fmt: skip
+    assert [(i.name, json.loads(i.arguments)) for i in done] == calls
+    call_id = next(o.call_id for o in whole.output if o.type == "function_call")
+    turn = [*ABOUT_PARIS, {"type": "function_call", "call_id": call_id, "name": "get_weather",
+                           "arguments": '{"city": "Paris"}'},
+            {"type": "function_call_output", "call_id": call_id, "output": "Sunny, 24 C"}]
+    answer = c.responses.create(model=MODEL, input=turn, tools=[RESPONSES_WEATHER],
+                                temperature=0, max_output_tokens=48)  # fmt: skip
+    same = [*ABOUT_PARIS, {"role": "assistant", "content": "", "tool_calls": [{
+        "id": call_id, "type": "function", "function": {"name": "get_weather",
+                                                        "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "Sunny, 24 C"}]  # fmt: skip
+    calls = [(o.name, json.loads(o.arguments)) for o in answer.output if o.type == "function_call"]
+    assert (answer.output_text, calls) == local_reply(same)
+    with pytest.raises(openai.BadRequestError):
+        c.responses.create(model=MODEL, input="hi", previous_response_id=whole.id)

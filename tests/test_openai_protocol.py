@@ -127,3 +127,83 @@ def test_stop_strings_cut_across_pieces_and_hold_back_only_what_may_start_one():
     assert feed(["xyz", "b"], ["aaxy", "zb"]) == (["aa", ""], True)
     assert feed(["b", "ab"], ["cab"]) == (["c"], True)  # the earliest stop wins
     assert feed([], ["a", "b"]) == (["a", "b", ""], False)
+
+
+ANTHROPIC = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+RESPONSES = {"model": "m", "input": "hi"}
+OLLAMA = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("api", "body", "param"),
+    [
+        ("anthropic", {**ANTHROPIC, "max_tokens": None}, "max_tokens"),
+        ("anthropic", {**ANTHROPIC, "messages": []}, "messages"),
+        ("anthropic", {**ANTHROPIC, "messages": [{"role": "system", "content": "x"}]},
+         "messages[0].role"),
+        ("anthropic", {**ANTHROPIC, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {}}]}]}, "messages[0].content[0]"),
+        ("anthropic", {**ANTHROPIC, "system": [{"type": "image"}]}, "system[0]"),
+        ("anthropic", {**ANTHROPIC, "tool_choice": {"type": "sometimes"}}, "tool_choice"),
+        ("anthropic", {**ANTHROPIC, "tools": [{"name": "a b"}]}, "tools[0].function.name"),
+        ("anthropic", {**ANTHROPIC, "stop_sequences": list("abcde")}, "stop"),
+        ("anthropic", {**ANTHROPIC, "temperature": 1.5}, "temperature"),
+        ("responses", {**RESPONSES, "previous_response_id": "resp_1"}, "previous_response_id"),
+        ("responses", {**RESPONSES, "text": {"format": {"type": "json_schema"}}}, "text.format"),
+        ("responses", {**RESPONSES, "input": []}, "input"),
+        ("responses", {**RESPONSES, "input": [{"type": "image_generation_call"}]}, "input[0]"),
+        ("responses", {**RESPONSES, "input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
+        ("responses", {**RESPONSES, "max_output_tokens": 0}, "max_output_tokens"),
+        ("ollama", {**OLLAMA, "format": "json"}, "format"),
+        ("ollama", {**OLLAMA, "messages": [{"role": "user", "content": "x", "images": ["a"]}]},
+         "messages[0]"),
+        ("ollama", {**OLLAMA, "options": {"num_predict": "8"}}, "num_predict"),
+        ("ollama", {**OLLAMA, "model": 7}, "model"),
+    ],
+)  # fmt: skip
+def test_bad_bodies_of_the_other_apis_are_400s_naming_the_field(api, body, param):  # noqa: ANN001
+    from protocol import anthropic, ollama, responses
+
+    read = {"anthropic": anthropic.parse_messages, "responses": responses.parse_responses,
+            "ollama": lambda b: ollama.parse_chat(b, chat=True)}[api]  # fmt: skip
+    with pytest.raises(APIError) as e:
+        read(body)
+    assert e.value.status == 400 and e.value.param == param, str(e.value)
+
+
+def test_the_other_apis_read_into_the_chat_request():
+    """What each API's conversation becomes: the chat messages the template is given."""
+    from protocol import anthropic, ollama, responses
+
+    claude = anthropic.parse_messages({**ANTHROPIC, "system": "Be brief.", "messages": [
+        {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Looking."}, {
+            "type": "tool_use", "id": "toolu_1", "name": "f", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": "sunny"}, {"type": "text", "text": "So?"}]}]})
+    assert claude.messages == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": "Looking.", "tool_calls": [{"id": "toolu_1",
+         "type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+        {"role": "user", "content": "So?"}]
+    assert claude.max_tokens == 8 and claude.tool_choice == "none"
+    codex = responses.parse_responses({**RESPONSES, "instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Paris?"}]},
+        {"type": "reasoning", "summary": []},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{\"a\": 1}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "x"}],
+        "tools": [{"type": "function", "name": "f"}], "tool_choice": "required"})
+    assert [m["role"] for m in codex.messages] == ["system", "user", "assistant", "tool"]
+    assert [c["id"] for c in codex.messages[2]["tool_calls"]] == ["c1", "c2"]
+    assert codex.tool_choice == "required" and codex.tools[0]["function"]["name"] == "f"
+    chat = ollama.parse_chat({**OLLAMA, "options": {"temperature": 0, "num_predict": 5,
+                                                    "stop": ["x"]}}, chat=True)  # fmt: skip
+    assert (chat.temperature, chat.max_tokens, chat.stop, chat.stream) == (0.0, 5, ["x"], True)
+    made = ollama.parse_chat({"model": "m:latest", "prompt": "hi", "system": "S"}, chat=False)
+    assert made.model == "m" and made.messages == [{"role": "system", "content": "S"},
+                                                   {"role": "user", "content": "hi"}]
+    raw = ollama.parse_chat({"model": "m", "prompt": "hi", "raw": True}, chat=False)
+    assert not raw.chat and raw.prompt == "hi"

@@ -50,7 +50,7 @@ from node.engine.sampling import SamplingParams
 from node.engine.tokenizer import BadTemplateVariables, too_many_bytes
 from node.engine.tool_calls import CALL, call_format, forced_start, prepared
 from node.errors import RinginferError
-from protocol import anthropic, ollama
+from protocol import anthropic, ollama, responses
 from protocol.openai import (
     Answer,
     APIError,
@@ -258,6 +258,7 @@ class API:
             web.get("/v1/models/{model:.+}", self.model),
             web.post("/v1/chat/completions", self.chat),
             web.post("/v1/completions", self.completions),
+            web.post("/v1/responses", self.responses),
             web.post("/v1/messages", self.messages),
             web.post("/v1/messages/count_tokens", self.count_tokens),
             web.get("/api/version", self.ollama_version),
@@ -436,6 +437,15 @@ class API:
         self._check_model(ask.model)
         return await self._serve(request, ask, OPENAI)
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API (what Codex-style agents speak)."""
+        raw = await _read_body(request)
+        loop = asyncio.get_running_loop()
+        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context,
+                                         responses.parse_responses)  # fmt: skip
+        self._check_model(ask.model)
+        return await self._serve(request, ask, RESPONSES)
+
     async def messages(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's Messages API. Any model name is taken (Claude Code asks for its own
         by default): the answer names the model served."""
@@ -534,6 +544,7 @@ class API:
                 if first.kind == Kind.ERROR:
                     raise _ring_error(first)
                 write = {OPENAI: self._stream, ANTHROPIC: self._anthropic_stream,
+                         RESPONSES: self._responses_stream,
                          OLLAMA_CHAT: functools.partial(self._ollama_stream, messages=True),
                          OLLAMA_GENERATE: functools.partial(self._ollama_stream, messages=False),
                          }[dialect]  # fmt: skip
@@ -543,6 +554,7 @@ class API:
                     raise _ring_error(msg)
             result = msg.body["result"]
             whole = {OPENAI: _openai_whole, ANTHROPIC: _anthropic_whole,
+                     RESPONSES: _responses_whole,
                      OLLAMA_CHAT: functools.partial(_ollama_whole, messages=True),
                      OLLAMA_GENERATE: functools.partial(_ollama_whole, messages=False),
                      }[dialect]  # fmt: skip
@@ -696,8 +708,79 @@ class API:
         return response
 
 
+    async def _responses_stream(
+        self, request: web.Request, ask: CompletionRequest, replies: Any, prompt_tokens: int
+    ) -> web.StreamResponse:
+        """The Responses API's events: the response created, an output item at a time (a
+        message whose text comes as deltas, or a function call whose arguments come as one
+        delta), the response completed with its usage."""
+        response = await _event_stream(request)
+        answer = responses.ResponseAnswer(ask, self.daemon.ckpt.name)
+        output: list[dict[str, Any]] = []
+        text, item = "", None  # the open message: its text and id
+
+        async def send(kind: str, **data: Any) -> None:
+            await response.write(answer.event(kind, **data))
+
+        async def close_text() -> None:
+            nonlocal text, item
+            if item is None:
+                return
+            at = {"item_id": item, "output_index": len(output), "content_index": 0}
+            await send("response.output_text.done", **at, text=text)
+            await send("response.content_part.done", **at, part=responses.text_part(text))
+            output.append(responses.message_item(text, item))
+            await send("response.output_item.done", output_index=len(output) - 1,
+                       item=output[-1])  # fmt: skip
+            text, item = "", None
+
+        try:
+            await send("response.created", response=answer.response([], "in_progress"))
+            await send("response.in_progress", response=answer.response([], "in_progress"))
+            async for kind, what in replies:
+                if kind == CONTENT:
+                    if item is None:
+                        opened = responses.message_item("", status="in_progress")
+                        item = opened["id"]
+                        await send("response.output_item.added", output_index=len(output),
+                                   item=opened)  # fmt: skip
+                        await send("response.content_part.added", item_id=item,
+                                   output_index=len(output), content_index=0,
+                                   part=responses.text_part(""))  # fmt: skip
+                    text += what
+                    await send("response.output_text.delta", item_id=item,
+                               output_index=len(output), content_index=0, delta=what)
+                elif kind == CALL and (ask.parallel_tool_calls or not any(
+                        o["type"] == "function_call" for o in output)):  # fmt: skip
+                    await close_text()
+                    call = responses.call_item(what.id, what.name, what.arguments)
+                    at = {"item_id": call["id"], "output_index": len(output)}
+                    await send("response.output_item.added", output_index=len(output),
+                               item={**call, "arguments": "", "status": "in_progress"})
+                    await send("response.function_call_arguments.delta", **at,
+                               delta=what.arguments)  # fmt: skip
+                    await send("response.function_call_arguments.done", **at,
+                               arguments=what.arguments)  # fmt: skip
+                    output.append(call)
+                    await send("response.output_item.done", output_index=len(output) - 1,
+                               item=call)  # fmt: skip
+                elif kind == ERROR:
+                    await send("error", code=what.code, message=str(what), param=what.param)
+                elif kind == DONE:
+                    await close_text()
+                    use = responses.usage(prompt_tokens, len(what["tokens"]))
+                    status = _responses_status(what, output)
+                    await send("response.completed" if status == "completed" else
+                               "response.incomplete",
+                               response=answer.response(output, status, use))  # fmt: skip
+        except ConnectionResetError:
+            raise asyncio.CancelledError from None
+        return response
+
+
 # The APIs a reply is written in.
 OPENAI, ANTHROPIC, OLLAMA_CHAT, OLLAMA_GENERATE = "openai", "anthropic", "ollama-chat", "ollama"
+RESPONSES = "responses"
 # What _replies yields besides reply parts (reasoning.CONTENT, REASONING, tool_calls.CALL).
 QUEUED, ERROR, DONE = "queued", "error", "done"
 
@@ -756,6 +839,23 @@ def _details(daemon: Daemon) -> dict[str, Any]:
     shape, path = daemon.shape, str(daemon.ckpt.path)
     return ollama.details(shape.architecture, shape.params, daemon.quantization,
                           "gguf" if path.endswith(".gguf") else "safetensors")  # fmt: skip
+
+
+def _responses_whole(
+    ask: CompletionRequest, model: str, result: dict[str, Any], prompt_tokens: int, shape: Reply
+) -> dict[str, Any]:
+    _, text, calls = _calls_of(result, shape)
+    output = [responses.message_item(text)] if text else []
+    output += [responses.call_item(c.id, c.name, c.arguments) for c in calls]
+    use = responses.usage(prompt_tokens, len(result["tokens"]))
+    answer = responses.ResponseAnswer(ask, model)
+    return answer.response(output, _responses_status(result, output), use)
+
+
+def _responses_status(result: dict[str, Any], output: list[dict[str, Any]]) -> str:
+    """incomplete where max_output_tokens cut the reply short (and it made no call)."""
+    called = any(o["type"] == "function_call" for o in output)
+    return "incomplete" if result["finish_reason"] == "length" and not called else "completed"
 
 
 def _anthropic_whole(
