@@ -46,8 +46,6 @@ def parse_chat(body: Any, chat: bool) -> CompletionRequest:
         raise APIError(400, "the request body must be a JSON object")
     get = Fields(body)
     options = get.typed("options", dict) or {}
-    if body.get("format") is not None:
-        raise APIError(400, "format (structured output) is not supported yet", param="format")
     if body.get("images"):
         raise APIError(400, "images are not supported", param="images")
     openai_body: dict[str, Any] = {"model": model_name(body.get("model"))}
@@ -76,6 +74,13 @@ def parse_chat(body: Any, chat: bool) -> CompletionRequest:
     req.stop = parse_stops(options.get("stop"))
     stream = get.typed("stream", bool)
     req.stream = True if stream is None else stream
+    fmt = body.get("format")
+    if fmt == "json":
+        req.grammar = ("json_object", None)
+    elif isinstance(fmt, dict):
+        req.grammar = ("json_schema", fmt)
+    elif fmt not in (None, ""):
+        raise APIError(400, "format must be \"json\" or a JSON schema object", param="format")
     if chat and isinstance(body.get("think"), bool):
         req.template_kwargs = {"enable_thinking": body["think"]}
     return req

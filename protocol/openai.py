@@ -74,6 +74,8 @@ class CompletionRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)  # chat: OpenAI's tool objects
     tool_choice: str = "auto"  # none, auto, required, or the one function's name to call
     parallel_tool_calls: bool = True
+    # A grammar the reply keeps to: (json_object, None), (json_schema, schema), (grammar, text)
+    grammar: tuple[str, Any] | None = None
 
     @property
     def forced_tool(self) -> str | None:
@@ -121,6 +123,10 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
                        param="stream_options.include_usage")  # fmt: skip
     req.include_usage = bool(include)
     req.ignore_eos = bool(get.typed("ignore_eos", bool))
+    req.grammar = parse_format(get.typed("response_format", dict))
+    grammar = get.typed("grammar", str)  # llama.cpp's extension: GBNF, or Lark
+    if grammar is not None:
+        req.grammar = ("grammar", grammar)
     logprobs = body.get("logprobs") if not chat else get.typed("logprobs", bool)
     if logprobs or get.integer("top_logprobs"):
         raise APIError(400, "logprobs are not supported", param="logprobs")
@@ -133,6 +139,24 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     if not chat and get.typed("suffix", str):
         raise APIError(400, "suffix is not supported", param="suffix")
     return req
+
+
+def parse_format(value: dict[str, Any] | None) -> tuple[str, Any] | None:
+    """response_format: text (None), json_object, or json_schema with its schema."""
+    kind = (value or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ("json_object", None)
+    if kind == "json_schema":
+        spec = value.get("json_schema") if value else None
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
+                           param="response_format.json_schema.schema")  # fmt: skip
+        return ("json_schema", schema)
+    raise APIError(400, f"response_format.type must be text, json_object or json_schema, got "
+                   f"{str(kind)[:40]!r}", param="response_format.type")  # fmt: skip
 
 
 class Fields:

@@ -17,7 +17,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.openai import MAX_TOKENS, APIError, CompletionRequest, Fields, parse_request
+from protocol.openai import (
+    MAX_TOKENS,
+    APIError,
+    CompletionRequest,
+    Fields,
+    parse_format,
+    parse_request,
+)
 
 ROLES = ("system", "developer", "user", "assistant")
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -32,10 +39,14 @@ def parse_responses(body: Any) -> CompletionRequest:
         raise APIError(400, "responses are not stored here: send the whole conversation as "
                        "input instead of previous_response_id",
                        param="previous_response_id")  # fmt: skip
-    fmt = (get.typed("text", dict) or {}).get("format") or {}
-    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
-        raise APIError(400, "text.format other than text (structured output) is not supported "
-                       "yet", param="text.format")  # fmt: skip
+    fmt = (get.typed("text", dict) or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # the schema beside its type
+        fmt = {"type": "json_schema", "json_schema": fmt}
+    try:
+        grammar = parse_format(fmt if isinstance(fmt, dict) else None)
+    except APIError as e:
+        raise APIError(400, str(e).replace("response_format", "text.format"),
+                       param="text.format") from None  # fmt: skip
     instructions = get.typed("instructions", str)
     messages = [{"role": "system", "content": instructions}] if instructions else []
     messages += _items(body.get("input"))
@@ -49,6 +60,7 @@ def parse_responses(body: Any) -> CompletionRequest:
         chat["tool_choice"] = _chat_choice(body["tool_choice"])
     req = parse_request(chat, chat=True)
     req.max_tokens = get.integer("max_output_tokens", low=1, high=MAX_TOKENS)
+    req.grammar = grammar
     return req
 
 

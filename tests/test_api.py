@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from node.engine.tool_calls import HERMES, forced_start, prepared
+from node.engine.tool_calls import HERMES, call_grammar, forced_start, prepared
 from tests.conftest import run_cli
 from tests.daemons import EXACT_RING, Cluster, Daemon, free_port, seed_capabilities
 
@@ -299,11 +299,13 @@ WEATHER = {"type": "function", "function": {
 ABOUT_PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def local_reply(messages: list[dict], start: str = "", tokens: int = 48,
+def local_reply(messages: list[dict], forced: str | None = None, tokens: int = 48,
                 tools: tuple = (WEATHER,)) -> tuple:  # fmt: skip
     """The oracle: the default model in this process (`generate --local`'s engine), greedy
-    from the same prompt: the tools offered as the API offers them (prepared), the forced
-    call's start after it. Its (answer, [(name, arguments)]) as our parser reads them."""
+    from the same prompt: the tools offered as the API offers them (prepared); a `forced`
+    call's start after it, and its arguments kept to the tool's schema by the same grammar.
+    Its (answer, [(name, arguments)]) as our parser reads them."""
+    from node.engine.grammar import Constraint, grammar_of
     from node.engine.local import LocalPipeline, generate
     from node.engine.reasoning import PLAIN, split_calls
     from node.engine.sampling import SamplingParams
@@ -313,12 +315,17 @@ def local_reply(messages: list[dict], start: str = "", tokens: int = 48,
     tok = ckpt.tokenizer()
     chat, offered = prepared(messages, list(tools), tok.chat_template)
     prompt = tok.encode_chat(chat, None, offered)
-    prompt += tok.encode(start, add_special=False) if start else []
-    params = SamplingParams(temperature=0.0)
+    start, constraint = "", None
+    if forced:
+        start = forced_start(HERMES, forced)
+        prompt += tok.encode(start, add_special=False)
+        grammar = grammar_of("tools", call_grammar(HERMES, list(tools), forced))
+        constraint = Constraint(grammar, tok.backend, ckpt.config.vocab_size, tok.stop_ids)
+    params = SamplingParams(temperature=0.0, whole=constraint is not None)
     pipeline = LocalPipeline(ckpt, quantize="auto")
     out = []
     for t in generate(pipeline.session(len(prompt) + tokens, params), prompt, tokens, params,
-                      tok.stop_ids):  # fmt: skip
+                      tok.stop_ids, None, constraint):  # fmt: skip
         if t in tok.stop_ids:
             break
         out.append(t)
@@ -349,7 +356,7 @@ def streamed_calls(chunks: list) -> tuple[str, list[tuple[str, dict]], str]:
 def test_a_named_tool_choice_is_called_streamed_or_not_as_local(cluster):  # noqa: ANN001
     """SmolLM2's template has no tools: they reach the model in Qwen's system prompt, the
     reply is made to begin the named call, and the call is read back out of it."""
-    want = local_reply(ABOUT_PARIS, forced_start(HERMES, "get_weather"))
+    want = local_reply(ABOUT_PARIS, "get_weather")
     assert want[1] and want[1][0][0] == "get_weather"
     c = client(cluster.nodes[0])
     choice = {"type": "function", "function": {"name": "get_weather"}}
@@ -455,7 +462,7 @@ def test_anthropic_stop_sequences_and_errors(cluster, expected):  # noqa: ANN001
 def test_anthropic_tool_use_round_trip_as_local(cluster):  # noqa: ANN001
     """A forced tool_use (tool_choice tool) comes back as a tool_use block, streamed or not;
     its tool_result sent back is answered as the same conversation is locally."""
-    want = local_reply(ABOUT_PARIS, forced_start(HERMES, "get_weather"))
+    want = local_reply(ABOUT_PARIS, "get_weather")
     c = claude(cluster.nodes[1])
     kw = dict(model=MODEL, max_tokens=48, extra_body=GREEDY, tools=[CLAUDE_WEATHER],
               tool_choice={"type": "tool", "name": "get_weather"}, messages=ABOUT_PARIS)
@@ -571,7 +578,7 @@ def test_responses_api_text_streamed_or_not_as_local(cluster, expected):  # noqa
 
 
 def test_responses_api_function_calls_round_trip_as_local(cluster):  # noqa: ANN001
-    want = local_reply(ABOUT_PARIS, forced_start(HERMES, "get_weather"))
+    want = local_reply(ABOUT_PARIS, "get_weather")
     c = client(cluster.nodes[1])
     kw = dict(model=MODEL, input=ABOUT_PARIS[0]["content"], tools=[RESPONSES_WEATHER],
               tool_choice={"type": "function", "name": "get_weather"}, temperature=0,
@@ -597,3 +604,62 @@ def test_responses_api_function_calls_round_trip_as_local(cluster):  # noqa: ANN
     assert (answer.output_text, calls) == local_reply(same)
     with pytest.raises(openai.BadRequestError):
         c.responses.create(model=MODEL, input="hi", previous_response_id=whole.id)
+
+
+FORECAST = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 20},
+    "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    "sky": {"enum": ["sunny", "cloudy", "rain"]}},
+    "required": ["city", "days", "sky"], "additionalProperties": False}  # fmt: skip
+FORECAST_ASK = "Give me a weather forecast request for Paris as JSON."
+
+
+def test_structured_output_parses_and_validates_on_every_sampled_run(cluster):  # noqa: ANN001
+    """response_format json_schema with sampling on (temperature 1, five seeds, streamed
+    and not): every reply is JSON that jsonschema accepts. The grammar works at the
+    requester's sampler over whole rows of logits from the last stage."""
+    import jsonschema
+
+    c = client(cluster.nodes[0])
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST,
+                                                   "strict": True}}  # fmt: skip
+    for seed in range(5):
+        kw = dict(response_format=fmt, temperature=1.0, seed=seed, max_tokens=120)
+        reply = ask(c, FORECAST_ASK, **kw).choices[0]
+        assert reply.finish_reason == "stop", reply
+        jsonschema.validate(json.loads(reply.message.content), FORECAST)
+        chunks = list(ask(c, FORECAST_ASK, stream=True, **kw))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == reply.message.content  # seeded: the same draws
+    # Any object, greedy (sampled, an object with no schema may run past max_tokens: then
+    # finish_reason says length, and the text is cut like any other)
+    anything = ask(c, "What is the capital of France? Answer in JSON.", temperature=0,
+                   response_format={"type": "json_object"}, max_tokens=120).choices[0]
+    assert anything.finish_reason == "stop"
+    assert json.loads(anything.message.content) == {"city": "Paris"}
+
+
+def test_a_grammar_keeps_the_reply_to_it_and_bad_ones_are_a_400(cluster):  # noqa: ANN001
+    """llama.cpp's `grammar` extension (GBNF), greedy: the reply is one of the grammar's;
+    the Ollama route's `format` takes a schema too. A malformed schema, one no value can
+    satisfy, a grammar naming a rule it lacks and a schema over 256 KiB: one 400 each."""
+    c = client(cluster.nodes[1])
+    verdict = ask(c, "Is Paris in France?", temperature=0, max_tokens=8,
+                  extra_body={"grammar": 'root ::= "yes" | "no"'})  # fmt: skip
+    assert verdict.choices[0].message.content in ("yes", "no")
+    import jsonschema
+    import ollama
+
+    made = ollama.Client(host=cluster.nodes[1].api).chat(
+        model=MODEL, messages=[{"role": "user", "content": FORECAST_ASK}], format=FORECAST,
+        stream=False, options={"temperature": 0.8, "seed": 1, "num_predict": 120})
+    jsonschema.validate(json.loads(made.message.content), FORECAST)
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(20000)}}
+    for fmt in [{"type": "objectx"}, {"type": "string", "minLength": 5, "maxLength": 2}, big]:
+        status, body, _ = post(cluster.nodes[1].api + "/v1/chat/completions", {
+            **CHAT, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": fmt}}})  # fmt: skip
+        assert status == 400 and body["error"]["param"] == "response_format", body
+    status, body, _ = post(cluster.nodes[1].api + "/v1/chat/completions",
+                           {**CHAT, "grammar": "root ::= undefined_rule"})  # fmt: skip
+    assert status == 400 and "undefined_rule" in body["error"]["message"]

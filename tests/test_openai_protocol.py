@@ -74,6 +74,11 @@ def test_defaults_and_content_parts():
         ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function"}]}]},
          "messages[0].tool_calls[0]"),
         ({**CHAT, "chat_template_kwargs": [1]}, "chat_template_kwargs"),
+        ({**CHAT, "response_format": {"type": "yaml"}}, "response_format.type"),
+        ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "response_format.json_schema.schema"),
+        ({**CHAT, "response_format": "json"}, "response_format"),
+        ({**CHAT, "grammar": 7}, "grammar"),
         ({**CHAT, "chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
     ],
 )
@@ -155,7 +160,7 @@ OLLAMA = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         ("responses", {**RESPONSES, "input": [{"role": "user", "content": [
             {"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ("responses", {**RESPONSES, "max_output_tokens": 0}, "max_output_tokens"),
-        ("ollama", {**OLLAMA, "format": "json"}, "format"),
+        ("ollama", {**OLLAMA, "format": 7}, "format"),
         ("ollama", {**OLLAMA, "messages": [{"role": "user", "content": "x", "images": ["a"]}]},
          "messages[0]"),
         ("ollama", {**OLLAMA, "options": {"num_predict": "8"}}, "num_predict"),

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from discovery.interfaces import is_loopback
 from node.cluster.status import status
+from node.engine.grammar import BadGrammar, Constraint, grammar_of
 from node.engine.local import PromptTooLong
 from node.engine.reasoning import (
     CONTENT,
@@ -48,7 +49,7 @@ from node.engine.reasoning import (
 )
 from node.engine.sampling import SamplingParams
 from node.engine.tokenizer import BadTemplateVariables, too_many_bytes
-from node.engine.tool_calls import CALL, call_format, forced_start, prepared
+from node.engine.tool_calls import CALL, call_format, call_grammar, forced_start, prepared
 from node.errors import RinginferError
 from protocol import anthropic, ollama, responses
 from protocol.openai import (
@@ -521,11 +522,14 @@ class API:
             calls = call_format(tokenizer.chat_template, tokenizer.harmony)
             prompt = prompt + tokenizer.encode(start, add_special=False) if start else prompt
         shape = Reply(reply, calls, start, ask.parallel_tool_calls)
+        constraint = None
+        if ask.grammar is not None:
+            constraint = await loop.run_in_executor(self.tokenizing, self._constraint, ask)
         queue: asyncio.Queue[Message] = asyncio.Queue()
         params = SamplingParams(ask.temperature, ask.top_k, ask.top_p, ask.seed)
         try:
             req = self.daemon.requester.new_request(
-                queue.put, prompt, ask.max_tokens, params, ask.stop, ask.ignore_eos
+                queue.put, prompt, ask.max_tokens, params, ask.stop, ask.ignore_eos, constraint
             )  # fmt: skip
         except PromptTooLong as e:
             raise APIError(413, str(e), code="context_length_exceeded",
@@ -575,6 +579,9 @@ class API:
         if tools and ask.tool_choice != "auto":
             fmt = call_format(tokenizer.chat_template, tokenizer.harmony)
             start = forced_start(fmt, ask.forced_tool)
+            arguments = call_grammar(fmt, tools, ask.forced_tool)
+            if ask.grammar is None and arguments is not None:  # the call as its schema says
+                ask.grammar = ("tools", arguments)
         try:
             if ask.chat:
                 messages, offered = prepared(ask.messages, tools, tokenizer.chat_template)
@@ -586,6 +593,17 @@ class API:
         except RinginferError as e:
             raise APIError(400, str(e)) from None
         return prompt, start
+
+    def _constraint(self, ask: CompletionRequest) -> Constraint:
+        """The request's grammar compiled for this model, in a worker thread (a big schema
+        takes a while); one that does not compile is a 400."""
+        tokenizer, (kind, spec) = self.daemon.tokenizer, ask.grammar
+        try:
+            return Constraint(grammar_of(kind, spec), tokenizer.backend,
+                              self.daemon.ckpt.config.vocab_size, tokenizer.stop_ids)  # fmt: skip
+        except BadGrammar as e:
+            param = kind if kind in ("grammar", "tools") else "response_format"
+            raise APIError(400, str(e), param=param) from None
 
     async def _stream(
         self, request: web.Request, ask: CompletionRequest, replies: Any, prompt_tokens: int

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,6 +46,7 @@ from protocol.wire import (
 
 if TYPE_CHECKING:
     from node.cluster.daemon import Daemon
+    from node.engine.grammar import Constraint
 
 log = logging.getLogger("ringinfer")
 
@@ -96,6 +97,7 @@ class Request:
     patience: float = 0.0  # seconds the pending step may take before it is presumed lost
     scored: int = 0  # scoring a window: how many log-probabilities the last stage returns
     reply_format: str = PLAIN  # how the reply is written (engine/reasoning.py); ACCEPTED says
+    constraint: Constraint | None = None  # a grammar the reply keeps to (engine/grammar.py)
 
     @property
     def ring_id(self) -> str:
@@ -150,14 +152,18 @@ class Requester:
     def new_request(
         self, sink: Sink, prompt: list[int], max_tokens: int | None, params: SamplingParams,
         stop: list[str] | None = None, ignore_eos: bool = False,
+        constraint: Constraint | None = None,
     ) -> Request:  # fmt: skip
         """A generation of up to `max_tokens` (None: to the end of the context); a prompt
-        that leaves no room is a RinginferError. Run it with `start`."""
+        that leaves no room is a RinginferError. Run it with `start`. With a `constraint`,
+        the last stage hands back whole rows of logits, masked here."""
         context = self.node.ckpt.config.max_seq_len
         capacity, max_tokens = fit_request(len(prompt), max_tokens or context, context)
         stop_ids = frozenset() if ignore_eos else self.node.tokenizer.stop_ids
+        if constraint is not None:
+            params = replace(params, whole=True)
         return Request(uuid.uuid4().hex[:16], sink, prompt, capacity, max_tokens, params,
-                       stop_ids, stop or [])  # fmt: skip
+                       stop_ids, stop or [], constraint=constraint)  # fmt: skip
 
     def start(self, req: Request) -> asyncio.Task:
         """Run a generation in the background; cancelling the task ends it on every stage."""
@@ -304,7 +310,7 @@ class Requester:
         timings = Timings()
         plan_json = await self._accept(req, len(req.prompt))
         stop_ids = req.stop_ids
-        loop = TokenLoop(req.prompt, req.max_tokens, req.params, stop_ids)
+        loop = TokenLoop(req.prompt, req.max_tokens, req.params, stop_ids, req.constraint)
         stream, stops = TextStream(self.node.tokenizer), StopStrings(req.stop)
         pieces = []
         self._step_into_ring(req, loop.ids, loop.positions)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from node.engine.models.quantized import holdings, label
 from node.engine.sampling import Candidates, SamplingParams, candidates, pick
 from node.engine.weights import Checkpoint, Progress, load_stage
 from node.errors import RinginferError
+
+if TYPE_CHECKING:
+    from node.engine.grammar import Constraint
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -218,9 +221,11 @@ class TokenLoop:
     """
 
     def __init__(
-        self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: frozenset[int]
-    ) -> None:
+        self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: frozenset[int],
+        constraint: Constraint | None = None,
+    ) -> None:  # fmt: skip
         self.params, self.stop_ids, self.max_tokens = params, stop_ids, max_tokens
+        self.constraint = constraint  # then the candidates are the whole row (params.whole)
         self.generator = params.generator()
         self.ids = torch.tensor([prompt])
         self.positions = torch.arange(len(prompt))
@@ -228,12 +233,24 @@ class TokenLoop:
         self.done = False
 
     def take(self, cands: Candidates) -> int:
+        if self.constraint is not None:
+            cands = self._constrained(cands.logits)
         token = pick(cands, self.params, self.generator)
+        if self.constraint is not None:
+            self.constraint.take(token)
         self.tokens.append(token)
         self.done = token in self.stop_ids or len(self.tokens) >= self.max_tokens
         self.ids = torch.tensor([[token]])
         self.positions = self.positions[-1:] + 1
         return token
+
+    def _constrained(self, logits: torch.Tensor) -> Candidates:
+        """The whole row with the grammar's masked out, cut as the last stage would."""
+        allowed = self.constraint.allowed()
+        if not allowed.any():  # the grammar cannot go on: end the reply
+            allowed[sorted(self.stop_ids)[:1] or [0]] = True
+        masked = logits.masked_fill(~allowed[: logits.numel()], float("-inf"))
+        return candidates(masked, replace(self.params, whole=False))
 
     @property
     def finish_reason(self) -> str:
@@ -247,9 +264,11 @@ def generate(
     params: SamplingParams,
     stop_ids: frozenset[int],
     timings: Timings | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids, each as soon as it is sampled."""
-    loop = TokenLoop(prompt, max_tokens, params, stop_ids)
+    """Yield generated token ids, each as soon as it is sampled (inside `constraint`'s
+    grammar, where given: then `params` must ask for the whole row)."""
+    loop = TokenLoop(prompt, max_tokens, params, stop_ids, constraint)
     while not loop.done:
         token = loop.take(step(loop.ids, loop.positions))
         if timings is not None:

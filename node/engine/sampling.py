@@ -16,6 +16,9 @@ class SamplingParams:
     top_k: int = 0  # 0 means no limit
     top_p: float = 1.0
     seed: int | None = None
+    # The last stage hands back the whole row of raw logits: the requester constrains it
+    # (engine/grammar.py) before cutting it to candidates itself.
+    whole: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -30,6 +33,8 @@ class SamplingParams:
         d["top_p"] = self.top_p
         if self.seed is not None:
             d["seed"] = self.seed
+        if self.whole:
+            d["whole"] = True
         return d
 
     @classmethod
@@ -44,6 +49,7 @@ class SamplingParams:
                 int(d.get("top_k", 0)),
                 float(d.get("top_p", 1.0)),
                 seed if type(seed) is int else None,
+                d.get("whole") is True,
             )
         except (TypeError, ValueError) as e:
             raise RinginferError(f"malformed sampling parameters: {e}") from None
@@ -85,6 +91,8 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> Candidates:
     likely token). Deterministic: it runs on the last stage, and only the survivors travel.
     """
     logits = logits.float().cpu()
+    if params.whole:
+        return Candidates(logits)
     if params.greedy:
         best = torch.argmax(logits)
         return Candidates(logits[best].reshape(1), best.reshape(1))

@@ -133,8 +133,10 @@ class Tokenizer:
         chat_template: str | None,
         bos: str | None = None,
         eos: str | None = None,
+        backend: Any = None,
     ) -> None:
         self._encode, self._decode = encode, decode
+        self.backend = backend  # the `tokenizers` object, where there is one (not GPT-2's)
         self.stop_ids = frozenset(stop_ids) | {vocab[t] for t in _END_OF_TURN if t in vocab}
         self.harmony = all(t in vocab for t in _HARMONY)
         if self.harmony:
@@ -246,6 +248,7 @@ class Tokenizer:
             template,
             _token_text(tcfg.get("bos_token")),
             eos,
+            tok,
         )
 
     @classmethod
@@ -274,6 +277,7 @@ class Tokenizer:
             meta.get("tokenizer.chat_template"),
             tokens[bos_id] if bos_id is not None else None,
             tokens[eos_id] if eos_id is not None else None,
+            tok,
         )
 
     @classmethod

@@ -109,6 +109,31 @@ def forced_start(fmt: str, name: str | None) -> str:
     return start[1].format(name) if name else start[0]
 
 
+# What ends a forced call after its arguments, where that is plain text (call_grammar).
+CALL_END = {HERMES: "}\n</tool_call>", LLAMA3: "}"}
+
+
+def call_grammar(fmt: str, tools: list[dict[str, Any]], name: str | None) -> str | None:
+    """The grammar (llguidance's Lark, its %json taking a JSON schema) of what follows
+    forced_start: the call's name where it is not yet written, its arguments as the tool's
+    schema has them, the call's end. None where a call ends in a special token (harmony,
+    Mistral): there the arguments are the model's own."""
+    end = CALL_END.get(fmt)
+    if end is None:
+        return None
+    opened = forced_start(fmt, None)
+    alternatives = []
+    for t in tools:
+        if name is not None and t["function"]["name"] != name:
+            continue
+        head = forced_start(fmt, t["function"]["name"]).removeprefix(
+            forced_start(fmt, name) if name else opened)  # fmt: skip
+        schema = t["function"].get("parameters") or {"type": "object"}
+        literal = f"{json.dumps(head)} " if head else ""
+        alternatives.append(f"{literal}%json {json.dumps(schema)} {json.dumps(end)}")
+    return "start: " + "\n     | ".join(alternatives)
+
+
 class ToolCallSplitter:
     """Feed the answer's text with `push`, then `flush` at its end; each returns parts,
     (CONTENT, text) or (CALL, ToolCall), in the reply's order. Text that may still begin a
