@@ -431,36 +431,26 @@ class API:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        raw = await _read_body(request)
-        loop = asyncio.get_running_loop()
-        read = functools.partial(parse_request, chat=chat)
-        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context, read)
+        ask = await self._ask(request, functools.partial(parse_request, chat=chat))
         self._check_model(ask.model)
         return await self._serve(request, ask, OPENAI)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API (what Codex-style agents speak)."""
-        raw = await _read_body(request)
-        loop = asyncio.get_running_loop()
-        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context,
-                                         responses.parse_responses)  # fmt: skip
+        ask = await self._ask(request, responses.parse_responses)
         self._check_model(ask.model)
         return await self._serve(request, ask, RESPONSES)
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's Messages API. Any model name is taken (Claude Code asks for its own
         by default): the answer names the model served."""
-        raw = await _read_body(request)
-        loop = asyncio.get_running_loop()
-        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context,
-                                         anthropic.parse_messages)  # fmt: skip
-        return await self._serve(request, ask, ANTHROPIC)
+        return await self._serve(request, await self._ask(request, anthropic.parse_messages),
+                                 ANTHROPIC)  # fmt: skip
 
     async def count_tokens(self, request: web.Request) -> web.Response:
-        raw = await _read_body(request)
+        ask = await self._ask(request, functools.partial(anthropic.parse_messages,
+                                                         count_only=True))  # fmt: skip
         loop = asyncio.get_running_loop()
-        read = functools.partial(anthropic.parse_messages, count_only=True)
-        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context, read)
         prompt, _ = await loop.run_in_executor(self.tokenizing, self._tokens, ask)
         return web.json_response({"input_tokens": len(prompt)})
 
@@ -471,12 +461,15 @@ class API:
         return await self._ollama(request, chat=False)
 
     async def _ollama(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        raw = await _read_body(request)
-        loop = asyncio.get_running_loop()
-        read = functools.partial(ollama.parse_chat, chat=chat)
-        ask = await loop.run_in_executor(self.parsing, _parse, raw, self.context, read)
+        ask = await self._ask(request, functools.partial(ollama.parse_chat, chat=chat))
         self._check_model(ask.model)
         return await self._serve(request, ask, OLLAMA_CHAT if chat else OLLAMA_GENERATE)
+
+    async def _ask(self, request: web.Request, read: Reader) -> CompletionRequest:
+        """The body read into a request in the parsing thread (_parse: limits and checks)."""
+        raw = await _read_body(request)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.parsing, _parse, raw, self.context, read)
 
     async def ollama_version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": ollama.VERSION})
