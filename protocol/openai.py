@@ -3,8 +3,8 @@ objects the API answers with (completions, stream chunks, errors). Pure: the ser
 node/cluster/api.py.
 
 Fields are checked as OpenAI checks them: unknown ones are ignored, known ones of the wrong
-type are a 400 naming the field, and features we do not have (n > 1, logprobs) are a 400
-that says so rather than being silently dropped.
+type are a 400 naming the field, and features we do not have (n > 1, echo, suffix) are a
+400 that says so rather than being silently dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ MAX_ERROR_CHARS = 1000  # an error's message: short, whatever value it quotes
 MAX_MESSAGES = 4096  # per chat request: more is no conversation, only work for the server
 MAX_TOKENS = 2**31 - 1  # max_tokens and top_k past any context or vocabulary
 SEEDS = (-(2**63), 2**64 - 1)  # what torch's generators take
+MAX_LOGPROBS = 20  # top_logprobs, as OpenAI bounds it
 
 
 class APIError(Exception):
@@ -76,6 +77,7 @@ class CompletionRequest:
     parallel_tool_calls: bool = True
     # A grammar the reply keeps to: (json_object, None), (json_schema, schema), (grammar, text)
     grammar: tuple[str, Any] | None = None
+    logprobs: int = -1  # each token's log-probability and this many alternatives (-1: none)
 
     @property
     def forced_tool(self) -> str | None:
@@ -127,9 +129,15 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     grammar = get.typed("grammar", str)  # llama.cpp's extension: GBNF, or Lark
     if grammar is not None:
         req.grammar = ("grammar", grammar)
-    logprobs = body.get("logprobs") if not chat else get.typed("logprobs", bool)
-    if logprobs or get.integer("top_logprobs"):
-        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if chat:  # logprobs: true, and top_logprobs alternatives (0-20)
+        top = get.integer("top_logprobs", low=0, high=MAX_LOGPROBS)
+        if get.typed("logprobs", bool):
+            req.logprobs = top or 0
+        elif top:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    else:  # the legacy form: logprobs is the number of alternatives (0-5)
+        count = get.integer("logprobs", low=0, high=5)
+        req.logprobs = -1 if count is None else count
     if not chat and body.get("tools") is not None:
         raise APIError(400, "tools are for /v1/chat/completions", param="tools")
     if get.integer("best_of", low=1) not in (None, 1):
@@ -374,7 +382,7 @@ class Answer:
 
     def whole(
         self, text: str, finish_reason: str, usage: dict[str, int], reasoning: str = "",
-        calls: list[dict[str, Any]] | None = None,
+        calls: list[dict[str, Any]] | None = None, logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """The answer of a request that did not stream; a chat's thought, if it had one, in
         `reasoning_content` beside the answer (as vLLM and llama.cpp answer), and its tool
@@ -387,10 +395,10 @@ class Answer:
             if calls:
                 message["tool_calls"] = calls
                 finish_reason = "tool_calls"
-            choice = {"index": 0, "message": message, "logprobs": None,
+            choice = {"index": 0, "message": message, "logprobs": logprobs,
                       "finish_reason": finish_reason}  # fmt: skip
             return self._object("chat.completion", [choice], usage=usage)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._object("text_completion", [choice], usage=usage)
 
     def chunk(
@@ -411,6 +419,12 @@ class Answer:
         choice = {"index": 0, "text": text or "", "logprobs": None,
                   "finish_reason": finish_reason}  # fmt: skip
         return self._object("text_completion", [choice], **extra)
+
+    def logprobs_chunk(self, logprobs: dict[str, Any], usage: bool = False) -> dict[str, Any]:
+        """A streamed token's log-probabilities (its text comes in its own chunk)."""
+        out = self.chunk(None if self.chat else "", usage=usage)
+        out["choices"][0]["logprobs"] = logprobs
+        return out
 
     def call_chunk(self, index: int, call: dict[str, Any], usage: bool = False) -> dict[str, Any]:
         """A streamed tool call, whole: its id, name and arguments in one delta."""
@@ -437,3 +451,22 @@ def model_list(name: str, context: int, created: int) -> dict[str, Any]:
 def model_card(name: str, context: int, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "ringinfer",
             "context_length": context}  # fmt: skip
+
+
+def logprobs_of(chat: bool, entries: list[dict[str, Any]], text_of: Any) -> dict[str, Any]:
+    """Tokens' log-probabilities in OpenAI's shape: a chat's `content` list, or the legacy
+    completions object. `entries`: (token id, logprob, [(id, logprob)]) as dicts;
+    `text_of(id)`: a token's text."""
+    if chat:
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            text = text_of(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [
+            {**one(e["token"], e["logprob"]),
+             "top_logprobs": [one(i, lp) for i, lp in e["top"]]} for e in entries]}  # fmt: skip
+    texts = [text_of(e["token"]) for e in entries]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{text_of(i): lp for i, lp in e["top"]} for e in entries],
+            "text_offset": offsets}  # fmt: skip

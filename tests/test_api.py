@@ -663,3 +663,57 @@ def test_a_grammar_keeps_the_reply_to_it_and_bad_ones_are_a_400(cluster):  # noq
     status, body, _ = post(cluster.nodes[1].api + "/v1/chat/completions",
                            {**CHAT, "grammar": "root ::= undefined_rule"})  # fmt: skip
     assert status == 400 and "undefined_rule" in body["error"]["message"]
+
+
+def test_logprobs_are_the_models_log_softmax_streamed_or_not(cluster, expected):  # noqa: ANN001
+    """Chat `logprobs` with top_logprobs, and the legacy completions form: each token's
+    log-probability and its alternatives equal log_softmax of the engine's whole logits
+    row, decoded here a step at a time as the ring decodes (the ring's last stage sends only
+    the logsumexp and the top few); sampled (temperature 0.7) they are still the raw
+    model's."""
+    import torch
+
+    from node.engine.local import LocalPipeline
+    from node.engine.sampling import SamplingParams
+    from node.engine.weights import open_checkpoint
+
+    ckpt = open_checkpoint(None)
+    tok = ckpt.tokenizer()
+    pipeline = LocalPipeline(ckpt, quantize="auto")
+
+    def reference(prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+        """Each step's log_softmax: a temperature of 1 and no cut hand back the whole row."""
+        step = pipeline.session(len(prompt) + len(tokens) + 1, SamplingParams(temperature=1.0))
+        rows, at = [], len(prompt)
+        rows.append(step(torch.tensor([prompt]), torch.arange(at)).logits)
+        for t in tokens[:-1]:
+            rows.append(step(torch.tensor([[t]]), torch.tensor([at])).logits)
+            at += 1
+        return [torch.log_softmax(r.float(), -1) for r in rows]
+
+    c = client(cluster.nodes[0])
+    prompt = tok.encode_chat([{"role": "user", "content": QUESTION}])
+    for kw in (dict(temperature=0), dict(temperature=0.7, seed=4)):
+        whole = ask(c, max_tokens=12, logprobs=True, top_logprobs=3, **kw).choices[0]
+        content = whole.logprobs.content
+        tokens = tok.encode(whole.message.content, add_special=False)[: len(content)]
+        assert "".join(e.token for e in content) == whole.message.content[: len(
+            "".join(e.token for e in content))]  # fmt: skip
+        want = reference(prompt, tokens)
+        for i, (e, row) in enumerate(zip(content, want, strict=False)):
+            assert abs(e.logprob - float(row[tokens[i]])) < 1e-4, (i, e)
+            top = torch.topk(row, 3)
+            assert [t.logprob for t in e.top_logprobs] == pytest.approx(
+                top.values.tolist(), abs=1e-4)  # fmt: skip
+        chunks = list(ask(c, max_tokens=12, logprobs=True, top_logprobs=3, stream=True, **kw))
+        streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                    for e in ch.choices[0].logprobs.content]  # fmt: skip
+        assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+            (e.token, round(e.logprob, 4)) for e in content]
+    legacy = c.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                  logprobs=2).choices[0]  # fmt: skip
+    lp = legacy.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == legacy.text and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0])  # greedy

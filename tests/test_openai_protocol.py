@@ -59,7 +59,9 @@ def test_defaults_and_content_parts():
         ({**CHAT, "stop": [1]}, "stop"),
         ({**CHAT, "stream": "yes"}, "stream"),
         ({**CHAT, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
-        ({**CHAT, "logprobs": True}, "logprobs"),
+        ({**CHAT, "logprobs": 1}, "logprobs"),
+        ({**CHAT, "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({**CHAT, "tools": [{"type": "function"}]}, "tools[0]"),
         ({**CHAT, "tools": {"type": "function"}}, "tools"),
         ({**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]},

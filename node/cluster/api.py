@@ -56,6 +56,7 @@ from protocol.openai import (
     Answer,
     APIError,
     CompletionRequest,
+    logprobs_of,
     model_card,
     model_list,
     parse_request,
@@ -519,7 +520,8 @@ class API:
         if ask.grammar is not None:
             constraint = await loop.run_in_executor(self.tokenizing, self._constraint, ask)
         queue: asyncio.Queue[Message] = asyncio.Queue()
-        params = SamplingParams(ask.temperature, ask.top_k, ask.top_p, ask.seed)
+        params = SamplingParams(ask.temperature, ask.top_k, ask.top_p, ask.seed,
+                                logprobs=ask.logprobs)  # fmt: skip
         try:
             req = self.daemon.requester.new_request(
                 queue.put, prompt, ask.max_tokens, params, ask.stop, ask.ignore_eos, constraint
@@ -550,7 +552,9 @@ class API:
                 if msg.kind == Kind.ERROR:
                     raise _ring_error(msg)
             result = msg.body["result"]
-            whole = {OPENAI: _openai_whole, ANTHROPIC: _anthropic_whole,
+            text_of = self._token_text
+            whole = {OPENAI: functools.partial(_openai_whole, text_of=text_of),
+                     ANTHROPIC: _anthropic_whole,
                      RESPONSES: _responses_whole,
                      OLLAMA_CHAT: functools.partial(_ollama_whole, messages=True),
                      OLLAMA_GENERATE: functools.partial(_ollama_whole, messages=False),
@@ -587,6 +591,9 @@ class API:
             raise APIError(400, str(e)) from None
         return prompt, start
 
+    def _token_text(self, token: int) -> str:
+        return self.daemon.tokenizer.decode([token])
+
     def _constraint(self, ask: CompletionRequest) -> Constraint:
         """The request's grammar compiled for this model, in a worker thread (a big schema
         takes a while); one that does not compile is a 400."""
@@ -620,6 +627,9 @@ class API:
                 elif kind == CALL and (ask.parallel_tool_calls or not called):
                     await send(answer.call_chunk(called, what.to_openai(), ask.include_usage))
                     called += 1
+                elif kind == LOGPROB:
+                    lp = logprobs_of(ask.chat, [what], self._token_text)
+                    await send(answer.logprobs_chunk(lp, ask.include_usage))
                 elif kind == QUEUED:  # an SSE comment: clients skip it, people see it
                     await response.write(f": queued {what[0]} of {what[1]}\n\n".encode())
                 elif kind == ERROR:  # headers are gone: the error is an event
@@ -793,7 +803,7 @@ class API:
 OPENAI, ANTHROPIC, OLLAMA_CHAT, OLLAMA_GENERATE = "openai", "anthropic", "ollama-chat", "ollama"
 RESPONSES = "responses"
 # What _replies yields besides reply parts (reasoning.CONTENT, REASONING, tool_calls.CALL).
-QUEUED, ERROR, DONE = "queued", "error", "done"
+QUEUED, ERROR, DONE, LOGPROB = "queued", "error", "done", "logprob"
 
 
 async def _replies(first: Message, queue: asyncio.Queue[Message], shape: Reply) -> Any:
@@ -808,6 +818,8 @@ async def _replies(first: Message, queue: asyncio.Queue[Message], shape: Reply) 
         if msg.kind == Kind.TOKEN and msg.body["text"]:
             for part in splitter.push(msg.body["text"]):
                 yield part
+        if msg.kind == Kind.TOKEN and "logprob" in msg.body:
+            yield LOGPROB, msg.body["logprob"]
         elif msg.kind == Kind.QUEUED:
             yield QUEUED, (msg.body["position"], msg.body["queued"])
         elif msg.kind == Kind.ERROR:
@@ -827,13 +839,15 @@ def _calls_of(result: dict[str, Any], shape: Reply) -> tuple[str, str, list[Any]
 
 
 def _openai_whole(
-    ask: CompletionRequest, model: str, result: dict[str, Any], prompt_tokens: int, shape: Reply
-) -> dict[str, Any]:
+    ask: CompletionRequest, model: str, result: dict[str, Any], prompt_tokens: int, shape: Reply,
+    text_of: Callable[[int], str],
+) -> dict[str, Any]:  # fmt: skip
     thought, text, calls = _calls_of(result, shape)
     use = usage(prompt_tokens, len(result["tokens"]))
     answer = Answer(ask.chat, model)
+    lp = logprobs_of(ask.chat, result.get("logprobs", []), text_of) if ask.logprobs >= 0 else None
     return answer.whole(text, result["finish_reason"], use, thought,
-                        [c.to_openai() for c in calls])  # fmt: skip
+                        [c.to_openai() for c in calls], lp)  # fmt: skip
 
 
 def _ollama_whole(

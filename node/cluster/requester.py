@@ -329,7 +329,10 @@ class Requester:
             else:  # the ring computes the next token while we serve the client
                 self._step_into_ring(req, loop.ids, loop.positions)
             pieces.append(piece)
-            await req.sink(message(Kind.TOKEN, req=req.id, body={"token": token, "text": piece}))
+            body = {"token": token, "text": piece}
+            if loop.logprob is not None:
+                body["logprob"] = loop.logprob
+            await req.sink(message(Kind.TOKEN, req=req.id, body=body))
             if done:
                 break
         finish_reason = "stop" if stops.hit else loop.finish_reason
@@ -338,6 +341,8 @@ class Requester:
         result["plan"] = plan_json
         if stops.hit:
             result["stop_sequence"] = stops.which
+        if loop.logprobs:
+            result["logprobs"] = loop.logprobs
         if req.replays:
             result["replays"] = req.replays
         await req.sink(message(Kind.DONE, req=req.id, body={"result": result}))
@@ -514,16 +519,30 @@ class Requester:
                 raise ProtocolError("bad-tensor", f"a score is float32 [{req.scored}]")
             req.result.set_result(msg.tensor(0))
             return
-        ok = 1 <= len(specs) <= 2 and specs[0].dtype == "float32" and len(specs[0].shape) == 1
+        asked = req.params.logprobs  # then: ids always, and [lse, top logits], top ids
+        ok = len(specs) == (4 if asked >= 0 else len(specs)) and 1 <= len(specs) <= 4
+        ok = ok and specs[0].dtype == "float32" and len(specs[0].shape) == 1
         n = specs[0].shape[0] if ok else 0
-        if len(specs) == 2:
+        if len(specs) >= 2:
             ok = ok and specs[1].dtype == "int64" and specs[1].shape == (n,)
-        if not ok or not 0 < n <= vocab or (len(specs) == 1 and n != vocab):
-            raise ProtocolError("bad-tensor", "a result is float32 logits [n] and int64 ids [n]")
-        ids = msg.tensor(1) if len(specs) == 2 else None
-        if ids is not None and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
-            raise ProtocolError("bad-tensor", "candidate ids outside the vocabulary")
-        req.result.set_result(Candidates(msg.tensor(0), ids))
+        if asked >= 0:
+            k = min(asked, vocab)
+            ok = ok and specs[2] == TensorSpec("float32", (1 + k,))
+            ok = ok and specs[3] == TensorSpec("int64", (k,))
+        if not ok or not 0 < n <= vocab or len(specs) == 3 or (len(specs) == 1 and n != vocab):
+            raise ProtocolError("bad-tensor", "a result is float32 logits [n] and int64 ids [n]"
+                                " (and log-probabilities where asked)")  # fmt: skip
+        ids = msg.tensor(1) if len(specs) >= 2 else None
+        tops = msg.tensor(3) if asked >= 0 else None
+        for some in (ids, tops):
+            if some is not None and some.numel() and not 0 <= int(some.min()) <= int(
+                    some.max()) < vocab:  # fmt: skip
+                raise ProtocolError("bad-tensor", "candidate ids outside the vocabulary")
+        if asked < 0:
+            req.result.set_result(Candidates(msg.tensor(0), ids))
+            return
+        head = msg.tensor(2)
+        req.result.set_result(Candidates(msg.tensor(0), ids, float(head[0]), head[1:], tops))
 
     async def on_error(self, identity: bytes, msg: Message, host: str) -> None:
         code, text = msg.body["code"], msg.body["message"]

@@ -226,6 +226,8 @@ class TokenLoop:
     ) -> None:  # fmt: skip
         self.params, self.stop_ids, self.max_tokens = params, stop_ids, max_tokens
         self.constraint = constraint  # then the candidates are the whole row (params.whole)
+        self.logprobs: list[dict[str, Any]] = []  # per token, where params.logprobs asks
+        self.logprob: dict[str, Any] | None = None  # the last token's
         self.generator = params.generator()
         self.ids = torch.tensor([prompt])
         self.positions = torch.arange(len(prompt))
@@ -233,11 +235,20 @@ class TokenLoop:
         self.done = False
 
     def take(self, cands: Candidates) -> int:
+        received = cands
         if self.constraint is not None:
             cands = self._constrained(cands.logits)
         token = pick(cands, self.params, self.generator)
         if self.constraint is not None:
             self.constraint.take(token)
+        self.logprob = None  # this token's, where asked (not a stop token's)
+        if received.lse is not None and token not in self.stop_ids:
+            lse = received.lse
+            self.logprob = {
+                "token": token, "logprob": received.logprob(token, self.params),
+                "top": [(int(i), float(v) - lse) for i, v in zip(
+                    received.top_ids, received.top_logits, strict=True)]}  # fmt: skip
+            self.logprobs.append(self.logprob)
         self.tokens.append(token)
         self.done = token in self.stop_ids or len(self.tokens) >= self.max_tokens
         self.ids = torch.tensor([[token]])

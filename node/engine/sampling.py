@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from node.errors import RinginferError
+
+MAX_LOGPROBS = 20  # alternatives a token may come with (OpenAI's top_logprobs bound)
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class SamplingParams:
     # The last stage hands back the whole row of raw logits: the requester constrains it
     # (engine/grammar.py) before cutting it to candidates itself.
     whole: bool = False
+    logprobs: int = -1  # log-probabilities of the drawn token and of this many others (-1: none)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -35,6 +38,8 @@ class SamplingParams:
             d["seed"] = self.seed
         if self.whole:
             d["whole"] = True
+        if self.logprobs >= 0:
+            d["logprobs"] = self.logprobs
         return d
 
     @classmethod
@@ -50,6 +55,7 @@ class SamplingParams:
                 float(d.get("top_p", 1.0)),
                 seed if type(seed) is int else None,
                 d.get("whole") is True,
+                min(MAX_LOGPROBS, int(d.get("logprobs", -1))),
             )
         except (TypeError, ValueError) as e:
             raise RinginferError(f"malformed sampling parameters: {e}") from None
@@ -77,20 +83,52 @@ class Candidates:
 
     logits: torch.Tensor  # float32 [n]
     ids: torch.Tensor | None = None  # int64 [n]
+    # Where log-probabilities are asked for: the raw row's logsumexp, and its most likely
+    # tokens' raw logits and ids (SamplingParams.logprobs of them).
+    lse: float | None = None
+    top_logits: torch.Tensor | None = None  # float32 [k]
+    top_ids: torch.Tensor | None = None  # int64 [k]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """What goes on the wire."""
-        return (self.logits,) if self.ids is None else (self.logits, self.ids)
+        """What goes on the wire: logits and ids (none for a whole row), or with
+        log-probabilities always both, then [lse, top logits] and the top ids."""
+        if self.lse is None:
+            return (self.logits,) if self.ids is None else (self.logits, self.ids)
+        ids = self.ids if self.ids is not None else torch.arange(self.logits.numel())
+        head = torch.cat([torch.tensor([self.lse]), self.top_logits])
+        return self.logits, ids, head, self.top_ids
+
+    def logprob(self, token: int, params: SamplingParams) -> float:
+        """The drawn token's log-probability under the raw logits (not the temperature's):
+        it is among the candidates, whose logits were divided by the temperature unless
+        greedy or whole."""
+        ids = self.ids if self.ids is not None else torch.arange(self.logits.numel())
+        value = float(self.logits[int(torch.nonzero(ids == token)[0, 0])])
+        if not params.greedy and not params.whole:
+            value *= params.temperature
+        return value - self.lse  # type: ignore[operator]
 
 
 def candidates(logits: torch.Tensor, params: SamplingParams) -> Candidates:
+    """Cut one position's logits [vocab] to the tokens `params` can still draw, with the
+    log-probability figures where asked (Candidates.lse)."""
+    logits = logits.float().cpu()
+    cut = _cut(logits, params)
+    if params.logprobs < 0:
+        return cut
+    top_logits, top_ids = torch.topk(logits, min(params.logprobs, logits.numel()))
+    ids = cut.ids if cut.ids is not None else torch.arange(cut.logits.numel())
+    return replace(cut, ids=ids, lse=float(torch.logsumexp(logits, 0)), top_logits=top_logits,
+                   top_ids=top_ids)  # fmt: skip
+
+
+def _cut(logits: torch.Tensor, params: SamplingParams) -> Candidates:
     """Cut one position's logits [vocab] to the tokens `params` can still draw.
 
     Greedy keeps the argmax. Otherwise the logits are divided by the temperature, cut to the
     top-k, then to the smallest set whose probability reaches top-p (always keeping the most
     likely token). Deterministic: it runs on the last stage, and only the survivors travel.
     """
-    logits = logits.float().cpu()
     if params.whole:
         return Candidates(logits)
     if params.greedy:
