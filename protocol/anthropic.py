@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.openai import (
+    MAX_MESSAGES,
     MAX_TOKENS,
     APIError,
     CompletionRequest,
@@ -87,6 +88,9 @@ def _turns(value: Any) -> list[dict[str, Any]]:
     messages (before its text), an assistant turn's tool_use blocks its tool_calls."""
     if not isinstance(value, list) or not value:
         raise APIError(400, "messages must be a non-empty array", param="messages")
+    if len(value) > MAX_MESSAGES:
+        raise APIError(400, f"messages: at most {MAX_MESSAGES} per request, got {len(value)}",
+                       param="messages")  # fmt: skip
     out: list[dict[str, Any]] = []
     for i, turn in enumerate(value):
         where = f"messages[{i}]"
@@ -94,7 +98,7 @@ def _turns(value: Any) -> list[dict[str, Any]]:
         if role not in ("user", "assistant"):
             raise APIError(400, f"{where}.role must be user or assistant, got {role!r}",
                            param=f"{where}.role")  # fmt: skip
-        content = turn["content"]
+        content = turn.get("content")
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(blocks, list):
             raise APIError(400, f"{where}.content must be a string or an array of blocks",
@@ -145,11 +149,11 @@ def _tool_choice(value: dict[str, Any] | None, tools: list[dict[str, Any]]) -> s
     kind = (value or {}).get("type", "auto" if tools else "none")
     if kind == "tool":
         name = value.get("name") if value else None
-        if name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools",
                            param="tool_choice")  # fmt: skip
         return name
-    choice = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+    choice = {"auto": "auto", "any": "required", "none": "none"}.get(str(kind))
     if choice is None:
         raise APIError(400, "tool_choice.type must be auto, any, tool or none",
                        param="tool_choice")  # fmt: skip

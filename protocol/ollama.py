@@ -38,6 +38,13 @@ def model_name(name: Any) -> str | None:
     return name.removesuffix(":latest")
 
 
+def parse_show(body: Any) -> CompletionRequest:
+    """An /api/show body: the model it asks about (as `model` or `name`)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return CompletionRequest(chat=False, model=model_name(body.get("model", body.get("name"))))
+
+
 def parse_chat(body: Any, chat: bool) -> CompletionRequest:
     """An /api/chat (`chat`) or /api/generate body as a CompletionRequest. A generate
     prompt goes through the chat template as a user's turn (after `system`), as Ollama's

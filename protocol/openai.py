@@ -248,8 +248,9 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 def _calls(value: Any, where: str) -> list[dict[str, Any]]:
     """An assistant message's earlier tool calls, their arguments parsed to an object (as
     chat templates render them)."""
-    if not isinstance(value, list):
-        raise APIError(400, f"{where} must be an array", param=where)
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise APIError(400, f"{where} must be an array of at most {MAX_TOOLS} calls",
+                       param=where)  # fmt: skip
     out = []
     for i, c in enumerate(value):
         fn = c.get("function") if isinstance(c, dict) else None
@@ -259,7 +260,7 @@ def _calls(value: Any, where: str) -> list[dict[str, Any]]:
         args = fn.get("arguments", "{}")
         try:
             args = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
+        except (ValueError, RecursionError):
             raise APIError(400, f"{where}[{i}].function.arguments is not JSON",
                            param=f"{where}[{i}].function.arguments") from None  # fmt: skip
         if not isinstance(args, dict):
@@ -308,7 +309,7 @@ def _tool_choice(value: Any, tools: list[dict[str, Any]]) -> str:
         name = None if value == "none" or tools else value
     elif isinstance(value, dict) and isinstance(value.get("function"), dict):
         name = value["function"].get("name")
-        if name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools",
                            param="tool_choice")  # fmt: skip
         return name

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.openai import (
+    MAX_MESSAGES,
     MAX_TOKENS,
     APIError,
     CompletionRequest,
@@ -69,8 +70,8 @@ def _items(value: Any) -> list[dict[str, Any]]:
     function calls joined into one assistant message."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise APIError(400, "input must be a string or a non-empty array of items",
+    if not isinstance(value, list) or not value or len(value) > MAX_MESSAGES:
+        raise APIError(400, f"input must be a string or an array of 1 to {MAX_MESSAGES} items",
                        param="input")  # fmt: skip
     out: list[dict[str, Any]] = []
     for i, item in enumerate(value):

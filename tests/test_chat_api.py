@@ -147,6 +147,21 @@ BAD_KWARGS = [
 ]
 
 
+def test_structured_output_of_a_thinking_template_is_the_answer(cluster):  # noqa: ANN001
+    """The prompt opens the thought and the grammar has no "</think>": the reply is made to
+    close the thought first, so the kept-to output is the answer, not a thought."""
+    url = cluster.nodes[0].api + "/v1/chat/completions"
+    body = {"messages": QUESTION, "max_tokens": 8, "temperature": 0,
+            "grammar": 'root ::= "yes" | "no"'}  # fmt: skip
+    got, whole, _ = post(url, body)
+    assert got == 200, whole
+    message = whole["choices"][0]["message"]
+    assert message["content"] in ("yes", "no") and not message.get("reasoning_content")
+    deltas = [e["choices"][0]["delta"] for e in stream(url, body) if e["choices"]]
+    assert not any(d.get("reasoning_content") for d in deltas), deltas
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+
+
 def test_bad_chat_template_kwargs_are_a_400_with_one_line(cluster):  # noqa: ANN001
     url = cluster.nodes[0].api + "/v1/chat/completions"
     body = {"messages": QUESTION, "max_tokens": 2}

@@ -56,8 +56,8 @@ REPLIES = [  # (format, reply text, thought, answer)
     (HARMONY, "<|channel|>final<|message|>Only an answer<|return|>ignored after the end", "",
      "Only an answer"),
     (HARMONY, "<|channel|>analysis<|message|>a tool?<|end|><|start|>assistant<|channel|>"
-     "commentary to=functions.f <|constrain|>json<|message|>{\"x\": 1}<|call|>more", "a tool?",
-     ""),  # the call is neither (tests/test_tool_calls.py)
+     "commentary to=functions.f <|constrain|>json<|message|>{\"x\": 1}<|call|>more", "a tool?"
+     "{\"x\": 1}", ""),  # no tools offered: a call is thought (tests/test_tool_calls.py)
     (HARMONY, "<|channel|>final<|message|>a <|en b <| c <|start", "", "a <|en b <| c <|start"),
     (HARMONY, "<|channel|>analysis<|message|>T<|end|>\n<|start|>assistant<|chan", "T", ""),
     (HARMONY, "<|channel|>final<|message|>cut by a stop token", "", "cut by a stop token"),

@@ -87,6 +87,8 @@ REPLIES = [  # (format, reply, answer, calls)
     (HERMES, "<tool_call>{not json}</tool_call> and on", "<tool_call>{not json}</tool_call> and on",
      []),
     (HERMES, "a <tool_ca and <tool", "a <tool_ca and <tool", []),
+    (HERMES, "Use <tool_call> tags, then </tool_call> more", "Use <tool_call> tags, then "
+     "</tool_call> more", []),  # no call: the text as written, its spaces too
     (HERMES, '<tool_call>{"name": "get_weather", "arguments": {"city": "Par', '<tool_call>{"name": '
      '"get_weather", "arguments": {"city": "Par', []),  # cut by max_tokens
     (LLAMA3, '{"name": "get_weather", "parameters": {"city": "Paris"}}', "", CALLS[:1]),
@@ -100,6 +102,8 @@ REPLIES = [  # (format, reply, answer, calls)
      '[ARGS]{"city": "Lyon", "days": 2}', "Let me look.", CALLS),
     (DEEPSEEK, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
      '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', "", CALLS[:1]),
+    (DEEPSEEK, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+     '{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>', "", CALLS[:1]),  # V3.1
     (KIMI, "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
      '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_call_begin|>'
      'functions.get_weather:1<|tool_call_argument_begin|>{"city": "Lyon", "days": 2}'
@@ -117,7 +121,7 @@ def test_a_thought_then_calls_and_harmony_calls_as_they_come():
                                      '{"name": "get_weather", "arguments": {"city": "Paris"}}',
                                      "\n</tool_call>"])  # fmt: skip
     assert parts[0] == ("reasoning", "weather?") and summary(parts) == ("", CALLS[:1])
-    harmony = ReplySplitter(HARMONY)
+    harmony = ReplySplitter(HARMONY, HARMONY)
     head = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
     assert harmony.push(head + '{"city": ') == []  # a call is given whole
     [(kind, c)] = harmony.push('"Paris"}<|call|>')
@@ -126,8 +130,34 @@ def test_a_thought_then_calls_and_harmony_calls_as_they_come():
 
 
 def test_without_calls_the_answer_is_untouched():
+    """No tools offered: a hermes call is text, a harmony message to a function thought."""
     reply = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
     assert split_calls(PLAIN, reply, None) == ("", reply, [])
+    harmony = '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>'
+    assert split_calls(HARMONY, harmony, None) == ('{"a": 1}', "", [])
+    assert split_calls(HARMONY, harmony, HARMONY)[2][0].name == "f"
+
+
+def test_a_long_call_is_searched_once_and_deep_nesting_is_text():
+    """A call streamed in many small pieces costs each piece's own length (the end marker is
+    looked for in new text only); JSON nested past Python's recursion is no call."""
+    import time
+
+    for fmt, head, tail in ((HERMES, '<tool_call>\n{"name": "f", "arguments": {"s": "',
+                             '"}}\n</tool_call>'),
+                            (HARMONY, "<|channel|>commentary to=functions.f <|message|>{\"s\": \"",
+                             '"}<|call|>')):  # fmt: skip
+        splitter = ReplySplitter(PLAIN if fmt == HERMES else HARMONY, fmt)
+        began = time.perf_counter()
+        parts = splitter.push(head)
+        for _ in range(40000):
+            parts += splitter.push("abcd")
+        parts += splitter.push(tail) + splitter.flush()
+        assert time.perf_counter() - began < 5, fmt  # quadratic: over a minute here
+        [(kind, c)] = parts
+        assert kind == CALL and len(json.loads(c.arguments)["s"]) == 160000
+    deep = "<tool_call>" + "[" * 5000 + "</tool_call>"
+    assert split_calls(PLAIN, deep, HERMES) == ("", deep, [])
 
 
 def test_tools_reach_a_template_without_them_as_qwens_system_prompt():

@@ -43,6 +43,7 @@ from node.engine.reasoning import (
     CONTENT,
     PLAIN,
     REASONING,
+    THINKING,
     ReplySplitter,
     reply_format,
     split_calls,
@@ -482,13 +483,7 @@ class API:
                                              _details(self.daemon)))  # fmt: skip
 
     async def ollama_show(self, request: web.Request) -> web.Response:
-        try:
-            body = json.loads(await _read_body(request))
-        except ValueError:
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        self._check_model(ollama.model_name(body.get("model", body.get("name"))))
+        self._check_model((await self._ask(request, ollama.parse_show)).model)
         d = self.daemon
         arch = d.shape.architecture
         return web.json_response({
@@ -514,7 +509,9 @@ class API:
         calls = None
         if ask.tools and ask.tool_choice != "none":
             calls = call_format(tokenizer.chat_template, tokenizer.harmony)
-            prompt = prompt + tokenizer.encode(start, add_special=False) if start else prompt
+        if reply == THINKING and (start or ask.grammar is not None):
+            start = "</think>\n\n" + start  # the thought the prompt opened, closed at once
+        prompt = prompt + tokenizer.encode(start, add_special=False) if start else prompt
         shape = Reply(reply, calls, start, ask.parallel_tool_calls)
         constraint = None
         if ask.grammar is not None:
@@ -594,14 +591,18 @@ class API:
     def _token_text(self, token: int) -> str:
         return self.daemon.tokenizer.decode([token])
 
-    def _constraint(self, ask: CompletionRequest) -> Constraint:
+    def _constraint(self, ask: CompletionRequest) -> Constraint | None:
         """The request's grammar compiled for this model, in a worker thread (a big schema
-        takes a while); one that does not compile is a 400."""
+        takes a while); one that does not compile is a 400, but a forced call's arguments
+        whose schema llguidance cannot take (OpenAPI's `format: int32`) go unconstrained."""
         tokenizer, (kind, spec) = self.daemon.tokenizer, ask.grammar
         try:
             return Constraint(grammar_of(kind, spec), tokenizer.backend,
                               self.daemon.ckpt.config.vocab_size, tokenizer.stop_ids)  # fmt: skip
         except BadGrammar as e:
+            if kind == "tools":
+                log.info("API: a forced call's arguments go unconstrained: %s", e)
+                return None
             param = kind if kind in ("grammar", "tools") else "response_format"
             raise APIError(400, str(e), param=param) from None
 
@@ -946,7 +947,13 @@ def _checked(raw: bytes, context: int, read: Reader) -> CompletionRequest:
         raise APIError(400, "the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    ask = read(body)
+    try:
+        ask = read(body)
+    except APIError:
+        raise
+    except (TypeError, KeyError, AttributeError, ValueError, RecursionError) as e:
+        # A shape no reader expected: the body's fault, never a 500 (read() checks fields).
+        raise APIError(400, f"the request body is malformed: {type(e).__name__}") from None
     texts = [m["content"] for m in ask.messages] if ask.chat else [ask.prompt]
     too_long = too_many_bytes(texts, context)
     if too_long:

@@ -11,7 +11,6 @@ row (SamplingParams.whole) and the requester cuts it (top-k, top-p) after maskin
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -58,12 +57,19 @@ def _line(e: Any) -> str:
     return (lines[0] if lines else "")[:300]
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(backend_json: str, vocab: int, eos: tuple[int, ...]) -> Any:
-    """llguidance's view of a vocabulary: built once a model (~1 s)."""
+_TOKENIZERS: dict[tuple[int, int, tuple[int, ...]], tuple[Any, Any]] = {}
+
+
+def _tokenizer(backend: Any, vocab: int, eos: tuple[int, ...]) -> Any:
+    """llguidance's view of a vocabulary: built once a tokenizer (~1 s; kept with the
+    tokenizer it was built from, so its id is not reused)."""
     import llguidance
 
-    return llguidance.LLTokenizer(backend_json, n_vocab=vocab, eos_token=list(eos))
+    key = (id(backend), vocab, eos)
+    if key not in _TOKENIZERS:
+        tok = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab, eos_token=list(eos))
+        _TOKENIZERS[key] = (backend, tok)
+    return _TOKENIZERS[key][1]
 
 
 class Constraint:
@@ -71,10 +77,11 @@ class Constraint:
 
     def __init__(self, grammar: str, backend: Any, vocab: int, stop_ids: frozenset[int]) -> None:
         import llguidance
+        import llguidance.torch  # here, in the API's worker thread: ~2 s the first time
 
         if backend is None:
             raise BadGrammar("this model's tokenizer cannot be constrained (GPT-2's tiktoken)")
-        tok = _tokenizer(backend.to_str(), vocab, tuple(sorted(stop_ids)))
+        tok = _tokenizer(backend, vocab, tuple(sorted(stop_ids)))
         self.matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
         if self.matcher.is_error():
             raise BadGrammar(f"the grammar does not compile: {_line(self.matcher.get_error())}")

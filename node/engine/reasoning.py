@@ -60,7 +60,9 @@ class ReplySplitter:
             raise ValueError(f"unknown reply format {fmt!r}")
         self.fmt, self.held, self.done = fmt, "", False
         self.calls = ToolCallSplitter(calls) if calls and fmt != HARMONY else None
+        self.offered = calls is not None  # else a harmony message to a function is thought
         self.callee = ""  # the function the harmony message being read is to
+        self.searched = 0  # of a call's held text: where an end marker may still start
         self.state = {PLAIN: CONTENT, THINK: "start", THINKING: REASONING, HARMONY: "header"}[fmt]
         self.lead = fmt != PLAIN  # whitespace at the start of a part is still to be dropped
         self.out: list[Part] = []
@@ -112,7 +114,7 @@ class ReplySplitter:
             return
         try:
             self.out.append((CALL, call(self.callee, text.strip())))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             self._emit(CONTENT, text)
 
     def _enter(self, state: str) -> None:
@@ -149,7 +151,7 @@ class ReplySplitter:
                 if cut >= 0:  # "<|start|>assistant<|channel|>final<|message|>": its channel
                     found = _CHANNEL.search(self.held[:cut])
                     final = found is not None and found.group(1) == "final"
-                    to = _RECIPIENT.search(self.held[:cut])
+                    to = _RECIPIENT.search(self.held[:cut]) if self.offered else None
                     self.callee = to.group(1) if to else ""
                     self.held = self.held[cut + len(MESSAGE) :]
                     self.state = CALL if to else CONTENT if final else REASONING
@@ -159,9 +161,11 @@ class ReplySplitter:
                 else:  # not harmony after all: the model's text is its answer
                     self.state, self.lead = CONTENT, False
                 continue
-            ends = [(i, m) for m in BODY_ENDS if (i := self.held.find(m)) >= 0]
+            at = self.searched if self.state == CALL else 0
+            ends = [(i, m) for m in BODY_ENDS if (i := self.held.find(m, at)) >= 0]
             if not ends:
-                if self.state == CALL:  # a call is given whole
+                if self.state == CALL:  # a call is given whole: search only new text next
+                    self.searched = max(0, len(self.held) - max(map(len, BODY_ENDS)) + 1)
                     return
                 keep = max(overlap(self.held, m) for m in BODY_ENDS)
                 self._emit(self.state, self.held[: len(self.held) - keep])
@@ -169,6 +173,7 @@ class ReplySplitter:
                 return
             cut, marker = min(ends)
             self._emit_body(self.held[:cut])
+            self.searched = 0
             self.held = self.held[cut if marker == START else cut + len(marker) :]
             self.state = "header"
             self.done = marker in END_REPLY

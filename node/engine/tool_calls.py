@@ -146,6 +146,8 @@ class ToolCallSplitter:
         self.held, self.inside, self.started = "", False, False
         self.space, self.called = "", False  # whitespace held back; whether a call came
         self.out_of_call = False  # text has come since the last call
+        self.searched = 0  # of a call's held text: where its end marker may still start
+        self.before = ""  # whitespace before the open call's marker (shown if it is no call)
         self.out: list[tuple[str, Any]] = []
 
     def push(self, piece: str) -> list[tuple[str, Any]]:
@@ -181,11 +183,12 @@ class ToolCallSplitter:
             if self.inside:
                 if s.close is None:
                     return  # to the end of the reply
-                cut = self.held.find(s.close)
-                if cut < 0:
+                cut = self.held.find(s.close, self.searched)
+                if cut < 0:  # a long call is searched once, not again at every piece
+                    self.searched = max(0, len(self.held) - len(s.close) + 1)
                     return
                 self._body(self.held[:cut], ended=False)
-                self.held, self.inside = self.held[cut + len(s.close) :], False
+                self.held, self.inside, self.searched = self.held[cut + len(s.close) :], False, 0
                 continue
             markers = (s.open, *s.drop)
             found = [(i, m) for m in markers if (i := self.held.find(m)) >= 0]
@@ -196,7 +199,7 @@ class ToolCallSplitter:
                 return
             cut, marker = min(found)
             self._content(self.held[:cut])
-            self.held, self.space = self.held[cut + len(marker) :], ""
+            self.held, self.before, self.space = self.held[cut + len(marker) :], self.space, ""
             self.inside = marker == s.open
 
     def _content(self, text: str, end: bool = False) -> None:
@@ -216,9 +219,10 @@ class ToolCallSplitter:
 
     def _body(self, body: str, ended: bool) -> None:
         """A call's text: its calls, or (not a call after all) content as written."""
-        calls = parse_calls(self.fmt, body)
+        calls, before = parse_calls(self.fmt, body), self.before
+        self.before = ""
         if calls is None:
-            self._content((self.syntax.open if self.syntax.open else "") + body
+            self._content(before + self.syntax.open + body
                           + ("" if ended or self.syntax.close is None else self.syntax.close))
             return  # fmt: skip
         self.out.extend((CALL, c) for c in calls)
@@ -238,7 +242,7 @@ def parse_calls(fmt: str, body: str) -> list[ToolCall] | None:
             return _deepseek(body)
         if fmt == KIMI:
             return _kimi(body)
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return None
     raise ValueError(f"unknown tool call format {fmt!r}")
 
@@ -312,9 +316,12 @@ def _mistral(body: str) -> list[ToolCall]:
 
 
 def _deepseek(body: str) -> list[ToolCall]:
+    """V3's `function<sep>NAME` and a ```json block, or V3.1's `NAME<sep>{...}`."""
     kind, sep, rest = body.partition("<｜tool▁sep｜>")
-    if not sep or kind.strip() != "function":
+    if not sep:
         raise ValueError("not a function call")
+    if kind.strip() != "function":
+        return [call(kind.strip(), rest.strip())]
     name, _, args = rest.partition("\n")
     args = args.strip().removeprefix("```json").removesuffix("```").strip()
     return [call(name.strip(), args)]
