@@ -4,8 +4,10 @@ it answers with. Pure: the server is node/cluster/api.py.
 
 What Claude Code and the `anthropic` client send: a system prompt (text or text blocks),
 turns of text, `tool_use` and `tool_result` blocks, tools with an `input_schema`,
-`tool_choice` (auto, any, tool, none), `stop_sequences`, `max_tokens` (required). Images
-and documents are a 400 naming the block; unknown fields are ignored.
+`tool_choice` (auto, any, tool, none), `stop_sequences`, `max_tokens` (required),
+`thinking` (enabled: the model's thought comes back as thinking blocks, with an empty
+signature; disabled: a thinking template is told so). Images and documents are a 400 naming
+the block; unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ def parse_messages(body: Any, count_only: bool = False) -> CompletionRequest:
     req.top_k = get.integer("top_k", low=0, high=MAX_TOKENS) or 0
     req.stop = parse_stops(get.typed("stop_sequences", list))
     req.stream = bool(get.typed("stream", bool))
+    thinking = (get.typed("thinking", dict) or {}).get("type")
+    req.show_thinking = thinking in ("enabled", "adaptive")
+    if thinking == "disabled":  # a thinking model's switch (Qwen3's templates read it)
+        req.template_kwargs = {"enable_thinking": False}
     return req
 
 

@@ -78,6 +78,7 @@ class CompletionRequest:
     # A grammar the reply keeps to: (json_object, None), (json_schema, schema), (grammar, text)
     grammar: tuple[str, Any] | None = None
     logprobs: int = -1  # each token's log-probability and this many alternatives (-1: none)
+    show_thinking: bool = False  # Anthropic's: the thought as blocks of its own, when asked
 
     @property
     def forced_tool(self) -> str | None:

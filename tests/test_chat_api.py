@@ -162,6 +162,28 @@ def test_structured_output_of_a_thinking_template_is_the_answer(cluster):  # noq
     assert "".join(d.get("content") or "" for d in deltas) == message["content"]
 
 
+def test_anthropic_thinking_blocks_carry_the_thought_when_asked(cluster, model):  # noqa: ANN001
+    """/v1/messages: with thinking enabled the thought comes back as a thinking block
+    (streamed as thinking deltas, which the official client puts together), equal to the
+    reasoning_content of `generate --local`; without it, no thought is shown; disabled, the
+    template is told (enable_thinking false), as --no-think tells it."""
+    import anthropic
+
+    c = anthropic.Anthropic(base_url=cluster.nodes[0].api, api_key="unused", max_retries=0)
+    kw = dict(model="any", max_tokens=TOKENS, messages=QUESTION,
+              extra_body={"temperature": 0})  # fmt: skip
+    want = local(model)
+    shown = c.messages.create(**kw, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert [b.type for b in shown.content] == ["thinking"]
+    assert shown.content[0].thinking == want["reasoning_content"] != ""
+    with c.messages.stream(**kw, thinking={"type": "enabled", "budget_tokens": 1024}) as s:
+        assert s.get_final_message().content[0].thinking == want["reasoning_content"]
+    assert c.messages.create(**kw).content == []  # all of this reply is thought
+    off = c.messages.create(**kw, thinking={"type": "disabled"})
+    answer = local(model, "--no-think")
+    assert [b.text for b in off.content if b.type == "text"] == [answer["content"]]
+
+
 def test_bad_chat_template_kwargs_are_a_400_with_one_line(cluster):  # noqa: ANN001
     url = cluster.nodes[0].api + "/v1/chat/completions"
     body = {"messages": QUESTION, "max_tokens": 2}

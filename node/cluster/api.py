@@ -649,32 +649,39 @@ class API:
     async def _anthropic_stream(
         self, request: web.Request, ask: CompletionRequest, replies: Any, prompt_tokens: int
     ) -> web.StreamResponse:
-        """Anthropic's events: message_start, a content block at a time (text, or a
-        tool_use whose input comes as one JSON delta), message_delta, message_stop. A
-        thought is not shown (no thinking was asked for)."""
+        """Anthropic's events: message_start, a content block at a time (a thought where
+        thinking was asked for, text, or a tool_use whose input comes as one JSON delta),
+        message_delta, message_stop."""
         response = await _event_stream(request)
         answer = anthropic.MessageAnswer(self.daemon.ckpt.name, prompt_tokens)
-        blocks, open_text, called = 0, False, False
+        blocks, open_kind, called = 0, None, False  # open_kind: the block being written
 
         async def send(kind: str, data: dict[str, Any]) -> None:
             await response.write(anthropic.event(kind, {"type": kind, **data}))
 
         async def close_text() -> None:
-            nonlocal blocks, open_text
-            if open_text:
+            nonlocal blocks, open_kind
+            if open_kind == REASONING:  # a thought's block ends with its (empty) signature
+                await send("content_block_delta", {"index": blocks, "delta": {
+                    "type": "signature_delta", "signature": ""}})
+            if open_kind is not None:
                 await send("content_block_stop", {"index": blocks})
-                blocks, open_text = blocks + 1, False
+                blocks, open_kind = blocks + 1, None
 
         try:
             await response.write(anthropic.event("message_start", answer.start()))
             async for kind, what in replies:
-                if kind == CONTENT:
-                    if not open_text:
-                        await send("content_block_start", {
-                            "index": blocks, "content_block": anthropic.text_block("")})
-                        open_text = True
-                    await send("content_block_delta", {
-                        "index": blocks, "delta": {"type": "text_delta", "text": what}})
+                if kind == CONTENT or (kind == REASONING and ask.show_thinking):
+                    if open_kind != kind:
+                        await close_text()
+                        block = (anthropic.text_block("") if kind == CONTENT else
+                                 anthropic.thinking_block(""))  # fmt: skip
+                        await send("content_block_start", {"index": blocks,
+                                                           "content_block": block})
+                        open_kind = kind
+                    delta = ({"type": "text_delta", "text": what} if kind == CONTENT else
+                             {"type": "thinking_delta", "thinking": what})  # fmt: skip
+                    await send("content_block_delta", {"index": blocks, "delta": delta})
                 elif kind == CALL and (ask.parallel_tool_calls or not called):
                     await close_text()
                     block = anthropic.tool_use_block(what.id, what.name, what.arguments)
@@ -887,8 +894,9 @@ def _responses_status(result: dict[str, Any], output: list[dict[str, Any]]) -> s
 def _anthropic_whole(
     ask: CompletionRequest, model: str, result: dict[str, Any], prompt_tokens: int, shape: Reply
 ) -> dict[str, Any]:
-    _, text, calls = _calls_of(result, shape)
-    content = [anthropic.text_block(text)] if text else []
+    thought, text, calls = _calls_of(result, shape)
+    content = [anthropic.thinking_block(thought)] if thought and ask.show_thinking else []
+    content += [anthropic.text_block(text)] if text else []
     content += [anthropic.tool_use_block(c.id, c.name, c.arguments) for c in calls]
     stop = anthropic.stop_reason(result["finish_reason"], result.get("stop_sequence"),
                                  bool(calls))  # fmt: skip
