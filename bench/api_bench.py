@@ -25,17 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ring_bench import (
-    PROMPT,
-    ROOT,
-    free_port,
-    model_config,
-    pinned_thirds,
-    provenance,
-    side_by_side,
-    start_cluster,
-    stop_cluster,
-)
+from ring_bench import PROMPT, ROOT, provenance, side_by_side, start_api_cluster, stop_cluster
 
 sys.path.insert(0, str(ROOT))
 from node.cluster.client import Client  # noqa: E402
@@ -98,11 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/api.json")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="api-bench-"))
-    config = model_config([])
-    apis = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    flags = [[*pin, "--api", api]
-             for pin, api in zip(pinned_thirds(config.n_layers), apis, strict=True)]  # fmt: skip
-    procs, addresses = start_cluster(root, flags)
+    procs, addresses, apis = start_api_cluster(root)
     try:
         through_api(apis[-1], 8)  # warm both paths
         through_cli_protocol(addresses[-1], 8)

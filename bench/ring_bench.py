@@ -97,6 +97,16 @@ def start_cluster(root: Path, flags: list[list[str]]) -> tuple[list[subprocess.P
     return procs, addresses
 
 
+def start_api_cluster(root: Path) -> tuple[list[subprocess.Popen], list[str], list[str]]:
+    """Three daemons holding pinned thirds of the default model, each with its API: their
+    processes, ring addresses and API addresses."""
+    config = model_config([])
+    apis = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    flags = [[*pin, "--api", api]
+             for pin, api in zip(pinned_thirds(config.n_layers), apis, strict=True)]  # fmt: skip
+    return (*start_cluster(root, flags), apis)
+
+
 def stop_cluster(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.send_signal(signal.SIGTERM)

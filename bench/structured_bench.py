@@ -22,16 +22,7 @@ import time
 from pathlib import Path
 
 from api_bench import timed
-from ring_bench import (
-    ROOT,
-    free_port,
-    model_config,
-    pinned_thirds,
-    provenance,
-    side_by_side,
-    start_cluster,
-    stop_cluster,
-)
+from ring_bench import ROOT, provenance, side_by_side, start_api_cluster, stop_cluster
 
 QUESTION = "Tell me a story about a lighthouse keeper, as JSON."
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 4000}},
@@ -73,11 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/structured.json")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="structured-bench-"))
-    config = model_config([])
-    apis = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    flags = [[*pin, "--api", api]
-             for pin, api in zip(pinned_thirds(config.n_layers), apis, strict=True)]  # fmt: skip
-    procs, _ = start_cluster(root, flags)
+    procs, _, apis = start_api_cluster(root)
     try:
         for constrained in (False, True):  # warm both paths (the grammar's tokenizer too)
             chat(apis[-1], 8, constrained)
