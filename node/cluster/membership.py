@@ -44,6 +44,7 @@ class Membership:
         self.mdns_names: dict[str, str] = {}  # mDNS instance -> node id
         self.foreign: dict[str, dict[str, Any]] = {}  # nodes heard of but not ours, by id
         self.impostors: dict[str, float] = {}  # address -> when a process there used our id
+        self.unseen_epoch = 0  # the newest plan epoch a member ran that we never saw (logged)
         self.tag = TAG if node.cfg.keys else ""  # what our adverts say of our secret
         self.proof = node.cfg.keys.proof() if node.cfg.keys else ""  # our key is a member's
         self.foreign_log = LogBudget(burst=10, window_s=60.0)
@@ -247,6 +248,14 @@ class Membership:
                 )
             node.transport.send_to(member.address, self.hello())
             node.plans.members_changed()  # even the same ids: a restarted node lost its layers
+        elif member.fingerprint == node.fingerprint and member.epoch > node.plans.seen_epoch:
+            # A plan this node never heard of is live there: the others planned without us
+            # while a link was down one way. Plan again, all of us (a newer epoch).
+            if member.epoch > self.unseen_epoch:  # said once an epoch
+                log.info("member %s runs plan epoch %d, which this node never saw: planning "
+                         "again", member.name, member.epoch)  # fmt: skip
+                self.unseen_epoch = member.epoch
+            node.plans.members_changed()
         # Gossip: only an authenticated member's list gets here (with a cluster secret).
         known = {m.address for m in self.members} | {node.address}
         for item in body["members"][:256]:
