@@ -520,7 +520,7 @@ class Requester:
             req.result.set_result(msg.tensor(0))
             return
         asked = req.params.logprobs  # then: ids always, and [lse, top logits], top ids
-        ok = len(specs) == (4 if asked >= 0 else len(specs)) and 1 <= len(specs) <= 4
+        ok = len(specs) in ((4,) if asked >= 0 else (1, 2))
         ok = ok and specs[0].dtype == "float32" and len(specs[0].shape) == 1
         n = specs[0].shape[0] if ok else 0
         if len(specs) >= 2:
@@ -529,7 +529,7 @@ class Requester:
             k = min(asked, vocab)
             ok = ok and specs[2] == TensorSpec("float32", (1 + k,))
             ok = ok and specs[3] == TensorSpec("int64", (k,))
-        if not ok or not 0 < n <= vocab or len(specs) == 3 or (len(specs) == 1 and n != vocab):
+        if not ok or not 0 < n <= vocab or (len(specs) == 1 and n != vocab):
             raise ProtocolError("bad-tensor", "a result is float32 logits [n] and int64 ids [n]"
                                 " (and log-probabilities where asked)")  # fmt: skip
         ids = msg.tensor(1) if len(specs) >= 2 else None

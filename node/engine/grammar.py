@@ -100,7 +100,3 @@ class Constraint:
 
     def take(self, token: int) -> None:
         self.matcher.consume_token(token)
-
-    @property
-    def failed(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
